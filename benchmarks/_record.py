@@ -1,0 +1,57 @@
+"""Record a benchmark's results: JSON for machines, a markdown table (machine, date, command) for people."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on."""
+    mem_gib = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = int(f.readline().split()[1])
+        mem_gib = f"{kib / 2**20:.0f} GiB"
+    except OSError:
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory": mem_gib, "python": sys.version.split()[0],
+            "os": platform.platform()}
+
+
+def record(name: str, command: str, rows: list[dict], columns: list[str], notes: str = "") -> Path:
+    """Write results/<name>.json and results/<name>.md; returns the markdown path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command, "machine": machine()}
+    (RESULTS / f"{name}.json").write_text(json.dumps({**meta, "rows": rows, "notes": notes}, indent=2) + "\n")
+    m = meta["machine"]
+    lines = [f"# {name}", "", f"- date: {meta['date']}", f"- command: `{command}`",
+             f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, Python {m['python']}", ""]
+    if notes:
+        lines += [notes, ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+    md = RESULTS / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)

@@ -1,0 +1,181 @@
+"""The ``dpdistill`` command: run jobs, inspect datasets and privacy, submit to a Ray cluster.
+
+Heavy libraries (torch, ray, mlflow) are imported inside the commands, never at module level, so that
+``dpdistill --help`` answers in well under two seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dpdistill.errors import DpdistillError
+
+app = typer.Typer(
+    name="dpdistill",
+    help="Differentially private image synthesis and dataset distillation on Ray.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Argument(help="job spec (YAML), e.g. jobs/quickstart.yaml")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a field: --set method.ipc=10")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="where run folders (and the default MLflow store) go")] = Path(
+        "runs"
+    ),
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Run a job spec to completion; prints a summary and where the run folder and MLflow run are."""
+    from dpdistill.spec import load_spec
+
+    job = load_spec(spec, set_ or [])
+    from dpdistill.runner import run_job
+
+    result = run_job(job, runs_dir, address=address, progress=progress)
+    _print_summary(job, result)
+
+
+def _print_summary(job, result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"dpdistill · {job.name} ({job.kind}/{job.method.name})", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for what, value in result.summary:
+        table.add_row(what, value)
+    eps = result.metrics.get("privacy_epsilon")
+    if job.privacy.epsilon is None:
+        table.add_row("privacy", "none: not a private release")
+    elif eps is not None:
+        table.add_row("privacy", f"ε = {eps:.3f} (PLD) of budget {job.privacy.epsilon}, "
+                      f"δ = {result.metrics.get('privacy_delta', float('nan')):.2e}, add-or-remove-one")
+    table.add_row("run folder", str(result.run_dir))
+    if result.mlflow_run_id:
+        table.add_row("MLflow run", f"{result.mlflow_run_id} in {result.mlflow_uri}")
+    table.add_row("wall time", f"{result.seconds:.1f} s")
+    _console().print(table)
+
+
+@app.command()
+def datasets(
+    root: Annotated[str | None, typer.Option(help="data root (default: $DPDISTILL_DATA)")] = None,
+) -> None:
+    """List the registered datasets and whether each is present under the data root."""
+    from rich.table import Table
+
+    from dpdistill import data
+
+    base = Path(root).expanduser() if root else data.default_root()
+    table = Table(title=f"datasets under {base if base else '(no data root: set DPDISTILL_DATA)'}")
+    for col in ("name", "shape", "classes", "present", "needs"):
+        table.add_column(col)
+    for name in data.names():
+        src = data.get(name)
+        info = src.info
+        present = src.is_present(base)
+        needs = "embedded" if not info.needs_root else ("" if present else ", ".join(src.expected_files(base))[:60])
+        table.add_row(name, f"{info.channels}×{info.image_size}×{info.image_size}", str(info.num_classes),
+                      "yes" if present else "no", needs)
+    _console().print(table)
+
+
+@app.command()
+def privacy(
+    run_dir: Annotated[str | None, typer.Argument(help="a run folder: print its ledger")] = None,
+    q: Annotated[float | None, typer.Option("--q", help="Poisson sampling rate")] = None,
+    sigma: Annotated[float | None, typer.Option(help="noise multiplier")] = None,
+    steps: Annotated[int | None, typer.Option(help="number of steps")] = None,
+    delta: Annotated[float | None, typer.Option(help="target delta")] = None,
+    target_epsilon: Annotated[float | None, typer.Option(help="calibrate sigma to this epsilon")] = None,
+) -> None:
+    """Account a subsampled Gaussian (PLD, RDP, PRV, GDP), calibrate sigma, or print a run's ledger."""
+    from dpdistill.privacy.cli import privacy_command
+
+    code = privacy_command(run_dir, q, sigma, steps, delta, target_epsilon, console=_console())
+    raise typer.Exit(code)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> None:
+    """Print a run folder's status, metrics and privacy spend."""
+    import json
+
+    from rich.table import Table
+
+    from dpdistill.errors import SpecError
+
+    status_file = run_dir / "status.json"
+    if not status_file.is_file():
+        raise SpecError(f"{run_dir}: not a run folder (expected status.json, spec.yaml, metrics.json)")
+    status = json.loads(status_file.read_text())
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    table = Table(title=f"{run_dir} — {status.get('status')}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in sorted(metrics.items()):
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    _console().print(table)
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="job spec (YAML)")],
+    address: Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://head:8265")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a field")] = None,
+    runs_dir: Annotated[str, typer.Option(help="run folder root on the cluster")] = "runs",
+) -> None:
+    """Submit a job to a Ray cluster as a Ray Job (the resolved spec travels with it)."""
+    import tempfile
+
+    from dpdistill.runtime.jobs import submit_job
+    from dpdistill.spec import load_spec
+
+    job = load_spec(spec, set_ or [])  # validate here: a bad spec never reaches the cluster
+    with tempfile.TemporaryDirectory() as tmp:
+        job_id = submit_job(job, address, Path(tmp), runs_dir)
+    _console().print(f"submitted {job.name} as Ray job {job_id} to {address}; "
+                     f"follow it with: ray job logs --follow --address {address} {job_id}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 2; Ctrl-C exits 130."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except DpdistillError as e:
+        print(f"dpdistill: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("dpdistill: interrupted (the run folder, if any, is marked interrupted)", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            print(f"dpdistill: error: {e.format_message()}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

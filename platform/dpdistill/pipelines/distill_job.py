@@ -1,0 +1,144 @@
+"""Job kind ``distill``: distil the sensitive training split into a few images per class, then evaluate.
+
+Stages: load (prepare) → distil (the method from ``distill.get``) → release (distilled set + grid) → evaluate
+(fresh models trained on the distilled set, tested on the real test split). The distilled set is the only
+thing written to the run folder; the sensitive split never is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dpdistill.errors import SpecError
+
+log = logging.getLogger("dpdistill.pipelines.distill")
+
+
+@dataclass
+class PreparedDistill:
+    """Loaded inputs of a distill job (kept in memory only)."""
+
+    train: Any  # data.ImageSet, sensitive
+    test: Any  # data.ImageSet, used only for the final evaluation
+    info: Any  # data.DatasetInfo
+    method: Any  # distill registry record
+    config: Any  # the method's config object
+
+    @property
+    def n_sensitive(self) -> int:
+        return len(self.train)
+
+
+def load_splits(spec: Any) -> tuple[Any, Any, Any]:
+    """Load the train and test splits the spec names (train_limit applied to train only)."""
+    from dpdistill import data
+
+    source = data.get(spec.data.name)
+    kwargs = dict(root=spec.data.root, download=spec.data.download, image_size=spec.data.image_size,
+                  val_seed=spec.data.val_seed)
+    train = source.load("train", **kwargs)
+    test = source.load("test", **kwargs)
+    if spec.data.train_limit is not None and spec.data.train_limit < len(train):
+        g = torch.Generator().manual_seed(spec.seed)
+        train = train.subset(torch.randperm(len(train), generator=g)[: spec.data.train_limit])
+    return train, test, source.info
+
+
+class DistillPipeline:
+    """The ``distill`` job kind."""
+
+    kind = "distill"
+
+    def method_config(self, method: str, source: str) -> Any:
+        from dpdistill import distill
+
+        if method not in distill.names():
+            raise SpecError(
+                f"{source}: field 'method.name': unknown distillation method '{method}'; "
+                f"expected one of: {', '.join(distill.names())}"
+            )
+        return distill.get(method).config
+
+    def prepare(self, spec: Any) -> PreparedDistill:
+        from dpdistill import distill, models
+
+        method = distill.get(spec.method.name)
+        if method.private and spec.privacy.epsilon is None:
+            raise SpecError(f"privacy.epsilon: method '{spec.method.name}' is private and needs a budget")
+        if not method.private and spec.privacy.epsilon is not None:
+            raise SpecError(
+                f"privacy.epsilon: method '{spec.method.name}' gives no privacy guarantee; remove privacy.epsilon"
+            )
+        if spec.evaluation.model not in models.names():
+            raise SpecError(
+                f"field 'evaluation.model': unknown model '{spec.evaluation.model}'; "
+                f"expected one of: {', '.join(models.names())}"
+            )
+        config = method.config(**spec.method.options()) if method.config is not None else None
+        train, test, info = load_splits(spec)
+        return PreparedDistill(train=train, test=test, info=info, method=method, config=config)
+
+    def execute(self, ctx: Any, p: PreparedDistill) -> dict[str, Any]:
+        from dpdistill.evaluation.grids import save_class_grid
+
+        spec = ctx.spec
+        torch.manual_seed(spec.seed)
+
+        def on_step(iteration: int, loss: float) -> None:
+            if iteration % 10 == 0:
+                ctx.log_metrics({"distill_loss": float(loss)}, step=iteration)
+
+        kwargs: dict[str, Any] = {"seed": spec.seed, "progress": ctx.progress, "callback": on_step}
+        if p.method.private:
+            kwargs["ledger"] = ctx.ledger
+        synthetic = p.method.run(p.train, p.config, **kwargs)
+        images, labels = synthetic.export()
+        art = ctx.run.artifacts
+        torch.save({"images": images, "labels": labels, "num_classes": p.info.num_classes,
+                    "dataset": p.info.name, "method": spec.method.name}, art / "distilled.pt")
+        save_class_grid(images, labels, art / "distilled_grid.png", num_classes=p.info.num_classes,
+                        per_class=min(10, max(1, len(labels) // p.info.num_classes)))
+        ipc = len(labels) // p.info.num_classes
+        ctx.add_summary("made", f"{len(labels)} distilled images ({ipc}/class) of {p.info.name} by "
+                        f"{spec.method.name.upper()}")
+        metrics: dict[str, float] = {"ipc": float(ipc), "n_released": float(len(labels))}
+        ctx.log_metrics(metrics)
+        if spec.evaluation.enabled:
+            acc = evaluate_release(ctx, images, labels, p)
+            ctx.log_metrics({"acc_mean": acc["mean"], "acc_std": acc["std"]})
+            ctx.add_summary(
+                "test accuracy",
+                f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} % "
+                f"({spec.evaluation.model}, {spec.evaluation.seeds} seeds, {spec.evaluation.epochs} epochs)",
+            )
+        return {}
+
+
+def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: PreparedDistill) -> dict[str, Any]:
+    """Train fresh models on the released set (one Ray task per seed) and test them on the real test split."""
+    from dpdistill.runtime.cluster import ray_session
+    from dpdistill.runtime.parallel import evaluate_seeds_on_ray
+
+    spec = ctx.spec
+    ev = spec.evaluation
+    kwargs = dict(
+        num_classes=p.info.num_classes, model=ev.model, model_kwargs=dict(ev.model_options), epochs=ev.epochs,
+        batch_size=ev.batch_size, lr=ev.lr, augment="dsa-lite" if ev.augment else None,
+        mean=tuple(p.info.mean), std=tuple(p.info.std),
+    )
+    seeds = [spec.seed * 1000 + i for i in range(ev.seeds)]
+    with ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path):
+        return evaluate_seeds_on_ray(images, labels, p.test.images, p.test.labels, seeds, **kwargs)
+
+
+def config_as_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return dict(config.model_dump())

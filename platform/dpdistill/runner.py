@@ -1,0 +1,150 @@
+"""Run a job: preflight checks, then the run folder, the ledger, the MLflow run and the pipeline's stages.
+
+Order matters for two promises. Bad input leaves nothing behind: everything a user can get wrong (spec, data
+folder, privacy parameters) is checked by the pipeline's ``prepare`` before the run folder exists. Ctrl-C leaves
+a consistent folder: every file is written atomically and the status becomes ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpdistill.errors import SpecError
+from dpdistill.runtime.runfolder import RunFolder
+from dpdistill.runtime.tracking import Tracker, resolve_tracking_uri
+from dpdistill.spec import JobSpec
+
+log = logging.getLogger("dpdistill.runner")
+
+
+def method_config_type(kind: str, method: str, source: str = "<spec>") -> Any:
+    """The config type registered for ``method`` under job ``kind`` (used by spec validation)."""
+    from dpdistill.pipelines import get_pipeline
+
+    return get_pipeline(kind, source).method_config(method, source)
+
+
+@dataclass
+class RunContext:
+    """What a pipeline's stages get: the spec, the run folder, the ledger (private jobs) and logging."""
+
+    spec: JobSpec
+    run: RunFolder
+    tracker: Tracker
+    ledger: Any | None
+    progress: bool = True
+    summary: list[tuple[str, str]] = field(default_factory=list)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Final metrics (step None) go to metrics.json and MLflow; stepped ones to MLflow only."""
+        if step is None:
+            self.run.log_metrics(metrics)
+        self.tracker.log_metrics(metrics, step=step)
+
+    def add_summary(self, what: str, value: str) -> None:
+        """A row of the table printed at the end of the run."""
+        self.summary.append((what, value))
+
+
+@dataclass
+class RunResult:
+    """What a finished job produced."""
+
+    run_dir: Path
+    status: str
+    metrics: dict[str, float]
+    summary: list[tuple[str, str]]
+    mlflow_run_id: str | None
+    mlflow_uri: str | None
+    seconds: float
+
+
+def make_ledger(spec: JobSpec, path: Path | None, n_records: int) -> Any | None:
+    """The job's ledger when it is private (``privacy.epsilon`` set); delta defaults to 1/(n ln n)."""
+    if spec.privacy.epsilon is None:
+        return None
+    from dpdistill.privacy import PrivacyLedger, check_delta, default_delta
+
+    delta = spec.privacy.delta if spec.privacy.delta is not None else default_delta(n_records)
+    check_delta(delta, n_records)
+    return PrivacyLedger(path, epsilon_budget=spec.privacy.epsilon, delta=delta, n_records=n_records)
+
+
+def run_job(
+    spec: JobSpec,
+    runs_dir: str | Path = "runs",
+    *,
+    address: str | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Run ``spec`` to completion and return its result; raises DpdistillError on bad input."""
+    from dpdistill.pipelines import get_pipeline
+
+    if address:
+        spec.ray.address = address
+    pipeline = get_pipeline(spec.kind)
+    prepared = pipeline.prepare(spec)  # every input check happens here: no folder yet
+    n_records = int(getattr(prepared, "n_sensitive", 0) or 0)
+    if spec.privacy.epsilon is not None:
+        if n_records <= 1:
+            raise SpecError(f"privacy: job kind '{spec.kind}' reported no sensitive records to account for")
+        make_ledger(spec, None, n_records)  # validates delta before anything is written
+
+    runs_dir = Path(runs_dir)
+    run = RunFolder.create(runs_dir, spec.name, spec.to_yaml())
+    tracker = Tracker(
+        spec.tracking.enabled, resolve_tracking_uri(spec.tracking.uri, runs_dir), spec.tracking.experiment
+    )
+    started = time.perf_counter()
+    status = "failed"
+    ctx: RunContext | None = None
+    try:
+        tracker.start(
+            run_name=f"{spec.name}/{run.path.name}",
+            params=spec.flat_params(),
+            tags={"dpdistill.kind": spec.kind, "dpdistill.method": spec.method.name,
+                  "dpdistill.run_dir": str(run.path)},
+        )
+        ledger = make_ledger(spec, run.ledger_path, n_records)
+        ctx = RunContext(spec=spec, run=run, tracker=tracker, ledger=ledger, progress=progress)
+        log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
+        pipeline.execute(ctx, prepared)
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        seconds = time.perf_counter() - started
+        if ctx is not None and ctx.ledger is not None:
+            ctx.log_metrics(ctx.ledger.to_mlflow_metrics())
+        run.log_metrics({"wall_seconds": seconds})
+        for name in ("spec.yaml", "ledger.json", "metrics.json"):
+            _safe(tracker.log_artifact, run.path / name)
+        if run.artifacts.exists():
+            for p in sorted(run.artifacts.iterdir()):
+                if p.suffix in {".png", ".json", ".md"}:
+                    _safe(tracker.log_artifact, p, "artifacts")
+        run.finish(status, seconds=round(seconds, 3), mlflow_run_id=tracker.run_id)
+        _safe(tracker.end, {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+        log.info("run %s %s after %.1f s", run.path, status, seconds)
+    return RunResult(
+        run_dir=run.path,
+        status=status,
+        metrics=dict(run.metrics),
+        summary=list(ctx.summary) if ctx else [],
+        mlflow_run_id=tracker.run_id,
+        mlflow_uri=tracker.uri if tracker.enabled else None,
+        seconds=seconds,
+    )
+
+
+def _safe(fn: Any, *args: Any) -> None:
+    """Tracking must never turn a finished job into a failed one (or hide the real error)."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - logged, and the run folder still holds everything
+        log.warning("tracking: %s failed: %s", getattr(fn, "__name__", fn), e)

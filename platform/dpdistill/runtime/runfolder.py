@@ -1,0 +1,129 @@
+"""The run folder: the unit of reproducibility (spec, ledger, metrics, artifacts, log, status).
+
+Layout::
+
+    runs/<job-name>/<UTC timestamp>/
+      spec.yaml      the fully resolved spec
+      status.json    running | completed | interrupted | failed, with times (written atomically)
+      ledger.json    privacy charges (written by the ledger itself, before each release)
+      metrics.json   final (or, when interrupted, partial) metrics
+      artifacts/     released outputs only: DP / distilled sets, image grids, plots
+      log.txt
+
+Every file is written atomically (temp file + fsync + rename), so Ctrl-C or a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically and durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as pretty JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def utc_stamp() -> str:
+    """A UTC timestamp usable as a folder name, sortable, with microseconds to avoid clashes."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+@dataclass
+class RunFolder:
+    """One job's run folder; create it only after the spec and data have passed their checks."""
+
+    path: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    _log_handler: logging.Handler | None = None
+
+    @classmethod
+    def create(cls, runs_dir: Path, job_name: str, spec_yaml: str) -> RunFolder:
+        """Make ``runs_dir/<job_name>/<timestamp>/`` with spec.yaml, status.json and artifacts/."""
+        base = Path(runs_dir).expanduser().resolve() / job_name
+        base.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = base / utc_stamp()
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        run = cls(path=path)
+        (path / "artifacts").mkdir()
+        atomic_write_text(path / "spec.yaml", spec_yaml)
+        run.set_status("running")
+        run._attach_log()
+        return run
+
+    @property
+    def artifacts(self) -> Path:
+        return self.path / "artifacts"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.path / "ledger.json"
+
+    def _attach_log(self) -> None:
+        handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("dpdistill").addHandler(handler)
+        logging.getLogger("dpdistill").setLevel(logging.INFO)
+        self._log_handler = handler
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        """Record the run's state (running / completed / interrupted / failed) atomically."""
+        path = self.path / "status.json"
+        current: dict[str, Any] = {}
+        if path.exists():
+            current = json.loads(path.read_text())
+        now = datetime.now(UTC).isoformat()
+        current.setdefault("started", now)
+        current["status"] = status
+        if status != "running":
+            current["ended"] = now
+        current.update(extra)
+        atomic_write_json(path, current)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Merge metrics and rewrite metrics.json (so an interrupted run keeps what it had)."""
+        self.metrics.update({k: float(v) for k, v in metrics.items()})
+        atomic_write_json(self.path / "metrics.json", self.metrics)
+
+    def finish(self, status: str, **extra: Any) -> None:
+        """Write final metrics and status; detach the log file."""
+        atomic_write_json(self.path / "metrics.json", self.metrics)
+        self.set_status(status, **extra)
+        if self._log_handler is not None:
+            logging.getLogger("dpdistill").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None

@@ -1,0 +1,75 @@
+"""MLflow tracking: one MLflow run per job with the spec's params, metrics and released artifacts.
+
+The default store is ``sqlite:///<runs-dir>/mlflow.db`` so a laptop needs no server; ``MLFLOW_TRACKING_URI``
+(or ``tracking.uri`` in the spec) points elsewhere. Only DP outputs, aggregates and evaluation numbers are
+logged: the caller passes artifacts from the run folder's ``artifacts/``, which never holds sensitive records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dpdistill.tracking")
+
+
+def resolve_tracking_uri(spec_uri: str | None, runs_dir: Path) -> str:
+    """Spec's uri, else $MLFLOW_TRACKING_URI, else a SQLite file beside the run folders."""
+    if spec_uri:
+        return spec_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(Path(runs_dir).expanduser().resolve() / 'mlflow.db')}"
+
+
+class Tracker:
+    """A thin MLflow wrapper that no-ops when tracking is disabled; mlflow is imported lazily."""
+
+    def __init__(self, enabled: bool, uri: str, experiment: str) -> None:
+        self.enabled = enabled
+        self.uri = uri
+        self.experiment = experiment
+        self.run_id: str | None = None
+        self._mlflow: Any = None
+
+    def start(self, run_name: str, params: dict[str, str], tags: dict[str, str]) -> None:
+        """Open the MLflow run for this job and log its (flattened) spec as params."""
+        if not self.enabled:
+            return
+        # MLflow's alembic migrations log at INFO on a fresh SQLite store; they are noise to a user.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(self.experiment)
+        run = mlflow.start_run(run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            mlflow.log_params(dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self._mlflow is not None and Path(path).exists():
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self._mlflow is not None:
+            self._mlflow.set_tags(tags)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run with MLflow's status (FINISHED, KILLED or FAILED)."""
+        if self._mlflow is not None:
+            self._mlflow.end_run(status=status)
+            self._mlflow = None
+
+    def ui_hint(self) -> str:
+        """The command that opens this store in the MLflow UI."""
+        return f"mlflow ui --backend-store-uri {self.uri}"

@@ -1,0 +1,287 @@
+"""Typed job specs: load a YAML file, apply ``--set a.b=c`` overrides, validate, resolve defaults.
+
+A spec is a short YAML document; everything it does not say comes from the defaults in code. Unknown keys,
+wrong types and out-of-range values are :class:`~dpdistill.errors.SpecError` with one line naming the file and
+the field. Method-specific options (``method:`` block) are validated against the config type that the method
+registered, so a typo in a method option is caught before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dpdistill.errors import SpecError
+
+JOB_KINDS = ("distill", "synthesize", "evaluate", "sfdd")
+
+
+class StrictModel(BaseModel):
+    """Base of every spec block: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(StrictModel):
+    """Which sensitive dataset the job reads and how."""
+
+    name: str = "digits"
+    root: str | None = Field(default=None, description="dataset root folder; default: $DPDISTILL_DATA")
+    download: bool = False
+    image_size: int | None = Field(default=None, ge=4, le=512)
+    val_seed: int = Field(default=0, ge=0)
+    train_limit: int | None = Field(
+        default=None, ge=10, description="use only the first N records of the (shuffled) training split"
+    )
+
+
+class PrivacySpec(StrictModel):
+    """The job's total (epsilon, delta) budget; epsilon null means the job is not private."""
+
+    epsilon: float | None = Field(default=None, gt=0)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+
+
+class RaySpec(StrictModel):
+    """Where Ray work runs: a local cluster (default) or an existing one at ``address``."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1, le=4096)
+    auth_token_path: str | None = Field(default=None, description="file holding the cluster's auth token")
+
+
+class TrackingSpec(StrictModel):
+    """MLflow tracking: default ``sqlite:///<runs-dir>/mlflow.db``, or $MLFLOW_TRACKING_URI."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = Field(default="dpdistill", min_length=1)
+
+
+class EvaluationSpec(StrictModel):
+    """Utility protocol: train fresh models on the released set, test on the real test split."""
+
+    enabled: bool = True
+    model: str = "convnet"
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    seeds: int = Field(default=3, ge=1, le=50)
+    epochs: int = Field(default=300, ge=1, le=100_000)
+    batch_size: int = Field(default=256, ge=1)
+    lr: float = Field(default=0.01, gt=0, le=10)
+    augment: bool = False
+
+
+class MethodSpec(StrictModel):
+    """The method block: ``name`` plus that method's own options (validated against its config type)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field(min_length=1)
+
+    def options(self) -> dict[str, Any]:
+        """The method-specific options, without ``name``."""
+        return dict(self.model_extra or {})
+
+
+class JobSpec(StrictModel):
+    """A complete job: what to run, on which data, under which budget, where to log."""
+
+    name: str = Field(min_length=1, max_length=100)
+    kind: Literal["distill", "synthesize", "evaluate", "sfdd"]
+    description: str = ""
+    seed: int = Field(default=0, ge=0)
+    device: str = "cpu"
+    data: DataSpec = Field(default_factory=DataSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    method: MethodSpec
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("expected letters, digits, '_', '.', '-' (it names the run folder)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", v):
+            raise ValueError("expected cpu, cuda, cuda:N, mps or auto")
+        return v
+
+    def to_yaml(self) -> str:
+        """The fully resolved spec as YAML (defaults filled in), as written to the run folder."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat_params(self) -> dict[str, str]:
+        """Flattened ``a.b.c -> value`` view of the spec, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = str(value)[:500]
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+
+
+def _expected_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys a spec block accepts, found by walking the model along ``loc`` (minus the bad key)."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if current is None or part not in current.model_fields:
+            return []
+        ann = current.model_fields[part].annotation
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return sorted(current.model_fields) if current is not None else []
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = JobSpec) -> str:
+    """Turn pydantic's first error into one line naming the file and the field."""
+    first = err.errors()[0]
+    loc = tuple(first.get("loc", ()))
+    field = _format_loc(loc) or "<top level>"
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        keys = _expected_keys(model, loc)
+        hint = f"; expected one of: {', '.join(keys)}" if keys else ""
+        return f"{source}: unknown key '{field}'{hint}"
+    if kind == "missing":
+        return f"{source}: missing required field '{field}'"
+    msg = first.get("msg", "invalid value")
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    got = first.get("input")
+    got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
+    return f"{source}: field '{field}': {msg}{got_s}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``--set a.b=c`` override; the value is read as YAML (numbers, booleans, lists, null)."""
+    if "=" not in text:
+        raise SpecError(f"--set '{text}': expected KEY=VALUE, e.g. --set privacy.epsilon=1.0")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p for p in parts):
+        raise SpecError(f"--set '{text}': expected a dotted key like method.ipc, got '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``doc`` with each ``a.b=c`` override applied (creating blocks as needed)."""
+    import copy
+
+    out = copy.deepcopy(doc)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise SpecError(f"--set '{text}': '{p}' is a value, not a block")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a spec file into a mapping, with one-line errors for every way that can fail."""
+    if not path.exists():
+        raise SpecError(f"{path}: spec file not found")
+    if path.is_dir():
+        raise SpecError(f"{path}: is a folder; expected a YAML spec file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text; expected a YAML spec file") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{path}{where}: YAML syntax error: {problem}") from None
+    if doc is None:
+        raise SpecError(f"{path}: empty spec; expected a mapping with at least 'name', 'kind' and 'method'")
+    if not isinstance(doc, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level, got {type(doc).__name__}")
+    return doc
+
+
+def validate_method_options(spec: JobSpec, source: str) -> dict[str, Any]:
+    """Check the ``method:`` block against the registered method's config; return the resolved options."""
+    from dpdistill.runner import method_config_type
+
+    config_type = method_config_type(spec.kind, spec.method.name, source)
+    options = spec.method.options()
+    if config_type is None:
+        return options
+    if dataclasses.is_dataclass(config_type):
+        fields = {f.name for f in dataclasses.fields(config_type)}
+        for key in options:
+            if key not in fields:
+                raise SpecError(
+                    f"{source}: unknown key 'method.{key}' for method '{spec.method.name}'; "
+                    f"expected one of: name, {', '.join(sorted(fields))}"
+                )
+        from pydantic import TypeAdapter
+
+        try:
+            cfg = TypeAdapter(config_type).validate_python(options)
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = "method." + _format_loc(tuple(first.get("loc", ())))
+            raise SpecError(f"{source}: field '{loc}': {first.get('msg')} (got {first.get('input')!r})") from None
+        except (ValueError, TypeError) as e:
+            raise SpecError(f"{source}: method '{spec.method.name}': {e}") from None
+        return dataclasses.asdict(cfg)
+    if isinstance(config_type, type) and issubclass(config_type, BaseModel):
+        try:
+            return config_type.model_validate(options).model_dump(mode="json")
+        except ValidationError as e:
+            msg = format_validation_error(e, source, config_type)
+            raise SpecError(msg.replace("'", "'method.", 1) if "field '" in msg or "key '" in msg else msg) from None
+    return options
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Load, override and validate a job spec; the method options come back resolved in ``spec.method``."""
+    path = Path(path)
+    doc = apply_overrides(read_yaml(path), overrides or [])
+    return validate_spec(doc, str(path))
+
+
+def validate_spec(doc: dict[str, Any], source: str = "<spec>") -> JobSpec:
+    """Validate a spec mapping (already overridden) into a fully resolved :class:`JobSpec`."""
+    try:
+        spec = JobSpec.model_validate(doc)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, source)) from None
+    resolved = validate_method_options(spec, source)
+    spec.method = MethodSpec(name=spec.method.name, **resolved)
+    return spec
