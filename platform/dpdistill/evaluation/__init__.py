@@ -1,0 +1,1 @@
+"""Evaluation protocols (utility, fidelity, empirical privacy); import the submodule you need."""
