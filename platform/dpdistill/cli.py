@@ -152,6 +152,25 @@ def submit(
                      f"follow it with: ray job logs --follow --address {address} {job_id}")
 
 
+@app.command()
+def sweep(
+    sweep_spec: Annotated[Path, typer.Argument(help="sweep spec (YAML), e.g. sweeps/quickstart-dm.yaml")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a sweep field")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="where the sweep folder goes")] = Path("runs"),
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
+) -> None:
+    """Search a job's fields with Ray Tune + Optuna; each trial is a job, logged to MLflow."""
+    from dpdistill.runtime.sweeps import load_sweep, run_sweep
+
+    spec, base, _ = load_sweep(sweep_spec, set_ or [])
+    summary = run_sweep(spec, base, runs_dir, address=address)
+    c = _console()
+    c.print(f"best {summary['metric']} = {summary['best_value']:.4f} with {summary['best_config']}")
+    c.print(f"best run folder: {summary['best_run_dir']}")
+    c.print(f"selection: {summary['selection']}")
+    c.print(f"{summary['trials']} trials ({summary['failed_trials']} failed); sweep folder: {summary['sweep_dir']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2; Ctrl-C exits 130."""
     try:

@@ -74,6 +74,10 @@ class EvaluationSpec(StrictModel):
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=0.01, gt=0, le=10)
     augment: bool = False
+    validation: bool = Field(
+        default=True, description="also score the models on the validation split (val_acc_*; for sweeps)"
+    )
+    parallel: bool = Field(default=True, description="train the seeds' models as parallel Ray tasks")
 
 
 class MethodSpec(StrictModel):
@@ -261,11 +265,20 @@ def validate_method_options(spec: JobSpec, source: str) -> dict[str, Any]:
             raise SpecError(f"{source}: method '{spec.method.name}': {e}") from None
         return dataclasses.asdict(cfg)
     if isinstance(config_type, type) and issubclass(config_type, BaseModel):
+        fields = set(config_type.model_fields)
+        for key in options:
+            if key not in fields:
+                raise SpecError(
+                    f"{source}: unknown key 'method.{key}' for method '{spec.method.name}'; "
+                    f"expected one of: name, {', '.join(sorted(fields))}"
+                )
         try:
             return config_type.model_validate(options).model_dump(mode="json")
         except ValidationError as e:
-            msg = format_validation_error(e, source, config_type)
-            raise SpecError(msg.replace("'", "'method.", 1) if "field '" in msg or "key '" in msg else msg) from None
+            first = e.errors()[0]
+            loc = "method." + _format_loc(tuple(first.get("loc", ())))
+            msg = first.get("msg", "invalid value")
+            raise SpecError(f"{source}: field '{loc}': {msg[0].lower() + msg[1:]} (got {first.get('input')!r})") from None
     return options
 
 

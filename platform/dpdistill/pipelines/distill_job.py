@@ -24,6 +24,7 @@ class PreparedDistill:
     """Loaded inputs of a distill job (kept in memory only)."""
 
     train: Any  # data.ImageSet, sensitive
+    val: Any  # data.ImageSet, sensitive (validation; scored, never released)
     test: Any  # data.ImageSet, used only for the final evaluation
     info: Any  # data.DatasetInfo
     method: Any  # distill registry record
@@ -34,19 +35,18 @@ class PreparedDistill:
         return len(self.train)
 
 
-def load_splits(spec: Any) -> tuple[Any, Any, Any]:
-    """Load the train and test splits the spec names (train_limit applied to train only)."""
+def load_splits(spec: Any) -> tuple[Any, Any, Any, Any]:
+    """Load the train, validation and test splits the spec names (train_limit applies to train only)."""
     from dpdistill import data
 
     source = data.get(spec.data.name)
-    kwargs = dict(root=spec.data.root, download=spec.data.download, image_size=spec.data.image_size,
-                  val_seed=spec.data.val_seed)
-    train = source.load("train", **kwargs)
-    test = source.load("test", **kwargs)
+    splits = data.load_splits(spec.data.name, root=spec.data.root, download=spec.data.download,
+                              image_size=spec.data.image_size, val_seed=spec.data.val_seed)
+    train, val, test = splits["train"], splits["val"], splits["test"]
     if spec.data.train_limit is not None and spec.data.train_limit < len(train):
         g = torch.Generator().manual_seed(spec.seed)
         train = train.subset(torch.randperm(len(train), generator=g)[: spec.data.train_limit])
-    return train, test, source.info
+    return train, val, test, source.info
 
 
 class DistillPipeline:
@@ -79,9 +79,9 @@ class DistillPipeline:
                 f"field 'evaluation.model': unknown model '{spec.evaluation.model}'; "
                 f"expected one of: {', '.join(models.names())}"
             )
-        config = method.config(**spec.method.options()) if method.config is not None else None
-        train, test, info = load_splits(spec)
-        return PreparedDistill(train=train, test=test, info=info, method=method, config=config)
+        config = method.make_config(**spec.method.options())
+        train, val, test, info = load_splits(spec)
+        return PreparedDistill(train=train, val=val, test=test, info=info, method=method, config=config)
 
     def execute(self, ctx: Any, p: PreparedDistill) -> dict[str, Any]:
         from dpdistill.evaluation.grids import save_class_grid
@@ -93,7 +93,10 @@ class DistillPipeline:
             if iteration % 10 == 0:
                 ctx.log_metrics({"distill_loss": float(loss)}, step=iteration)
 
-        kwargs: dict[str, Any] = {"seed": spec.seed, "progress": ctx.progress, "callback": on_step}
+        # Normalisation statistics are the dataset's published constants, never computed from the sensitive
+        # split (that would be an unaccounted release).
+        kwargs: dict[str, Any] = {"seed": spec.seed, "progress": ctx.progress, "callback": on_step,
+                                  "mean": list(p.info.mean), "std": list(p.info.std)}
         if p.method.private:
             kwargs["ledger"] = ctx.ledger
         synthetic = p.method.run(p.train, p.config, **kwargs)
@@ -110,19 +113,25 @@ class DistillPipeline:
         ctx.log_metrics(metrics)
         if spec.evaluation.enabled:
             acc = evaluate_release(ctx, images, labels, p)
-            ctx.log_metrics({"acc_mean": acc["mean"], "acc_std": acc["std"]})
+            ctx.log_metrics({"acc_mean": acc["test"]["mean"], "acc_std": acc["test"]["std"]})
+            if "val" in acc:
+                ctx.log_metrics({"val_acc_mean": acc["val"]["mean"], "val_acc_std": acc["val"]["std"]})
             ctx.add_summary(
                 "test accuracy",
-                f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} % "
+                f"{100 * acc['test']['mean']:.2f} ± {100 * acc['test']['std']:.2f} % "
                 f"({spec.evaluation.model}, {spec.evaluation.seeds} seeds, {spec.evaluation.epochs} epochs)",
             )
         return {}
 
 
-def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: PreparedDistill) -> dict[str, Any]:
-    """Train fresh models on the released set (one Ray task per seed) and test them on the real test split."""
+def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any) -> dict[str, Any]:
+    """Train fresh models on the released set and score them on the real test (and validation) split.
+
+    ``p`` needs ``test``, ``info`` and, when ``evaluation.validation`` is on, ``val``. The validation accuracy
+    is what sweeps select on; the test accuracy is only ever reported.
+    """
     from dpdistill.runtime.cluster import ray_session
-    from dpdistill.runtime.parallel import evaluate_seeds_on_ray
+    from dpdistill.runtime.parallel import evaluate_seeds
 
     spec = ctx.spec
     ev = spec.evaluation
@@ -131,9 +140,14 @@ def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Pr
         batch_size=ev.batch_size, lr=ev.lr, augment="dsa-lite" if ev.augment else None,
         mean=tuple(p.info.mean), std=tuple(p.info.std),
     )
+    extra = {"val": (p.val.images, p.val.labels)} if ev.validation and getattr(p, "val", None) is not None else {}
     seeds = [spec.seed * 1000 + i for i in range(ev.seeds)]
+    if not ev.parallel:
+        return evaluate_seeds(images, labels, p.test.images, p.test.labels, seeds, extra_sets=extra,
+                              use_ray=False, progress=ctx.progress, **kwargs)
     with ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path):
-        return evaluate_seeds_on_ray(images, labels, p.test.images, p.test.labels, seeds, **kwargs)
+        return evaluate_seeds(images, labels, p.test.images, p.test.labels, seeds, extra_sets=extra,
+                              use_ray=True, **kwargs)
 
 
 def config_as_dict(config: Any) -> dict[str, Any]:

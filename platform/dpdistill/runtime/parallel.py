@@ -1,8 +1,9 @@
-"""Utility evaluation over several seeds, one Ray task per seed.
+"""Utility evaluation over several seeds: one Ray task per seed, or in-process.
 
 Training k fresh classifiers is embarrassingly parallel; on a 2-core laptop two single-threaded tasks beat one
-two-threaded loop, and on a cluster the seeds spread over nodes. The released set and the test split travel
-through Ray's object store (``ray.put`` once, shared by every task).
+two-threaded loop, and on a cluster the seeds spread over nodes. The released set and the evaluation splits
+travel through Ray's object store (``ray.put`` once, shared by every task). Inside a Tune trial (which already
+holds its CPUs) evaluation runs in-process instead, so trials never wait on nested tasks.
 """
 
 from __future__ import annotations
@@ -13,26 +14,39 @@ from typing import Any
 import torch
 
 
-def _evaluate_one_seed(train_x, train_y, test_x, test_y, seed: int, kwargs: dict[str, Any]) -> float:
+def _evaluate_one_seed(train_x, train_y, test_x, test_y, extra_sets, seed: int, kwargs: dict[str, Any]):
     from dpdistill.evaluation.utility import evaluate_utility
 
-    torch.set_num_threads(1)
-    result = evaluate_utility(train_x, train_y, test_x, test_y, seeds=(seed,), progress=False, **kwargs)
-    return float(result.accuracies[0])
+    result = evaluate_utility(train_x, train_y, test_x, test_y, seeds=(seed,), progress=False, num_threads=1,
+                              extra_sets=extra_sets, **kwargs)
+    return result.accuracies[0], {k: v[0] for k, v in result.extra.items()}
 
 
-def evaluate_seeds_on_ray(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    seeds: list[int], **kwargs: Any,
-) -> dict[str, Any]:
-    """Run ``evaluate_utility`` for each seed as a Ray task; returns mean, std and per-seed accuracies."""
-    import ray
+def _summarise(accs: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+            "accuracies": accs}
 
-    task = ray.remote(num_cpus=1)(_evaluate_one_seed)
-    refs_data = [ray.put(t) for t in (train_x, train_y, test_x, test_y)]
-    accs = ray.get([task.remote(*refs_data, s, kwargs) for s in seeds])
-    return {
-        "mean": statistics.fmean(accs),
-        "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-        "accuracies": accs,
-    }
+
+def evaluate_seeds(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, seeds: list[int],
+    *, extra_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, use_ray: bool = True,
+    progress: bool = True, **kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """Accuracy (mean, std over seeds, population std as the DC papers) on test and on each extra set."""
+    extra_sets = extra_sets or {}
+    if use_ray:
+        import ray
+
+        task = ray.remote(num_cpus=1)(_evaluate_one_seed)
+        refs = [ray.put(t) for t in (train_x, train_y, test_x, test_y)]
+        extra_ref = ray.put(extra_sets)
+        per_seed = ray.get([task.remote(*refs, extra_ref, s, kwargs) for s in seeds])
+        test_accs = [a for a, _ in per_seed]
+        extra = {k: [e[k] for _, e in per_seed] for k in extra_sets}
+    else:
+        from dpdistill.evaluation.utility import evaluate_utility
+
+        r = evaluate_utility(train_x, train_y, test_x, test_y, seeds=seeds, progress=progress,
+                             extra_sets=extra_sets, **kwargs)
+        test_accs, extra = r.accuracies, r.extra
+    return {"test": _summarise(test_accs), **{k: _summarise(v) for k, v in extra.items()}}

@@ -40,7 +40,8 @@ class Tracker:
         if not self.enabled:
             return
         # MLflow's alembic migrations log at INFO on a fresh SQLite store; they are noise to a user.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+        for noisy in ("alembic", "mlflow"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         import mlflow
 
         self._mlflow = mlflow
