@@ -63,11 +63,14 @@ def _print_summary(job, result) -> None:
     elif eps is not None:
         table.add_row("privacy", f"ε = {eps:.3f} (PLD) of budget {job.privacy.epsilon}, "
                       f"δ = {result.metrics.get('privacy_delta', float('nan')):.2e}, add-or-remove-one")
-    table.add_row("run folder", str(result.run_dir))
-    if result.mlflow_run_id:
-        table.add_row("MLflow run", f"{result.mlflow_run_id} in {result.mlflow_uri}")
     table.add_row("wall time", f"{result.seconds:.1f} s")
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    # Paths go below the table, unwrapped, so they can be copied.
+    console.print(f"run folder: {result.run_dir}", soft_wrap=True)
+    if result.mlflow_run_id:
+        console.print(f"MLflow run: {result.mlflow_run_id} (open with: mlflow ui --backend-store-uri "
+                      f"{result.mlflow_uri})", soft_wrap=True)
 
 
 @app.command()
@@ -173,8 +176,14 @@ def sweep(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2; Ctrl-C exits 130."""
+    import signal
+
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it ignored; a job must still stop
+    # cleanly (status "interrupted") when sent SIGINT, so restore Python's KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode typer *returns* exit codes (typer.Exit, and 130 for KeyboardInterrupt).
+        code = app(args=argv, standalone_mode=False)
     except DpdistillError as e:
         print(f"dpdistill: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -194,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(130)
         raise
+    if isinstance(code, int) and code:
+        if code == 130:
+            print("dpdistill: interrupted (the run folder, if any, is marked interrupted)", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

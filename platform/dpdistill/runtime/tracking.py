@@ -39,10 +39,12 @@ class Tracker:
         """Open the MLflow run for this job and log its (flattened) spec as params."""
         if not self.enabled:
             return
-        # MLflow's alembic migrations log at INFO on a fresh SQLite store; they are noise to a user.
+        import mlflow
+
+        # MLflow (which configures its loggers on import) and its alembic migrations log at INFO on a fresh
+        # SQLite store; to a user that is noise.
         for noisy in ("alembic", "mlflow"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        import mlflow
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(self.uri)
