@@ -63,6 +63,12 @@ def _print_summary(job, result) -> None:
     elif eps is not None:
         table.add_row("privacy", f"ε = {eps:.3f} (PLD) of budget {job.privacy.epsilon}, "
                       f"δ = {result.metrics.get('privacy_delta', float('nan')):.2e}, add-or-remove-one")
+        # Each component's stand-alone ε (the total is composed tightly, so the parts need not add up).
+        skip = {"privacy_epsilon", "privacy_epsilon_budget", "privacy_epsilon_remaining", "privacy_epsilon_rdp"}
+        parts = {k.removeprefix("privacy_epsilon_"): v for k, v in result.metrics.items()
+                 if k.startswith("privacy_epsilon_") and k not in skip}
+        if parts:
+            table.add_row("ε by component", ", ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items())))
     table.add_row("wall time", f"{result.seconds:.1f} s")
     console = _console()
     console.print(table)
