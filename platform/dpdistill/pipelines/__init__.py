@@ -10,6 +10,7 @@ from dpdistill.errors import SpecError
 
 _KINDS: dict[str, str] = {
     "distill": "dpdistill.pipelines.distill_job:DistillPipeline",
+    "synthesize": "dpdistill.pipelines.synthesize_job:SynthesizePipeline",
 }
 
 

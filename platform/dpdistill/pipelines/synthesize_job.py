@@ -1,0 +1,230 @@
+"""Job kind ``synthesize``: fit a DP image synthesiser on the sensitive training split, release a synthetic set,
+and evaluate its fidelity and utility.
+
+Stages: load (prepare) → pretrain on public data (optional, free) → fit (charges the ledger before each
+release) → generate (post-processing) → release (synthetic.npz, class grids, the fitted synthesiser) →
+fidelity (FID / IS / precision-recall against the real TEST split, extractor named) → utility (fresh
+classifiers trained on the synthetic set, tested on the real test split: the foundation's protocol).
+
+The spec's method block holds the method's own options (see ``synthesis.get(name).config_type``) plus the job
+options of :class:`SynthesizeOptions`, e.g.::
+
+    method: {name: dp-merf, iterations: 2000, n_per_class: 6000, pretrain: glyphs}
+
+Only DP outputs reach the run folder: the synthetic set, the generator and the method's noisy statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpdistill.errors import SpecError
+
+log = logging.getLogger("dpdistill.pipelines.synthesize")
+
+
+@dataclass
+class SynthesizeOptions:
+    """Job options that sit in the method block beside the method's own."""
+
+    n_per_class: int = 6000  # synthetic images per class (6000: the 60,000 of an MNIST-sized release)
+    pretrain: str | None = None  # public dataset to pretrain the generator on (e.g. glyphs); None: none
+    fidelity: bool = True
+    fidelity_extractor: str = "domain"  # "domain" (ConvNet trained on fidelity_public) or "inception-v3"
+    fidelity_public: str = "glyphs"
+    inception_weights: str | None = None  # local Inception-v3 state dict (needed for "inception-v3")
+    fidelity_samples: int = 10_000  # at most this many real and synthetic images in the fidelity metrics
+
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(SynthesizeOptions))
+_CONFIG_TYPES: dict[str, type] = {}
+
+
+def job_config_type(method: str) -> type:
+    """The method's config dataclass extended with :class:`SynthesizeOptions` (what the spec validates)."""
+    from dpdistill import synthesis
+
+    cls = synthesis.get(method)
+    if cls.name not in _CONFIG_TYPES:
+        clash = set(_JOB_FIELDS) & {f.name for f in dataclasses.fields(cls.config_type)}
+        if clash:
+            raise TypeError(f"{cls.name}: config fields {sorted(clash)} clash with the job options")
+        hints = typing.get_type_hints(SynthesizeOptions)  # real types: the spec validates against them
+        extra = [(f.name, hints[f.name], dataclasses.field(default=f.default))
+                 for f in dataclasses.fields(SynthesizeOptions)]
+        made = dataclasses.make_dataclass(f"{cls.config_type.__name__}Job", extra, bases=(cls.config_type,))
+        made.__module__ = __name__
+        _CONFIG_TYPES[cls.name] = made
+    return _CONFIG_TYPES[cls.name]
+
+
+def split_options(method: str, options: dict[str, Any]) -> tuple[Any, SynthesizeOptions]:
+    """The method's config and the job options from the resolved method block."""
+    from dpdistill import synthesis
+
+    cls = synthesis.get(method)
+    method_opts = {k: v for k, v in options.items() if k not in _JOB_FIELDS}
+    job_opts = {k: v for k, v in options.items() if k in _JOB_FIELDS}
+    try:
+        return cls.config_type(**method_opts), SynthesizeOptions(**job_opts)
+    except TypeError as err:
+        raise SpecError(f"method '{method}': {err}") from None
+
+
+@dataclass
+class PreparedSynthesize:
+    """Loaded inputs of a synthesize job (kept in memory only)."""
+
+    train: Any  # data.ImageSet, sensitive
+    val: Any  # data.ImageSet, sensitive (scored, never released)
+    test: Any  # data.ImageSet, for the final evaluation only
+    info: Any  # data.DatasetInfo
+    method: type  # the Synthesizer class
+    config: Any  # the method's config
+    job: SynthesizeOptions
+
+    @property
+    def n_sensitive(self) -> int:
+        return len(self.train)
+
+
+class SynthesizePipeline:
+    """The ``synthesize`` job kind."""
+
+    kind = "synthesize"
+
+    def method_config(self, method: str, source: str) -> Any:
+        from dpdistill import synthesis
+
+        if method.lower() not in synthesis.names():
+            raise SpecError(
+                f"{source}: field 'method.name': unknown synthesis method '{method}'; "
+                f"expected one of: {', '.join(synthesis.names())}"
+            )
+        return job_config_type(method)
+
+    def prepare(self, spec: Any) -> PreparedSynthesize:
+        from dpdistill import data, models, synthesis
+        from dpdistill.pipelines.distill_job import load_splits
+
+        cls = synthesis.get(spec.method.name)
+        if spec.privacy.epsilon is None:
+            raise SpecError(f"privacy.epsilon: method '{spec.method.name}' is private and needs a budget")
+        if spec.evaluation.model not in models.names():
+            raise SpecError(f"field 'evaluation.model': unknown model '{spec.evaluation.model}'; "
+                            f"expected one of: {', '.join(models.names())}")
+        config, job = split_options(spec.method.name, spec.method.options())
+        if job.n_per_class < 1:
+            raise SpecError(f"field 'method.n_per_class': must be >= 1, got {job.n_per_class}")
+        if job.pretrain is not None:
+            public = data.get(job.pretrain)
+            if public.info.name == data.get(spec.data.name).info.name:
+                raise SpecError(f"field 'method.pretrain': '{job.pretrain}' is the sensitive set itself; "
+                                "pretraining must use public data")
+        if job.fidelity and job.fidelity_extractor not in ("domain", "inception-v3"):
+            raise SpecError(f"field 'method.fidelity_extractor': expected 'domain' or 'inception-v3', got "
+                            f"'{job.fidelity_extractor}'")
+        if job.fidelity and job.fidelity_extractor == "inception-v3":
+            from pathlib import Path
+
+            if not job.inception_weights or not Path(job.inception_weights).is_file():
+                raise SpecError(f"field 'method.inception_weights': Inception-v3 weights file "
+                                f"'{job.inception_weights}' not found (or use fidelity_extractor: domain)")
+        train, val, test, info = load_splits(spec)
+        # Build once here so a bad option (e.g. a zero width) fails before the run folder exists.
+        cls(config, channels=train.channels, image_size=train.image_size, num_classes=info.num_classes,
+            seed=spec.seed)
+        return PreparedSynthesize(train=train, val=val, test=test, info=info, method=cls, config=config, job=job)
+
+    def execute(self, ctx: Any, p: PreparedSynthesize) -> dict[str, Any]:
+        from dpdistill import data
+        from dpdistill.evaluation.grids import save_class_grid
+        from dpdistill.pipelines.distill_job import evaluate_release
+
+        spec = ctx.spec
+        torch.manual_seed(spec.seed)
+        art = ctx.run.artifacts
+        art.mkdir(parents=True, exist_ok=True)
+        synth = p.method(p.config, channels=p.train.channels, image_size=p.train.image_size,
+                         num_classes=p.info.num_classes, seed=spec.seed, device=_device(spec.device))
+        if p.job.pretrain is not None:
+            public = data.load(p.job.pretrain, "train", image_size=p.train.image_size)
+            synth.pretrain(public, progress=ctx.progress)
+            ctx.add_summary("pretrained on", f"{public.name} ({len(public)} public images, no privacy cost)")
+
+        def on_step(step: int, values: dict[str, float]) -> None:
+            ctx.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+        report = synth.fit(p.train, ctx.ledger, progress=ctx.progress, callback=on_step)
+        images, labels = synth.generate(n_per_class=p.job.n_per_class, seed=spec.seed)
+        synth.save(art / "synthesizer.pt")
+        np.savez_compressed(
+            art / "synthetic.npz", images=(images * 255).round().to(torch.uint8).numpy(),
+            labels=labels.numpy(), num_classes=p.info.num_classes, dataset=p.info.name, method=synth.name,
+            scale=255,
+        )
+        save_class_grid(images, labels, art / "synthetic_grid.png", num_classes=p.info.num_classes, per_class=10)
+        _per_class_grids(images, labels, p.info.num_classes, art)
+        ctx.add_summary("made", f"{len(labels)} DP synthetic images ({p.job.n_per_class}/class) of {p.info.name} "
+                        f"by {synth.name.upper()}")
+        ctx.add_summary("privacy", f"ε={report.epsilon:.3f}, δ={report.delta:.3g} (add-or-remove-one; "
+                        f"replace-one equivalent ε={report.replace_one[0]:.3f}); "
+                        f"{'; '.join(report.mechanisms)}")
+        ctx.log_metrics({**report.as_metrics(), "n_released": float(len(labels))})
+        fit_info = {"method": synth.name, "paper_neighbouring": synth.paper_neighbouring,
+                    "privacy_note": synth.privacy_note, **dataclasses.asdict(report)}
+        (art / "fit_report.json").write_text(json.dumps(fit_info, indent=2, default=str) + "\n")
+
+        if p.job.fidelity:
+            from dpdistill.evaluation.extractors import get_extractor
+            from dpdistill.evaluation.fidelity import evaluate_fidelity
+
+            extractor = get_extractor(p.job.fidelity_extractor, image_size=p.train.image_size,
+                                      inception_weights=p.job.inception_weights, public=p.job.fidelity_public)
+            fid = evaluate_fidelity(p.test.images, images, extractor, max_samples=p.job.fidelity_samples,
+                                    seed=spec.seed)
+            ctx.log_metrics(fid.as_metrics())
+            (art / "fidelity.json").write_text(json.dumps(fid.as_dict(), indent=2) + "\n")
+            ctx.add_summary("fidelity", f"FID {fid.fid:.2f}, IS {fid.inception_score:.2f}, precision "
+                            f"{fid.precision:.3f}, recall {fid.recall:.3f} (extractor {fid.extractor}; vs real test)")
+        if spec.evaluation.enabled:
+            acc = evaluate_release(ctx, images, labels, p)
+            ctx.log_metrics({"acc_mean": acc["test"]["mean"], "acc_std": acc["test"]["std"]})
+            if "val" in acc:
+                ctx.log_metrics({"val_acc_mean": acc["val"]["mean"], "val_acc_std": acc["val"]["std"]})
+            ctx.add_summary(
+                "test accuracy",
+                f"{100 * acc['test']['mean']:.2f} ± {100 * acc['test']['std']:.2f} % "
+                f"({spec.evaluation.model} trained on the synthetic set, {spec.evaluation.seeds} seeds, "
+                f"{spec.evaluation.epochs} epochs)",
+            )
+        return {}
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _per_class_grids(images: torch.Tensor, labels: torch.Tensor, num_classes: int, folder: Any,
+                     per_class: int = 64) -> None:
+    """One 8-wide grid of synthetic images per class: grid_class<k>.png."""
+    import torch.nn.functional as F
+    from torchvision.utils import save_image
+
+    for k in range(num_classes):
+        x = images[(labels == k).nonzero().flatten()[:per_class]]
+        if len(x) == 0:
+            continue
+        if x.shape[-1] < 32:  # 8x8 digits are unreadable at native size
+            x = F.interpolate(x, scale_factor=max(1, 32 // x.shape[-1]), mode="nearest")
+        save_image(x.clamp(0, 1), str(folder / f"grid_class{k}.png"), nrow=8, padding=2, pad_value=0.5)

@@ -1,0 +1,326 @@
+"""The Synthesizer interface every DP image synthesiser implements (DPImageBench's one-interface design).
+
+Life cycle::
+
+    synth = synthesis.create("dp-merf", channels=1, image_size=28, num_classes=10, seed=0, bandwidth=6.0)
+    synth.pretrain(public_set)                 # optional, non-private: public data costs nothing
+    report = synth.fit(sensitive_set, ledger)  # charges the ledger BEFORE each release, spends its budget
+    images, labels = synth.generate(n_per_class=6000)   # post-processing: free
+    synth.save("synth.pt"); synth = Synthesizer.load("synth.pt")
+
+Privacy notion. Every ledger charge is stated for add-or-remove-one record of the sensitive split (the
+platform's relation). Each method also declares the notion its paper states (``paper_neighbouring``) and how
+that was converted (``privacy_note``), following DPImageBench's Appendix A: a replace-one bound on a sum of
+clipped contributions (2C) becomes C under add-or-remove; the replace-one figure implied by our guarantee,
+(2ε, (1 + e^ε)δ) by group privacy, is reported beside it (:attr:`FitReport.replace_one`).
+
+Budget. ``fit(..., epsilon=E)`` spends the ledger up to a composed total of E (default: the ledger's whole
+budget), so earlier charges of the same job are included: σ is calibrated against ``ledger.would_cost`` —
+exactly the figure the ledger will charge — and the ledger total lands within 1 % of E.
+
+What is saved. ``save`` writes the config, the generator's weights and the method's released (noisy) statistics
+— DP outputs only. Nothing computed from sensitive data without noise (e.g. GS-WGAN's discriminators) is ever
+kept past ``fit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dpdistill.errors import DataError, PrivacyError, SpecError
+from dpdistill.evaluation.training import thread_limit
+from dpdistill.privacy import ADD_OR_REMOVE_ONE, Mechanism, PrivacyLedger, replace_one_guarantee
+from dpdistill.privacy.calibration import solve_sigma
+
+FORMAT = "dpdistill.synthesizer/1"
+
+Callback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FitReport:
+    """What ``fit`` did: the charges, the noise it calibrated, the ledger total and the time it took."""
+
+    method: str
+    epsilon: float  # the ledger's composed ε after fit (PLD, at the ledger's δ)
+    delta: float
+    noise: dict[str, float]  # the calibrated noise parameters (e.g. {"sigma": 0.57})
+    mechanisms: list[str]  # descriptions of the charges this fit made, in order
+    neighbouring: str = ADD_OR_REMOVE_ONE
+    paper_neighbouring: str = ADD_OR_REMOVE_ONE
+    replace_one: tuple[float, float] = (math.nan, math.nan)
+    seconds: float = 0.0
+    steps: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_metrics(self) -> dict[str, float]:
+        """Flat numbers for metrics.json / MLflow."""
+        out = {"fit_seconds": self.seconds, "fit_epsilon": self.epsilon, "fit_steps": float(self.steps)}
+        out.update({f"noise_{k}": float(v) for k, v in self.noise.items()})
+        out.update({k: float(v) for k, v in self.extra.items()})
+        return out
+
+
+def gaussian_noise(shape: tuple[int, ...] | torch.Size, std: float, generator: torch.Generator,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Draw N(0, std²) noise for a release; refuses (PrivacyError) rather than ever returning no noise.
+
+    Every method draws its privacy noise here, so "the noise could not be drawn" is an error that stops
+    the fit, never a silent fall back to a noiseless release.
+    """
+    if not isinstance(std, int | float) or not math.isfinite(std) or std <= 0:
+        raise PrivacyError(f"noise std must be a finite number > 0 for a private release, got {std!r}")
+    noise = torch.randn(tuple(shape), generator=generator).to(device) * std
+    if not torch.isfinite(noise).all() or noise.numel() and float(noise.abs().max()) == 0.0:
+        raise PrivacyError("noise draw returned no usable noise; refusing to release")
+    return noise
+
+
+def calibrate_for_ledger(ledger: PrivacyLedger, make: Callable[[float], Mechanism], target_total: float,
+                         guess: float = 1.0, what: str = "sigma") -> float:
+    """The smallest noise parameter s with ledger total ε ≤ target after charging ``make(s)`` (PLD, within 1 %).
+
+    Uses ``ledger.would_cost``, i.e. exactly what ``charge`` will compute, composed with every earlier charge.
+    """
+    spent = ledger.spent_epsilon()
+    if not target_total > spent * (1 + 1e-9):
+        raise PrivacyError(
+            f"{what}: target ε {target_total:.4g} leaves nothing to spend (ledger already at ε {spent:.4g})"
+        )
+    return solve_sigma(lambda s: ledger.would_cost(make(s)), target_total, guess, rel_tol=0.005, what=what).sigma
+
+
+def check_config(config: Any) -> None:
+    """Every number in a method config must be finite and > 0 (sizes, rates, steps): one-line SpecError."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not math.isfinite(float(value)) or value <= 0:
+            raise SpecError(f"method option '{f.name}' must be > 0, got {value!r}")
+
+
+class Synthesizer(ABC):
+    """A DP image synthesiser: pretrain (optional) → fit (charges the ledger) → generate; save / load.
+
+    Subclasses set ``name``, ``config_type`` (a dataclass with defaults for MNIST-scale data),
+    ``paper_neighbouring`` and ``privacy_note``, build their conditional generator in :meth:`build`, and
+    implement :meth:`_fit` (and :meth:`_pretrain` if they support public pretraining).
+    """
+
+    name: ClassVar[str] = ""
+    config_type: ClassVar[type] = object
+    paper_neighbouring: ClassVar[str] = ADD_OR_REMOVE_ONE
+    privacy_note: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None, *, channels: int, image_size: int, num_classes: int,
+                 seed: int = 0, device: str | torch.device = "cpu") -> None:
+        self.config = config if config is not None else self.config_type()
+        if not isinstance(self.config, self.config_type):
+            raise SpecError(f"{self.name}: config must be a {self.config_type.__name__}, got "
+                            f"{type(self.config).__name__}")
+        check_config(self.config)
+        for what, v in (("channels", channels), ("image_size", image_size), ("num_classes", num_classes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DataError(f"{self.name}: {what} must be a positive integer, got {v!r}")
+        if num_classes < 2:
+            raise DataError(f"{self.name}: num_classes must be >= 2, got {num_classes}")
+        self.channels, self.image_size, self.num_classes = channels, image_size, num_classes
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.fitted = False
+        self.pretrained_on: str | None = None
+        self.report: FitReport | None = None
+        # Model weights are seeded from the synthesiser's seed; noise uses its own stream (see noise_generator).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.generator_net: nn.Module = self.build().to(self.device)
+
+    # -- what subclasses provide ------------------------------------------------------------------------
+
+    @abstractmethod
+    def build(self) -> nn.Module:
+        """The conditional generator G(z, y) → images in [0, 1] (with a ``z_dim`` attribute)."""
+
+    @abstractmethod
+    def _fit(self, sensitive: Any, ledger: PrivacyLedger, target_epsilon: float, progress: bool,
+             callback: Callback | None) -> FitReport:
+        """Train on the sensitive set, charging ``ledger`` before each release, up to ``target_epsilon``."""
+
+    def _pretrain(self, public: Any, progress: bool) -> None:
+        raise SpecError(f"{self.name}: public pretraining is not supported by this method")
+
+    def extra_state(self) -> dict[str, Any]:
+        """Released statistics to save beside the generator (DP outputs only)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Restore what :meth:`extra_state` saved."""
+
+    # -- the interface ----------------------------------------------------------------------------------
+
+    def noise_generator(self, salt: int = 1) -> torch.Generator:
+        """The RNG of the privacy noise: seeded (reproducible runs), distinct from the weights' stream."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * salt + 17)
+
+    def _check_set(self, images_set: Any, what: str) -> None:
+        images = getattr(images_set, "images", None)
+        labels = getattr(images_set, "labels", None)
+        if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor) or images.ndim != 4:
+            raise DataError(f"{self.name}: {what} must be an ImageSet with images [N, C, H, W] and labels [N]")
+        if tuple(images.shape[1:]) != (self.channels, self.image_size, self.image_size):
+            raise DataError(
+                f"{self.name}: {what} images are {tuple(images.shape[1:])}; this synthesiser was built for "
+                f"{(self.channels, self.image_size, self.image_size)}"
+            )
+        if len(images) < 2:
+            raise DataError(f"{self.name}: {what} has {len(images)} records; need at least 2")
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise DataError(f"{self.name}: {what} labels must lie in [0, {self.num_classes - 1}]")
+
+    def pretrain(self, public: Any, *, progress: bool = False) -> None:
+        """Train the generator non-privately on PUBLIC data (never the sensitive set: it is not charged)."""
+        if getattr(public, "num_classes", self.num_classes) != self.num_classes:
+            raise DataError(
+                f"{self.name}: public set has {public.num_classes} classes; the synthesiser generates "
+                f"{self.num_classes} (pretrain on a public set with the same label space)"
+            )
+        self._check_set(public, "public set")
+        with thread_limit(None):
+            self._pretrain(public, progress)
+        self.pretrained_on = str(getattr(public, "name", "public"))
+
+    def fit(self, sensitive: Any, ledger: PrivacyLedger, *, epsilon: float | None = None,
+            progress: bool = False, callback: Callback | None = None) -> FitReport:
+        """Fit on the sensitive set, spending the ledger up to a composed total of ``epsilon``.
+
+        ``epsilon`` defaults to the ledger's budget. Every release is charged before it happens, so a
+        refused charge (BudgetExceeded) leaves nothing released.
+        """
+        if not isinstance(ledger, PrivacyLedger):
+            raise PrivacyError(f"{self.name}: fit needs a PrivacyLedger, got {type(ledger).__name__}")
+        if ledger.neighbouring != ADD_OR_REMOVE_ONE:
+            raise PrivacyError(f"{self.name}: accounts under add-or-remove-one; the ledger uses "
+                               f"{ledger.neighbouring}")
+        self._check_set(sensitive, "sensitive set")
+        target = ledger.epsilon_budget if epsilon is None else float(epsilon)
+        if not 0 < target <= ledger.epsilon_budget * (1 + 1e-9):
+            raise PrivacyError(f"{self.name}: epsilon={epsilon!r} must lie in (0, ledger budget "
+                               f"{ledger.epsilon_budget:g}]")
+        before = len(ledger.entries)
+        started = time.perf_counter()
+        # Intra-op threads capped at the usable cores, 1 on a loaded machine (OpenMP spin-waits otherwise).
+        with thread_limit(None):
+            report = self._fit(sensitive, ledger, target, progress, callback)
+        report.seconds = time.perf_counter() - started
+        report.method = self.name
+        report.epsilon = ledger.spent_epsilon()
+        report.delta = ledger.delta
+        report.paper_neighbouring = self.paper_neighbouring
+        report.mechanisms = [e["description"] for e in ledger.entries[before:]]
+        try:
+            report.replace_one = replace_one_guarantee(report.epsilon, ledger.delta)
+        except OverflowError:  # e^ε beyond floats: the replace-one δ is vacuous
+            report.replace_one = (2.0 * report.epsilon, 1.0)
+        self.generator_net.eval()
+        self.fitted = True
+        self.report = report
+        return report
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor | None = None, *, n_per_class: int | None = None,
+                 seed: int | None = None, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labelled synthetic images in [0, 1]: for the given ``labels``, or ``n_per_class`` of every class.
+
+        Post-processing of the fitted generator (no privacy cost). ``seed`` fixes the latent draws.
+        """
+        if (labels is None) == (n_per_class is None):
+            raise SpecError(f"{self.name}: generate needs exactly one of labels or n_per_class")
+        if labels is None:
+            if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+                raise SpecError(f"{self.name}: n_per_class must be a positive integer, got {n_per_class!r}")
+            labels = torch.arange(self.num_classes).repeat_interleave(n_per_class)
+        labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise SpecError(f"{self.name}: labels must lie in [0, {self.num_classes - 1}]")
+        g = torch.Generator().manual_seed(self.seed + 1 if seed is None else seed)
+        net = self.generator_net
+        was_training = net.training
+        net.eval()
+        out = []
+        for start in range(0, len(labels), batch_size):
+            y = labels[start : start + batch_size]
+            z = torch.randn(len(y), net.z_dim, generator=g).to(self.device)
+            out.append(net(z, y.to(self.device)).float().clamp(0, 1).cpu())
+        net.train(was_training)
+        images = torch.cat(out) if out else torch.zeros(0, self.channels, self.image_size, self.image_size)
+        return images, labels
+
+    # -- persistence ------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Everything :meth:`load` needs: DP outputs and public facts only."""
+        return {
+            "format": FORMAT,
+            "method": self.name,
+            "config": dataclasses.asdict(self.config),
+            "shape": {"channels": self.channels, "image_size": self.image_size, "num_classes": self.num_classes},
+            "seed": self.seed,
+            "fitted": self.fitted,
+            "pretrained_on": self.pretrained_on,
+            "report": dataclasses.asdict(self.report) if self.report else None,
+            "generator": {k: v.detach().cpu() for k, v in self.generator_net.state_dict().items()},
+            "extra": self.extra_state(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the synthesiser (generator weights, config, released statistics) to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(self.state(), tmp)
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def load(path: str | Path, device: str | torch.device = "cpu") -> Synthesizer:
+        """Rebuild a saved synthesiser of any registered method."""
+        from dpdistill.synthesis import get
+
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path}: no saved synthesiser there")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise DataError(f"{path}: not a dpdistill synthesiser file (expected format {FORMAT})")
+        cls = get(state["method"])
+        synth = cls(cls.config_type(**state["config"]), seed=state["seed"], device=device, **state["shape"])
+        synth.generator_net.load_state_dict(state["generator"])
+        synth.load_extra_state(state["extra"])
+        synth.fitted = bool(state["fitted"])
+        synth.pretrained_on = state["pretrained_on"]
+        if state["report"] is not None:
+            rep = dict(state["report"])
+            rep["replace_one"] = tuple(rep["replace_one"])
+            synth.report = FitReport(**rep)
+        synth.generator_net.eval()
+        return synth
+
+
+def poisson_batches(n: int, q: float, steps: int, generator: torch.Generator):
+    """Yield ``steps`` Poisson samples of range(n): each index independently with probability q.
+
+    The accounting (PoissonGaussian) assumes exactly this sampling; fixed-size shuffled batches would not match it.
+    """
+    for _ in range(steps):
+        yield (torch.rand(n, generator=generator) < q).nonzero().flatten()
