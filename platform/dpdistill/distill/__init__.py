@@ -83,25 +83,37 @@ def get(name: str) -> Distiller:
 
 
 # The methods register themselves on import; they need `register` above, hence the late imports.
-from dpdistill.distill import dc, dm  # noqa: E402
+from dpdistill.distill import dc, dm, dpgeng, ndpdc, psg  # noqa: E402
 from dpdistill.distill.augment import DSA, DSAParams  # noqa: E402
 from dpdistill.distill.dc import DCConfig, gradient_match_step, run_dc  # noqa: E402
 from dpdistill.distill.dm import DMConfig, run_dm  # noqa: E402
+from dpdistill.distill.dpgeng import DPGenGConfig, run_dpgeng  # noqa: E402
+from dpdistill.distill.ndpdc import NDPDCConfig, run_ndpdc  # noqa: E402
+from dpdistill.distill.psg import PSGConfig, run_psg  # noqa: E402
 from dpdistill.distill.synthetic import SyntheticSet  # noqa: E402
 
 __all__ = [
     "DCConfig",
     "DMConfig",
+    "DPGenGConfig",
     "DSA",
     "DSAParams",
     "Distiller",
+    "NDPDCConfig",
+    "PSGConfig",
     "SyntheticSet",
     "dc",
     "dm",
+    "dpgeng",
     "get",
     "gradient_match_step",
     "names",
+    "ndpdc",
+    "psg",
     "register",
     "run_dc",
     "run_dm",
+    "run_dpgeng",
+    "run_ndpdc",
+    "run_psg",
 ]

@@ -1,0 +1,188 @@
+"""Privacy-budget allocation for the private distillers (DP-GenG stage g, and the σ of NDPDC / PSG).
+
+Fixed shares: a component with share s is calibrated so that its own mechanism alone is (s·ε, δ)-DP; the
+last sensitive stage (DP-GenG's feature matching, NDPDC's and PSG's matching) is the *free* component whose
+σ is solved so that everything already charged plus it composes to exactly the job's ε by PLD
+(:func:`solve_free_sigma`). Because ε composes sub-additively, the free component gets more than
+(1 − Σ s)·ε alone, and the ledger's total lands on the target (within the solver's 1 %).
+
+The generator goes first, so its share is what the ledger holds after it (Synthesizer.fit spends up to a
+composed total); the expert's σ is calibrated for its share alone; feature matching takes the rest.
+
+Utility-driven shares (:func:`utility_allocation`, the paper's tuning) replace the two fixed shares by the
+smallest ones that keep the generator's FID within a ratio of its full-budget FID and the expert's accuracy
+within a ratio of its full-budget accuracy; they are measured with scratch ledgers on tuning data the spec
+names (a public set, or explicitly the sensitive split, which the tuning then reads unaccounted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dpdistill.errors import PrivacyError
+from dpdistill.privacy import (
+    ADD_OR_REMOVE_ONE,
+    Mechanism,
+    allocate_sigma,
+    calibrate_mechanism,
+)
+
+_BUDGET_SLACK = 1e-9  # the ledger's own tolerance (privacy/ledger.py BUDGET_REL_TOL)
+
+
+def require_ledger(ledger: Any, method: str) -> Any:
+    """The ledger a private method must be given (a PrivacyError naming the method if it is missing)."""
+    if ledger is None:
+        raise PrivacyError(f"method '{method}' is private: pass ledger= (a dpdistill.privacy.PrivacyLedger)")
+    return ledger
+
+
+def solve_free_sigma(ledger: Any, make: Callable[[float], Mechanism], guess: float = 1.0,
+                     rel_tol: float = 0.003) -> float:
+    """The smallest σ (within rel_tol) such that the ledger's charges so far plus ``make(σ)`` fill its budget.
+
+    Solved with the privacy core's :func:`~dpdistill.privacy.allocate_sigma`, then checked against the ledger
+    itself (whose composition may discretise differently) and nudged up until the ledger would accept it.
+    """
+    spent = ledger.composed()
+    fixed = {"charged": spent} if spent is not None else {}
+    result = allocate_sigma(ledger.epsilon_budget, ledger.delta, fixed, make, rel_tol=rel_tol,
+                            neighbouring=ledger.neighbouring, guess=guess)
+    sigma = result.sigma
+    for _ in range(200):
+        if ledger.would_cost(make(sigma)) <= ledger.epsilon_budget * (1.0 + _BUDGET_SLACK):
+            return sigma
+        sigma *= 1.002
+    raise PrivacyError(f"could not fit {make(result.sigma).describe()} into the remaining budget")
+
+
+def sigma_for_share(make: Callable[[float], Mechanism], epsilon: float, delta: float, guess: float = 1.0,
+                    neighbouring: str = ADD_OR_REMOVE_ONE) -> float:
+    """The smallest σ for which ``make(σ)`` alone is (epsilon, delta)-DP by PLD (a fixed share's noise)."""
+    return calibrate_mechanism(make, epsilon, delta, guess=guess, neighbouring=neighbouring).sigma
+
+
+# ------------------------------------------------------------------------------ utility-driven allocation
+
+
+@dataclass
+class UtilityAllocation:
+    """The shares a utility-driven tuning chose, and what it measured on the way (a DP-GenG report entry)."""
+
+    share_generator: float
+    share_expert: float
+    tuned_on: str  # the tuning data's name; "sensitive" means the tuning read the sensitive split (unaccounted)
+    fid_full: float
+    fid_target: float
+    generator_fid: dict[float, float] = field(default_factory=dict)  # share -> FID (random-ConvNet features)
+    acc_full: float = float("nan")
+    acc_target: float = float("nan")
+    expert_accuracy: dict[float, float] = field(default_factory=dict)  # share -> held-out accuracy
+
+
+def smallest_share(measure: Callable[[float], float], good: Callable[[float], bool], lo: float, hi: float,
+                   steps: int) -> float:
+    """Bisection for the smallest share in [lo, hi] whose measured utility is ``good`` (hi if none is).
+
+    Utility is assumed to grow with the share (more budget, less noise); ``steps`` halvings of [lo, hi].
+    """
+    if not good(measure(hi)):
+        return hi
+    if good(measure(lo)):
+        return lo
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        if good(measure(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def utility_allocation(
+    tune: Any,
+    held_out: Any,
+    tuned_on: str,
+    cfg: Any,
+    epsilon: float,
+    delta: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> UtilityAllocation:
+    """The paper's utility-driven shares, tuned on ``tune`` (fits) and ``held_out`` (scores) with scratch ledgers.
+
+    Generator: the smallest share whose generated set's FID (features of a fixed, randomly initialised ConvNet:
+    data-independent) is at most ``cfg.utility_fid_ratio`` x the FID at the full budget. Expert: the smallest
+    share whose DP-SGD fine-tuned expert reaches ``cfg.utility_acc_ratio`` x the held-out accuracy at the full
+    budget. The two are capped at ``cfg.utility_max_total`` together, so feature matching keeps the rest; its
+    σ_F is then solved from what the job's ledger leaves (:func:`solve_free_sigma`).
+
+    Every fit here is charged to a throwaway in-memory ledger, NOT to the job's: when ``tune`` is the sensitive
+    split (``tuned_on == "sensitive"``) the chosen shares depend on sensitive data without being accounted,
+    as in the paper's own tuning; the report and the ledger notes say so.
+    """
+    from dpdistill.distill.dpgeng.expert import DPSGDPlan, dp_finetune, dpsgd_rate_and_steps, pretrain_expert
+    from dpdistill.distill.dpgeng.extractors import build_network
+    from dpdistill.distill.dpgeng.pipeline import generate_stage
+    from dpdistill.evaluation.fidelity import fid_from_features
+    from dpdistill.evaluation.training import accuracy
+    from dpdistill.privacy import PrivacyLedger
+
+    device = torch.device(device)
+    lo, hi, steps = 0.05, cfg.utility_max_total - 0.05, cfg.utility_steps
+    m = torch.as_tensor(list(mean)).view(1, -1, 1, 1)
+    s = torch.as_tensor(list(std)).view(1, -1, 1, 1)
+    probe = build_network(cfg.net_spec(), tune, seed + 11, device).eval()
+
+    @torch.no_grad()
+    def feats(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([probe.embed(((images[i:i + 1024] - m) / s).to(device)).cpu()
+                          for i in range(0, len(images), 1024)])
+
+    real_feats = feats(held_out.images)
+    generated_at: dict[float, Any] = {}
+
+    def fid(share: float) -> float:
+        scratch = PrivacyLedger(None, epsilon, delta)
+        gen, _ = generate_stage(tune, cfg, scratch, min(epsilon, share * epsilon), seed, device, False)
+        generated_at[share] = gen
+        out.generator_fid[round(share, 4)] = fid_from_features(real_feats, feats(gen.images))
+        return out.generator_fid[round(share, 4)]
+
+    out = UtilityAllocation(cfg.share_generator, cfg.share_expert, tuned_on, float("nan"), float("nan"))
+    out.fid_full = fid(1.0)
+    out.fid_target = cfg.utility_fid_ratio * out.fid_full
+    share_g = smallest_share(fid, lambda v: v <= out.fid_target, lo, hi, steps)
+    generated = generated_at.get(share_g) or generated_at[1.0]
+
+    expert0 = pretrain_expert(generated, cfg.net_spec(), cfg.expert_pretrain_epochs, mean, std, seed + 4, device)
+    q, n_steps = dpsgd_rate_and_steps(len(tune), cfg.expert_batch, max(cfg.expert_dp_epochs, 1e-9))
+
+    def make_expert(sig: float) -> Mechanism:
+        return DPSGDPlan(q, n_steps, sig, cfg.expert_clip, cfg.expert_batch).mechanism()
+
+    def acc(share: float) -> float:
+        sigma = sigma_for_share(make_expert, share * epsilon, delta)
+        scratch = PrivacyLedger(None, epsilon, delta)
+        plan = DPSGDPlan(q, n_steps, sigma, cfg.expert_clip, cfg.expert_batch)
+        net = dp_finetune(expert0, tune, plan, scratch, mean, std, seed + 5, cfg.expert_lr, device)
+        out.expert_accuracy[round(share, 4)] = accuracy(net, held_out.images, held_out.labels, mean=list(mean),
+                                                        std=list(std), device=device)
+        return out.expert_accuracy[round(share, 4)]
+
+    share_e = cfg.share_expert
+    if cfg.expert_guidance and cfg.expert_dp_epochs > 0:
+        out.acc_full = acc(1.0)
+        out.acc_target = cfg.utility_acc_ratio * out.acc_full
+        share_e = smallest_share(acc, lambda v: v >= out.acc_target, lo, hi, steps)
+    total = share_g + share_e
+    if total > cfg.utility_max_total:  # keep feature matching's part: scale both down alike
+        share_g, share_e = (x * cfg.utility_max_total / total for x in (share_g, share_e))
+    out.share_generator, out.share_expert = float(share_g), float(share_e)
+    return out

@@ -1,0 +1,394 @@
+"""DP-GenG (Shi et al., AAAI'26): DP dataset distillation guided by DP-generated data, as switchable stages.
+
+    a. generate  — a registered Synthesizer is fitted on the sensitive split under its share (charged by it)
+                   and generates a large labelled set: every later use of it is post-processing;
+    b. init      — DP-Init: k-means on extractor features of each class's generated images, the images
+                   nearest the centroids packed by the multi-formation factor (or: random generated / noise);
+    c. extract   — K ConvNets trained on the generated set, one drawn per distillation iteration;
+    d. expert    — a ConvNet trained on the generated set, fine-tuned on the sensitive split with DP-SGD;
+    e. match     — DP feature matching against the sensitive split (per-class Poisson, clip C, noise σ_F·C);
+    f. guide     — expert guidance: KL to the mean soft label of generated references + λ·CE;
+    g. allocate  — fixed shares (generator, expert) with σ_F solved from what remains, or utility-driven
+                   shares tuned first with scratch ledgers (:func:`~.allocation.utility_allocation`: the
+                   generator's FID and the expert's accuracy against their full-budget values), σ_F again
+                   solved from what remains.
+
+Stages (e) and (f) are the distillation loop; with both off the result is the DP-Init set. Budget: the
+ledger is charged by (a) inside ``Synthesizer.fit``, by (d) before its first DP-SGD step, and by (e) once for
+all its steps before the loop; (b), (c) and (f) read only DP outputs. Every charge of (a) is booked as
+``dpgeng/generator`` (:class:`ComponentLedger`), so the run's metrics give ε per stage. ``ipc`` counts STORED images per class
+(the papers' storage budget): with factor f the released set decodes into ipc·f² training images per class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dpdistill import models
+from dpdistill.distill import register
+from dpdistill.distill.augment import DEFAULT_STRATEGY, make_dsa, parse_strategy
+from dpdistill.distill.dm import as_generator, progress_steps
+from dpdistill.distill.dpgeng.allocation import (
+    require_ledger,
+    sigma_for_share,
+    solve_free_sigma,
+    utility_allocation,
+)
+from dpdistill.distill.dpgeng.expert import DPSGDPlan, dp_finetune, dpsgd_rate_and_steps, pretrain_expert
+from dpdistill.distill.dpgeng.extractors import train_extractors
+from dpdistill.distill.dpgeng.feature_matching import (
+    CLASS_SIZES_NOTE,
+    PoissonClassSampler,
+    dp_feature_matching_loss,
+    feature_matching_mechanism,
+    private_normalizer,
+)
+from dpdistill.distill.dpgeng.guidance import ExpertGuidance
+from dpdistill.distill.dpgeng.init_kmeans import dp_init, random_init
+from dpdistill.distill.synthetic import SyntheticSet
+from dpdistill.errors import DataError, SpecError
+from dpdistill.privacy import PrivacyLedger
+
+Callback = Callable[[int, float], None]
+FM_COMPONENT = "dpgeng/feature_matching"
+GEN_COMPONENT = "dpgeng/generator"
+
+
+class ComponentLedger(PrivacyLedger):
+    """The job's ledger as the generator sees it: its charges are booked under one DP-GenG component name.
+
+    So the run's metrics carry ε per stage (``privacy_epsilon_dpgeng_generator`` beside ``..._expert`` and
+    ``..._feature_matching``) whatever the synthesiser calls its releases (that name goes into the note).
+    It shares the wrapped ledger's state (the same ``__dict__``): budget checks, ``would_cost`` and the
+    entries are the job ledger's own, and every charge goes through the job ledger's ``charge``.
+    """
+
+    __slots__ = ("_component", "_inner")
+
+    def __init__(self, ledger: PrivacyLedger, component: str) -> None:  # noqa: D107 - no super(): shared state
+        self.__dict__ = ledger.__dict__
+        self._inner = ledger
+        self._component = component
+
+    def charge(self, component: str, mechanism: Any, note: str = "") -> float:
+        return self._inner.charge(self._component, mechanism, note=f"{component}: {note}" if note else component)
+
+
+class DPGenGConfig(BaseModel):
+    """DP-GenG options, grouped by stage; defaults are sized for MNIST on a few CPU cores."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ipc: int = Field(10, ge=1, description="STORED images per class (each decodes into factor^2 images)")
+    factor: int = Field(2, ge=1, description="multi-formation factor f (2 suits 28x28; use 1 for 8x8 images)")
+    # (a) generation
+    generator: str = Field("dp-merf", description="synthesis method (synthesis registry name)")
+    generator_options: dict[str, Any] = Field(default_factory=dict)
+    generated_per_class: int = Field(1000, ge=1, description="size of the generated set, per class")
+    public: str | None = Field(None, description="public dataset to pretrain the generator on (e.g. glyphs)")
+    # (b) init
+    init: Literal["dp_init", "random_generated", "noise"] = "dp_init"
+    kmeans_features: Literal["extractor", "pixels"] = "extractor"
+    # (c) extractors / matching networks
+    extractors: int = Field(5, ge=1, description="K feature extractors trained on the generated data")
+    extractor_epochs: int = Field(4, ge=0, description="epochs of the longest-trained extractor (0: random nets)")
+    net: str = "convnet"
+    net_width: int = Field(64, ge=1)
+    net_depth: int = Field(3, ge=1)
+    net_norm: str = "instance"
+    # (d) expert
+    expert_pretrain_epochs: int = Field(5, ge=0)
+    expert_dp_epochs: float = Field(1.0, ge=0, description="DP-SGD epochs on the sensitive split (0: none)")
+    expert_batch: int = Field(512, ge=1)
+    expert_clip: float = Field(1.0, gt=0)
+    expert_lr: float = Field(0.02, gt=0)
+    # (e) DP feature matching
+    feature_matching: bool = True
+    iterations: int = Field(1000, ge=0, description="distillation iterations (FM and/or EG steps)")
+    batch_real: int = Field(256, ge=1, description="expected Poisson batch per class")
+    clip: float = Field(1.0, gt=0, description="per-record feature clip norm C")
+    sigma: float | None = Field(None, gt=0, description="σ_F; None: solved from what the budget leaves")
+    lr_img: float = Field(100.0, gt=0, description="image learning rate (normalised units)")
+    momentum: float = Field(0.5, ge=0, lt=1)
+    dsa_strategy: str = DEFAULT_STRATEGY
+    dsa_mode: Literal["single", "all"] = "single"
+    clamp: bool = True
+    # (f) expert guidance
+    expert_guidance: bool = True
+    eg_weight: float = Field(0.1, ge=0, description="weight of the guidance loss against the FM loss")
+    eg_refs: int = Field(10, ge=1, description="generated references per distilled image")
+    eg_ce_weight: float = Field(0.1, ge=0, description="λ: weight of the CE term inside the guidance loss")
+    eg_temperature: float = Field(1.0, gt=0)
+    # (g) allocation
+    allocation: Literal["fixed", "utility"] = "fixed"
+    share_generator: float = Field(0.4, gt=0, lt=1, description="ε share of the generator (alone)")
+    share_expert: float = Field(0.2, gt=0, lt=1, description="ε share of the expert's DP-SGD (alone)")
+    utility_tuning: str | None = Field(None, description="allocation 'utility': a public dataset name to tune on, "
+                                       "or 'sensitive' (reads the sensitive split, unaccounted)")
+    utility_fid_ratio: float = Field(1.2, ge=1, description="generator: FID at most this x the full-budget FID")
+    utility_acc_ratio: float = Field(0.9, gt=0, le=1, description="expert: this x the full-budget accuracy")
+    utility_steps: int = Field(3, ge=0, description="bisection halvings per share")
+    utility_max_total: float = Field(0.8, gt=0.1, lt=1, description="cap on generator + expert shares")
+
+    @field_validator("dsa_strategy")
+    @classmethod
+    def _known_ops(cls, v: str) -> str:
+        try:
+            parse_strategy(v)
+        except Exception as e:  # SpecError -> pydantic's one-line field error
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("net")
+    @classmethod
+    def _known_net(cls, v: str) -> str:
+        if v.lower() not in models.names():
+            raise ValueError(f"unknown model {v!r}; expected one of {', '.join(models.names())}")
+        return v.lower()
+
+    @field_validator("net_norm")
+    @classmethod
+    def _per_record_norm(cls, v: str) -> str:
+        if v == "batch":
+            raise ValueError("batch norm mixes records, so per-record clipping would not bound the sensitivity")
+        return v
+
+    @model_validator(mode="after")
+    def _shares(self) -> DPGenGConfig:
+        if self.share_generator + self.share_expert >= 1:
+            raise ValueError("share_generator + share_expert must stay below 1 (feature matching needs the rest)")
+        need = self.ipc * self.factor * self.factor
+        if self.init != "noise" and self.generated_per_class < need:
+            # Checked here, before the generator spends any budget.
+            raise ValueError(f"generated_per_class must be at least ipc x factor^2 = {need} for init '{self.init}'")
+        return self
+
+    def net_spec(self) -> dict[str, Any]:
+        """The matching / expert network as ``models.get`` arguments."""
+        spec: dict[str, Any] = {"net": self.net}
+        if self.net == "convnet":
+            spec.update(width=self.net_width, depth=self.net_depth, norm=self.net_norm)
+        return spec
+
+    @property
+    def uses_expert(self) -> bool:
+        return self.expert_guidance and self.iterations > 0
+
+    @property
+    def uses_matching(self) -> bool:
+        return self.feature_matching and self.iterations > 0
+
+
+def generate_stage(real: Any, cfg: DPGenGConfig, ledger: Any, epsilon_total: float, seed: int,
+                   device: torch.device, progress: bool) -> tuple[Any, dict[str, Any]]:
+    """Stage (a): fit the synthesiser on the sensitive split up to a ledger total of ``epsilon_total``, generate."""
+    from dpdistill import data, synthesis
+
+    synth = synthesis.create(cfg.generator, channels=real.channels, image_size=real.image_size,
+                             num_classes=real.num_classes, seed=seed, device=str(device), **cfg.generator_options)
+    if cfg.public:
+        public = data.load(cfg.public, "train", image_size=real.image_size)
+        synth.pretrain(public, progress=progress)
+    report = synth.fit(real, ComponentLedger(ledger, GEN_COMPONENT), epsilon=epsilon_total, progress=progress)
+    images, labels = synth.generate(n_per_class=cfg.generated_per_class, seed=seed)
+    generated = data.ImageSet(images.float().contiguous(), labels.long(), real.num_classes,
+                              f"{cfg.generator}-generated")
+    return generated, {"generator": cfg.generator, "generator_noise": dict(report.noise),
+                       "generator_seconds": report.seconds}
+
+
+def tuning_sets(real: Any, source: str, seed: int) -> tuple[Any, Any]:
+    """Fit and score sets for the utility allocation: halves of the sensitive split, or a public set's splits."""
+    from dpdistill import data
+
+    if source == "sensitive":
+        order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed + 9))
+        half = len(real) // 2
+        return real.subset(order[:half]), real.subset(order[half:])
+    tune = data.load(source, "train", image_size=real.image_size)
+    held_out = data.load(source, "test", image_size=real.image_size)
+    if tune.channels != real.channels or tune.num_classes != real.num_classes:
+        raise SpecError(f"method.utility_tuning: '{source}' has {tune.channels} channels and {tune.num_classes} "
+                        f"classes, the sensitive set {real.channels} and {real.num_classes}")
+    return tune, held_out
+
+
+def _check_generated(generated: Any, real: Any) -> None:
+    if tuple(generated.images.shape[1:]) != tuple(real.images.shape[1:]):
+        raise DataError(f"generated images are {tuple(generated.images.shape[1:])}, the sensitive ones "
+                        f"{tuple(real.images.shape[1:])}")
+    if generated.num_classes != real.num_classes:
+        raise DataError(f"generated set has {generated.num_classes} classes, the sensitive one {real.num_classes}")
+
+
+def run_dpgeng(
+    real: Any,
+    cfg: DPGenGConfig | None = None,
+    seed: int | torch.Generator = 0,
+    *,
+    ledger: Any = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    callback: Callback | None = None,
+    generated: Any = None,
+) -> SyntheticSet:
+    """Distil the sensitive ``real`` ImageSet with DP-GenG under ``ledger``'s whole budget.
+
+    ``generated`` replaces stage (a) with a set made earlier (public data, or DP outputs whose cost is ALREADY
+    on ``ledger``). The returned set carries ``.report`` (a dict: stages run, noise multipliers, ε by
+    component, seconds per stage, ``baseline``: ``ipc`` random generated images per class, the
+    DP-generated-at-IPC baseline as (images, labels), and ``init_set``: the set before distillation). All of
+    it is DP output.
+    """
+    cfg = cfg if cfg is not None else DPGenGConfig()
+    ledger = require_ledger(ledger, "dpgeng")
+    if cfg.allocation == "utility" and not cfg.utility_tuning:
+        raise SpecError("method.utility_tuning: allocation 'utility' needs tuning data: a public dataset name, "
+                        "or 'sensitive' to tune on the sensitive split (unaccounted, as in the paper)")
+    device = torch.device(device)
+    g = as_generator(seed)
+    base_seed = int(torch.randint(2**31, (1,), generator=g))
+    channels = real.channels
+    stats_mean = list(mean) if mean is not None else [0.5] * channels
+    stats_std = list(std) if std is not None else [0.5] * channels
+    normalize = private_normalizer(stats_mean, stats_std, channels, device)
+    eps = ledger.epsilon_budget
+    report: dict[str, Any] = {"stages": [], "seconds": {}, "sigma": {}}
+    clock = time.perf_counter()
+
+    def done(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        report["stages"].append(stage)
+        report["seconds"][stage] = now - clock
+        clock = now
+
+    # (g) utility-driven allocation: shares measured with scratch ledgers, before anything is charged here
+    tuned_note = ""
+    if cfg.allocation == "utility":
+        tune, held_out = tuning_sets(real, cfg.utility_tuning or "", base_seed)
+        alloc = utility_allocation(tune, held_out, cfg.utility_tuning or "", cfg, eps, ledger.delta, stats_mean,
+                                   stats_std, base_seed, device)
+        cfg = cfg.model_copy(update={"share_generator": alloc.share_generator, "share_expert": alloc.share_expert})
+        report["allocation"] = dataclasses.asdict(alloc)
+        if cfg.utility_tuning == "sensitive":
+            tuned_note = "; shares tuned on the sensitive split (utility allocation, not accounted)"
+        done("allocate")
+
+    # (a) generation
+    if generated is None:
+        generated, info = generate_stage(real, cfg, ledger, min(eps, ledger.spent_epsilon() + cfg.share_generator
+                                                                * eps), base_seed, device, progress)
+        report.update(info)
+        done("generate")
+    _check_generated(generated, real)
+    gen_counts = torch.bincount(generated.labels, minlength=real.num_classes)
+    if int(gen_counts.min()) < 1:
+        raise DataError(f"generated set has no image of class {int(gen_counts.argmin())}")
+
+    # (c) extractors: also the k-means features of (b), so trained first
+    needs_extractors = cfg.uses_matching or (cfg.init == "dp_init" and cfg.kmeans_features == "extractor")
+    extractors = []
+    if needs_extractors:
+        extractors = train_extractors(generated, cfg.extractors, cfg.extractor_epochs, cfg.net_spec(), stats_mean,
+                                      stats_std, base_seed + 1, device)
+        done("extract")
+
+    # (b) init
+    if cfg.init == "dp_init":
+        feat_net = extractors[-1] if extractors and cfg.kmeans_features == "extractor" else None
+        embed = (lambda x: feat_net.embed(normalize(x.to(device)))) if feat_net is not None else None
+        syn = dp_init(generated, cfg.ipc, cfg.factor, embed, base_seed + 2)
+    elif cfg.init == "random_generated":
+        syn = random_init(generated, cfg.ipc, cfg.factor, torch.Generator().manual_seed(base_seed + 2))
+    else:
+        shape = (channels, real.image_size, real.image_size)
+        syn = SyntheticSet.from_noise(real.num_classes, cfg.ipc, shape, torch.Generator().manual_seed(base_seed + 2),
+                                      cfg.factor)
+    syn.to(device)
+    done("init")
+    base = random_init(generated, cfg.ipc, 1, torch.Generator().manual_seed(base_seed + 3))
+    report["baseline"] = base.export()
+    report["init_set"] = syn.export()  # what the DP-Init-only ablation releases
+
+    # (d) expert
+    guidance = None
+    if cfg.uses_expert:
+        expert = pretrain_expert(generated, cfg.net_spec(), cfg.expert_pretrain_epochs, stats_mean, stats_std,
+                                 base_seed + 4, device)
+        if cfg.expert_dp_epochs > 0:
+            q, steps = dpsgd_rate_and_steps(len(real), cfg.expert_batch, cfg.expert_dp_epochs)
+
+            def make_expert(s: float) -> Any:
+                return DPSGDPlan(q, steps, s, cfg.expert_clip, cfg.expert_batch).mechanism()
+
+            sigma_e = sigma_for_share(make_expert, cfg.share_expert * eps, ledger.delta,
+                                      neighbouring=ledger.neighbouring)
+            report["sigma"]["expert"] = sigma_e
+            plan = DPSGDPlan(q, steps, sigma_e, cfg.expert_clip, cfg.expert_batch)
+            expert = dp_finetune(expert, real, plan, ledger, stats_mean, stats_std, base_seed + 5, cfg.expert_lr,
+                                 device)
+        else:
+            expert.eval()
+            for p in expert.parameters():
+                p.requires_grad_(False)
+        guidance = ExpertGuidance(expert, generated, normalize, cfg.eg_refs, cfg.eg_ce_weight, cfg.eg_temperature)
+        done("expert")
+
+    # (e) DP feature matching: charged once, for every step, before the loop
+    sampler, sigma_f = None, cfg.sigma
+    if cfg.uses_matching:
+        sampler = PoissonClassSampler(real, cfg.batch_real, device)
+
+        def make_fm(s: float) -> Any:
+            return feature_matching_mechanism(sampler.max_rate, s, cfg.iterations, real.num_classes)
+
+        sigma_f = sigma_f if sigma_f is not None else solve_free_sigma(ledger, make_fm)
+        ledger.charge(FM_COMPONENT, make_fm(sigma_f), note=f"clip C={cfg.clip:g}; {CLASS_SIZES_NOTE}{tuned_note}")
+        report["sigma"]["feature_matching"] = sigma_f
+
+    # (e) + (f): the distillation loop
+    if cfg.uses_matching or cfg.uses_expert:
+        dsa = make_dsa(cfg.dsa_strategy, cfg.dsa_mode)
+        opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
+        noise_g = torch.Generator().manual_seed(base_seed + 6)
+        try:
+            with progress_steps(cfg.iterations, "DP-GenG", progress) as advance:
+                for it in range(cfg.iterations):
+                    loss = syn.images.new_zeros(())
+                    if sampler is not None:
+                        net = extractors[int(torch.randint(len(extractors), (1,), generator=g))]
+                        loss = loss + dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma_f,
+                                                               noise_g)
+                    if guidance is not None:
+                        loss = loss + cfg.eg_weight * guidance.loss(syn, g)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    normalize.to_normalised_units(syn.images.grad)
+                    opt.step()
+                    if cfg.clamp:
+                        syn.clamp_()
+                    value = float(loss.detach())
+                    advance(value)
+                    if callback is not None:
+                        callback(it, value)
+        except KeyboardInterrupt as exc:
+            exc.synthetic_set = syn  # type: ignore[attr-defined]
+            raise
+        done("distill")
+    report["epsilon_by_component"] = ledger.component_epsilons()
+    report["epsilon_total"] = ledger.spent_epsilon()
+    syn.report = report  # type: ignore[attr-defined]
+    return syn
+
+
+register("dpgeng", run_dpgeng, DPGenGConfig, private=True,
+         description="DP-GenG: DP dataset distillation guided by DP-generated data (AAAI'26)")
