@@ -11,6 +11,7 @@ from dpdistill.errors import SpecError
 _KINDS: dict[str, str] = {
     "distill": "dpdistill.pipelines.distill_job:DistillPipeline",
     "synthesize": "dpdistill.pipelines.synthesize_job:SynthesizePipeline",
+    "sfdd": "dpdistill.pipelines.sfdd_job:SFDDPipeline",
 }
 
 

@@ -1,0 +1,197 @@
+"""One SFDD client in plain torch: local DC gradient matching of the broadcast synthetic set on private data.
+
+A client receives the server's synthetic set, runs ``local_steps`` DC iterations on its own partition (each a
+fresh matching network drawn from the client's generator, ``outer_loop`` matching steps with inner training in
+between, exactly DC's schedule; see :mod:`dpdistill.distill.dc`), and returns its updated set. Every random
+draw comes from a generator seeded by (job seed, round, client id), so a client's answer does not depend on
+which process ran it or how many others there were. Classes absent from a partition are left untouched.
+
+:class:`LocalPool` runs clients one after another in this process: the no-Ray reference the actor pool is
+measured against, and what unit tests use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpdistill.distill.dc import _train_inner, gradient_match_step
+from dpdistill.distill.dm import build_net, dsa_for
+from dpdistill.distill.synthetic import Normalizer, SyntheticSet
+from dpdistill.federated.config import SFDDConfig
+from dpdistill.federated.defences import LocalDP, ldpo_rld_soft_labels
+
+log = logging.getLogger("dpdistill.federated")
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (job seed, round, client id, ...), independent across different tuples."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class ClientTask:
+    """What the server asks of one client in one round (the synthetic set travels separately, shared)."""
+
+    client_id: int
+    round: int
+    seed: int
+    attempt: int = 0
+    malicious: bool = False
+    state: dict[str, Any] | None = None  # attack state a client carries between rounds (e.g. its trigger)
+
+
+@dataclass
+class ClientUpdate:
+    """A client's answer: its updated stored synthetic images and what FedAvg weights them by."""
+
+    client_id: int
+    round: int
+    images: torch.Tensor
+    n_samples: int
+    class_counts: list[int]
+    loss: float | None  # None: withheld (LocalDP)
+    seconds: float
+    state: dict[str, Any] | None = None
+    worker: str = "local"
+
+
+@dataclass
+class RoundOutcome:
+    """The answers a pool collected for one dispatch, and the clients dropped (id -> reason)."""
+
+    updates: list[ClientUpdate] = field(default_factory=list)
+    dropped: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class ClientContext:
+    """Everything a client needs besides its data and its task: the config and public normalisation stats."""
+
+    cfg: SFDDConfig
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+def local_update(real: Any, syn_state: dict[str, Any], task: ClientTask, ctx: ClientContext) -> ClientUpdate:
+    """Run one client's local distillation on ``real`` (its partition, an ImageSet) and return its update."""
+    from dpdistill.federated.attacks.doorping import DoorpingClient
+
+    started = time.perf_counter()
+    cfg = ctx.cfg
+    g = torch.Generator().manual_seed(int(task.seed))
+    syn = SyntheticSet.from_state_dict(syn_state)
+    start = syn.images.detach().clone()
+    normalize = Normalizer(ctx.mean, ctx.std)
+    dsa = dsa_for(cfg)
+    per_class = real.per_class_indices()
+    present = [c for c in range(syn.num_classes) if len(per_class[c]) > 0]
+    outer_loop, inner_loop = cfg.loops()
+    opt_img = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
+    attacker = DoorpingClient.from_task(task, cfg, real, g) if task.malicious else None
+    total, count = 0.0, 0
+    for _ in range(cfg.local_steps):
+        net = build_net(cfg, real, g, syn.device)
+        net.train()
+        opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
+        if attacker is not None:
+            attacker.update_trigger(net, normalize, g)
+        for ol in range(outer_loop):
+            opt_img.zero_grad(set_to_none=True)
+            for c in present:
+                idx = per_class[c]
+                xr = real.images[idx[torch.randperm(len(idx), generator=g)[: cfg.batch_real]]]
+                if attacker is not None:
+                    xr = attacker.poison(c, xr, g)
+                yr = real_labels(c, len(xr), syn.num_classes, cfg, g)
+                xs = normalize(syn.class_images(c))
+                ys = torch.full((len(xs),), c, dtype=torch.int64)
+                params = dsa.sample(1, g) if dsa is not None else None
+                loss = gradient_match_step(net, xs, ys, normalize(xr), yr, cfg.distance, dsa, params)
+                # Only the images need this gradient (as in run_dc); the network's own updates come later.
+                loss.backward(inputs=[syn.images])
+                total += float(loss.detach())
+            count += 1
+            if syn.images.grad is not None:
+                normalize.to_normalised_units(syn.images.grad)
+                opt_img.step()
+            if cfg.clamp:
+                syn.clamp_()
+            if ol == outer_loop - 1 or inner_loop == 0:
+                continue
+            with torch.no_grad():
+                if cfg.inner_on == "synthetic":
+                    x_train, y_train = syn.decoded()
+                else:
+                    pick = torch.randperm(len(real), generator=g)[: cfg.batch_train * inner_loop]
+                    x_train, y_train = real.images[pick], real.labels[pick]
+                x_train = normalize(x_train)
+            epochs = inner_loop if cfg.inner_on == "synthetic" else 1
+            _train_inner(net, opt_net, x_train, y_train, epochs, cfg.batch_train, dsa, g)
+    released = syn.images.detach().clone()
+    n_samples, class_counts, loss = len(real), [len(i) for i in per_class], total / max(1, count)
+    if cfg.defence == "localdp":
+        delta = LocalDP(cfg.localdp_sigma, cfg.localdp_clip).privatise(released - start, g)
+        released = start + delta
+        # Under LocalDP the noisy images are the only thing a client may send: its size, class counts and
+        # matching loss are functions of its records with no noise (aggregation is uniform, so none is needed).
+        n_samples, class_counts, loss = 1, [1] * syn.num_classes, None
+    return ClientUpdate(
+        client_id=task.client_id,
+        round=task.round,
+        images=released,
+        n_samples=n_samples,
+        class_counts=class_counts,
+        loss=loss,
+        seconds=time.perf_counter() - started,
+        state=attacker.state() if attacker is not None else None,
+    )
+
+
+def real_labels(c: int, n: int, num_classes: int, cfg: SFDDConfig, g: torch.Generator) -> torch.Tensor:
+    """Labels the real side of a matching step uses: class c, or LDPO-RLD soft labels under that defence."""
+    hard = torch.full((n,), c, dtype=torch.int64)
+    if cfg.defence != "ldpo-rld":
+        return hard
+    return ldpo_rld_soft_labels(hard, num_classes, cfg.ldpo_alpha, cfg.ldpo_k, g)
+
+
+class LocalPool:
+    """Runs sampled clients one after another in this process (no Ray); same answers as the actor pool."""
+
+    size = 1
+
+    def __init__(self, train: Any, partition: Any, ctx: ClientContext, num_threads: int | None = None) -> None:
+        self.train = train
+        self.partition = partition
+        self.ctx = ctx
+        self.num_threads = num_threads
+        self._clients: dict[int, Any] = {}
+
+    def client_data(self, client_id: int) -> Any:
+        """The client's partition (cached: the per-client state this pool holds)."""
+        if client_id not in self._clients:
+            self._clients[client_id] = self.train.subset(self.partition.indices[client_id])
+        return self._clients[client_id]
+
+    def run_round(self, tasks: list[ClientTask], syn_state: dict[str, Any],
+                  on_dispatch: Callable[[Any, list[ClientTask]], None] | None = None) -> RoundOutcome:
+        """Run every task; a client that raises is a bug here, so the exception propagates."""
+        from dpdistill.evaluation.training import thread_limit
+
+        if on_dispatch is not None:
+            on_dispatch(self, tasks)
+        outcome = RoundOutcome()
+        with thread_limit(self.num_threads):
+            for task in tasks:
+                outcome.updates.append(local_update(self.client_data(task.client_id), syn_state, task, self.ctx))
+        return outcome
+
+    def shutdown(self) -> None:
+        self._clients.clear()

@@ -1,0 +1,295 @@
+"""Job kind ``sfdd``: Secure Federated Data Distillation across simulated data owners on Ray actors.
+
+Stages: load + partition (prepare) → federated distillation (server on the driver, clients in a bounded Ray
+actor pool; per-round metrics and, every ``eval_every`` rounds, a quick accuracy to MLflow) → release
+(distilled set, grid, per-round history, accuracy-by-round plot) → evaluate (fresh models on the real test
+split) → attack (optional: DLG/iDLG by the server on client 0, or Doorping's success rate).
+
+Privacy: only ``defence: localdp`` makes SFDD differentially private (and then needs ``privacy.epsilon``); the
+ledger gets one parallel charge per dispatch (see :mod:`dpdistill.federated.protocol`) and the per-client ε
+goes to ``artifacts/client_privacy.json``. Only released and aggregate outputs are written: never a client's
+records, and never an attack's reconstructions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from dpdistill.errors import PrivacyError, SpecError
+
+log = logging.getLogger("dpdistill.pipelines.sfdd")
+
+METHODS = ("sfdd",)
+
+
+@dataclass
+class PreparedSFDD:
+    """Loaded inputs of an SFDD job (kept in memory only)."""
+
+    train: Any  # data.ImageSet, sensitive: the union of the clients' partitions
+    val: Any  # data.ImageSet, scored only
+    test: Any  # data.ImageSet, evaluation only
+    info: Any  # data.DatasetInfo
+    config: Any  # SFDDConfig
+    partition: Any  # data.partition.Partition over train
+    public: Any | None  # public ImageSet for init: public
+
+    @property
+    def n_sensitive(self) -> int:
+        return len(self.train)
+
+
+def make_config(options: dict[str, Any], source: str = "<spec>") -> Any:
+    """The SFDDConfig from a spec's method options; a bad option is a one-line SpecError."""
+    from dpdistill.federated.config import SFDDConfig
+
+    try:
+        return SFDDConfig(**options)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ())) or "?"
+        where = f"field 'method.{loc}'" if loc != "?" else "method"
+        raise SpecError(f"{source}: {where}: {first.get('msg')}") from None
+
+
+class SFDDPipeline:
+    """The ``sfdd`` job kind."""
+
+    kind = "sfdd"
+
+    def method_config(self, method: str, source: str) -> Any:
+        from dpdistill.federated.config import SFDDConfig
+
+        if method not in METHODS:
+            raise SpecError(f"{source}: field 'method.name': unknown SFDD method '{method}'; expected one of: "
+                            f"{', '.join(METHODS)}")
+        return SFDDConfig
+
+    def prepare(self, spec: Any) -> PreparedSFDD:
+        from dpdistill import data, models
+        from dpdistill.pipelines.distill_job import load_splits
+
+        self.method_config(spec.method.name, "<spec>")
+        cfg = make_config(spec.method.options())
+        if cfg.defence == "localdp" and spec.privacy.epsilon is None:
+            raise SpecError("privacy.epsilon: method.defence localdp releases DP updates and needs a budget")
+        if cfg.defence != "localdp" and spec.privacy.epsilon is not None:
+            raise SpecError(f"privacy.epsilon: SFDD with defence '{cfg.defence}' gives no DP guarantee; remove "
+                            "privacy.epsilon or set method.defence: localdp")
+        if spec.evaluation.model not in models.names():
+            raise SpecError(f"field 'evaluation.model': unknown model '{spec.evaluation.model}'; "
+                            f"expected one of: {', '.join(models.names())}")
+        train, val, test, info = load_splits(spec)
+        if cfg.attack == "doorping":
+            if cfg.target_class >= info.num_classes:
+                raise SpecError(f"field 'method.target_class': {cfg.target_class} is not a class of {info.name} "
+                                f"(0..{info.num_classes - 1})")
+            if cfg.trigger_size >= train.image_size:
+                raise SpecError(f"field 'method.trigger_size': {cfg.trigger_size} px does not fit "
+                                f"{train.image_size}x{train.image_size} images")
+        opts: dict[str, Any] = {"num_classes": info.num_classes}
+        if cfg.partition == "dirichlet":
+            opts["alpha"] = cfg.dirichlet_alpha
+            opts["min_size"] = min(10, len(train) // cfg.n_clients)
+        partition = data.partition.make_partition(cfg.partition, train.labels, cfg.n_clients, seed=spec.seed, **opts)
+        public = None
+        if cfg.init == "public":
+            public = data.load(cfg.public_data, "train", root=spec.data.root, image_size=train.image_size)
+            if public.channels != train.channels or public.num_classes != info.num_classes:
+                raise SpecError(f"field 'method.public_data': '{cfg.public_data}' has {public.channels} channels and "
+                                f"{public.num_classes} classes; {info.name} needs {train.channels} and "
+                                f"{info.num_classes}")
+        if cfg.defence == "localdp":
+            _check_localdp_budget(spec, cfg, len(train))
+        return PreparedSFDD(train, val, test, info, cfg, partition, public)
+
+    def execute(self, ctx: Any, p: PreparedSFDD) -> dict[str, Any]:
+        from dpdistill.runtime.cluster import ray_session
+
+        spec = ctx.spec
+        # One Ray session for the rounds and the evaluation (evaluate_release reuses it): starting Ray costs
+        # seconds, and the actors' CPUs are free again once the pool is shut down.
+        with ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path):
+            return self._execute(ctx, p)
+
+    def _execute(self, ctx: Any, p: PreparedSFDD) -> dict[str, Any]:
+        from dpdistill.distill.dm import progress_steps
+        from dpdistill.evaluation.grids import save_class_grid
+        from dpdistill.federated import ClientContext, initial_set, run_sfdd
+        from dpdistill.federated.actors import ActorPool
+
+        spec, cfg, art = ctx.spec, p.config, ctx.run.artifacts
+        mean, std = list(p.info.mean), list(p.info.std)  # published constants, never the clients' statistics
+        init = initial_set(cfg, p.info.num_classes, (p.train.channels, p.train.image_size, p.train.image_size),
+                           spec.seed, mean=mean, std=std, public=p.public)
+        curve: list[tuple[int, float]] = []
+        with progress_steps(cfg.rounds, "SFDD", ctx.progress) as advance:
+
+            def on_round(record: Any, syn: Any) -> None:
+                metrics = record.metrics()
+                last = record.round == cfg.rounds - 1
+                if cfg.eval_every and ((record.round + 1) % cfg.eval_every == 0 or last):
+                    metrics["acc"] = quick_accuracy(spec, p, syn, cfg.eval_epochs)
+                    curve.append((record.round + 1, metrics["acc"]))
+                ctx.log_metrics(metrics, step=record.round)
+                log.info("round %d: %d answered, %d dropped, %.1f s%s", record.round, len(record.answered),
+                         len(record.dropped), record.seconds,
+                         f", acc {100 * metrics['acc']:.2f} %" if "acc" in metrics else "")
+                advance(record.loss)
+
+            pool = ActorPool(p.train, p.partition, ClientContext(cfg, mean, std), cfg.pool_size, cfg.actor_cpus)
+            try:
+                result = run_sfdd(pool, init, cfg, seed=spec.seed, ledger=ctx.ledger, callback=on_round)
+            finally:
+                pool.shutdown()
+        images, labels = result.synthetic.export()
+        torch.save({"images": images, "labels": labels, "num_classes": p.info.num_classes, "dataset": p.info.name,
+                    "method": "sfdd", "clients": cfg.n_clients, "rounds": cfg.rounds}, art / "distilled.pt")
+        save_class_grid(images, labels, art / "distilled_grid.png", num_classes=p.info.num_classes,
+                        per_class=min(10, max(1, len(labels) // p.info.num_classes)))
+        (art / "rounds.json").write_text(json.dumps([vars(r) for r in result.history], indent=2, default=str) + "\n")
+        dropped = sum(len(r.dropped) for r in result.history)
+        ctx.add_summary("made", f"{len(labels)} distilled images ({len(labels) // p.info.num_classes}/class) of "
+                        f"{p.info.name} by SFDD: {cfg.n_clients} clients, {cfg.rounds} rounds, defence "
+                        f"{cfg.defence}" + (f", {dropped} client answers dropped" if dropped else ""))
+        ctx.log_metrics({"ipc": float(len(labels) // p.info.num_classes), "n_released": float(len(labels)),
+                         "clients_dropped_total": float(dropped)})
+        if cfg.defence == "localdp":
+            report_client_privacy(ctx, result, cfg)
+        if spec.evaluation.enabled:
+            from dpdistill.pipelines.distill_job import evaluate_release
+
+            acc = evaluate_release(ctx, images, labels, p)
+            ctx.log_metrics({"acc_mean": acc["test"]["mean"], "acc_std": acc["test"]["std"]})
+            if "val" in acc:
+                ctx.log_metrics({"val_acc_mean": acc["val"]["mean"], "val_acc_std": acc["val"]["std"]})
+            if not curve or curve[-1][0] != cfg.rounds:
+                curve.append((cfg.rounds, acc["test"]["mean"]))
+            ctx.add_summary("test accuracy", f"{100 * acc['test']['mean']:.2f} ± {100 * acc['test']['std']:.2f} % "
+                            f"({spec.evaluation.model}, {spec.evaluation.seeds} seeds, {spec.evaluation.epochs} epochs)")
+        if curve:
+            plot_accuracy(curve, art / "accuracy_by_round.png", f"SFDD on {p.info.name}, {cfg.n_clients} clients")
+            (art / "accuracy_by_round.json").write_text(
+                json.dumps([{"round": r, "acc": a} for r, a in curve], indent=2) + "\n")
+        if cfg.attack in ("dlg", "idlg"):
+            run_inversion_attack(ctx, p)
+        elif cfg.attack == "doorping":
+            run_doorping_eval(ctx, p, result, images, labels)
+        return {}
+
+
+def _check_localdp_budget(spec: Any, cfg: Any, n: int) -> None:
+    """Refuse, before any work, a LocalDP schedule whose rounds alone (no retries) exceed the budget."""
+    from dpdistill.federated.defences import LocalDP
+    from dpdistill.privacy.accountant import epsilon
+    from dpdistill.privacy.defaults import default_delta
+    from dpdistill.privacy.mechanisms import Gaussian
+
+    delta = spec.privacy.delta if spec.privacy.delta is not None else default_delta(n)
+    base = LocalDP(cfg.localdp_sigma, cfg.localdp_clip).mechanism()
+    eps = epsilon(Gaussian(base.sigma, base.sensitivity, count=cfg.rounds), delta)
+    if eps > spec.privacy.epsilon:
+        raise PrivacyError(f"privacy.epsilon: {cfg.rounds} rounds of LocalDP (sigma={cfg.localdp_sigma:g}, "
+                           f"clip={cfg.localdp_clip:g}) cost ε={eps:.3g} > budget {spec.privacy.epsilon:g} at "
+                           f"δ={delta:.3g}; raise method.localdp_sigma or lower method.rounds")
+
+
+def quick_accuracy(spec: Any, p: PreparedSFDD, syn: Any, epochs: int) -> float:
+    """One model, one seed, trained on the current set: the accuracy-by-round curve (cheaper than the final)."""
+    from dpdistill.evaluation.utility import evaluate_utility
+
+    images, labels = syn.export()
+    ev = spec.evaluation
+    r = evaluate_utility(images, labels, p.test.images, p.test.labels, num_classes=p.info.num_classes,
+                         model=ev.model, model_kwargs=dict(ev.model_options), seeds=(spec.seed,), epochs=epochs,
+                         batch_size=ev.batch_size, lr=ev.lr, mean=tuple(p.info.mean), std=tuple(p.info.std),
+                         progress=False)
+    return float(r.mean)
+
+
+def plot_accuracy(curve: list[tuple[int, float]], path: Any, title: str) -> None:
+    """Test accuracy (%) against rounds completed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    xs, ys = zip(*curve, strict=True)
+    ax.plot(xs, [100 * y for y in ys], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_client_privacy(ctx: Any, result: Any, cfg: Any) -> None:
+    """Per-client LocalDP ε (how often each was dispatched) to the artifacts; the max to the metrics."""
+    from dpdistill.federated import LocalDP, client_epsilons
+
+    delta = ctx.ledger.delta
+    eps = client_epsilons(result.dispatches, LocalDP(cfg.localdp_sigma, cfg.localdp_clip), delta)
+    doc = {"delta": delta, "neighbouring": "add-or-remove-one record of the training split",
+           "composition": "clients hold disjoint partitions: the job's ε is the max over clients",
+           "clients": {str(c): {"dispatches": result.dispatches[c], "epsilon": e} for c, e in eps.items()}}
+    (ctx.run.artifacts / "client_privacy.json").write_text(json.dumps(doc, indent=2) + "\n")
+    worst = max(eps.values()) if eps else 0.0
+    ctx.log_metrics({"epsilon_client_max": worst})
+    ctx.add_summary("LocalDP", f"ε ≤ {worst:.3g} per client at δ={delta:.3g} (max over {len(eps)} clients; "
+                    f"ledger total {ctx.ledger.spent_epsilon():.3g})")
+
+
+def run_inversion_attack(ctx: Any, p: PreparedSFDD) -> None:
+    """The curious server's DLG/iDLG on client 0's records, with the job's defence and without it."""
+    from dpdistill.federated.attacks.dlg import attack_records
+    from dpdistill.federated.defences import LocalDP, ldpo_rld_soft_labels
+
+    cfg, spec = p.config, ctx.spec
+    idx = p.partition.indices[0][: cfg.attack_targets]
+    victim = p.train.subset(idx)
+    common = dict(num_classes=p.info.num_classes, mean=list(p.info.mean), std=list(p.info.std), method=cfg.attack,
+                  model=cfg.attack_model, iterations=cfg.attack_iterations, seed=spec.seed)
+    label_fn = protect = None
+    if cfg.defence == "ldpo-rld":
+        def label_fn(y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            return ldpo_rld_soft_labels(y, p.info.num_classes, cfg.ldpo_alpha, cfg.ldpo_k, g)
+    elif cfg.defence == "localdp":
+        protect = LocalDP(cfg.localdp_sigma, cfg.localdp_clip).privatise
+    base = attack_records(victim.images, victim.labels, **common)
+    metrics = {"attack_mse_undefended": base.mse, "attack_label_accuracy_undefended": base.label_accuracy}
+    text = f"{cfg.attack.upper()} on {len(idx)} records of client 0: MSE {base.mse:.3f} undefended"
+    if cfg.defence != "none":
+        defended = attack_records(victim.images, victim.labels, label_fn=label_fn, protect=protect, **common)
+        metrics.update({"attack_mse": defended.mse, "attack_label_accuracy": defended.label_accuracy})
+        text += f", {defended.mse:.3f} with {cfg.defence}"
+    ctx.log_metrics(metrics)
+    ctx.add_summary("attack", text + " (normalised-image MSE; higher is safer)")
+
+
+def run_doorping_eval(ctx: Any, p: PreparedSFDD, result: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Doorping's success on the released set: one fresh model per malicious client's trigger."""
+    from dpdistill.federated.attacks.doorping import evaluate_backdoor
+
+    cfg, spec, ev = p.config, ctx.spec, ctx.spec.evaluation
+    triggers = [(c, result.client_states[c]["trigger"]) for c in result.malicious if c in result.client_states]
+    if not triggers:
+        ctx.add_summary("doorping", "no malicious client took part; nothing to measure")
+        return
+    rows = [evaluate_backdoor(images, labels, p.test, trig, cfg.target_class, num_classes=p.info.num_classes,
+                              mean=list(p.info.mean), std=list(p.info.std), model=ev.model,
+                              model_kwargs=dict(ev.model_options), epochs=ev.epochs, seed=spec.seed, lr=ev.lr)
+            for _, trig in triggers]
+    asr = sum(r["asr"] for r in rows) / len(rows)
+    clean = sum(r["clean_acc"] for r in rows) / len(rows)
+    ctx.log_metrics({"doorping_asr": asr, "doorping_clean_acc": clean})
+    ctx.add_summary("doorping", f"attack success {100 * asr:.1f} %, clean accuracy {100 * clean:.2f} % "
+                    f"({len(triggers)} of {cfg.n_clients} clients malicious, target class {cfg.target_class})")
