@@ -170,7 +170,7 @@ def test_no_sensitive_image_reaches_the_run_folder_or_mlflow(tmp_path) -> None:
              "evaluation.model_options.width=8", "privacy.epsilon=1"]
     script = Path(sys.executable).parent / "dpdistill"
     entry = [str(script)] if script.exists() else [sys.executable, "-m", "dpdistill.cli"]
-    cmd = [*entry, "run", str(ROOT / "jobs" / "quickstart-dpgeng.yaml"),
+    cmd = [*entry, "run", str(ROOT / "jobs" / "quickstart.yaml"),
            "--runs-dir", str(runs), "--no-progress"] + [a for t in tiny for a in ("--set", t)]
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -178,6 +178,9 @@ def test_no_sensitive_image_reaches_the_run_folder_or_mlflow(tmp_path) -> None:
     (run_dir,) = [p.parent for p in runs.rglob("ledger.json")]
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert ledger["composed"]["epsilon"] == pytest.approx(1.0, rel=0.01)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 <= metrics["baseline_generated_acc_mean"] <= 1 and "baseline" in done.stdout  # beside the result
+    assert metrics["sigma_feature_matching"] > 0 and "ε by component" in done.stdout
     files = [p for p in tmp_path.rglob("*") if p.is_file()]  # run folder, mlflow.db, MLflow artifacts
     assert any(p.name == "distilled.pt" for p in files) and any(p.name == "mlflow.db" for p in files)
     assert len([p for p in files if "mlruns" in p.parts or "artifacts" in p.parts]) >= 3

@@ -29,9 +29,9 @@ def _cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    proc = _cli("run", "jobs/quickstart.yaml", "--runs-dir", str(runs), "--no-progress", *TINY)
+    proc = _cli("run", "jobs/dm-digits.yaml", "--runs-dir", str(runs), "--no-progress", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dirs = list((runs / "quickstart").iterdir())
+    run_dirs = list((runs / "dm-digits").iterdir())
     assert len(run_dirs) == 1
     return runs, run_dirs[0], proc
 
@@ -83,14 +83,14 @@ def test_no_sensitive_record_in_run_folder(finished_run):
 def test_ctrl_c_leaves_consistent_folder_marked_interrupted(tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dpdistill.cli", "run", "jobs/quickstart.yaml", "--runs-dir", str(runs),
+        [sys.executable, "-m", "dpdistill.cli", "run", "jobs/dm-digits.yaml", "--runs-dir", str(runs),
          "--no-progress", "--set", "method.iterations=100000", "--set", "tracking.enabled=false"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.time() + 120
     status_files: list[Path] = []
     while time.time() < deadline and not status_files:
-        status_files = list(runs.glob("quickstart/*/status.json"))
+        status_files = list(runs.glob("dm-digits/*/status.json"))
         time.sleep(0.5)
     assert status_files, "the run never started"
     time.sleep(3)  # well inside the distillation loop
@@ -101,5 +101,5 @@ def test_ctrl_c_leaves_consistent_folder_marked_interrupted(tmp_path):
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "interrupted" and "ended" in status
     json.loads((run_dir / "metrics.json").read_text())  # parses: not torn
-    assert yaml.safe_load((run_dir / "spec.yaml").read_text())["name"] == "quickstart"
+    assert yaml.safe_load((run_dir / "spec.yaml").read_text())["name"] == "dm-digits"
     assert not list(run_dir.rglob("*.tmp"))

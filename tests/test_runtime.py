@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -46,6 +47,23 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert resolve_tracking_uri(None, tmp_path) == "http://mlflow:5000"
     assert resolve_tracking_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"
+
+
+def test_a_job_does_not_leave_its_tracking_uri_in_the_environment(tmp_path, monkeypatch):
+    """Two jobs in one process with different run folders log to their own stores (mlflow exports the uri)."""
+    from dpdistill.runtime.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uris = []
+    for name in ("a", "b"):
+        uri = resolve_tracking_uri(None, tmp_path / name)
+        tracker = Tracker(True, uri, "t")
+        tracker.start(name, {"p": "1"}, {})
+        tracker.end()
+        uris.append(uri)
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert uris[0] != uris[1]
+    assert (tmp_path / "a" / "mlflow.db").is_file() and (tmp_path / "b" / "mlflow.db").is_file()
 
 
 def test_cluster_without_token_is_a_clear_error(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _sweep_file(tmp_path: Path, **patch) -> Path:
     doc = {
         "name": "s",
-        "job": str(ROOT / "jobs" / "quickstart.yaml"),
+        "job": str(ROOT / "jobs" / "dm-digits.yaml"),
         "set": ["method.ipc=1", "evaluation.seeds=1", "evaluation.epochs=2", "method.iterations=2"],
         "search": {"method.lr_img": {"loguniform": [0.5, 5.0]}},
         "metric": "val_acc_mean",

@@ -68,7 +68,8 @@ def _print_summary(job, result) -> None:
         parts = {k.removeprefix("privacy_epsilon_"): v for k, v in result.metrics.items()
                  if k.startswith("privacy_epsilon_") and k not in skip}
         if parts:
-            table.add_row("ε by component", ", ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items())))
+            table.add_row("ε by component", ", ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items()))
+                          + " (each alone; composed tightly into the total)")
     table.add_row("wall time", f"{result.seconds:.1f} s")
     console = _console()
     console.print(table)
@@ -163,7 +164,7 @@ def submit(
 
 @app.command()
 def sweep(
-    sweep_spec: Annotated[Path, typer.Argument(help="sweep spec (YAML), e.g. sweeps/quickstart-dm.yaml")],
+    sweep_spec: Annotated[Path, typer.Argument(help="sweep spec (YAML), e.g. sweeps/dm-digits.yaml")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a sweep field")] = None,
     runs_dir: Annotated[Path, typer.Option(help="where the sweep folder goes")] = Path("runs"),
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,

@@ -47,7 +47,16 @@ class Tracker:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
         self._mlflow = mlflow
+        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to this process's environment, and that
+        # variable outranks the runs-dir default in resolve_tracking_uri: a second job in the same process
+        # (a sweep, a notebook, the tests) would log into the first job's store. Put the environment back;
+        # the fluent API keeps the uri in its own state.
+        prior = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
+        if prior is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = prior
         mlflow.set_experiment(self.experiment)
         run = mlflow.start_run(run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
