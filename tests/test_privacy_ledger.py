@@ -219,3 +219,49 @@ def test_charge_refuses_bad_input(tmp_path):
     with pytest.raises(PrivacyError, match="mechanism must be a dpdistill.privacy mechanism"):
         ledger.charge("x", {"type": "laplace"})
     assert not (tmp_path / "ledger.json").exists()
+
+
+def test_two_ledger_objects_on_one_file_see_each_others_charges(tmp_path):
+    path = tmp_path / "ledger.json"
+    a = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    b = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    a.charge("a", CHARGES[0][1])
+    b.charge("b", CHARGES[3][1])  # b adopts a's charge before composing its own
+    a.charge("a", CHARGES[1][1])
+    expected = epsilon(Composed([CHARGES[0][1], CHARGES[3][1], CHARGES[1][1]]), DELTA)
+    reloaded = PrivacyLedger.load(path)
+    assert [e["component"] for e in reloaded.entries] == ["a", "b", "a"]
+    assert a.spent_epsilon() == pytest.approx(expected, rel=1e-9)
+    assert reloaded.spent_epsilon() == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_charge_that_fits_alone_is_refused_after_another_writers_charge(tmp_path):
+    path = tmp_path / "ledger.json"
+    step = PoissonGaussian(0.01, 1.0, 1000)
+    budget = epsilon(step, DELTA) * 1.05  # one fits, two do not
+    a = PrivacyLedger(path, epsilon_budget=budget, delta=DELTA)
+    b = PrivacyLedger(path, epsilon_budget=budget, delta=DELTA)
+    a.charge("a", step)
+    before = path.read_bytes()
+    with pytest.raises(BudgetExceeded):
+        b.charge("b", step)
+    assert path.read_bytes() == before
+
+
+_WORKER = """
+import sys
+from dpdistill.privacy import PoissonGaussian, PrivacyLedger
+ledger = PrivacyLedger(sys.argv[1], epsilon_budget=50.0, delta=1e-5)
+for i in range(5):
+    ledger.charge(sys.argv[2], PoissonGaussian(0.01, 2.0, 50 + i))
+"""
+
+
+def test_concurrent_processes_lose_no_charge(tmp_path):
+    path = tmp_path / "ledger.json"
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(path), f"w{k}"]) for k in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    ledger = PrivacyLedger.load(path)
+    assert len(ledger.entries) == 15
+    assert [e["index"] for e in ledger.entries] == list(range(15))
+    assert ledger.spent_epsilon() == pytest.approx(epsilon(Composed(ledger.mechanisms), DELTA), rel=1e-9)

@@ -13,16 +13,23 @@ All charges are composed on one discretisation grid (see analysis/pld.py). If a 
 grid, everything is recomposed on it, and the total can come out marginally below the previous total:
 both are valid upper bounds, the finer one is tighter.
 
-One writer per ledger file: the ledger does not lock the file against other processes.
+Several writers. ``charge`` holds an exclusive ``flock`` on the ledger's folder from reading the file to
+writing it, and first adopts any charges another process (or another ledger object) added to the file since this
+one last wrote it. So concurrent charges to one ledger file serialise, each is checked against everything
+recorded before it, and none is lost. (flock is advisory and local: a ledger on a network file system shared by
+several hosts still needs one writer per file.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -220,6 +227,40 @@ class PrivacyLedger:
         """
         if not isinstance(component, str) or not component.strip():
             raise PrivacyError(f"component must be a non-empty name, got {component!r}")
+        with self._file_lock():
+            self._adopt_charges_on_disk()
+            return self._charge_locked(component, mechanism, note)
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Exclusive flock on the ledger's folder (no lock file is left behind; nothing for in-memory ledgers)."""
+        if self.path is None:
+            yield
+            return
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _adopt_charges_on_disk(self) -> None:
+        """Take in charges another writer appended to the file since this object last wrote it."""
+        if self.path is None or not self.path.exists():
+            return
+        on_disk = _read(self.path).get("entries", [])
+        if len(on_disk) == len(self._entries):
+            return
+        def ids(entries: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+            return [(e.get("index"), e.get("component"), e.get("recorded_at")) for e in entries]
+
+        if len(on_disk) < len(self._entries) or ids(on_disk[: len(self._entries)]) != ids(self._entries):
+            raise PrivacyError(f"{self.path}: the file no longer holds this ledger's charges; it was replaced "
+                               "or truncated by another writer")
+        self._resume(self.path)
+
+    def _charge_locked(self, component: str, mechanism: Mechanism, note: str) -> float:
         pld, interval = self._with(mechanism)
         total = pld_analysis.epsilon_for_delta(pld, self.delta)
         alone = pld_analysis.pld_epsilon(mechanism, self.delta, self.neighbouring)
