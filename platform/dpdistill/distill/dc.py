@@ -34,6 +34,7 @@ from dpdistill.distill.dm import (
     init_set,
     progress_steps,
 )
+from dpdistill.distill.loop import partial_set_on_interrupt
 from dpdistill.distill.losses import DISTANCES, gradient_distance, network_gradients, trainable_parameters
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 
@@ -157,51 +158,47 @@ def run_dc(
     dsa = dsa_for(cfg)
     outer_loop, inner_loop = cfg.loops()
     opt_img = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
-    try:
-        with progress_steps(cfg.iterations, "DC", progress) as advance:
-            for it in range(cfg.iterations):
-                net = build_net(cfg, real, g, device)
-                net.train()
-                opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
-                total = 0.0
-                for ol in range(outer_loop):
-                    if _has_batchnorm(net):
-                        _freeze_batchnorm(net, sampler, normalize, syn.num_classes, g)
-                    opt_img.zero_grad(set_to_none=True)
-                    for c in range(syn.num_classes):
-                        xr = normalize(sampler.batch(c, cfg.batch_real, g))
-                        xs = normalize(syn.class_images(c))
-                        yr = torch.full((len(xr),), c, dtype=torch.int64, device=device)
-                        ys = torch.full((len(xs),), c, dtype=torch.int64, device=device)
-                        params = dsa.sample(1, g) if dsa is not None else None
-                        loss = gradient_match_step(net, xs, ys, xr, yr, cfg.distance, dsa, params)
-                        # Only the images need this gradient; the network's own updates come later.
-                        loss.backward(inputs=[syn.images])
-                        total += float(loss.detach())
-                    normalize.to_normalised_units(syn.images.grad)
-                    opt_img.step()
-                    if cfg.clamp:
-                        syn.clamp_()
-                    if ol == outer_loop - 1 or inner_loop == 0:
-                        continue
-                    # The matching net must not accumulate image gradients from its own training.
-                    if cfg.inner_on == "synthetic":
-                        with torch.no_grad():
-                            x_train, y_train = syn.decoded()
-                            x_train = normalize(x_train)
-                    else:
-                        n = min(len(sampler.images), cfg.batch_train * inner_loop)
-                        pick = torch.randperm(len(sampler.images), generator=g)[:n].to(device)
-                        x_train, y_train = normalize(sampler.images[pick]), sampler.labels[pick]
-                    epochs = inner_loop if cfg.inner_on == "synthetic" else 1
-                    _train_inner(net, opt_net, x_train, y_train, epochs, cfg.batch_train, dsa, g)
-                value = total / outer_loop
-                advance(value)
-                if callback is not None:
-                    callback(it, value)
-    except KeyboardInterrupt as exc:
-        exc.synthetic_set = syn  # type: ignore[attr-defined]
-        raise
+    with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "DC", progress) as advance:
+        for it in range(cfg.iterations):
+            net = build_net(cfg, real, g, device)
+            net.train()
+            opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
+            total = 0.0
+            for ol in range(outer_loop):
+                if _has_batchnorm(net):
+                    _freeze_batchnorm(net, sampler, normalize, syn.num_classes, g)
+                opt_img.zero_grad(set_to_none=True)
+                for c in range(syn.num_classes):
+                    xr = normalize(sampler.batch(c, cfg.batch_real, g))
+                    xs = normalize(syn.class_images(c))
+                    yr = torch.full((len(xr),), c, dtype=torch.int64, device=device)
+                    ys = torch.full((len(xs),), c, dtype=torch.int64, device=device)
+                    params = dsa.sample(1, g) if dsa is not None else None
+                    loss = gradient_match_step(net, xs, ys, xr, yr, cfg.distance, dsa, params)
+                    # Only the images need this gradient; the network's own updates come later.
+                    loss.backward(inputs=[syn.images])
+                    total += float(loss.detach())
+                normalize.to_normalised_units(syn.images.grad)
+                opt_img.step()
+                if cfg.clamp:
+                    syn.clamp_()
+                if ol == outer_loop - 1 or inner_loop == 0:
+                    continue
+                # The matching net must not accumulate image gradients from its own training.
+                if cfg.inner_on == "synthetic":
+                    with torch.no_grad():
+                        x_train, y_train = syn.decoded()
+                        x_train = normalize(x_train)
+                else:
+                    n = min(len(sampler.images), cfg.batch_train * inner_loop)
+                    pick = torch.randperm(len(sampler.images), generator=g)[:n].to(device)
+                    x_train, y_train = normalize(sampler.images[pick]), sampler.labels[pick]
+                epochs = inner_loop if cfg.inner_on == "synthetic" else 1
+                _train_inner(net, opt_net, x_train, y_train, epochs, cfg.batch_train, dsa, g)
+            value = total / outer_loop
+            advance(value)
+            if callback is not None:
+                callback(it, value)
     return syn
 
 

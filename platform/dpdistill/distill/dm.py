@@ -25,6 +25,7 @@ from torch import nn
 from dpdistill import models
 from dpdistill.distill import register
 from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, make_dsa, parse_strategy
+from dpdistill.distill.loop import image_step, partial_set_on_interrupt
 from dpdistill.distill.losses import feature_mean_distance
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 from dpdistill.errors import DataError
@@ -223,27 +224,17 @@ def run_dm(
     normalize = Normalizer.for_data(real, mean, std, device)
     dsa = dsa_for(cfg)
     opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
-    try:
-        with progress_steps(cfg.iterations, "DM", progress) as advance:
-            for it in range(cfg.iterations):
-                net = build_net(cfg, real, g, device)
-                net.train()
-                for p in net.parameters():
-                    p.requires_grad_(False)
-                loss = dm_step(net, syn, sampler, normalize, dsa, cfg.batch_real, g)
-                opt.zero_grad(set_to_none=True)
-                loss.backward(inputs=[syn.images])
-                normalize.to_normalised_units(syn.images.grad)
-                opt.step()
-                if cfg.clamp:
-                    syn.clamp_()
-                value = float(loss.detach())
-                advance(value)
-                if callback is not None:
-                    callback(it, value)
-    except KeyboardInterrupt as exc:
-        exc.synthetic_set = syn  # type: ignore[attr-defined]
-        raise
+    with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "DM", progress) as advance:
+        for it in range(cfg.iterations):
+            net = build_net(cfg, real, g, device)
+            net.train()
+            for p in net.parameters():
+                p.requires_grad_(False)
+            loss = dm_step(net, syn, sampler, normalize, dsa, cfg.batch_real, g)
+            value = image_step(opt, loss, syn, normalize, cfg.clamp)
+            advance(value)
+            if callback is not None:
+                callback(it, value)
     return syn
 
 

@@ -28,6 +28,7 @@ from dpdistill.distill.dpgeng.feature_matching import (
     feature_matching_mechanism,
     private_normalizer,
 )
+from dpdistill.distill.loop import image_step, partial_set_on_interrupt
 from dpdistill.distill.synthetic import SyntheticSet
 
 Callback = Callable[[int, float], None]
@@ -92,28 +93,18 @@ def run_ndpdc(
     syn.sigma = sigma  # type: ignore[attr-defined]  # what the run used, for reports
     opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
     noise_g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-    try:
-        with progress_steps(cfg.iterations, "NDPDC", progress) as advance:
-            for it in range(cfg.iterations):
-                net = build_net(cfg, real, g, device)
-                net.train()
-                check_per_record_network(net, "ndpdc")
-                for p in net.parameters():
-                    p.requires_grad_(False)
-                loss = dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma, noise_g)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                normalize.to_normalised_units(syn.images.grad)
-                opt.step()
-                if cfg.clamp:
-                    syn.clamp_()
-                value = float(loss.detach())
-                advance(value)
-                if callback is not None:
-                    callback(it, value)
-    except KeyboardInterrupt as exc:
-        exc.synthetic_set = syn  # type: ignore[attr-defined]
-        raise
+    with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "NDPDC", progress) as advance:
+        for it in range(cfg.iterations):
+            net = build_net(cfg, real, g, device)
+            net.train()
+            check_per_record_network(net, "ndpdc")
+            for p in net.parameters():
+                p.requires_grad_(False)
+            loss = dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma, noise_g)
+            value = image_step(opt, loss, syn, normalize, cfg.clamp)
+            advance(value)
+            if callback is not None:
+                callback(it, value)
     return syn
 
 

@@ -33,6 +33,7 @@ from dpdistill.distill.dpgeng.feature_matching import (
     feature_matching_mechanism,
     private_normalizer,
 )
+from dpdistill.distill.loop import partial_set_on_interrupt
 from dpdistill.distill.losses import gradient_distance, network_gradients, trainable_parameters
 from dpdistill.distill.synthetic import SyntheticSet
 
@@ -143,51 +144,47 @@ def run_psg(
     syn.sigma = sigma  # type: ignore[attr-defined]
     opt_img = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
     noise_g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-    try:
-        with progress_steps(cfg.iterations, "PSG", progress) as advance:
-            for it in range(cfg.iterations):
-                net = build_net(cfg, real, g, device)
-                net.train()
-                check_per_record_network(net, "psg")
-                opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
-                total = 0.0
-                for ol in range(outer_loop):
-                    opt_img.zero_grad(set_to_none=True)
-                    weights = trainable_parameters(net)
-                    for c in range(syn.num_classes):
-                        xr = normalize(sampler.sample(c, noise_g))
-                        xs = normalize(syn.class_images(c))
-                        if dsa is not None:
-                            params = dsa.sample(1, g)
-                            xs = dsa.apply(xs, params)
-                            xr = dsa.apply(xr, params) if len(xr) else xr
-                        yr = torch.full((len(xr),), c, dtype=torch.int64, device=device)
-                        ys = torch.full((len(xs),), c, dtype=torch.int64, device=device)
-                        sums = clipped_gradient_sum(net, xr, yr, cfg.clip, cfg.chunk)
-                        expected = sampler.expected_size(c)
-                        gw_real = [(s + torch.randn(s.shape, generator=noise_g).to(device) * (sigma * cfg.clip))
-                                   / expected for s in sums]
-                        gw_syn = network_gradients(net, xs, ys, create_graph=True, params=weights)
-                        loss = gradient_distance(gw_syn, gw_real, cfg.distance)
-                        loss.backward()
-                        total += float(loss.detach())
-                    normalize.to_normalised_units(syn.images.grad)
-                    opt_img.step()
-                    if cfg.clamp:
-                        syn.clamp_()
-                    if ol == outer_loop - 1 or inner_loop == 0:
-                        continue
-                    with torch.no_grad():
-                        x_train, y_train = syn.decoded()
-                        x_train = normalize(x_train)
-                    _train_on_synthetic(net, opt_net, x_train, y_train, inner_loop, cfg.batch_train, g)
-                value = total / outer_loop
-                advance(value)
-                if callback is not None:
-                    callback(it, value)
-    except KeyboardInterrupt as exc:
-        exc.synthetic_set = syn  # type: ignore[attr-defined]
-        raise
+    with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "PSG", progress) as advance:
+        for it in range(cfg.iterations):
+            net = build_net(cfg, real, g, device)
+            net.train()
+            check_per_record_network(net, "psg")
+            opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
+            total = 0.0
+            for ol in range(outer_loop):
+                opt_img.zero_grad(set_to_none=True)
+                weights = trainable_parameters(net)
+                for c in range(syn.num_classes):
+                    xr = normalize(sampler.sample(c, noise_g))
+                    xs = normalize(syn.class_images(c))
+                    if dsa is not None:
+                        params = dsa.sample(1, g)
+                        xs = dsa.apply(xs, params)
+                        xr = dsa.apply(xr, params) if len(xr) else xr
+                    yr = torch.full((len(xr),), c, dtype=torch.int64, device=device)
+                    ys = torch.full((len(xs),), c, dtype=torch.int64, device=device)
+                    sums = clipped_gradient_sum(net, xr, yr, cfg.clip, cfg.chunk)
+                    expected = sampler.expected_size(c)
+                    gw_real = [(s + torch.randn(s.shape, generator=noise_g).to(device) * (sigma * cfg.clip))
+                               / expected for s in sums]
+                    gw_syn = network_gradients(net, xs, ys, create_graph=True, params=weights)
+                    loss = gradient_distance(gw_syn, gw_real, cfg.distance)
+                    loss.backward()
+                    total += float(loss.detach())
+                normalize.to_normalised_units(syn.images.grad)
+                opt_img.step()
+                if cfg.clamp:
+                    syn.clamp_()
+                if ol == outer_loop - 1 or inner_loop == 0:
+                    continue
+                with torch.no_grad():
+                    x_train, y_train = syn.decoded()
+                    x_train = normalize(x_train)
+                _train_on_synthetic(net, opt_net, x_train, y_train, inner_loop, cfg.batch_train, g)
+            value = total / outer_loop
+            advance(value)
+            if callback is not None:
+                callback(it, value)
     return syn
 
 

@@ -51,6 +51,7 @@ from dpdistill.distill.dpgeng.feature_matching import (
 )
 from dpdistill.distill.dpgeng.guidance import ExpertGuidance
 from dpdistill.distill.dpgeng.init_kmeans import dp_init, random_init
+from dpdistill.distill.loop import image_step, partial_set_on_interrupt
 from dpdistill.distill.synthetic import SyntheticSet
 from dpdistill.errors import DataError, SpecError
 from dpdistill.privacy import PrivacyLedger
@@ -360,29 +361,19 @@ def run_dpgeng(
         dsa = make_dsa(cfg.dsa_strategy, cfg.dsa_mode)
         opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
         noise_g = torch.Generator().manual_seed(base_seed + 6)
-        try:
-            with progress_steps(cfg.iterations, "DP-GenG", progress) as advance:
-                for it in range(cfg.iterations):
-                    loss = syn.images.new_zeros(())
-                    if sampler is not None:
-                        net = extractors[int(torch.randint(len(extractors), (1,), generator=g))]
-                        loss = loss + dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma_f,
-                                                               noise_g)
-                    if guidance is not None:
-                        loss = loss + cfg.eg_weight * guidance.loss(syn, g)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    normalize.to_normalised_units(syn.images.grad)
-                    opt.step()
-                    if cfg.clamp:
-                        syn.clamp_()
-                    value = float(loss.detach())
-                    advance(value)
-                    if callback is not None:
-                        callback(it, value)
-        except KeyboardInterrupt as exc:
-            exc.synthetic_set = syn  # type: ignore[attr-defined]
-            raise
+        with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "DP-GenG", progress) as advance:
+            for it in range(cfg.iterations):
+                loss = syn.images.new_zeros(())
+                if sampler is not None:
+                    net = extractors[int(torch.randint(len(extractors), (1,), generator=g))]
+                    loss = loss + dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma_f,
+                                                           noise_g)
+                if guidance is not None:
+                    loss = loss + cfg.eg_weight * guidance.loss(syn, g)
+                value = image_step(opt, loss, syn, normalize, cfg.clamp)
+                advance(value)
+                if callback is not None:
+                    callback(it, value)
         done("distill")
     report["epsilon_by_component"] = ledger.component_epsilons()
     report["epsilon_total"] = ledger.spent_epsilon()

@@ -1,0 +1,35 @@
+"""What every image-optimising distiller does per step and on Ctrl-C, written once.
+
+DM, NDPDC and DP-GenG differ only in the loss; the update of the synthetic images is the same: gradients into
+the images only (never into the matching network's parameters), converted to normalised-image units so the
+learning rate means the same for every dataset, one optimiser step, then the images clamped to the valid range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def image_step(opt: torch.optim.Optimizer, loss: torch.Tensor, syn: Any, normalize: Any, clamp: bool) -> float:
+    """One update of ``syn.images`` by ``loss``; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=[syn.images])
+    normalize.to_normalised_units(syn.images.grad)
+    opt.step()
+    if clamp:
+        syn.clamp_()
+    return float(loss.detach())
+
+
+@contextlib.contextmanager
+def partial_set_on_interrupt(syn: Any) -> Iterator[None]:
+    """On Ctrl-C, attach the set as it stands to the KeyboardInterrupt so the runner can save it."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        exc.synthetic_set = syn  # type: ignore[attr-defined]
+        raise
