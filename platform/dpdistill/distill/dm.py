@@ -19,21 +19,22 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from dpdistill import models
 from dpdistill.distill import register
-from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, make_dsa, parse_strategy
+from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, make_dsa
 from dpdistill.distill.loop import image_step, partial_set_on_interrupt
 from dpdistill.distill.losses import feature_mean_distance
+from dpdistill.distill.options import CheckedNetworkOptions
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 from dpdistill.errors import DataError
 
 Callback = Callable[[int, float], None]
 
 
-class MatchingConfig(BaseModel):
+class MatchingConfig(CheckedNetworkOptions):
     """Options shared by the matching distillers (DM, DC): set size, init, augmentation, matching network."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,22 +55,6 @@ class MatchingConfig(BaseModel):
     net_pool: str = "avg"
     factor: int = Field(1, ge=1, description="multi-formation factor (IDC): each stored image holds factor^2")
     clamp: bool = Field(True, description="project the images onto [0, 1] after every step")
-
-    @field_validator("dsa_strategy")
-    @classmethod
-    def _known_ops(cls, v: str) -> str:
-        try:
-            parse_strategy(v)
-        except Exception as e:  # SpecError -> pydantic's one-line field error
-            raise ValueError(str(e)) from None
-        return v
-
-    @field_validator("net")
-    @classmethod
-    def _known_net(cls, v: str) -> str:
-        if v.lower() not in models.names():
-            raise ValueError(f"unknown model {v!r}; expected one of {', '.join(models.names())}")
-        return v.lower()
 
     @property
     def stored_ipc(self) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from dpdistill.distill import register
 from dpdistill.distill.dm import MatchingConfig, as_generator, build_net, check_real, dsa_for, progress_steps
@@ -29,14 +29,16 @@ from dpdistill.distill.dpgeng.feature_matching import (
     private_normalizer,
 )
 from dpdistill.distill.loop import image_step, partial_set_on_interrupt
+from dpdistill.distill.options import PrivateMatchingOptions
 from dpdistill.distill.synthetic import SyntheticSet
 
 Callback = Callable[[int, float], None]
 COMPONENT = "ndpdc/feature_matching"
 
 
-class NDPDCConfig(MatchingConfig):
-    """NDPDC options: DM's, plus the clip norm and (optionally) a fixed noise multiplier; noise init only."""
+class NDPDCConfig(PrivateMatchingOptions, MatchingConfig):
+    """NDPDC options: DM's, plus the clip norm C of each record's embedding and (optionally) a fixed noise
+    multiplier (:class:`PrivateMatchingOptions`); noise init only."""
 
     iterations: int = Field(2000, ge=0, description="DP matching steps (a fresh random network each)")
     batch_real: int = Field(256, ge=1, description="expected Poisson batch per class (rate = batch / class size)")
@@ -44,16 +46,6 @@ class NDPDCConfig(MatchingConfig):
     # moves the noise: on MNIST (200 steps, ε=1) lr 1 reached 27.5 % test accuracy, lr 100 79.4 %.
     lr_img: float = Field(100.0, gt=0, description="image learning rate, in normalised-image units")
     init: Literal["noise"] = Field("noise", description="noise only: initialising from real records would leak")
-    clip: float = Field(1.0, gt=0, description="per-record embedding clip norm C (the sum's sensitivity)")
-    sigma: float | None = Field(None, gt=0, description="noise multiplier; None: solved to spend the budget")
-
-    @field_validator("net_norm")
-    @classmethod
-    def _per_record_norm(cls, v: str) -> str:
-        if v == "batch":
-            raise ValueError("batch norm mixes records, so per-record clipping would not bound the sensitivity; "
-                             "use instance, group, layer or none")
-        return v
 
 
 def run_ndpdc(

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -35,14 +35,16 @@ from dpdistill.distill.dpgeng.feature_matching import (
 )
 from dpdistill.distill.loop import partial_set_on_interrupt
 from dpdistill.distill.losses import gradient_distance, network_gradients, trainable_parameters
+from dpdistill.distill.options import PrivateMatchingOptions
 from dpdistill.distill.synthetic import SyntheticSet
 
 Callback = Callable[[int, float], None]
 COMPONENT = "psg/gradient_matching"
 
 
-class PSGConfig(DCConfig):
-    """PSG options: DC's, plus the per-record gradient clip norm and (optionally) a fixed noise multiplier."""
+class PSGConfig(PrivateMatchingOptions, DCConfig):
+    """PSG options: DC's, plus the clip norm C of each record's gradient and (optionally) a fixed noise
+    multiplier (:class:`PrivateMatchingOptions`)."""
 
     iterations: int = Field(200, ge=0, description="outer iterations (a fresh random network each)")
     batch_real: int = Field(128, ge=1, description="expected Poisson batch per class (rate = batch / class size)")
@@ -50,17 +52,7 @@ class PSGConfig(DCConfig):
     inner_loop: int | None = Field(1, ge=0, description="epochs on the synthetic set between matching steps")
     init: Literal["noise"] = Field("noise", description="noise only: initialising from real records would leak")
     inner_on: Literal["synthetic"] = Field("synthetic", description="the network trains on synthetic data only")
-    clip: float = Field(1.0, gt=0, description="per-record gradient clip norm C (the sum's sensitivity)")
-    sigma: float | None = Field(None, gt=0, description="noise multiplier; None: solved to spend the budget")
     chunk: int = Field(64, ge=1, description="records per vectorised per-sample-gradient call (memory)")
-
-    @field_validator("net_norm")
-    @classmethod
-    def _per_record_norm(cls, v: str) -> str:
-        if v == "batch":
-            raise ValueError("batch norm mixes records, so per-record clipping would not bound the sensitivity; "
-                             "use instance, group, layer or none")
-        return v
 
 
 def per_sample_gradients(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:

@@ -28,11 +28,10 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from dpdistill import models
 from dpdistill.distill import register
-from dpdistill.distill.augment import DEFAULT_STRATEGY, make_dsa, parse_strategy
+from dpdistill.distill.augment import DEFAULT_STRATEGY, make_dsa
 from dpdistill.distill.dm import as_generator, progress_steps
 from dpdistill.distill.dpgeng.allocation import (
     require_ledger,
@@ -52,6 +51,7 @@ from dpdistill.distill.dpgeng.feature_matching import (
 from dpdistill.distill.dpgeng.guidance import ExpertGuidance
 from dpdistill.distill.dpgeng.init_kmeans import dp_init, random_init
 from dpdistill.distill.loop import image_step, partial_set_on_interrupt
+from dpdistill.distill.options import CheckedNetworkOptions, PrivateMatchingOptions
 from dpdistill.distill.synthetic import SyntheticSet
 from dpdistill.errors import DataError, SpecError
 from dpdistill.privacy import PrivacyLedger
@@ -81,7 +81,7 @@ class ComponentLedger(PrivacyLedger):
         return self._inner.charge(self._component, mechanism, note=f"{component}: {note}" if note else component)
 
 
-class DPGenGConfig(BaseModel):
+class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
     """DP-GenG options, grouped by stage; defaults are sized for MNIST on a few CPU cores."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -113,8 +113,7 @@ class DPGenGConfig(BaseModel):
     feature_matching: bool = True
     iterations: int = Field(1000, ge=0, description="distillation iterations (FM and/or EG steps)")
     batch_real: int = Field(256, ge=1, description="expected Poisson batch per class")
-    clip: float = Field(1.0, gt=0, description="per-record feature clip norm C")
-    sigma: float | None = Field(None, gt=0, description="σ_F; None: solved from what the budget leaves")
+    # clip (C) and sigma (σ_F; None: solved from what the budget leaves) come from PrivateMatchingOptions.
     lr_img: float = Field(100.0, gt=0, description="image learning rate (normalised units)")
     momentum: float = Field(0.5, ge=0, lt=1)
     dsa_strategy: str = DEFAULT_STRATEGY
@@ -136,29 +135,6 @@ class DPGenGConfig(BaseModel):
     utility_acc_ratio: float = Field(0.9, gt=0, le=1, description="expert: this x the full-budget accuracy")
     utility_steps: int = Field(3, ge=0, description="bisection halvings per share")
     utility_max_total: float = Field(0.8, gt=0.1, lt=1, description="cap on generator + expert shares")
-
-    @field_validator("dsa_strategy")
-    @classmethod
-    def _known_ops(cls, v: str) -> str:
-        try:
-            parse_strategy(v)
-        except Exception as e:  # SpecError -> pydantic's one-line field error
-            raise ValueError(str(e)) from None
-        return v
-
-    @field_validator("net")
-    @classmethod
-    def _known_net(cls, v: str) -> str:
-        if v.lower() not in models.names():
-            raise ValueError(f"unknown model {v!r}; expected one of {', '.join(models.names())}")
-        return v.lower()
-
-    @field_validator("net_norm")
-    @classmethod
-    def _per_record_norm(cls, v: str) -> str:
-        if v == "batch":
-            raise ValueError("batch norm mixes records, so per-record clipping would not bound the sensitivity")
-        return v
 
     @model_validator(mode="after")
     def _shares(self) -> DPGenGConfig:
