@@ -6,6 +6,8 @@ Rows (each recorded to ``results/sfdd.{json,md}`` as it finishes, so a partial r
   from the same noise initial set the SFDD server broadcasts;
 - ``sfdd-N``: SFDD with N IID clients, ``rounds`` rounds of one local DC iteration each (so the same number
   of DC iterations as ``dc``), run in-process (the actor pool gives the same set, see the tests);
+- ``sfdd-Nm`` (``--rows sfdd5m``): the same with FedAvgM server momentum ``--server-momentum`` (DC's image
+  momentum, which plain FedAvg loses because every client starts a fresh optimiser each round);
 - ``sfdd-5-ldpo``: the same with the LDPO-RLD defence (accuracy cost);
 - ``dlg`` / ``idlg``: gradient inversion of client 0's records (sigmoid LeNet, initial weights known), MSE in
   normalised units without and with LDPO-RLD;
@@ -115,12 +117,13 @@ class Bench:
         self.add(row="dc", clients=1, acc=f"{100 * m:.2f} ± {100 * s:.2f}", acc_mean=m, metric="distill_s",
                  value=round(wall, 1), wall_s=round(wall, 1))
 
-    def row_sfdd(self, n: int, defence: str = "none") -> None:
-        _, result, wall = self.sfdd(n, defence=defence)
+    def row_sfdd(self, n: int, defence: str = "none", momentum: float = 0.0) -> None:
+        _, result, wall = self.sfdd(n, defence=defence, server_momentum=momentum)
         m, s = self.evaluate(result.synthetic)
-        name = f"sfdd-{n}" + ("-ldpo" if defence == "ldpo-rld" else "")
+        name = f"sfdd-{n}" + ("-ldpo" if defence == "ldpo-rld" else "") + (f"-m{momentum:g}" if momentum else "")
+        settings = self.settings + (f"; FedAvgM server momentum {momentum:g}" if momentum else "; FedAvg")
         self.add(row=name, clients=n, acc=f"{100 * m:.2f} ± {100 * s:.2f}", acc_mean=m, metric="round_s",
-                 value=round(wall / self.args.rounds, 2), wall_s=round(wall, 1))
+                 value=round(wall / self.args.rounds, 2), wall_s=round(wall, 1), settings=settings)
 
     def row_inversion(self, method: str) -> None:
         from dpdistill import data
@@ -143,7 +146,9 @@ class Bench:
     def row_doorping(self, n: int) -> None:
         from dpdistill.federated.attacks.doorping import evaluate_backdoor
 
-        cfg, result, wall = self.sfdd(n, attack="doorping", malicious_clients=1)
+        a = self.args
+        cfg, result, wall = self.sfdd(n, attack="doorping", malicious_clients=1, poison_fraction=a.poison_fraction,
+                                      trigger_size=a.trigger_size, server_momentum=a.server_momentum)
         trigger = result.client_states[result.malicious[0]]["trigger"]
         images, labels = result.synthetic.export()
         r = evaluate_backdoor(images, labels, self.test, trigger, cfg.target_class, num_classes=10, mean=MEAN,
@@ -152,7 +157,8 @@ class Bench:
         self.add(row=f"doorping-{n}", clients=n, acc=f"{100 * r['clean_acc']:.2f} (clean)", acc_mean=r["clean_acc"],
                  metric="attack success rate", value=round(r["asr"], 4), wall_s=round(wall, 1),
                  settings=self.settings + f"; 1 malicious client, trigger {cfg.trigger_size}px, target class "
-                                          f"{cfg.target_class}, poison fraction {cfg.poison_fraction}")
+                                          f"{cfg.target_class}, poison fraction {cfg.poison_fraction}, server momentum "
+                                          f"{cfg.server_momentum:g}")
 
     def row_ray(self) -> None:
         import ray
@@ -231,8 +237,7 @@ class Bench:
 
 NOTES = """SFDD (federated DC gradient matching) on real MNIST (55,000-record training split, IID partitions), IPC 10,
 ConvNet-evaluated ({eval_seeds} seeds, {eval_epochs} epochs, width {width}) on the real test split. Reduced schedule to fit
-~40 min on a shared 2-core machine (load average 5-6 from other jobs while this ran, so wall times are inflated and
-noisy): {rounds} rounds of 1 local DC iteration (outer/inner loop {outer_loop}/{inner_loop}, batch_real {batch_real},
+~40 min on a shared 2-core machine ({load_note}, so wall times are inflated and noisy): {rounds} rounds of 1 local DC iteration (outer/inner loop {outer_loop}/{inner_loop}, batch_real {batch_real},
 matching ConvNet width {width}) instead of DC's 1,000 iterations with (10, 50) loops; accuracies are therefore far
 below the papers' and only the comparisons between rows are meaningful. The centralised DC row runs the same
 number of DC iterations from the same noise initial set. SFDD client updates run in-process for the accuracy
@@ -281,6 +286,11 @@ def main() -> None:
     ap.add_argument("--timing-rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--server-momentum", type=float, default=0.5, help="FedAvgM momentum of the sfdd<N>m rows "
+                    "and of the doorping rows")
+    ap.add_argument("--poison-fraction", type=float, default=0.3, help="Doorping: poisoned share of a target batch")
+    ap.add_argument("--trigger-size", type=int, default=4, help="Doorping: trigger side (pixels)")
+    ap.add_argument("--load-note", default="other benchmarks ran beside it", help="what else loaded the machine")
     ap.add_argument("--merge", default="", help="comma-separated result names to merge into --name, then delete")
     args = ap.parse_args()
     if args.merge:
@@ -293,7 +303,8 @@ def main() -> None:
         if row == "dc":
             bench.row_dc()
         elif row.startswith("sfdd"):
-            bench.row_sfdd(int(row[4:]))
+            momentum = args.server_momentum if row.endswith("m") else 0.0
+            bench.row_sfdd(int(row[4:].rstrip("m")), momentum=momentum)
         elif row == "ldpo":
             bench.row_sfdd(5, defence="ldpo-rld")
         elif row in ("dlg", "idlg"):

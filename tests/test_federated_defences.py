@@ -112,6 +112,42 @@ def test_fedavg_weights_by_size_class_or_uniformly_and_ignores_arrival_order():
     assert torch.allclose(per_class[2:], torch.full((2, 1, 2, 2), 1.0))  # client 2 has no class 1
 
 
+def test_fedavgm_keeps_a_velocity_of_the_aggregate_change_and_is_fedavg_without_momentum():
+    labels = torch.tensor([0, 0, 1, 1])
+    ups = lambda v: [_update(0, v, 10), _update(1, v, 10)]  # noqa: E731 - both clients answer v
+    x0 = torch.zeros(4, 1, 2, 2)
+    plain = FedAvg(server_momentum=0.0, server_lr=1.0)
+    assert torch.equal(plain.aggregate(0, x0, labels, ups(1.0)), FedAvg().aggregate(0, x0, labels, ups(1.0)))
+    assert plain.velocity is None
+    m = FedAvg(server_momentum=0.5)
+    x1 = m.aggregate(0, x0, labels, ups(1.0))  # Δ = 1, v = 1
+    assert torch.allclose(x1, torch.full_like(x1, 1.0))
+    x2 = m.aggregate(1, x1, labels, ups(2.0))  # Δ = 1, v = 0.5·1 + 1 = 1.5 -> 2.5 (plain FedAvg: 2.0)
+    assert torch.allclose(x2, torch.full_like(x2, 2.5))
+    half = FedAvg(server_lr=0.5)
+    assert torch.allclose(half.aggregate(0, x0, labels, ups(1.0)), torch.full_like(x0, 0.5))
+    for bad in (dict(server_momentum=1.0), dict(server_momentum=-0.1), dict(server_lr=0.0)):
+        with pytest.raises(ValueError, match="server_"):
+            FedAvg(**bad)
+
+
+def test_server_momentum_from_the_config_reaches_the_run():
+    """Round 1 is plain FedAvg either way (v = Δ); from round 2 on the velocity carries the earlier change."""
+    train = data.load("digits", "train")
+    part = data.partition.iid(train.labels, 2, seed=0)
+    sets = {}
+    for beta in (0.0, 0.5):
+        cfg = SFDDConfig(n_clients=2, rounds=2, ipc=1, outer_loop=1, inner_loop=0, net_width=8, net_depth=1,
+                         batch_real=8, server_momentum=beta, clamp=False)
+        init = initial_set(cfg, 10, (1, 8, 8), 0, mean=INFO.mean, std=INFO.std)
+        seen = []
+        run_sfdd(LocalPool(train, part, ClientContext(cfg, INFO.mean, INFO.std)), init, cfg,
+                 callback=lambda rec, syn: seen.append(syn.images.detach().clone()))
+        sets[beta] = seen
+    assert torch.equal(sets[0.0][0], sets[0.5][0])
+    assert not torch.allclose(sets[0.0][1], sets[0.5][1])
+
+
 def test_fedavg_samples_a_fraction_and_at_least_min_clients():
     g = torch.Generator().manual_seed(0)
     picked = FedAvg(fraction=0.1, min_clients=1).configure(0, 100, g)

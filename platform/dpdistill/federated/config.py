@@ -30,6 +30,9 @@ class SFDDConfig(DCConfig):
     dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (small: label-skewed)")
     weighting: Literal["size", "class", "uniform"] | None = Field(
         None, description="FedAvg weights: client size, per-class counts, or equal (None: size; uniform with LocalDP)")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="FedAvgM server momentum on the aggregate change "
+                                   "(0: plain FedAvg; 0.5 matches DC's image-optimiser momentum)")
+    server_lr: float = Field(1.0, gt=0, description="FedAvgM server step on the velocity (1: plain FedAvg)")
     pool_size: int | None = Field(None, ge=1, description="Ray client actors (None: one per CPU, at most n_clients)")
     actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each client actor")
     init: Literal["noise", "public"] = Field("noise", description="server's initial set: N(mean, std) noise or public data")

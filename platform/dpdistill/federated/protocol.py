@@ -107,7 +107,8 @@ def run_sfdd(
     ``callback(record, synthetic)`` runs after each round (metrics, evaluation); ``on_dispatch(pool, tasks)``
     right after a round's tasks go out (tests use it to kill an actor mid-round).
     """
-    strategy = strategy if strategy is not None else FedAvg(cfg.fraction, cfg.min_clients, cfg.aggregation_weighting)
+    strategy = strategy if strategy is not None else FedAvg(cfg.fraction, cfg.min_clients, cfg.aggregation_weighting,
+                                                              cfg.server_momentum, cfg.server_lr)
     syn = SyntheticSet(init.images.detach().clone(), init.labels.clone(), init.num_classes, init.factor)
     ldp = LocalDP(cfg.localdp_sigma, cfg.localdp_clip) if cfg.defence == "localdp" else None
     result = SFDDResult(synthetic=syn, malicious=malicious_clients(cfg, seed))
