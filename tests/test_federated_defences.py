@@ -140,10 +140,9 @@ def test_server_momentum_from_the_config_reaches_the_run():
         cfg = SFDDConfig(n_clients=2, rounds=2, ipc=1, outer_loop=1, inner_loop=0, net_width=8, net_depth=1,
                          batch_real=8, server_momentum=beta, clamp=False)
         init = initial_set(cfg, 10, (1, 8, 8), 0, mean=INFO.mean, std=INFO.std)
-        seen = []
+        sets[beta] = seen = []
         run_sfdd(LocalPool(train, part, ClientContext(cfg, INFO.mean, INFO.std)), init, cfg,
-                 callback=lambda rec, syn: seen.append(syn.images.detach().clone()))
-        sets[beta] = seen
+                 callback=lambda rec, syn, seen=seen: seen.append(syn.images.detach().clone()))
     assert torch.equal(sets[0.0][0], sets[0.5][0])
     assert not torch.allclose(sets[0.0][1], sets[0.5][1])
 
