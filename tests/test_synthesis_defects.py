@@ -112,9 +112,9 @@ def test_dp_kernel_adds_noise_of_the_calibrated_size(digits, monkeypatch):
 # -- DP-GAN: DP-SGD with opacus and Poisson sampling -------------------------------------------------------
 
 
-def test_dp_gan_uses_poisson_sampling_and_opacus(digits, monkeypatch):
-    from opacus.optimizers import DPOptimizer
-
+@pytest.fixture
+def poisson_sizes(monkeypatch) -> list[int]:
+    """The size of every Poisson sample DP-GAN draws, recorded as it trains (the sampler is wrapped, not faked)."""
     sizes: list[int] = []
     real = dp_gan.poisson_batches
 
@@ -123,6 +123,14 @@ def test_dp_gan_uses_poisson_sampling_and_opacus(digits, monkeypatch):
             sizes.append(len(idx))
             yield idx
 
+    monkeypatch.setattr(dp_gan, "poisson_batches", spy)
+    return sizes
+
+
+def test_dp_gan_uses_poisson_sampling_and_opacus(digits, monkeypatch, poisson_sizes):
+    from opacus.optimizers import DPOptimizer
+
+    sizes = poisson_sizes
     noise: list[float] = []
     original_init = DPOptimizer.__init__
 
@@ -130,7 +138,6 @@ def test_dp_gan_uses_poisson_sampling_and_opacus(digits, monkeypatch):
         noise.append(kwargs["noise_multiplier"])
         original_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(dp_gan, "poisson_batches", spy)
     monkeypatch.setattr(DPOptimizer, "__init__", spy_init)
     synth = synthesis.create("dp-gan", channels=1, image_size=8, num_classes=10, seed=0, iterations=30,
                              batch_size=64)
@@ -145,18 +152,11 @@ def test_dp_gan_uses_poisson_sampling_and_opacus(digits, monkeypatch):
     assert abs(sum(sizes) / 30 - 64) < 15
 
 
-def test_dp_gan_generated_rows_do_not_grow_with_the_sample(digits, monkeypatch):
+def test_dp_gan_generated_rows_do_not_grow_with_the_sample(digits, monkeypatch, poisson_sizes):
     """A record adds exactly one clipped row: the generated rows of a DP-SGD batch are a fixed count."""
     from dpdistill.synthesis.generators import ConvCondCritic
 
-    sizes: list[int] = []
-    real_batches = dp_gan.poisson_batches
-
-    def spy_batches(n, q, steps, generator):
-        for idx in real_batches(n, q, steps, generator):
-            sizes.append(len(idx))
-            yield idx
-
+    sizes = poisson_sizes
     rows: list[int] = []
     real_forward = ConvCondCritic.forward
 
@@ -164,7 +164,6 @@ def test_dp_gan_generated_rows_do_not_grow_with_the_sample(digits, monkeypatch):
         rows.append(len(x))
         return real_forward(self, x, y)
 
-    monkeypatch.setattr(dp_gan, "poisson_batches", spy_batches)
     monkeypatch.setattr(ConvCondCritic, "forward", spy_forward)
     synth = synthesis.create("dp-gan", channels=1, image_size=8, num_classes=10, seed=0, iterations=8,
                              batch_size=64)
@@ -177,18 +176,11 @@ def test_dp_gan_generated_rows_do_not_grow_with_the_sample(digits, monkeypatch):
     assert set(g_rows) == {64}
 
 
-def test_dp_gan_steps_even_on_an_empty_poisson_sample(digits, monkeypatch):
+def test_dp_gan_steps_even_on_an_empty_poisson_sample(digits, monkeypatch, poisson_sizes):
     """"No update" must not be an output only an empty sample produces: every step is a noisy DP-SGD step."""
     from opacus.optimizers import DPOptimizer
 
-    sizes: list[int] = []
-    real_batches = dp_gan.poisson_batches
-
-    def spy_batches(n, q, steps, generator):
-        for idx in real_batches(n, q, steps, generator):
-            sizes.append(len(idx))
-            yield idx
-
+    sizes = poisson_sizes
     steps: list[int] = []
     real_step = DPOptimizer.step
 
@@ -196,7 +188,6 @@ def test_dp_gan_steps_even_on_an_empty_poisson_sample(digits, monkeypatch):
         steps.append(1)
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(dp_gan, "poisson_batches", spy_batches)
     monkeypatch.setattr(DPOptimizer, "step", spy_step)
     synth = synthesis.create("dp-gan", channels=1, image_size=8, num_classes=10, seed=0, iterations=30,
                              batch_size=2)  # q = 2/n: about one sample in seven is empty
