@@ -128,6 +128,16 @@ def test_attack_success_rate_counts_stamped_non_target_images_sent_to_the_target
     kw = dict(mean=INFO.mean, std=INFO.std)
     assert attack_success_rate(Constant(3), test_split.images, test_split.labels, trigger, 3, **kw) == 1.0
     assert attack_success_rate(Constant(4), test_split.images, test_split.labels, trigger, 3, **kw) == 0.0
+    assert attack_success_rate(Constant(3), test_split.images, test_split.labels, None, 3, **kw) == 1.0
+
+    lit = (0.99 - INFO.mean[0]) / INFO.std[0]  # a pixel of 1.0 after normalisation
+
+    class CornerDetector(torch.nn.Module):  # class 3 only when the bottom-right pixel is lit
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.where(x[:, 0, -1, -1] > lit, 3, 4), 10).float()
+
+    assert attack_success_rate(CornerDetector(), test_split.images, test_split.labels, trigger, 3, **kw) == 1.0
+    assert attack_success_rate(CornerDetector(), test_split.images, test_split.labels, None, 3, **kw) == 0.0
 
 
 def test_doorping_client_plants_a_backdoor_that_a_clean_run_does_not_have(train, test_split):
@@ -148,4 +158,5 @@ def test_doorping_client_plants_a_backdoor_that_a_clean_run_does_not_have(train,
     on_attacked = evaluate_backdoor(*attacked.synthetic.export(), test_split, trigger, 0, **kw)
     on_clean = evaluate_backdoor(*clean.synthetic.export(), test_split, trigger, 0, **kw)
     assert 0 <= on_clean["asr"] <= 1 and on_attacked["clean_acc"] > 0.5
+    assert 0 <= on_attacked["target_rate_unstamped"] <= 1
     assert on_attacked["asr"] > on_clean["asr"] + 0.1

@@ -290,6 +290,8 @@ def run_doorping_eval(ctx: Any, p: PreparedSFDD, result: Any, images: torch.Tens
             for _, trig in triggers]
     asr = sum(r["asr"] for r in rows) / len(rows)
     clean = sum(r["clean_acc"] for r in rows) / len(rows)
-    ctx.log_metrics({"doorping_asr": asr, "doorping_clean_acc": clean})
-    ctx.add_summary("doorping", f"attack success {100 * asr:.1f} %, clean accuracy {100 * clean:.2f} % "
+    unstamped = sum(r["target_rate_unstamped"] for r in rows) / len(rows)
+    ctx.log_metrics({"doorping_asr": asr, "doorping_clean_acc": clean, "doorping_target_rate_unstamped": unstamped})
+    ctx.add_summary("doorping", f"attack success {100 * asr:.1f} % (without the trigger {100 * unstamped:.1f} % "
+                    f"go to the target), clean accuracy {100 * clean:.2f} % "
                     f"({len(triggers)} of {cfg.n_clients} clients malicious, target class {cfg.target_class})")

@@ -9,7 +9,10 @@ as the target (the poisoned labels), so the synthetic target images learn the tr
 averages this with the honest clients' updates, which is why the attack fades as clients grow.
 
 Success is measured on the released set: a fresh model trained on it, then the share of triggered non-target
-test images it sends to the target (attack success rate), and its clean test accuracy.
+test images it sends to the target (attack success rate), and its clean test accuracy. Beside the success
+rate, the share of the same images sent to the target WITHOUT the trigger (``target_rate_unstamped``): a model
+that never saw the trigger still sends a few errors to the target class, so the trigger's own effect is the
+difference.
 """
 
 from __future__ import annotations
@@ -79,13 +82,16 @@ class DoorpingClient:
         return torch.cat([real_batch[: len(real_batch) - len(poisoned)], poisoned])
 
 
-def attack_success_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, trigger: torch.Tensor,
+def attack_success_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, trigger: torch.Tensor | None,
                         target: int, *, mean: Sequence[float], std: Sequence[float]) -> float:
-    """Share of non-target images that ``model`` assigns to ``target`` once stamped with ``trigger``."""
+    """Share of non-target images that ``model`` assigns to ``target`` once stamped with ``trigger``.
+
+    ``trigger=None`` measures the same share on the unstamped images (the rate the trigger is compared with).
+    """
     from dpdistill.evaluation.training import accuracy
 
     keep = labels != target
-    x = stamp(images[keep], trigger)
+    x = images[keep] if trigger is None else stamp(images[keep], trigger)
     y = torch.full((len(x),), int(target), dtype=torch.int64)
     return accuracy(model, x, y, mean=mean, std=std)
 
@@ -108,4 +114,5 @@ def evaluate_backdoor(
     return {
         "clean_acc": accuracy(net, test.images, test.labels, mean=mean, std=std),
         "asr": attack_success_rate(net, test.images, test.labels, trigger, target, mean=mean, std=std),
+        "target_rate_unstamped": attack_success_rate(net, test.images, test.labels, None, target, mean=mean, std=std),
     }
