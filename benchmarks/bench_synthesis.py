@@ -139,7 +139,10 @@ under-counts. For the same ε our noise on the generator's mean gradient is 2·m
 multiplier: 0.21 C at ε = 10 (m = 0.60) and 0.66 C at ε = 1 (m = 1.85), against about 0.03 C in the paper's
 setting (σ = 1.07 per row, B = 32). Because that noise falls as 1/√B for a fixed (q, steps), what would move
 it is a much larger B (about 1,000 generated rows per step to reach the paper's noise level honestly), more
-steps, or a larger K; each costs CPU hours here. The GS-WGAN ε = 1 row, if present, ran with 2 utility seeds.
+steps, or a larger K; each costs CPU hours here. GS-WGAN at ε = 1 was NOT measured: its run was
+stopped after 18 CPU-minutes of fitting so the session could run the test suite; at ε = 10 the method is already
+at chance, and at ε = 1 the noise on the mean gradient is three times larger (0.66 C), so no better result is
+expected, but that is an inference, not a measurement.
 
 Where rows are missing, they were not run. DPImageBench's repository (README and instruction files, read
 offline through the search tool) carries no per-method accuracy table, so no published figure beyond the
