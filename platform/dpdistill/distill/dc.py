@@ -34,7 +34,7 @@ from dpdistill.distill.dm import (
     init_set,
     progress_steps,
 )
-from dpdistill.distill.loop import partial_set_on_interrupt
+from dpdistill.distill.loop import apply_image_gradient, partial_set_on_interrupt
 from dpdistill.distill.losses import DISTANCES, gradient_distance, network_gradients, trainable_parameters
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 
@@ -178,10 +178,7 @@ def run_dc(
                     # Only the images need this gradient; the network's own updates come later.
                     loss.backward(inputs=[syn.images])
                     total += float(loss.detach())
-                normalize.to_normalised_units(syn.images.grad)
-                opt_img.step()
-                if cfg.clamp:
-                    syn.clamp_()
+                apply_image_gradient(opt_img, syn, normalize, cfg.clamp)
                 if ol == outer_loop - 1 or inner_loop == 0:
                     continue
                 # The matching net must not accumulate image gradients from its own training.

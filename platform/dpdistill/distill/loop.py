@@ -18,11 +18,22 @@ def image_step(opt: torch.optim.Optimizer, loss: torch.Tensor, syn: Any, normali
     """One update of ``syn.images`` by ``loss``; returns the loss value."""
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=[syn.images])
-    normalize.to_normalised_units(syn.images.grad)
-    opt.step()
+    apply_image_gradient(opt, syn, normalize, clamp)
+    return float(loss.detach())
+
+
+def apply_image_gradient(opt: torch.optim.Optimizer, syn: Any, normalize: Any, clamp: bool) -> None:
+    """Step ``syn.images`` by the gradient already accumulated in them (per-class losses summed by the caller).
+
+    The gradient goes to normalised-image units first (the learning rate's units), then the optimiser steps
+    and the images are projected onto [0, 1] when ``clamp``. With no gradient (no class had data) only the
+    projection runs.
+    """
+    if syn.images.grad is not None:
+        normalize.to_normalised_units(syn.images.grad)
+        opt.step()
     if clamp:
         syn.clamp_()
-    return float(loss.detach())
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from dpdistill.distill.dpgeng.feature_matching import (
     feature_matching_mechanism,
     private_normalizer,
 )
-from dpdistill.distill.loop import partial_set_on_interrupt
+from dpdistill.distill.loop import apply_image_gradient, partial_set_on_interrupt
 from dpdistill.distill.losses import gradient_distance, network_gradients, trainable_parameters
 from dpdistill.distill.options import PrivateMatchingOptions
 from dpdistill.distill.synthetic import SyntheticSet
@@ -163,10 +163,7 @@ def run_psg(
                     loss = gradient_distance(gw_syn, gw_real, cfg.distance)
                     loss.backward()
                     total += float(loss.detach())
-                normalize.to_normalised_units(syn.images.grad)
-                opt_img.step()
-                if cfg.clamp:
-                    syn.clamp_()
+                apply_image_gradient(opt_img, syn, normalize, cfg.clamp)
                 if ol == outer_loop - 1 or inner_loop == 0:
                     continue
                 with torch.no_grad():

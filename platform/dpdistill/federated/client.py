@@ -23,6 +23,7 @@ import torch
 
 from dpdistill.distill.dc import _train_inner, gradient_match_step
 from dpdistill.distill.dm import build_net, dsa_for
+from dpdistill.distill.loop import apply_image_gradient
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 from dpdistill.federated.config import SFDDConfig
 from dpdistill.federated.defences import LocalDP, ldpo_rld_soft_labels
@@ -118,11 +119,7 @@ def local_update(real: Any, syn_state: dict[str, Any], task: ClientTask, ctx: Cl
                 loss.backward(inputs=[syn.images])
                 total += float(loss.detach())
             count += 1
-            if syn.images.grad is not None:
-                normalize.to_normalised_units(syn.images.grad)
-                opt_img.step()
-            if cfg.clamp:
-                syn.clamp_()
+            apply_image_gradient(opt_img, syn, normalize, cfg.clamp)
             if ol == outer_loop - 1 or inner_loop == 0:
                 continue
             with torch.no_grad():
