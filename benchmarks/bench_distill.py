@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _record import RESULTS, record  # noqa: E402
 
-COLUMNS = ["row", "method", "epsilon", "acc", "acc_mean", "acc_std", "distill_s", "eval_s", "ledger_epsilon",
+COLUMNS = ["row", "method", "epsilon", "acc", "acc_mean", "acc_std", "distill_s", "eval_s", "eval", "ledger_epsilon",
            "epsilon_by_component", "settings"]
 
 
@@ -49,11 +49,11 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: Any, spec: Any, s
     started = time.perf_counter()
     res = evaluate_utility(images, labels, test.images, test.labels, num_classes=10, model=ev.model,
                            model_kwargs=dict(ev.model_options), seeds=list(range(seeds)), epochs=ev.epochs,
-                           batch_size=ev.batch_size, lr=ev.lr, augment="dsa-lite" if ev.augment else None,
+                           batch_size=ev.batch_size, lr=ev.lr, augment=ev.augmentation(),
                            mean=[0.1307], std=[0.3081], progress=False)
     return {"acc_mean": res.mean, "acc_std": res.std, "acc": f"{100 * res.mean:.2f} ± {100 * res.std:.2f}",
             "eval_s": round(time.perf_counter() - started, 1),
-            "eval": f"{ev.model} {dict(ev.model_options)} {ev.epochs} ep x {seeds} seeds"}
+            "eval": f"{ev.model} {dict(ev.model_options)} {ev.epochs} ep batch {ev.batch_size} augment {ev.augmentation()} x {seeds} seeds"}
 
 
 def run_row(row: str, splits: dict[str, Any], seeds: int, overrides: list[str]) -> list[dict[str, Any]]:

@@ -70,6 +70,8 @@ CASES = [
     ("method-option-type", _merge(GOOD, {"method": {"ipc": "ten"}}), [], ["method.ipc", "'ten'"]),
     ("unknown-dataset", _merge(GOOD, {"data": {"name": "mnits"}}), [], ["unknown dataset 'mnits'", "mnist"]),
     ("unknown-eval-model", _merge(GOOD, {"evaluation": {"model": "vgg99"}}), [], ["evaluation.model", "vgg99"]),
+    ("unknown-eval-augment", _merge(GOOD, {"evaluation": {"augment": "flip"}}), [],
+     ["field 'evaluation.augment'", "'dsa-lite' or 'dsa'", "'flip'"]),
     ("set-without-equals", GOOD, ["--set", "method.ipc"], ["--set 'method.ipc'", "KEY=VALUE"]),
     ("set-bad-value", GOOD, ["--set", "evaluation.epochs=-4"], ["field 'evaluation.epochs'", "-4"]),
     ("non-private-with-epsilon", _merge(GOOD, {"privacy": {"epsilon": 1.0}}), [], ["privacy.epsilon", "no privacy guarantee"]),

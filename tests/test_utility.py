@@ -10,7 +10,7 @@ from sklearn.model_selection import train_test_split
 
 from dpdistill import models
 from dpdistill.errors import DataError, SpecError
-from dpdistill.evaluation.training import dsa_lite, thread_limit
+from dpdistill.evaluation.training import NormalisedDSA, dsa_lite, resolve_augment, thread_limit
 from dpdistill.evaluation.utility import UtilityResult, accuracy, evaluate_utility, train_classifier
 
 # Small but well inside what the full protocol does: 20 epochs of batch 32 on a width-32 ConvNet.
@@ -91,6 +91,33 @@ def test_dsa_lite_is_seeded_and_keeps_shape_and_range() -> None:
     assert a.min() >= 0 and a.max() <= 1 and not torch.allclose(a, x)
 
 
+def test_dsa_evaluation_augmentation_is_per_image_seeded_and_runs_after_normalisation(digits) -> None:
+    aug = resolve_augment("dsa")
+    assert isinstance(aug, NormalisedDSA) and aug.on_normalised
+    x = torch.randn(32, 1, 16, 16)
+    a, b = aug(x, torch.Generator().manual_seed(3)), aug(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b)
+    # Per image, not Siamese: across many draws, some batch has images transformed differently from each other.
+    twins = torch.cat([x[:1]] * 8)
+    assert any(not torch.allclose(out[0], out[1]) for out in
+               (aug(twins, torch.Generator().manual_seed(s)) for s in range(10)))
+    # The training loop hands a NORMALISED batch to an on_normalised augmentation and a [0,1] batch otherwise.
+    x_train, y_train, _, _ = digits
+    seen: dict[str, float] = {}
+
+    class Probe:
+        on_normalised = True
+
+        def __call__(self, images: torch.Tensor) -> torch.Tensor:
+            seen["min"] = min(seen.get("min", 0.0), float(images.min()))
+            return images
+
+    model = models.get("convnet", channels=1, num_classes=10, image_size=8, width=8)
+    train_classifier(model, x_train, y_train, epochs=1, batch_size=64, augment=Probe(), mean=0.5, std=0.25)
+    assert seen["min"] < -1.0  # (0 - 0.5) / 0.25 = -2: normalised, not [0, 1]
+    train_classifier(model, x_train, y_train, epochs=1, batch_size=64, augment="dsa", mean=0.3, std=0.4)
+
+
 def test_dsa_lite_without_rotation_is_a_zero_filled_shift_of_at_most_size_over_8() -> None:
     x = torch.rand(32, 1, 16, 16)
     out = dsa_lite(x, torch.Generator().manual_seed(0), max_degrees=0.0)
@@ -148,5 +175,13 @@ def test_bad_inputs_raise_one_line_errors(digits) -> None:
         evaluate_utility(
             x_train, y_train, x_test, y_test, num_classes=10, model_kwargs={"wdth": 3}, progress=False
         )
-    with pytest.raises(SpecError, match="augment must be None, 'dsa-lite' or a callable"):
-        evaluate_utility(x_train, y_train, x_test, y_test, num_classes=10, augment="dsa", progress=False)
+    with pytest.raises(SpecError, match="augment must be None, 'dsa-lite', 'dsa' or a callable"):
+        evaluate_utility(x_train, y_train, x_test, y_test, num_classes=10, augment="autoaugment", progress=False)
+
+
+@pytest.mark.parametrize("value,name", [(False, None), (True, "dsa-lite"), ("dsa-lite", "dsa-lite"), ("dsa", "dsa")])
+def test_evaluation_spec_names_the_augmentation_it_asks_for(value, name) -> None:
+    from dpdistill.spec import EvaluationSpec
+
+    assert EvaluationSpec(augment=value).augmentation() == name
+    assert name is None or resolve_augment(name) is not None

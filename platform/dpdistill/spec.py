@@ -73,11 +73,29 @@ class EvaluationSpec(StrictModel):
     epochs: int = Field(default=300, ge=1, le=100_000)
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=0.01, gt=0, le=10)
-    augment: bool = False
+    augment: bool | Literal["dsa-lite", "dsa"] = Field(
+        default=False,
+        description=("augmentation while training the evaluation models: false (none), true or 'dsa-lite' (shifted crop "
+                     "+ rotation), 'dsa' (DC/DM reference: the full DSA strategy per image on normalised images)"),
+    )
     validation: bool = Field(
         default=True, description="also score the models on the validation split (val_acc_*; for sweeps)"
     )
     parallel: bool = Field(default=True, description="train the seeds' models as parallel Ray tasks")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _known_augmentation(cls, value: Any) -> Any:
+        # One clear message instead of pydantic's per-member union errors.
+        if isinstance(value, bool) or value in ("dsa-lite", "dsa"):
+            return value
+        raise ValueError("expected true, false, 'dsa-lite' or 'dsa'")
+
+    def augmentation(self) -> str | None:
+        """The named augmentation for :func:`~dpdistill.evaluation.utility.evaluate_utility` (None: none)."""
+        if self.augment is True:
+            return "dsa-lite"
+        return self.augment or None
 
 
 class MethodSpec(StrictModel):

@@ -1,4 +1,11 @@
-"""Plain supervised training and accuracy for the utility protocols: DC's SGD schedule, optional light augmentation."""
+"""Plain supervised training and accuracy for the utility protocols: DC's SGD schedule, optional augmentation.
+
+Two named augmentations: ``"dsa-lite"`` (random shifted crop + rotation on [0,1] images; cheap, used to train
+DP-GenG's extractors and expert) and ``"dsa"``, the evaluation protocol of the DC / DSA / DM reference code:
+every training batch goes through the full differentiable Siamese augmentation strategy (colour, crop, cutout,
+flip, scale, rotate; one op group per batch, parameters drawn per image) AFTER normalisation, as the reference
+applies ``DiffAugment`` to normalised images.
+"""
 
 from __future__ import annotations
 
@@ -65,12 +72,35 @@ def dsa_lite(
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+class NormalisedDSA:
+    """The reference evaluation augmentation: DSA with per-image parameters on NORMALISED images.
+
+    ``on_normalised`` tells the training loop to call it after normalisation (zero fill then means "the mean
+    pixel", and colour jitter acts in normalised units, as in the reference code).
+    """
+
+    on_normalised = True
+
+    def __init__(self, strategy: str = "color_crop_cutout_flip_scale_rotate") -> None:
+        from dpdistill.distill.augment import DSA  # evaluation must not import distill at module load
+
+        self.dsa = DSA(strategy, mode="single")
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.dsa.apply(images, self.dsa.sample(images.shape[0], generator))
+
+
+AUGMENTATIONS = ("dsa-lite", "dsa")
+
+
 def resolve_augment(augment: str | Augment | None) -> Augment | None:
-    """Turn ``None | "dsa-lite" | callable`` into a callable (or None); raises ValueError for other names."""
+    """Turn ``None | "dsa-lite" | "dsa" | callable`` into a callable (or None); raises ValueError for other names."""
     if augment is None or callable(augment):
         return augment
     if augment == "dsa-lite":
         return dsa_lite
+    if augment == "dsa":
+        return NormalisedDSA()
     raise ValueError(f"unknown augmentation {augment!r}")
 
 
@@ -137,7 +167,8 @@ def train_classifier(
     """Train ``model`` in place with DC's schedule (SGD, lr x0.1 at epochs//2) and return it in eval mode.
 
     ``images`` are float [N,C,H,W] in [0,1]; ``labels`` are class indices [N] or soft labels [N, classes].
-    Augmentation acts on [0,1] images, before normalisation. Shuffling and augmentation draw from
+    Augmentation acts on [0,1] images before normalisation, except ``"dsa"`` (see :class:`NormalisedDSA`),
+    which acts after it. Shuffling and augmentation draw from
     ``generator`` (CPU); weight initialisation is the caller's business (seed before building the model).
     Intra-op threads follow :func:`thread_limit` (``num_threads``) during training and are restored after.
     """
@@ -179,6 +210,7 @@ def _train(
     device = torch.device(device)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     augment_fn = resolve_augment(augment)
+    after_normalise = bool(getattr(augment_fn, "on_normalised", False))
     normalise = Normalise(mean, std, images.shape[1], device)
     x_all = images.to(device=device, dtype=torch.float32)
     y_all = labels.to(device)
@@ -193,9 +225,12 @@ def _train(
         for idx in _batches(len(x_all), batch_size, generator):
             idx = idx.to(device)
             x = x_all[idx]
-            if augment_fn is not None:
+            if augment_fn is not None and not after_normalise:
                 x = _call_augment(augment_fn, x, generator)
-            loss = F.cross_entropy(model(normalise(x)), y_all[idx])
+            x = normalise(x)
+            if augment_fn is not None and after_normalise:
+                x = _call_augment(augment_fn, x, generator)
+            loss = F.cross_entropy(model(x), y_all[idx])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

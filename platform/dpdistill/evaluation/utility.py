@@ -116,7 +116,7 @@ def evaluate_utility(
     Per seed: ``torch.manual_seed(seed)`` before building the model (weights), a ``torch.Generator`` seeded with
     ``seed`` for shuffling and augmentation; the caller's global RNG state is left untouched. Images are float
     [N,C,H,W] in [0,1]; ``mean``/``std`` (scalar or per channel) normalise them after augmentation. ``augment`` is
-    None, ``"dsa-lite"`` (random shifted crop + ±15° rotation) or ``f(images[, generator=g]) -> images``.
+    None, ``"dsa-lite"`` (random shifted crop + ±15° rotation), ``"dsa"`` (the DC/DM reference protocol) or ``f(images[, generator=g]) -> images``.
     ``train_labels`` may be soft labels [N, num_classes]. Intra-op threads are capped at the usable cores
     (or ``num_threads``) for the duration of the call and restored afterwards. ``extra_sets`` (e.g. the
     validation split) are scored by the same trained models, so one training gives test and validation accuracy.
@@ -136,7 +136,7 @@ def evaluate_utility(
         resolve_augment(augment)
     except ValueError:
         raise SpecError(
-            f"evaluate_utility: augment must be None, 'dsa-lite' or a callable, got {augment!r}"
+            f"evaluate_utility: augment must be None, 'dsa-lite', 'dsa' or a callable, got {augment!r}"
         ) from None
     train_images = _check_images("train_images", train_images)
     test_images = _check_images("test_images", test_images)

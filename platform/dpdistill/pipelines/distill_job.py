@@ -155,7 +155,7 @@ def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: An
     ev = spec.evaluation
     kwargs = dict(
         num_classes=p.info.num_classes, model=ev.model, model_kwargs=dict(ev.model_options), epochs=ev.epochs,
-        batch_size=ev.batch_size, lr=ev.lr, augment="dsa-lite" if ev.augment else None,
+        batch_size=ev.batch_size, lr=ev.lr, augment=ev.augmentation(),
         mean=tuple(p.info.mean), std=tuple(p.info.std),
     )
     use_val = validation and ev.validation and getattr(p, "val", None) is not None
