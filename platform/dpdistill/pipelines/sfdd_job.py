@@ -208,8 +208,8 @@ def quick_accuracy(spec: Any, p: PreparedSFDD, syn: Any, epochs: int) -> float:
     ev = spec.evaluation
     r = evaluate_utility(images, labels, p.test.images, p.test.labels, num_classes=p.info.num_classes,
                          model=ev.model, model_kwargs=dict(ev.model_options), seeds=(spec.seed,), epochs=epochs,
-                         batch_size=ev.batch_size, lr=ev.lr, mean=tuple(p.info.mean), std=tuple(p.info.std),
-                         progress=False)
+                         batch_size=ev.batch_size, lr=ev.lr, augment=ev.augmentation(), mean=tuple(p.info.mean),
+                         std=tuple(p.info.std), progress=False)
     return float(r.mean)
 
 
