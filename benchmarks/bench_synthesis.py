@@ -139,12 +139,11 @@ under-counts. For the same ε our noise on the generator's mean gradient is 2·m
 multiplier: 0.21 C at ε = 10 (m = 0.60) and 0.66 C at ε = 1 (m = 1.85), against about 0.03 C in the paper's
 setting (σ = 1.07 per row, B = 32). Because that noise falls as 1/√B for a fixed (q, steps), what would move
 it is a much larger B (about 1,000 generated rows per step to reach the paper's noise level honestly), more
-steps, or a larger K; each costs CPU hours here. GS-WGAN at ε = 1 was NOT measured: its run was
-stopped after 18 CPU-minutes of fitting so the session could run the test suite; at ε = 10 the method is already
-at chance, and at ε = 1 the noise on the mean gradient is three times larger (0.66 C), so no better result is
-expected, but that is an inference, not a measurement.
+steps, or a larger K; each costs CPU hours here. At ε = 1 (measured 2026-11-30, 3 seeds) it is at chance too:
+8.7 ± 2.3 %, domain FID 78.9 against 70.5 at ε = 10, as the three times larger noise on the mean gradient
+(0.66 C) predicts. Fit 3,025 s on one thread while three other dpdistill benchmarks shared the 2 cores.
 
-Where rows are missing, they were not run. DPImageBench's repository (README and instruction files, read
+DPImageBench's repository (README and instruction files, read
 offline through the search tool) carries no per-method accuracy table, so no published figure beyond the
 issue's 81.3 % is entered. The DP-MERF ε = 1 row was re-run on 2026-11-30 with per-seed accuracies recorded."""
 
