@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     notes = ("MNIST train split (55,000 records, add-or-remove-one), δ = 1e-5, IPC 10 stored images per class "
              "(DP-GenG decodes them into 40 by multi-formation, factor 2). acc: ConvNet test accuracy on the 10,000 "
              "MNIST test images, mean ± std over seeds (ddof 0). distill_s / eval_s: wall seconds on "
-             f"{args.threads} thread(s) of a shared 2-core machine (other engineers' jobs were running). "
+             f"{args.threads} thread(s) of a shared 2-core machine (other jobs, often dpdistill's own parallel "
+             "benchmarks, were running: upper bounds). "
              + args.note)
     if args.merge:
         merge([p.strip() for p in args.merge.split(",") if p.strip()], command, notes)

@@ -90,9 +90,6 @@ class NormalisedDSA:
         return self.dsa.apply(images, self.dsa.sample(images.shape[0], generator))
 
 
-AUGMENTATIONS = ("dsa-lite", "dsa")
-
-
 def resolve_augment(augment: str | Augment | None) -> Augment | None:
     """Turn ``None | "dsa-lite" | "dsa" | callable`` into a callable (or None); raises ValueError for other names."""
     if augment is None or callable(augment):

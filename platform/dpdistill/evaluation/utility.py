@@ -116,7 +116,8 @@ def evaluate_utility(
     Per seed: ``torch.manual_seed(seed)`` before building the model (weights), a ``torch.Generator`` seeded with
     ``seed`` for shuffling and augmentation; the caller's global RNG state is left untouched. Images are float
     [N,C,H,W] in [0,1]; ``mean``/``std`` (scalar or per channel) normalise them after augmentation. ``augment`` is
-    None, ``"dsa-lite"`` (random shifted crop + ±15° rotation), ``"dsa"`` (the DC/DM reference protocol) or ``f(images[, generator=g]) -> images``.
+    None, ``"dsa-lite"`` (random shifted crop + ±15° rotation), ``"dsa"`` (the DC/DM reference protocol) or
+    ``f(images[, generator=g]) -> images``.
     ``train_labels`` may be soft labels [N, num_classes]. Intra-op threads are capped at the usable cores
     (or ``num_threads``) for the duration of the call and restored afterwards. ``extra_sets`` (e.g. the
     validation split) are scored by the same trained models, so one training gives test and validation accuracy.
