@@ -185,3 +185,9 @@ def test_evaluation_spec_names_the_augmentation_it_asks_for(value, name) -> None
 
     assert EvaluationSpec(augment=value).augmentation() == name
     assert name is None or resolve_augment(name) is not None
+
+
+def test_every_augmentation_the_spec_accepts_is_one_training_knows() -> None:
+    from dpdistill.spec import EVAL_AUGMENTATIONS
+
+    assert all(resolve_augment(name) is not None for name in EVAL_AUGMENTATIONS)

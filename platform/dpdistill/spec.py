@@ -63,6 +63,11 @@ class TrackingSpec(StrictModel):
     experiment: str = Field(default="dpdistill", min_length=1)
 
 
+# The augmentation names evaluation.augment accepts; each is one that evaluation.training.resolve_augment knows
+# (kept here so loading a spec does not import torch).
+EVAL_AUGMENTATIONS: tuple[str, ...] = ("dsa-lite", "dsa")
+
+
 class EvaluationSpec(StrictModel):
     """Utility protocol: train fresh models on the released set, test on the real test split."""
 
@@ -73,7 +78,7 @@ class EvaluationSpec(StrictModel):
     epochs: int = Field(default=300, ge=1, le=100_000)
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=0.01, gt=0, le=10)
-    augment: bool | Literal["dsa-lite", "dsa"] = Field(
+    augment: bool | str = Field(
         default=False,
         description=("augmentation while training the evaluation models: false (none), true or 'dsa-lite' (shifted crop "
                      "+ rotation), 'dsa' (DC/DM reference: the full DSA strategy per image on normalised images)"),
@@ -87,9 +92,9 @@ class EvaluationSpec(StrictModel):
     @classmethod
     def _known_augmentation(cls, value: Any) -> Any:
         # One clear message instead of pydantic's per-member union errors.
-        if isinstance(value, bool) or value in ("dsa-lite", "dsa"):
+        if isinstance(value, bool) or value in EVAL_AUGMENTATIONS:
             return value
-        raise ValueError("expected true, false, 'dsa-lite' or 'dsa'")
+        raise ValueError("expected true, false, " + " or ".join(repr(n) for n in EVAL_AUGMENTATIONS))
 
     def augmentation(self) -> str | None:
         """The named augmentation for :func:`~dpdistill.evaluation.utility.evaluate_utility` (None: none)."""
