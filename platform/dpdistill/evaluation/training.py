@@ -81,10 +81,11 @@ class NormalisedDSA:
 
     on_normalised = True
 
-    def __init__(self, strategy: str = "color_crop_cutout_flip_scale_rotate") -> None:
-        from dpdistill.distill.augment import DSA  # evaluation must not import distill at module load
+    def __init__(self, strategy: str | None = None) -> None:
+        # Imported here: evaluation must not import distill at module load.
+        from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA
 
-        self.dsa = DSA(strategy, mode="single")
+        self.dsa = DSA(strategy or DEFAULT_STRATEGY, mode="single")
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.dsa.apply(images, self.dsa.sample(images.shape[0], generator))
