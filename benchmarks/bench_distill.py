@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _record import RESULTS, record  # noqa: E402
 
-COLUMNS = ["row", "method", "epsilon", "acc", "acc_mean", "acc_std", "distill_s", "eval_s", "eval", "ledger_epsilon",
-           "epsilon_by_component", "settings"]
+COLUMNS = ["row", "method", "epsilon", "acc", "acc_mean", "acc_std", "acc_by_seed", "distill_s", "stage_s", "eval_s",
+           "eval", "ledger_epsilon", "epsilon_by_component", "settings"]
 
 
 def load_spec(method: str, overrides: list[str]) -> Any:
@@ -52,6 +52,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: Any, spec: Any, s
                            batch_size=ev.batch_size, lr=ev.lr, augment=ev.augmentation(),
                            mean=[0.1307], std=[0.3081], progress=False)
     return {"acc_mean": res.mean, "acc_std": res.std, "acc": f"{100 * res.mean:.2f} ± {100 * res.std:.2f}",
+            "acc_by_seed": json.dumps([round(100 * a, 2) for a in res.accuracies]),
             "eval_s": round(time.perf_counter() - started, 1),
             "eval": f"{ev.model} {dict(ev.model_options)} {ev.epochs} ep batch {ev.batch_size} augment {ev.augmentation()} x {seeds} seeds"}
 
@@ -86,11 +87,14 @@ def run_row(row: str, splits: dict[str, Any], seeds: int, overrides: list[str]) 
     if ledger is not None:
         base["ledger_epsilon"] = round(ledger.spent_epsilon(), 4)
         base["epsilon_by_component"] = json.dumps({k: round(v, 4) for k, v in ledger.component_epsilons().items()})
+    report = getattr(syn, "report", None)
+    if report is not None and report.get("seconds"):
+        # DP-GenG's wall seconds per stage (generate, extract, init, expert, distill): where the time goes.
+        base["stage_s"] = json.dumps({k: round(v, 1) for k, v in report["seconds"].items()})
     rows = []
     images, labels = syn.export()
     label = {"ablation": f"ablation +DP-FM ({row})", "dpgeng": f"DP-GenG, +DP-EG ({row})"}.get(name, row)
     rows.append({"row": label, **base, **evaluate(images, labels, test, spec, seeds)})
-    report = getattr(syn, "report", None)
     if report is not None and name in ("ablation", "dpgeng"):
         if name == "ablation":
             rows.append({"row": f"ablation DP-Init ({row})", **base, **evaluate(*report["init_set"], test, spec, seeds)})

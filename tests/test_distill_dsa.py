@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, OPS, DSAParams, make_dsa, parse_strategy
+from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, OPS, DSAParams, make_dsa, parse_strategy, siamese_pair
 from dpdistill.errors import SpecError
 
 
@@ -35,6 +35,22 @@ def test_shared_params_transform_every_image_alike(op: str, digits: torch.Tensor
     dsa = DSA(op)
     params = dsa.sample(1, torch.Generator().manual_seed(11))
     assert torch.allclose(dsa.apply(digits, params)[:5], dsa.apply(digits[:5], params), atol=1e-6)
+
+
+def test_siamese_pair_shares_one_draw_and_passes_empty_real_batches(digits: torch.Tensor) -> None:
+    dsa = DSA("crop_rotate", mode="all")
+    real, syn = siamese_pair(dsa, digits, digits[:5], torch.Generator().manual_seed(4))
+    assert torch.allclose(real[:5], syn, atol=1e-6) and not torch.allclose(syn, digits[:5])
+    # An empty real batch (an empty Poisson sample) passes through, and the draw happens all the same: the
+    # stream after the pair is the same with or without real images.
+    g_empty, g_full = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    empty, syn_e = siamese_pair(dsa, digits[:0], digits[:5], g_empty)
+    siamese_pair(dsa, digits, digits[:5], g_full)
+    assert empty.shape[0] == 0 and torch.equal(syn_e, syn)
+    assert torch.equal(torch.rand(3, generator=g_empty), torch.rand(3, generator=g_full))
+    few = digits[:5]
+    same_real, same_syn = siamese_pair(None, digits, few, g_full)
+    assert same_real is digits and same_syn is few  # no DSA: untouched
 
 
 def test_mode_all_is_siamese_and_seeds_are_deterministic(digits: torch.Tensor) -> None:

@@ -220,3 +220,16 @@ def make_dsa(strategy: str | None, mode: str = "single") -> DSA | None:
     """A DSA for ``strategy``, or None when the strategy is empty / "none" (so callers can skip augmentation)."""
     dsa = DSA(strategy, mode=mode)
     return dsa if dsa.enabled else None
+
+
+def siamese_pair(dsa: DSA | None, real: torch.Tensor, syn: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(real, syn)`` augmented with ONE shared parameter set drawn from ``generator`` (unchanged without a DSA).
+
+    The matching step of every image-optimising distiller. An empty real batch (a Poisson sample may be empty)
+    is passed through; the parameters are drawn all the same, so the random stream does not depend on it.
+    """
+    if dsa is None:
+        return real, syn
+    params = dsa.sample(1, generator)
+    return (dsa.apply(real, params) if len(real) else real), dsa.apply(syn, params)

@@ -24,7 +24,7 @@ from torch import nn
 
 from dpdistill import models
 from dpdistill.distill import register
-from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, make_dsa
+from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, make_dsa, siamese_pair
 from dpdistill.distill.loop import image_step, partial_set_on_interrupt
 from dpdistill.distill.losses import feature_mean_distance
 from dpdistill.distill.options import CheckedNetworkOptions
@@ -168,9 +168,7 @@ def dm_step(
     for c in range(syn.num_classes):
         xr = normalize(sampler.batch(c, batch_real, generator))
         xs = normalize(syn.class_images(c))
-        if dsa is not None:
-            params = dsa.sample(1, generator)
-            xr, xs = dsa.apply(xr, params), dsa.apply(xs, params)
+        xr, xs = siamese_pair(dsa, xr, xs, generator)
         reals.append(xr)
         syns.append(xs)
         sizes_r.append(len(xr))

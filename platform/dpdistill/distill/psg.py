@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpdistill.distill import register
+from dpdistill.distill.augment import siamese_pair
 from dpdistill.distill.dc import DCConfig
 from dpdistill.distill.dm import as_generator, build_net, check_real, dsa_for, progress_steps
 from dpdistill.distill.dpgeng.allocation import require_ledger, solve_free_sigma
@@ -149,10 +150,7 @@ def run_psg(
                 for c in range(syn.num_classes):
                     xr = normalize(sampler.sample(c, noise_g))
                     xs = normalize(syn.class_images(c))
-                    if dsa is not None:
-                        params = dsa.sample(1, g)
-                        xs = dsa.apply(xs, params)
-                        xr = dsa.apply(xr, params) if len(xr) else xr
+                    xr, xs = siamese_pair(dsa, xr, xs, g)
                     yr = torch.full((len(xr),), c, dtype=torch.int64, device=device)
                     ys = torch.full((len(xs),), c, dtype=torch.int64, device=device)
                     sums = clipped_gradient_sum(net, xr, yr, cfg.clip, cfg.chunk)

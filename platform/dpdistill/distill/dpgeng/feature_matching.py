@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpdistill.distill.augment import DSA
+from dpdistill.distill.augment import DSA, siamese_pair
 from dpdistill.distill.losses import feature_mean_distance
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 from dpdistill.errors import DataError, SpecError
@@ -134,10 +134,7 @@ def dp_feature_matching_loss(
     for c in range(syn.num_classes):
         xr = normalize(sampler.sample(c, generator))
         xs = normalize(syn.class_images(c))
-        if dsa is not None:
-            params = dsa.sample(1, generator)
-            xs = dsa.apply(xs, params)
-            xr = dsa.apply(xr, params) if len(xr) else xr
+        xr, xs = siamese_pair(dsa, xr, xs, generator)
         with torch.no_grad():
             total = torch.zeros(net_feature_dim(net, xs), device=xs.device)
             for start in range(0, len(xr), chunk):
