@@ -59,14 +59,16 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: Any, spec: Any, s
                            batch_size=ev.batch_size, lr=ev.lr, augment=ev.augmentation(),
                            mean=[0.1307], std=[0.3081], progress=False,
                            extra_sets={"val": (val.images, val.labels)} if val is not None else None)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {
+        "acc_mean": res.mean, "acc_std": res.std, "acc": f"{100 * res.mean:.2f} ± {100 * res.std:.2f}",
+        "acc_by_seed": json.dumps([round(100 * a, 2) for a in res.accuracies]),
+        "eval_s": round(time.perf_counter() - started, 1),
+        "eval": f"{ev.model} {dict(ev.model_options)} {ev.epochs} ep batch {ev.batch_size} augment {ev.augmentation()} x {seeds} seeds",
+    }
     if val is not None:
         v = torch.tensor(res.extra["val"], dtype=torch.float64)
         out["val_acc"] = f"{100 * float(v.mean()):.2f} ± {100 * float(v.std(unbiased=False)):.2f}"
-    return out | {"acc_mean": res.mean, "acc_std": res.std, "acc": f"{100 * res.mean:.2f} ± {100 * res.std:.2f}",
-            "acc_by_seed": json.dumps([round(100 * a, 2) for a in res.accuracies]),
-            "eval_s": round(time.perf_counter() - started, 1),
-            "eval": f"{ev.model} {dict(ev.model_options)} {ev.epochs} ep batch {ev.batch_size} augment {ev.augmentation()} x {seeds} seeds"}
+    return out
 
 
 def run_row(row: str, splits: dict[str, Any], seeds: int, overrides: list[str]) -> list[dict[str, Any]]:

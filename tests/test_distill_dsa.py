@@ -6,7 +6,15 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, OPS, DSAParams, make_dsa, parse_strategy, siamese_pair
+from dpdistill.distill.augment import (
+    DEFAULT_STRATEGY,
+    DSA,
+    OPS,
+    DSAParams,
+    make_dsa,
+    parse_strategy,
+    siamese_pair,
+)
 from dpdistill.errors import SpecError
 
 
