@@ -226,8 +226,9 @@ def siamese_pair(dsa: DSA | None, real: torch.Tensor, syn: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``(real, syn)`` augmented with ONE shared parameter set drawn from ``generator`` (unchanged without a DSA).
 
-    The matching step of every image-optimising distiller. An empty real batch (a Poisson sample may be empty)
-    is passed through; the parameters are drawn all the same, so the random stream does not depend on it.
+    The augmentation step of DM, PSG and DP feature matching (DC passes its parameters in). An empty real
+    batch (a Poisson sample may be empty) is passed through; the parameters are drawn all the same, so the
+    random stream does not depend on it.
     """
     if dsa is None:
         return real, syn
