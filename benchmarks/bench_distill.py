@@ -9,6 +9,10 @@ over seeds), and records the wall time of distillation and evaluation. Rows are 
 
 Two halves can run side by side (``--name part1`` / ``--name part2``, then ``--merge part1,part2``);
 ``--set dpgeng:method.iterations=200`` overrides one method's spec only.
+``--also-augment none`` evaluates every set a second time under another augmentation (extra rows marked
+``[eval augment none]``): the protocol is fixed for all rows, but a comparison under another one is cheap.
+``--save-sets DIR`` keeps the private rows' released sets (``DIR/<row>.pt``: images and labels by row name);
+non-private sets (DM, DC) are never written.
 
 Rows: ``<method>@<ε>`` (private), ``dm`` / ``dc`` (no privacy), ``ablation@<ε>`` (DP-GenG's DP-Init /
 +DP-FM / +DP-EG; the DP-Init row is the full run's set before distillation, which is exactly what a run with
@@ -44,15 +48,17 @@ def load_spec(method: str, overrides: list[str]) -> Any:
 
 
 def evaluate(images: torch.Tensor, labels: torch.Tensor, test: Any, spec: Any, seeds: int,
-             val: Any = None) -> dict[str, Any]:
+             val: Any = None, augment: str | None = "spec") -> dict[str, Any]:
     """Test accuracy of ``seeds`` fresh models; with ``val``, the same models' accuracy on the validation split.
 
     The validation figure is what a configuration may be CHOSEN by (never the test accuracy); it costs one
-    extra forward pass per model.
+    extra forward pass per model. ``augment``: the evaluation's augmentation, "spec" for the job's own.
     """
     from dpdistill.evaluation.utility import evaluate_utility
 
     ev = spec.evaluation
+    if augment != "spec":
+        ev = ev.model_copy(update={"augment": augment or False})
     started = time.perf_counter()
     res = evaluate_utility(images, labels, test.images, test.labels, num_classes=10, model=ev.model,
                            model_kwargs=dict(ev.model_options), seeds=list(range(seeds)), epochs=ev.epochs,
@@ -71,7 +77,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: Any, spec: Any, s
     return out
 
 
-def run_row(row: str, splits: dict[str, Any], seeds: int, overrides: list[str]) -> list[dict[str, Any]]:
+def run_row(row: str, splits: dict[str, Any], seeds: int, overrides: list[str], also_augment: list[str | None],
+            save_dir: Path | None = None) -> list[dict[str, Any]]:
     from dpdistill import distill
     from dpdistill.privacy import PrivacyLedger
 
@@ -105,15 +112,24 @@ def run_row(row: str, splits: dict[str, Any], seeds: int, overrides: list[str]) 
     if report is not None and report.get("seconds"):
         # DP-GenG's wall seconds per stage (generate, extract, init, expert, distill): where the time goes.
         base["stage_s"] = json.dumps({k: round(v, 1) for k, v in report["seconds"].items()})
-    rows = []
     images, labels = syn.export()
     label = {"ablation": f"ablation +DP-FM ({row})", "dpgeng": f"DP-GenG, +DP-EG ({row})"}.get(name, row)
-    rows.append({"row": label, **base, **evaluate(images, labels, test, spec, seeds, val)})
+    sets = {label: (images, labels)}
     if report is not None and name in ("ablation", "dpgeng"):
         if name == "ablation":
-            rows.append({"row": f"ablation DP-Init ({row})", **base, **evaluate(*report["init_set"], test, spec, seeds, val)})
-        rows.append({"row": f"DP-generated at IPC ({row})", **base,
-                     **evaluate(*report["baseline"], test, spec, seeds, val)})
+            sets[f"ablation DP-Init ({row})"] = report["init_set"]
+        sets[f"DP-generated at IPC ({row})"] = report["baseline"]
+    if save_dir is not None and record_.private:
+        # Only DP releases are saved (post-processing of the ledger's charges); DM / DC sets are not private.
+        save_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({k: (x.detach().cpu(), y.detach().cpu()) for k, (x, y) in sets.items()},
+                   save_dir / f"{row.replace('@', '_eps')}.pt")
+    rows = []
+    for key, (x, y) in sets.items():
+        rows.append({"row": key, **base, **evaluate(x, y, test, spec, seeds, val)})
+        for aug in also_augment:  # the same set under another evaluation augmentation (a protocol comparison)
+            rows.append({"row": f"{key} [eval augment {aug or 'none'}]", **base,
+                         **evaluate(x, y, test, spec, seeds, val, augment=aug)})
     return rows
 
 
@@ -137,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", default="", help="comma-separated part names to merge into results/distill")
     parser.add_argument("--note", default="", help="what was reduced, appended to the notes")
     parser.add_argument("--append", action="store_true", help="keep the rows already in the results file")
+    parser.add_argument("--also-augment", default="",
+                        help="comma-separated evaluation augmentations ('none', 'dsa-lite', 'dsa') under which every "
+                             "set is ALSO evaluated, as extra rows")
+    parser.add_argument("--save-sets", default="", help="folder to save the private rows' released sets in (.pt)")
     args = parser.parse_args(argv)
     command = "python benchmarks/bench_distill.py " + " ".join(argv if argv is not None else sys.argv[1:])
     notes = ("MNIST train split (55,000 records, add-or-remove-one), δ = 1e-5, IPC 10 stored images per class "
@@ -152,13 +172,14 @@ def main(argv: list[str] | None = None) -> None:
     from dpdistill import data
 
     splits = data.load_splits("mnist", root=args.root)
+    also = [None if a.strip() == "none" else a.strip() for a in args.also_augment.split(",") if a.strip()]
     rows: list[dict[str, Any]] = []
     old = RESULTS / f"{args.name}.json"
     if args.append and old.exists():
         rows = json.loads(old.read_text())["rows"]
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
         print(f"== {row}", flush=True)
-        for r in run_row(row, splits, args.seeds, args.overrides):
+        for r in run_row(row, splits, args.seeds, args.overrides, also, Path(args.save_sets) if args.save_sets else None):
             print(json.dumps(r), flush=True)
             rows.append(r)
             record(args.name, command, rows, COLUMNS, notes)
