@@ -74,6 +74,9 @@ CASES = [
      ["field 'evaluation.augment'", "'dsa-lite' or 'dsa'", "'flip'"]),
     ("set-without-equals", GOOD, ["--set", "method.ipc"], ["--set 'method.ipc'", "KEY=VALUE"]),
     ("set-bad-value", GOOD, ["--set", "evaluation.epochs=-4"], ["field 'evaluation.epochs'", "-4"]),
+    # A check across method fields names the block, not "method." with an empty field, and does not echo it.
+    ("method-cross-field-check", _merge(GOOD, {"method": {"ipc": 3, "factor": 2}}), [],
+     ["field 'method':", "multiple of factor^2"]),
     ("non-private-with-epsilon", _merge(GOOD, {"privacy": {"epsilon": 1.0}}), [], ["privacy.epsilon", "no privacy guarantee"]),
 ]
 

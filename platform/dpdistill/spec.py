@@ -281,9 +281,7 @@ def validate_method_options(spec: JobSpec, source: str) -> dict[str, Any]:
         try:
             cfg = TypeAdapter(config_type).validate_python(options)
         except ValidationError as e:
-            first = e.errors()[0]
-            loc = "method." + _format_loc(tuple(first.get("loc", ())))
-            raise SpecError(f"{source}: field '{loc}': {first.get('msg')} (got {first.get('input')!r})") from None
+            raise SpecError(_method_error(e, source)) from None
         except (ValueError, TypeError) as e:
             raise SpecError(f"{source}: method '{spec.method.name}': {e}") from None
         return dataclasses.asdict(cfg)
@@ -298,11 +296,19 @@ def validate_method_options(spec: JobSpec, source: str) -> dict[str, Any]:
         try:
             return config_type.model_validate(options).model_dump(mode="json")
         except ValidationError as e:
-            first = e.errors()[0]
-            loc = "method." + _format_loc(tuple(first.get("loc", ())))
-            msg = first.get("msg", "invalid value")
-            raise SpecError(f"{source}: field '{loc}': {msg[0].lower() + msg[1:]} (got {first.get('input')!r})") from None
+            raise SpecError(_method_error(e, source)) from None
     return options
+
+
+def _method_error(err: ValidationError, source: str) -> str:
+    """One line for the first error in a method's options: the field (or the block, for a check across fields)."""
+    first = err.errors()[0]
+    loc = _format_loc(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:] if msg else "invalid value"
+    if not loc:  # a model-level check (across fields): its input is the whole block, not worth echoing
+        return f"{source}: field 'method': {msg}"
+    return f"{source}: field 'method.{loc}': {msg} (got {first.get('input')!r})"
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:

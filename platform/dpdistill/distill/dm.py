@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from dpdistill import models
@@ -55,6 +55,14 @@ class MatchingConfig(CheckedNetworkOptions):
     net_pool: str = "avg"
     factor: int = Field(1, ge=1, description="multi-formation factor (IDC): each stored image holds factor^2")
     clamp: bool = Field(True, description="project the images onto [0, 1] after every step")
+
+    @model_validator(mode="after")
+    def _ipc_fits_factor(self) -> MatchingConfig:
+        # Checked when the spec is validated, so a bad pair fails before any run folder exists.
+        per = self.factor * self.factor
+        if self.ipc % per:
+            raise ValueError(f"ipc {self.ipc} is not a multiple of factor^2 = {per}")
+        return self
 
     @property
     def stored_ipc(self) -> int:
