@@ -170,7 +170,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
 
 
-def _expected_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+def _expected_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
     """The keys a spec block accepts, found by walking the model along ``loc`` (minus the bad key)."""
     current: type[BaseModel] | None = model
     for part in loc[:-1]:
@@ -181,20 +181,25 @@ def _expected_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(current.model_fields) if current is not None else []
 
 
-def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = JobSpec) -> str:
-    """Turn pydantic's first error into one line naming the file and the field."""
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = JobSpec,
+                            block: str = "") -> str:
+    """Turn pydantic's first error into one line naming the file and the field.
+
+    ``block``: the spec block that ``model`` validates (e.g. "method"), prefixed to the field; a check across a
+    block's fields (empty loc) then names the block, and its input (the whole block) is not echoed.
+    """
     first = err.errors()[0]
-    loc = tuple(first.get("loc", ()))
+    loc = ((block,) if block else ()) + tuple(first.get("loc", ()))
     field = _format_loc(loc) or "<top level>"
     kind = first.get("type", "")
     if kind == "extra_forbidden":
-        keys = _expected_keys(model, loc)
+        keys = _expected_keys(model, loc[1:] if block else loc)
         hint = f"; expected one of: {', '.join(keys)}" if keys else ""
         return f"{source}: unknown key '{field}'{hint}"
     if kind == "missing":
         return f"{source}: missing required field '{field}'"
-    msg = first.get("msg", "invalid value")
-    msg = msg[0].lower() + msg[1:] if msg else msg
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:] if msg else "invalid value"
     got = first.get("input")
     got_s = "" if isinstance(got, dict | list) else f" (got {got!r})"
     return f"{source}: field '{field}': {msg}{got_s}"
@@ -281,7 +286,7 @@ def validate_method_options(spec: JobSpec, source: str) -> dict[str, Any]:
         try:
             cfg = TypeAdapter(config_type).validate_python(options)
         except ValidationError as e:
-            raise SpecError(_method_error(e, source)) from None
+            raise SpecError(format_validation_error(e, source, None, block="method")) from None
         except (ValueError, TypeError) as e:
             raise SpecError(f"{source}: method '{spec.method.name}': {e}") from None
         return dataclasses.asdict(cfg)
@@ -296,19 +301,8 @@ def validate_method_options(spec: JobSpec, source: str) -> dict[str, Any]:
         try:
             return config_type.model_validate(options).model_dump(mode="json")
         except ValidationError as e:
-            raise SpecError(_method_error(e, source)) from None
+            raise SpecError(format_validation_error(e, source, config_type, block="method")) from None
     return options
-
-
-def _method_error(err: ValidationError, source: str) -> str:
-    """One line for the first error in a method's options: the field (or the block, for a check across fields)."""
-    first = err.errors()[0]
-    loc = _format_loc(tuple(first.get("loc", ())))
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    msg = msg[0].lower() + msg[1:] if msg else "invalid value"
-    if not loc:  # a model-level check (across fields): its input is the whole block, not worth echoing
-        return f"{source}: field 'method': {msg}"
-    return f"{source}: field 'method.{loc}': {msg} (got {first.get('input')!r})"
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
