@@ -198,3 +198,31 @@ def test_no_sensitive_image_reaches_the_run_folder_or_mlflow(tmp_path) -> None:
     planted = tmp_path / "planted.bin"
     planted.write_bytes(b"header" + rows[17] + b"trailer")
     assert any(r in planted.read_bytes() for r in rows)
+
+
+def test_cosine_image_schedule_decays_to_zero_and_leaves_the_accounting_alone(sensitive, public) -> None:
+    from dpdistill.distill.loop import image_lr_schedule
+
+    image = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([image], lr=100.0)
+    assert image_lr_schedule(opt, "constant", 10) is None
+    schedule = image_lr_schedule(opt, "cosine", 10)
+    rates = []
+    for _ in range(10):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(100.0) and rates[5] == pytest.approx(50.0)
+    assert all(a > b for a, b in zip(rates, rates[1:])) and opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(SpecError, match="lr_schedule"):
+        distill.get("dpgeng").make_config(lr_schedule="linear")
+    # The schedule is post-processing of released targets: the charges are those of a constant-rate run.
+    charged, images = {}, {}
+    for kind in ("constant", "cosine"):
+        ledger = _ledger(len(sensitive), 2.0)
+        syn = run_dpgeng(sensitive, DPGenGConfig(**{**TINY, "lr_schedule": kind}), seed=0, ledger=ledger,
+                         mean=MEAN, std=STD, progress=False, generated=public)
+        charged[kind] = [(e["component"], e["mechanism"], e["epsilon_alone"]) for e in ledger.entries]
+        images[kind] = syn.export()[0]
+    assert charged["cosine"] == charged["constant"]
+    assert not torch.equal(images["cosine"], images["constant"])  # the schedule did change the steps

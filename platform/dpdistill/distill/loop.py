@@ -36,6 +36,19 @@ def apply_image_gradient(opt: torch.optim.Optimizer, syn: Any, normalize: Any, c
         syn.clamp_()
 
 
+def image_lr_schedule(opt: torch.optim.Optimizer, kind: str, iterations: int) -> Any:
+    """The image learning-rate schedule stepped once per iteration: None (constant) or cosine decay to 0.
+
+    With noisy matching targets (DP noise, Poisson batch sizes, DSA draws) a constant rate leaves the images
+    jumping around their optimum with each step's noise; decaying it makes the last steps an average.
+    """
+    if kind == "constant" or iterations < 1:
+        return None
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations)
+    raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {kind!r}")
+
+
 @contextlib.contextmanager
 def partial_set_on_interrupt(syn: Any) -> Iterator[None]:
     """On Ctrl-C, attach the set as it stands to the KeyboardInterrupt so the runner can save it."""

@@ -50,7 +50,7 @@ from dpdistill.distill.dpgeng.feature_matching import (
 )
 from dpdistill.distill.dpgeng.guidance import ExpertGuidance
 from dpdistill.distill.dpgeng.init_kmeans import dp_init, random_init
-from dpdistill.distill.loop import image_step, partial_set_on_interrupt
+from dpdistill.distill.loop import image_lr_schedule, image_step, partial_set_on_interrupt
 from dpdistill.distill.options import CheckedNetworkOptions, PrivateMatchingOptions
 from dpdistill.distill.synthetic import SyntheticSet
 from dpdistill.errors import DataError, SpecError
@@ -116,6 +116,9 @@ class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
     # clip (C) and sigma (σ_F; None: solved from what the budget leaves) come from PrivateMatchingOptions.
     lr_img: float = Field(100.0, gt=0, description="image learning rate (normalised units)")
     momentum: float = Field(0.5, ge=0, lt=1)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="image learning rate over the iterations: constant, or cosine decay to 0 (the "
+        "last steps then average the noisy targets instead of jumping with each)")
     dsa_strategy: str = DEFAULT_STRATEGY
     dsa_mode: Literal["single", "all"] = "single"
     clamp: bool = True
@@ -336,6 +339,7 @@ def run_dpgeng(
     if cfg.uses_matching or cfg.uses_expert:
         dsa = make_dsa(cfg.dsa_strategy, cfg.dsa_mode)
         opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
+        schedule = image_lr_schedule(opt, cfg.lr_schedule, cfg.iterations)
         noise_g = torch.Generator().manual_seed(base_seed + 6)
         with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "DP-GenG", progress) as advance:
             for it in range(cfg.iterations):
@@ -347,6 +351,8 @@ def run_dpgeng(
                 if guidance is not None:
                     loss = loss + cfg.eg_weight * guidance.loss(syn, g)
                 value = image_step(opt, loss, syn, normalize, cfg.clamp)
+                if schedule is not None:
+                    schedule.step()
                 advance(value)
                 if callback is not None:
                     callback(it, value)
