@@ -213,7 +213,7 @@ def test_cosine_image_schedule_decays_to_zero_and_leaves_the_accounting_alone(se
         opt.step()
         schedule.step()
     assert rates[0] == pytest.approx(100.0) and rates[5] == pytest.approx(50.0)
-    assert all(a > b for a, b in zip(rates, rates[1:])) and opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False)) and opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(SpecError, match="lr_schedule"):
         distill.get("dpgeng").make_config(lr_schedule="linear")
     # The schedule is post-processing of released targets: the charges are those of a constant-rate run.
