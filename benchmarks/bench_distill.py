@@ -113,7 +113,9 @@ def run_row(row: str, splits: dict[str, Any], seeds: int, overrides: list[str], 
         # DP-GenG's wall seconds per stage (generate, extract, init, expert, distill): where the time goes.
         base["stage_s"] = json.dumps({k: round(v, 1) for k, v in report["seconds"].items()})
     images, labels = syn.export()
-    label = {"ablation": f"ablation +DP-FM ({row})", "dpgeng": f"DP-GenG, +DP-EG ({row})"}.get(name, row)
+    # The label says which stages ran: an override can switch guidance off in a plain dpgeng row too.
+    stages = "+DP-EG" if getattr(config, "uses_expert", False) else "DP-FM only, no DP-EG"
+    label = {"ablation": f"ablation +DP-FM ({row})", "dpgeng": f"DP-GenG, {stages} ({row})"}.get(name, row)
     sets = {label: (images, labels)}
     if report is not None and name in ("ablation", "dpgeng"):
         if name == "ablation":
