@@ -113,8 +113,10 @@ def run_row(row: str, splits: dict[str, Any], seeds: int, overrides: list[str], 
         # DP-GenG's wall seconds per stage (generate, extract, init, expert, distill): where the time goes.
         base["stage_s"] = json.dumps({k: round(v, 1) for k, v in report["seconds"].items()})
     images, labels = syn.export()
-    # The label says which stages ran: an override can switch guidance off in a plain dpgeng row too.
-    stages = "+DP-EG" if getattr(config, "uses_expert", False) else "DP-FM only, no DP-EG"
+    # The label says which refinement stages ran: overrides can switch them off in a plain dpgeng row too.
+    ran = [s for s, on in (("DP-FM", getattr(config, "uses_matching", False)),
+                           ("DP-EG", getattr(config, "uses_expert", False))) if on]
+    stages = "+DP-EG" if ran == ["DP-FM", "DP-EG"] else f"{' + '.join(ran) or 'DP-Init'} only"
     label = {"ablation": f"ablation +DP-FM ({row})", "dpgeng": f"DP-GenG, {stages} ({row})"}.get(name, row)
     sets = {label: (images, labels)}
     if report is not None and name in ("ablation", "dpgeng"):
