@@ -112,6 +112,8 @@ def test_job_hook_logs_epsilon_by_stage_and_the_generated_baseline(full_run) -> 
     [
         ({"feature_matching": False, "expert_guidance": False}, ["extract", "init"], []),
         ({"feature_matching": False, "expert_guidance": False, "kmeans_features": "pixels"}, ["init"], []),
+        ({"feature_matching": False, "expert_guidance": False, "kmeans_features": "pixels", "init_filter": 0.5},
+         ["extract", "init"], []),
         ({"expert_guidance": False}, ["extract", "init", "distill"], ["dpgeng/feature_matching"]),
         ({"feature_matching": False}, ["extract", "init", "expert", "distill"], ["dpgeng/expert"]),
         ({}, ["extract", "init", "expert", "distill"], ["dpgeng/expert", "dpgeng/feature_matching"]),

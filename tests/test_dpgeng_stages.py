@@ -10,7 +10,7 @@ from dpdistill import data
 from dpdistill.distill.dpgeng.expert import DPSGDPlan, dp_finetune, dpsgd_rate_and_steps, pretrain_expert
 from dpdistill.distill.dpgeng.extractors import train_extractors
 from dpdistill.distill.dpgeng.guidance import ExpertGuidance
-from dpdistill.distill.dpgeng.init_kmeans import dp_init, nearest_distinct
+from dpdistill.distill.dpgeng.init_kmeans import confident_subset, dp_init, nearest_distinct
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 from dpdistill.errors import DataError
 from dpdistill.privacy import PrivacyLedger
@@ -49,6 +49,34 @@ def test_dp_init_picks_generated_images_per_class(public) -> None:
     assert packed.images.shape == (20, 1, 8, 8) and len(packed) == 80 and packed.factor == 2
     with pytest.raises(DataError, match="generated_per_class"):
         dp_init(public.subset(torch.arange(30)), ipc=10, factor=2)
+
+
+def test_confident_subset_drops_each_classs_least_confident_images(public) -> None:
+    # A stand-in classifier whose confidence in the own label is the image's mean brightness.
+    def classify(x: torch.Tensor) -> torch.Tensor:
+        own = x.flatten(1).mean(dim=1, keepdim=True)
+        return own.expand(-1, 10)
+
+    kept = confident_subset(public, classify, drop=0.25)
+    before, after = public.class_counts(), kept.class_counts()
+    assert after.tolist() == [int(np.ceil(0.75 * n)) for n in before.tolist()]
+    brightness = public.images.flatten(1).mean(dim=1)
+    kept_b = kept.images.flatten(1).mean(dim=1)
+    for c in range(10):
+        mine, theirs = brightness[public.labels == c], kept_b[kept.labels == c]
+        # Exactly the brightest of the class remain, the dimmest quarter is gone.
+        assert torch.equal(theirs.sort().values, mine.sort(descending=True).values[:len(theirs)].sort().values)
+    assert confident_subset(public, classify, drop=0.0) is public
+
+
+def test_init_filter_must_leave_enough_candidates() -> None:
+    from dpdistill import distill
+    from dpdistill.errors import SpecError
+
+    record = distill.get("dpgeng")
+    record.make_config(ipc=10, factor=2, generated_per_class=50, init_filter=0.2)  # 40 left: exactly enough
+    with pytest.raises(SpecError, match="init_filter"):
+        record.make_config(ipc=10, factor=2, generated_per_class=50, init_filter=0.3)
 
 
 def test_extractors_are_frozen_and_distinct(public) -> None:

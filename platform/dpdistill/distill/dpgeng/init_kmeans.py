@@ -3,10 +3,16 @@
 Per class, k-means (scikit-learn) on features of the class's generated images with k = ipc · f² clusters;
 the generated image nearest each centroid (distinct images) is kept, and each group of f² kept images is
 packed into one stored image (multi-formation). Only DP outputs are read: the stage is free.
+
+Optionally the generated set is filtered first (:func:`confident_subset`): a DP generator also emits failed
+samples (DP-MERF on MNIST: blobs, broken strokes), and k-means gives outliers clusters of their own, so
+they would be picked. Dropping, per class, the images the extractors classify least confidently as their
+own label removes them; the extractors are trained on generated data, so the filter is free too.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +62,26 @@ def kmeans_select(images: torch.Tensor, k: int, embed: Embed | None, seed: int) 
     order = np.argsort(-sizes, kind="stable")
     picks = nearest_distinct(feats, km.cluster_centers_[order])
     return images[torch.as_tensor(picks, dtype=torch.int64)]
+
+
+@torch.no_grad()
+def confident_subset(generated: Any, classify: Callable[[torch.Tensor], torch.Tensor], drop: float,
+                     chunk: int = 512) -> Any:
+    """``generated`` without the ``drop`` fraction of each class scored least confidently as that class.
+
+    ``classify`` maps pixel images to class probabilities [N, classes]. Each class keeps
+    ``ceil((1 - drop) · n_c)`` images (at least one), in their original order.
+    """
+    if drop <= 0:
+        return generated
+    probs = torch.cat([classify(generated.images[s:s + chunk]).cpu() for s in range(0, len(generated), chunk)])
+    own = probs.gather(1, generated.labels.view(-1, 1).cpu()).flatten()
+    keep = []
+    for idx in generated.per_class_indices():
+        n_keep = max(1, math.ceil((1.0 - drop) * len(idx)))
+        best = torch.argsort(own[idx], descending=True, stable=True)[:n_keep]
+        keep.append(idx[best.sort().values])
+    return generated.subset(torch.cat(keep))
 
 
 def dp_init(generated: Any, ipc: int, factor: int, embed: Embed | None = None, seed: int = 0) -> SyntheticSet:

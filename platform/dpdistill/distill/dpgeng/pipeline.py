@@ -4,6 +4,7 @@
                    and generates a large labelled set: every later use of it is post-processing;
     b. init      — DP-Init: k-means on extractor features of each class's generated images, the images
                    nearest the centroids packed by the multi-formation factor (or: random generated / noise);
+                   optionally only among the images the extractors classify most confidently (init_filter);
     c. extract   — K ConvNets trained on the generated set, one drawn per distillation iteration;
     d. expert    — a ConvNet trained on the generated set, fine-tuned on the sensitive split with DP-SGD;
     e. match     — DP feature matching against the sensitive split (per-class Poisson, clip C, noise σ_F·C);
@@ -23,11 +24,13 @@ all its steps before the loop; (b), (c) and (f) read only DP outputs. Every char
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 
 from dpdistill.distill import register
@@ -49,7 +52,7 @@ from dpdistill.distill.dpgeng.feature_matching import (
     private_normalizer,
 )
 from dpdistill.distill.dpgeng.guidance import ExpertGuidance
-from dpdistill.distill.dpgeng.init_kmeans import dp_init, random_init
+from dpdistill.distill.dpgeng.init_kmeans import confident_subset, dp_init, random_init
 from dpdistill.distill.loop import image_lr_schedule, image_step, partial_set_on_interrupt
 from dpdistill.distill.options import CheckedNetworkOptions, PrivateMatchingOptions
 from dpdistill.distill.synthetic import SyntheticSet
@@ -96,6 +99,9 @@ class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
     # (b) init
     init: Literal["dp_init", "random_generated", "noise"] = "dp_init"
     kmeans_features: Literal["extractor", "pixels"] = "extractor"
+    init_filter: float = Field(0.0, ge=0, lt=1, description="fraction of each class's generated images dropped "
+                               "before the init picks: those the extractors classify least confidently as their "
+                               "own class (failed samples; free, DP outputs only)")
     # (c) extractors / matching networks
     extractors: int = Field(5, ge=1, description="K feature extractors trained on the generated data")
     extractor_epochs: int = Field(4, ge=0, description="epochs of the longest-trained extractor (0: random nets)")
@@ -147,6 +153,9 @@ class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
         if self.init != "noise" and self.generated_per_class < need:
             # Checked here, before the generator spends any budget.
             raise ValueError(f"generated_per_class must be at least ipc x factor^2 = {need} for init '{self.init}'")
+        if self.init != "noise" and math.ceil((1 - self.init_filter) * self.generated_per_class) < need:
+            raise ValueError(f"init_filter {self.init_filter:g} leaves fewer than ipc x factor^2 = {need} of the "
+                             f"{self.generated_per_class} generated images per class")
         return self
 
     def net_spec(self) -> dict[str, Any]:
@@ -163,6 +172,10 @@ class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
     @property
     def uses_matching(self) -> bool:
         return self.feature_matching and self.iterations > 0
+
+    @property
+    def filters_init(self) -> bool:
+        return self.init != "noise" and self.init_filter > 0
 
 
 def generate_stage(real: Any, cfg: DPGenGConfig, ledger: Any, epsilon_total: float, seed: int,
@@ -275,20 +288,28 @@ def run_dpgeng(
         raise DataError(f"generated set has no image of class {int(gen_counts.argmin())}")
 
     # (c) extractors: also the k-means features of (b), so trained first
-    needs_extractors = cfg.uses_matching or (cfg.init == "dp_init" and cfg.kmeans_features == "extractor")
+    needs_extractors = (cfg.uses_matching or cfg.filters_init
+                        or (cfg.init == "dp_init" and cfg.kmeans_features == "extractor"))
     extractors = []
     if needs_extractors:
         extractors = train_extractors(generated, cfg.extractors, cfg.extractor_epochs, cfg.net_spec(), stats_mean,
                                       stats_std, base_seed + 1, device)
         done("extract")
 
-    # (b) init
+    # (b) init, from the generated images the extractors find typical of their class when init_filter > 0
+    candidates = generated
+    if cfg.filters_init:
+        def classify(x: torch.Tensor) -> torch.Tensor:
+            xn = normalize(x.to(device))
+            return torch.stack([F.softmax(net(xn), dim=1) for net in extractors]).mean(dim=0)
+
+        candidates = confident_subset(generated, classify, cfg.init_filter)
     if cfg.init == "dp_init":
         feat_net = extractors[-1] if extractors and cfg.kmeans_features == "extractor" else None
         embed = (lambda x: feat_net.embed(normalize(x.to(device)))) if feat_net is not None else None
-        syn = dp_init(generated, cfg.ipc, cfg.factor, embed, base_seed + 2)
+        syn = dp_init(candidates, cfg.ipc, cfg.factor, embed, base_seed + 2)
     elif cfg.init == "random_generated":
-        syn = random_init(generated, cfg.ipc, cfg.factor, torch.Generator().manual_seed(base_seed + 2))
+        syn = random_init(candidates, cfg.ipc, cfg.factor, torch.Generator().manual_seed(base_seed + 2))
     else:
         shape = (channels, real.image_size, real.image_size)
         syn = SyntheticSet.from_noise(real.num_classes, cfg.ipc, shape, torch.Generator().manual_seed(base_seed + 2),
