@@ -52,6 +52,12 @@ def run(
 def _print_summary(job, result) -> None:
     from rich.table import Table
 
+    from dpdistill.runner import not_private_reason
+
+    console = _console()
+    not_private = not_private_reason(job)
+    if not_private:  # the first line a user reads, above the table
+        console.print(f"[bold red]{not_private}[/bold red]", soft_wrap=True)
     table = Table(title=f"dpdistill · {job.name} ({job.kind}/{job.method.name})", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -60,6 +66,9 @@ def _print_summary(job, result) -> None:
     eps = result.metrics.get("privacy_epsilon")
     if job.privacy.epsilon is None:
         table.add_row("privacy", "none: not a private release")
+    elif not_private:
+        table.add_row("privacy", f"NOT PRIVATE (ε = {eps if eps is None else round(eps, 3)} would hold only "
+                      "for secret noise)")
     elif eps is not None:
         table.add_row("privacy", f"ε = {eps:.3f} (PLD) of budget {job.privacy.epsilon}, "
                       f"δ = {result.metrics.get('privacy_delta', float('nan')):.2e}, add-or-remove-one")
@@ -71,7 +80,6 @@ def _print_summary(job, result) -> None:
             table.add_row("ε by component", ", ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items()))
                           + " (each alone; composed tightly into the total)")
     table.add_row("wall time", f"{result.seconds:.1f} s")
-    console = _console()
     console.print(table)
     # Paths go below the table, unwrapped, so they can be copied.
     console.print(f"run folder: {result.run_dir}", soft_wrap=True)

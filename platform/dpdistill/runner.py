@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dpdistill.errors import SpecError
+from dpdistill.privacy.noise import NOT_PRIVATE_BANNER, PrivacyRandomness
 from dpdistill.runtime.runfolder import RunFolder
 from dpdistill.runtime.tracking import Tracker, resolve_tracking_uri
 from dpdistill.spec import JobSpec
@@ -37,6 +38,8 @@ class RunContext:
     tracker: Tracker
     ledger: Any | None
     progress: bool = True
+    # The job's privacy randomness: secret (OS entropy) unless privacy.reproducible_noise (NOT PRIVATE).
+    noise: PrivacyRandomness = field(default_factory=PrivacyRandomness.secret)
     summary: list[tuple[str, str]] = field(default_factory=list)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -71,7 +74,19 @@ def make_ledger(spec: JobSpec, path: Path | None, n_records: int) -> Any | None:
 
     delta = spec.privacy.delta if spec.privacy.delta is not None else default_delta(n_records)
     check_delta(delta, n_records)
-    return PrivacyLedger(path, epsilon_budget=spec.privacy.epsilon, delta=delta, n_records=n_records)
+    return PrivacyLedger(path, epsilon_budget=spec.privacy.epsilon, delta=delta, n_records=n_records,
+                         noise="reproducible" if spec.privacy.reproducible_noise else "secret")
+
+
+def not_private_reason(spec: JobSpec) -> str | None:
+    """Why a run of ``spec`` is NOT PRIVATE although it asks for a budget (None when it is private).
+
+    A spec without ``privacy.epsilon`` is simply a non-private method; this is about a private method whose
+    guarantee does not hold: the debugging mode that derives the noise from the public seed.
+    """
+    if spec.privacy.epsilon is not None and spec.privacy.reproducible_noise:
+        return NOT_PRIVATE_BANNER
+    return None
 
 
 def run_job(
@@ -102,15 +117,23 @@ def run_job(
     started = time.perf_counter()
     status = "failed"
     ctx: RunContext | None = None
+    not_private = not_private_reason(spec)
+    privacy_tag = ("none" if spec.privacy.epsilon is None else "NOT PRIVATE" if not_private else "private")
     try:
         tracker.start(
             run_name=f"{spec.name}/{run.path.name}",
             params=spec.flat_params(),
             tags={"dpdistill.kind": spec.kind, "dpdistill.method": spec.method.name,
-                  "dpdistill.run_dir": str(run.path)},
+                  "dpdistill.run_dir": str(run.path), "dpdistill.privacy": privacy_tag},
         )
         ledger = make_ledger(spec, run.ledger_path, n_records)
-        ctx = RunContext(spec=spec, run=run, tracker=tracker, ledger=ledger, progress=progress)
+        noise = PrivacyRandomness.for_spec(spec.privacy.reproducible_noise, spec.seed)
+        ctx = RunContext(spec=spec, run=run, tracker=tracker, ledger=ledger, progress=progress, noise=noise)
+        if not_private:
+            log.warning(not_private)
+            ctx.add_summary("NOT PRIVATE", not_private)
+            run.log_metrics({"not_private": 1.0})
+            run.set_status("running", not_private=not_private)
         log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
         pipeline.execute(ctx, prepared)
         status = "completed"

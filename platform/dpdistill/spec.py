@@ -45,6 +45,11 @@ class PrivacySpec(StrictModel):
 
     epsilon: float | None = Field(default=None, gt=0)
     delta: float | None = Field(default=None, gt=0, lt=1)
+    reproducible_noise: bool = Field(
+        default=False,
+        description=("DEBUGGING ONLY: derive the privacy noise from spec.seed so a run repeats byte for byte; "
+                     "the release is then NOT PRIVATE and every report says so"),
+    )
 
 
 class RaySpec(StrictModel):

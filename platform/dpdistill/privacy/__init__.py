@@ -42,6 +42,7 @@ from dpdistill.privacy.defaults import (
     validate_steps,
 )
 from dpdistill.privacy.ledger import PrivacyLedger
+from dpdistill.privacy.noise import PrivacyRandomness
 from dpdistill.privacy.mechanisms import (
     Composed,
     Gaussian,
@@ -76,6 +77,7 @@ __all__ = [
     "PoissonGaussian",
     "PrivacyError",
     "PrivacyLedger",
+    "PrivacyRandomness",
     "RandomizedResponse",
     "accounting_report",
     "add_remove_sensitivity",

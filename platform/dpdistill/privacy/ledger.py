@@ -95,8 +95,14 @@ class PrivacyLedger:
         delta: float,
         n_records: int | None = None,
         neighbouring: str = ADD_OR_REMOVE_ONE,
+        noise: str = "secret",
     ) -> None:
         self.path = Path(path) if path is not None else None
+        # Where the noise of the charged releases came from: "secret" (OS entropy) or "reproducible" (derived
+        # from the public spec.seed, a debugging mode: the charges then describe noise anyone can subtract).
+        if noise not in ("secret", "reproducible"):
+            raise PrivacyError(f"ledger: noise must be 'secret' or 'reproducible', got {noise!r}")
+        self.noise = noise
         self.epsilon_budget = validate_epsilon(epsilon_budget, "epsilon_budget")
         self.delta = validate_delta(delta)
         self.n_records = validate_n(n_records) if n_records is not None else None
@@ -125,6 +131,7 @@ class PrivacyLedger:
             delta=data["delta"],
             n_records=data.get("n_records"),
             neighbouring=data.get("neighbouring", ADD_OR_REMOVE_ONE),
+            noise=data.get("noise", "secret"),
         )
 
     def _resume(self, path: Path) -> None:
@@ -159,6 +166,9 @@ class PrivacyLedger:
             "epsilon_budget": self.epsilon_budget,
             "delta": self.delta,
             "n_records": self.n_records,
+            "noise": self.noise,
+            "guarantee": ("NOT PRIVATE: the noise was derived from spec.seed (privacy.reproducible_noise)"
+                          if self.noise != "secret" else "(ε, δ)-DP as composed below"),
             "accountant": {
                 "authority": "pld",
                 "library": _dp_accounting_version(),
