@@ -9,8 +9,8 @@ import torch
 
 from dpdistill import data, synthesis
 from dpdistill.errors import PrivacyError
-from dpdistill.privacy import PrivacyLedger
-from dpdistill.synthesis import base, dp_gan, dp_kernel, gs_wgan
+from dpdistill.privacy import PrivacyLedger, PrivacyRandomness
+from dpdistill.synthesis import gs_wgan
 from dpdistill.synthesis.features import NTKFeatures, labelled_feature_sum
 
 
@@ -79,7 +79,7 @@ def test_dp_kernel_fails_when_noise_cannot_be_drawn(digits, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("entropy source unavailable")
 
-    monkeypatch.setattr(dp_kernel, "gaussian_noise", broken)
+    monkeypatch.setattr(synth.noise, "gaussian", broken)
     with pytest.raises(RuntimeError, match="entropy source"):
         synth.fit(digits, ledger(digits, 2.0))
     # Not one step was taken on the clean loss.
@@ -88,22 +88,23 @@ def test_dp_kernel_fails_when_noise_cannot_be_drawn(digits, monkeypatch):
 
 
 @pytest.mark.parametrize("std", [0.0, -1.0, float("nan"), float("inf")])
-def test_noise_helper_refuses_no_noise(std):
+def test_noise_source_refuses_no_noise(std):
+    synth = synthesis.create("dp-kernel", channels=1, image_size=8, num_classes=10)
     with pytest.raises(PrivacyError):
-        base.gaussian_noise((3,), std, torch.Generator().manual_seed(0))
+        synth.noise.gaussian((3,), std)
 
 
 def test_dp_kernel_adds_noise_of_the_calibrated_size(digits, monkeypatch):
     drawn: list[float] = []
-    real = dp_kernel.gaussian_noise
-
-    def spy(shape, std, generator, device="cpu"):
-        drawn.append(std)
-        return real(shape, std, generator, device)
-
-    monkeypatch.setattr(dp_kernel, "gaussian_noise", spy)
     synth = synthesis.create("dp-kernel", channels=1, image_size=8, num_classes=10, seed=0, num_features=200,
                              iterations=5)
+    real = synth.noise.gaussian
+
+    def spy(shape, std, *args, **kwargs):
+        drawn.append(std)
+        return real(shape, std, *args, **kwargs)
+
+    monkeypatch.setattr(synth.noise, "gaussian", spy)
     report = synth.fit(digits, ledger(digits, 2.0))
     assert len(drawn) == 2 * 5  # sums and counts, every step
     assert all(s == pytest.approx(report.noise["sigma"]) for s in drawn)
@@ -116,14 +117,14 @@ def test_dp_kernel_adds_noise_of_the_calibrated_size(digits, monkeypatch):
 def poisson_sizes(monkeypatch) -> list[int]:
     """The size of every Poisson sample DP-GAN draws, recorded as it trains (the sampler is wrapped, not faked)."""
     sizes: list[int] = []
-    real = dp_gan.poisson_batches
+    real = PrivacyRandomness.poisson_batches
 
-    def spy(n, q, steps, generator):
-        for idx in real(n, q, steps, generator):
+    def spy(self, n, q, steps):
+        for idx in real(self, n, q, steps):
             sizes.append(len(idx))
             yield idx
 
-    monkeypatch.setattr(dp_gan, "poisson_batches", spy)
+    monkeypatch.setattr(PrivacyRandomness, "poisson_batches", spy)
     return sizes
 
 
@@ -250,12 +251,12 @@ def test_gs_wgan_keeps_no_discriminator_after_fit(digits, tmp_path):
 
 def test_gs_wgan_sanitiser_clips_and_noises():
     synth = synthesis.create("gs-wgan", channels=1, image_size=8, num_classes=10, seed=0, clip=1.0)
-    hook = synth._sanitiser(1e-6, torch.Generator().manual_seed(0))
+    hook = synth._sanitiser(1e-6)
     grad = torch.zeros(4, 1, 8, 8)
     grad[:, 0, 0, 0] = torch.tensor([10.0, 0.5, -3.0, 0.0])
     out = hook(grad) * 4  # undo the mean over rows
     assert torch.allclose(out.flatten(1).norm(dim=1), torch.tensor([1.0, 0.5, 1.0, 0.0]), atol=1e-4)
-    big = synth._sanitiser(100.0, torch.Generator().manual_seed(0))(grad) * 4
+    big = synth._sanitiser(100.0)(grad) * 4
     assert big.std() > 50  # the noise is there
 
 
@@ -281,11 +282,14 @@ def test_dp_merf_makes_a_single_release_and_never_reads_the_data_again(digits, m
         sensitive = data.ImageSet(digits.images.clone(), digits.labels.clone(), 10, "digits")
         drawn: list[tuple[int, ...]] = []
         reads: list[int] = []
-        real_noise, real_sums = dp_merf.gaussian_noise, dp_merf.MeanEmbeddingSynthesizer._sums_and_counts
+        # The same (debugging) noise in both fits, so that only the corruption could tell them apart.
+        synth = synthesis.create("dp-merf", channels=1, image_size=8, num_classes=10, seed=0, num_features=200,
+                                 iterations=20, batch_size=50, noise=PrivacyRandomness.reproducible(0))
+        real_noise, real_sums = synth.noise.gaussian, dp_merf.MeanEmbeddingSynthesizer._sums_and_counts
 
-        def spy_noise(shape, std, generator, device="cpu"):
+        def spy_noise(shape, std, *args, **kwargs):
             drawn.append(tuple(shape))
-            out = real_noise(shape, std, generator, device)
+            out = real_noise(shape, std, *args, **kwargs)
             if corrupt_after_release and len(drawn) == 2:
                 # The release is done: later reads of the sensitive set would now see garbage.
                 sensitive.images.fill_(0.5)
@@ -296,10 +300,8 @@ def test_dp_merf_makes_a_single_release_and_never_reads_the_data_again(digits, m
             reads.append(len(data_))
             return real_sums(self, fmap, data_)
 
-        monkeypatch.setattr(dp_merf, "gaussian_noise", spy_noise)
+        monkeypatch.setattr(synth.noise, "gaussian", spy_noise)
         monkeypatch.setattr(dp_merf.MeanEmbeddingSynthesizer, "_sums_and_counts", spy_sums)
-        synth = synthesis.create("dp-merf", channels=1, image_size=8, num_classes=10, seed=0, num_features=200,
-                                 iterations=20, batch_size=50)
         led = ledger(digits, 2.0)
         synth.fit(sensitive, led)
         monkeypatch.undo()

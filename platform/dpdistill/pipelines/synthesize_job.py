@@ -153,8 +153,11 @@ class SynthesizePipeline:
         torch.manual_seed(spec.seed)
         art = ctx.run.artifacts
         art.mkdir(parents=True, exist_ok=True)
+        # spec.seed: the public randomness (weights, features, latents); ctx.noise: the privacy noise and private
+        # sampling (secret, unless the spec turned on the NOT PRIVATE reproducible mode).
         synth = p.method(p.config, channels=p.train.channels, image_size=p.train.image_size,
-                         num_classes=p.info.num_classes, seed=spec.seed, device=_device(spec.device))
+                         num_classes=p.info.num_classes, seed=spec.seed, device=_device(spec.device),
+                         noise=ctx.noise)
         if p.job.pretrain is not None:
             public = data.load(p.job.pretrain, "train", image_size=p.train.image_size)
             synth.pretrain(public, progress=ctx.progress)

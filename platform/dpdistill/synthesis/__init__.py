@@ -1,7 +1,8 @@
 """DP image synthesisers behind one interface (DPImageBench's non-diffusion methods), found by name.
 
 >>> from dpdistill import synthesis
->>> synth = synthesis.create("dp-merf", channels=1, image_size=28, num_classes=10, seed=0)
+>>> synth = synthesis.create("dp-merf", channels=1, image_size=28, num_classes=10, seed=0,
+...                          noise=ctx.noise)           # the job's PrivacyRandomness (default: a secret one)
 >>> report = synth.fit(sensitive, ledger)            # charges the ledger
 >>> images, labels = synth.generate(n_per_class=100)
 
@@ -14,6 +15,7 @@ import dataclasses
 from typing import Any
 
 from dpdistill.errors import SpecError
+from dpdistill.privacy.noise import PrivacyRandomness
 from dpdistill.synthesis.base import FitReport, Synthesizer
 
 _METHODS: dict[str, type[Synthesizer]] = {}
@@ -54,19 +56,24 @@ def make_config(name: str, **options: Any) -> Any:
 
 
 def create(name: str, config: Any = None, *, channels: int, image_size: int, num_classes: int, seed: int = 0,
-           device: str = "cpu", **options: Any) -> Synthesizer:
-    """A new synthesiser of method ``name`` (``options`` override the config defaults)."""
+           device: str = "cpu", noise: PrivacyRandomness | None = None, **options: Any) -> Synthesizer:
+    """A new synthesiser of method ``name`` (``options`` override the config defaults).
+
+    ``seed`` drives the public randomness (weights, features, latents); ``noise`` the privacy noise and private
+    sampling (None: a fresh secret source).
+    """
     cls = get(name)
     if config is None:
         config = make_config(name, **options)
     elif options:
         config = dataclasses.replace(config, **options)
-    return cls(config, channels=channels, image_size=image_size, num_classes=num_classes, seed=seed, device=device)
+    return cls(config, channels=channels, image_size=image_size, num_classes=num_classes, seed=seed, device=device,
+               noise=noise)
 
 
-def load(path: Any, device: str = "cpu") -> Synthesizer:
+def load(path: Any, device: str = "cpu", noise: PrivacyRandomness | None = None) -> Synthesizer:
     """Load a synthesiser saved with ``Synthesizer.save``."""
-    return Synthesizer.load(path, device=device)
+    return Synthesizer.load(path, device=device, noise=noise)
 
 
 # The methods register themselves on import.

@@ -18,6 +18,12 @@ Budget. ``fit(..., epsilon=E)`` spends the ledger up to a composed total of E (d
 budget), so earlier charges of the same job are included: σ is calibrated against ``ledger.would_cost`` —
 exactly the figure the ledger will charge — and the ledger total lands within 1 % of E.
 
+Randomness. Two sources, never mixed. ``seed`` drives the data-independent randomness (weight init, random
+features, latents, public pretraining), which is public and worth reproducing. ``noise`` (a
+:class:`~dpdistill.privacy.noise.PrivacyRandomness`, secret by default) drives every privacy noise draw and every
+random decision that touches sensitive records (Poisson samples, subset assignments, private choices, opacus'
+noise): a release plus its spec must not let anyone regenerate the noise and subtract it.
+
 What is saved. ``save`` writes the config, the generator's weights and the method's released (noisy) statistics
 — DP outputs only. Nothing computed from sensitive data without noise (e.g. GS-WGAN's discriminators) is ever
 kept past ``fit``.
@@ -29,7 +35,7 @@ import dataclasses
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,6 +47,7 @@ from dpdistill.errors import DataError, PrivacyError, SpecError
 from dpdistill.evaluation.training import thread_limit
 from dpdistill.privacy import ADD_OR_REMOVE_ONE, Mechanism, PrivacyLedger, replace_one_guarantee
 from dpdistill.privacy.calibration import solve_sigma
+from dpdistill.privacy.noise import PrivacyRandomness, resolve
 
 FORMAT = "dpdistill.synthesizer/1"
 
@@ -69,21 +76,6 @@ class FitReport:
         out.update({f"noise_{k}": float(v) for k, v in self.noise.items()})
         out.update({k: float(v) for k, v in self.extra.items()})
         return out
-
-
-def gaussian_noise(shape: tuple[int, ...] | torch.Size, std: float, generator: torch.Generator,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Draw N(0, std²) noise for a release; refuses (PrivacyError) rather than ever returning no noise.
-
-    Every method draws its privacy noise here, so "the noise could not be drawn" is an error that stops
-    the fit, never a silent fall back to a noiseless release.
-    """
-    if not isinstance(std, int | float) or not math.isfinite(std) or std <= 0:
-        raise PrivacyError(f"noise std must be a finite number > 0 for a private release, got {std!r}")
-    noise = torch.randn(tuple(shape), generator=generator).to(device) * std
-    if not torch.isfinite(noise).all() or noise.numel() and float(noise.abs().max()) == 0.0:
-        raise PrivacyError("noise draw returned no usable noise; refusing to release")
-    return noise
 
 
 def calibrate_for_ledger(ledger: PrivacyLedger, make: Callable[[float], Mechanism], target_total: float,
@@ -115,16 +107,19 @@ class Synthesizer(ABC):
 
     Subclasses set ``name``, ``config_type`` (a dataclass with defaults for MNIST-scale data),
     ``paper_neighbouring`` and ``privacy_note``, build their conditional generator in :meth:`build`, and
-    implement :meth:`_fit` (and :meth:`_pretrain` if they support public pretraining).
+    implement :meth:`_fit` (and :meth:`_pretrain` if they support public pretraining). Each also declares
+    ``disclosure``: every key its fit report and callbacks write, with its kind (:mod:`dpdistill.privacy.disclosure`).
     """
 
     name: ClassVar[str] = ""
     config_type: ClassVar[type] = object
     paper_neighbouring: ClassVar[str] = ADD_OR_REMOVE_ONE
     privacy_note: ClassVar[str] = ""
+    disclosure: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any = None, *, channels: int, image_size: int, num_classes: int,
-                 seed: int = 0, device: str | torch.device = "cpu") -> None:
+                 seed: int = 0, device: str | torch.device = "cpu",
+                 noise: PrivacyRandomness | None = None) -> None:
         self.config = config if config is not None else self.config_type()
         if not isinstance(self.config, self.config_type):
             raise SpecError(f"{self.name}: config must be a {self.config_type.__name__}, got "
@@ -137,11 +132,13 @@ class Synthesizer(ABC):
             raise DataError(f"{self.name}: num_classes must be >= 2, got {num_classes}")
         self.channels, self.image_size, self.num_classes = channels, image_size, num_classes
         self.seed = int(seed)
+        # The privacy randomness: secret unless the caller passed the reproducible (NOT PRIVATE) debugging mode.
+        self.noise = resolve(noise)
         self.device = torch.device(device)
         self.fitted = False
         self.pretrained_on: str | None = None
         self.report: FitReport | None = None
-        # Model weights are seeded from the synthesiser's seed; noise uses its own stream (see noise_generator).
+        # Model weights are seeded from the synthesiser's (public) seed; privacy noise comes from self.noise.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.generator_net: nn.Module = self.build().to(self.device)
@@ -168,10 +165,6 @@ class Synthesizer(ABC):
         """Restore what :meth:`extra_state` saved."""
 
     # -- the interface ----------------------------------------------------------------------------------
-
-    def noise_generator(self, salt: int = 1) -> torch.Generator:
-        """The RNG of the privacy noise: seeded (reproducible runs), distinct from the weights' stream."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * salt + 17)
 
     def _check_set(self, images_set: Any, what: str) -> None:
         images = getattr(images_set, "images", None)
@@ -293,8 +286,9 @@ class Synthesizer(ABC):
         return path
 
     @staticmethod
-    def load(path: str | Path, device: str | torch.device = "cpu") -> Synthesizer:
-        """Rebuild a saved synthesiser of any registered method."""
+    def load(path: str | Path, device: str | torch.device = "cpu",
+             noise: PrivacyRandomness | None = None) -> Synthesizer:
+        """Rebuild a saved synthesiser of any registered method (``noise``: for a further fit; default secret)."""
         from dpdistill.synthesis import get
 
         path = Path(path)
@@ -304,7 +298,8 @@ class Synthesizer(ABC):
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise DataError(f"{path}: not a dpdistill synthesiser file (expected format {FORMAT})")
         cls = get(state["method"])
-        synth = cls(cls.config_type(**state["config"]), seed=state["seed"], device=device, **state["shape"])
+        synth = cls(cls.config_type(**state["config"]), seed=state["seed"], device=device, noise=noise,
+                    **state["shape"])
         synth.generator_net.load_state_dict(state["generator"])
         synth.load_extra_state(state["extra"])
         synth.fitted = bool(state["fitted"])
@@ -317,10 +312,12 @@ class Synthesizer(ABC):
         return synth
 
 
-def poisson_batches(n: int, q: float, steps: int, generator: torch.Generator):
-    """Yield ``steps`` Poisson samples of range(n): each index independently with probability q.
+def public_poisson_batches(n: int, q: float, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """``steps`` Poisson samples of range(n) for PUBLIC data (pretraining), reproducible from ``seed``.
 
-    The accounting (PoissonGaussian) assumes exactly this sampling; fixed-size shuffled batches would not match it.
+    Never for the sensitive set: its samples must come from the privacy source
+    (``self.noise.poisson_batches``), or anyone holding the spec would know which records each step used.
     """
-    for _ in range(steps):
-        yield (torch.rand(n, generator=generator) < q).nonzero().flatten()
+    g = torch.Generator().manual_seed(int(seed))
+    for _ in range(int(steps)):
+        yield (torch.rand(int(n), generator=g) < q).nonzero().flatten()

@@ -24,7 +24,13 @@ from torch.nn import functional as F
 
 from dpdistill.privacy import PoissonGaussian, PrivacyLedger, calibrate_sigma
 from dpdistill.synthesis import register
-from dpdistill.synthesis.base import Callback, FitReport, Synthesizer, calibrate_for_ledger, poisson_batches
+from dpdistill.synthesis.base import (
+    Callback,
+    FitReport,
+    Synthesizer,
+    calibrate_for_ledger,
+    public_poisson_batches,
+)
 from dpdistill.synthesis.dp_merf import _bar
 from dpdistill.synthesis.generators import ConvCondCritic, ConvCondGenerator
 
@@ -84,9 +90,9 @@ class DPGAN(_GAN):
         sigma = calibrate_for_ledger(ledger, lambda s: PoissonGaussian(q, s, steps), target_epsilon, guess)
         ledger.charge(f"{self.name}/discriminator-dpsgd", PoissonGaussian(q, sigma, steps),
                       note=f"opacus DP-SGD, Poisson sampling, clip {c.max_grad_norm}")
-        losses = self._train(sensitive, q, steps, sigma, progress, callback, "fit")
+        g_loss = self._train(sensitive, q, steps, sigma, progress, callback, "fit")
         return FitReport(self.name, 0.0, ledger.delta, {"sigma": sigma, "q": q}, [], steps=steps,
-                         extra={"final_d_loss": losses[0], "final_g_loss": losses[1]})
+                         extra={"final_g_loss": g_loss})
 
     def _pretrain(self, public: Any, progress: bool) -> None:
         c = self.config
@@ -94,9 +100,14 @@ class DPGAN(_GAN):
                     None, "pretrain")
 
     def _train(self, data: Any, q: float, steps: int, sigma: float | None, progress: bool,
-               callback: Callback | None, stage: str) -> tuple[float, float]:
-        """GAN training; with ``sigma`` the discriminator is trained by opacus DP-SGD, without it (public
-        pretraining only) by plain Adam."""
+               callback: Callback | None, stage: str) -> float:
+        """GAN training, returning the last generator loss; with ``sigma`` the discriminator is trained by
+        opacus DP-SGD, without it (public pretraining only) by plain Adam.
+
+        Only the generator loss is reported: it scores generated images with the DP discriminator
+        (post-processing). The discriminator's loss is computed on the real Poisson batch without noise, so it
+        is never logged or returned.
+        """
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -111,15 +122,19 @@ class DPGAN(_GAN):
             opt_d: Any = DPOptimizer(
                 torch.optim.Adam(critic.parameters(), lr=c.lr_d, betas=(0.5, 0.999)),
                 noise_multiplier=sigma, max_grad_norm=c.max_grad_norm, expected_batch_size=fake_n,
-                loss_reduction="mean", generator=self.noise_generator(salt=5),
+                # opacus' Gaussian noise from a secretly seeded generator (never one derived from the seed).
+                loss_reduction="mean", generator=self.noise.generator(self.device),
             )
         else:
             opt_d = torch.optim.Adam(critic.parameters(), lr=c.lr_d, betas=(0.5, 0.999))
-        sample_g = torch.Generator().manual_seed(self.seed * 19 + 7)
+        if sigma is None:  # public pretraining: the sampling is public, reproducible from the seed
+            batches = public_poisson_batches(len(data), q, steps, self.seed * 19 + 7)
+        else:  # sensitive: the Poisson sample PoissonGaussian accounts, from the secret source
+            batches = self.noise.poisson_batches(len(data), q, steps)
         latent_g = torch.Generator().manual_seed(self.seed * 23 + 11)
-        d_loss = g_loss = float("nan")
+        g_loss = float("nan")
         bar = _bar(progress, f"{self.name} {stage}", steps)
-        for t, idx in enumerate(poisson_batches(len(data), q, steps, sample_g)):
+        for t, idx in enumerate(batches):
             # Discriminator: one DP-SGD step on real rows + a fixed number of generated rows.
             z, fy = self._latent(fake_n, latent_g)
             with torch.no_grad():
@@ -137,7 +152,6 @@ class DPGAN(_GAN):
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
             opt_d.step()
-            d_loss = float(loss.detach()) / len(target)
             # Generator: post-processing of the (DP) discriminator; its hooks must not record anything.
             if sigma is not None:
                 critic.disable_hooks()
@@ -152,10 +166,10 @@ class DPGAN(_GAN):
                 critic.enable_hooks()
             g_loss = float(lossg.detach())
             if callback is not None and t % 50 == 0:
-                callback(t, {f"{stage}_d_loss": d_loss, f"{stage}_g_loss": g_loss})
+                callback(t, {f"{stage}_g_loss": g_loss})
             if bar is not None:
                 bar.advance(bar.task_ids[0])
         if bar is not None:
             bar.stop()
         gen.eval()
-        return d_loss, g_loss
+        return g_loss

@@ -8,9 +8,9 @@ N(0, σ²) to them. The loss ||noisy sensitive embedding − generated embedding
 term; the sensitive data enter only through the noisy sums. The whole run is ONE charge,
 PoissonGaussian(q, σ, steps), made before the first step.
 
-No noise, no step: the noise comes from :func:`~dpdistill.synthesis.base.gaussian_noise`, which raises when it
-cannot draw; nothing here catches that error, so a failed draw stops the fit instead of training on the
-clean loss.
+No noise, no step: the noise and the Poisson samples come from the synthesiser's secret
+:class:`~dpdistill.privacy.noise.PrivacyRandomness` (``self.noise``), whose ``gaussian`` raises when it cannot
+draw; nothing here catches that error, so a failed draw stops the fit instead of training on the clean loss.
 
 Normalisation: sums are divided by the expected batch size q·n (n, the split size, is public, as in DP-SGD).
 Class proportions come from the running mean of the noisy batch counts (post-processing).
@@ -36,8 +36,7 @@ from dpdistill.synthesis.base import (
     FitReport,
     Synthesizer,
     calibrate_for_ledger,
-    gaussian_noise,
-    poisson_batches,
+    public_poisson_batches,
 )
 from dpdistill.synthesis.dp_merf import _bar
 from dpdistill.synthesis.features import RandomFourierFeatures
@@ -123,18 +122,20 @@ class DPKernel(Synthesizer):
         y_gen = torch.arange(k, device=self.device).repeat_interleave(per_class)
         opt = torch.optim.Adam(net.parameters(), lr=c.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-        sample_g = torch.Generator().manual_seed(self.seed * 13 + 5)
-        noise_g = self.noise_generator(salt=3)
+        if sigma is None:  # public pretraining: the sampling is public, reproducible from the seed
+            batches = public_poisson_batches(len(data), q, steps, self.seed * 13 + 5)
+        else:  # sensitive: which records each step reads is private randomness
+            batches = self.noise.poisson_batches(len(data), q, steps)
         latent_g = torch.Generator().manual_seed(self.seed * 11 + 3)
         count_mean = torch.zeros(k, device=self.device)
         bar = _bar(progress, f"{self.name} {stage}", steps)
-        for t, idx in enumerate(poisson_batches(len(data), q, steps, sample_g)):
+        for t, idx in enumerate(batches):
             with torch.no_grad():
                 sums, counts = self._sums(fmap, data.images[idx].to(self.device), data.labels[idx].to(self.device))
                 sums, counts = a * sums, b * counts
                 if sigma is not None:
-                    sums = sums + gaussian_noise(sums.shape, sigma, noise_g, self.device)
-                    counts = counts + gaussian_noise(counts.shape, sigma, noise_g, self.device)
+                    sums = self.noise.add_gaussian(sums, sigma)
+                    counts = self.noise.add_gaussian(counts, sigma)
                 count_mean += (counts / b - count_mean) / (t + 1)
                 weights = count_mean.clamp_min(1e-3) / count_mean.clamp_min(1e-3).sum()
                 target = sums / (a * expected)

@@ -1,15 +1,18 @@
 """GS-WGAN (Chen, Orekondy & Fritz, NeurIPS 2020): gradient-sanitised generator updates from an ensemble of
 discriminators, each trained (non-privately) on its own disjoint subset of the sensitive data.
 
-Setup. Every record is assigned to one of K subsets by an independent uniform draw (public randomness: adding
-or removing a record moves no other record). Discriminator j is pretrained with WGAN-GP on subset j only and
+Setup. Every record is assigned to one of K subsets by an independent uniform draw (adding or removing a record
+moves no other record). The draw is SECRET (``self.noise``), as is the choice of j below: they are the
+subsampling the accounting amplifies by, and an adversary who could recompute them from the spec's seed would
+know exactly which steps read a given record. Discriminator j is pretrained with WGAN-GP on subset j only and
 keeps its OWN weights and optimiser state (:class:`DiscriminatorBank`): loading one shared checkpoint
 into every discriminator would couple the subsets and void the argument below.
 
-Step. Pick j uniformly; train D_j for ``critic_iterations`` WGAN-GP steps on batches of subset j; then draw
+Step. Pick j uniformly (secretly); train D_j for ``critic_iterations`` WGAN-GP steps on batches of subset j; then draw
 B generated images, and sanitise the gradient of the generator loss w.r.t. each generated image: clip each
 row to norm C, add N(0, σ²C²) to every entry. The generator's parameter gradient is post-processing of that
-B × d matrix. Discriminators are never released, saved or logged.
+B × d matrix. Discriminators are never released, saved or logged, and neither is anything computed through
+them (a generator loss scored by critics trained on real data without noise is an uncharged release).
 
 Accounting. A record influences a step only when its subset is picked (probability 1/K); then D_j may be
 arbitrarily different, so each of the B clipped rows may move by up to 2C: the matrix has L2 sensitivity
@@ -37,7 +40,7 @@ from torch import nn
 from dpdistill.errors import DataError
 from dpdistill.privacy import PoissonGaussian, PrivacyLedger, calibrate_sigma
 from dpdistill.synthesis import register
-from dpdistill.synthesis.base import Callback, FitReport, calibrate_for_ledger, gaussian_noise
+from dpdistill.synthesis.base import Callback, FitReport, calibrate_for_ledger
 from dpdistill.synthesis.dp_gan import _GAN
 from dpdistill.synthesis.dp_merf import _bar
 
@@ -92,7 +95,10 @@ class DiscriminatorBank:
 
 
 def assign_subsets(n: int, k: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Disjoint subsets by an independent uniform draw per record (removing a record moves no other)."""
+    """Disjoint subsets by an independent uniform draw per record (removing a record moves no other).
+
+    ``generator`` must come from the privacy source (``synth.noise.generator()``): the assignment is secret.
+    """
     which = torch.randint(0, k, (n,), generator=generator)
     return [(which == j).nonzero().flatten() for j in range(k)]
 
@@ -135,7 +141,11 @@ class GSWGAN(_GAN):
         return float(loss.detach())
 
     def pretrain_discriminators(self, data: Any, g: torch.Generator) -> DiscriminatorBank:
-        """Assign subsets and warm up every discriminator on its own subset (non-private, never released)."""
+        """Assign subsets and warm up every discriminator on its own subset (non-private, never released).
+
+        ``g`` is a private generator (``self.noise.generator()``): it draws the subset assignment and the
+        records each critic step reads.
+        """
         c = self.config
         k = int(c.num_discriminators)
         if len(data) < 2 * k:
@@ -163,27 +173,28 @@ class GSWGAN(_GAN):
         sigma_row = mult * scale
         ledger.charge(f"{self.name}/sanitised-generator", PoissonGaussian(q, mult, steps),
                       note=f"K={k} subset discriminators, B={b} rows clipped to {c.clip}, row noise σ={sigma_row:.4g}")
-        g = torch.Generator().manual_seed(self.seed * 29 + 13)
-        noise_g = self.noise_generator(salt=7)
+        # Private: subset assignment, which discriminator, which real records a critic step reads.
+        private_g = self.noise.generator()
+        # Public: the generator's latents and labels (data-independent, reproducible from the seed).
+        latent_g = torch.Generator().manual_seed(self.seed * 29 + 13)
         try:
-            self.pretrain_discriminators(sensitive, g)
+            self.pretrain_discriminators(sensitive, private_g)
             gen = self.generator_net
             gen.train()
             opt_g = torch.optim.Adam(gen.parameters(), lr=c.lr_g, betas=(0.5, 0.9))
             assert self.bank is not None and self.subsets is not None
             bar = _bar(progress, f"{self.name} fit", steps)
-            g_loss = float("nan")
-            for t in range(steps):
-                j = int(torch.randint(0, k, (1,), generator=g))
+            for _ in range(steps):
+                j = int(self.noise.integers(k))
                 critic, opt = self.bank.load(j)
                 if len(self.subsets[j]):
                     for _ in range(int(c.critic_iterations)):
-                        self._critic_step(critic, opt, sensitive, self.subsets[j], g)
+                        self._critic_step(critic, opt, sensitive, self.subsets[j], private_g)
                 self.bank.store(j, opt)
-                z = torch.randn(b, gen.z_dim, generator=g).to(self.device)
-                y = torch.randint(0, self.num_classes, (b,), generator=g).to(self.device)
+                z = torch.randn(b, gen.z_dim, generator=latent_g).to(self.device)
+                y = torch.randint(0, self.num_classes, (b,), generator=latent_g).to(self.device)
                 fake = gen(z, y)
-                fake.register_hook(self._sanitiser(sigma_row, noise_g))
+                fake.register_hook(self._sanitiser(sigma_row))
                 for p in critic.parameters():
                     p.requires_grad_(False)
                 loss = -critic(fake, y).sum()
@@ -192,9 +203,7 @@ class GSWGAN(_GAN):
                 opt_g.step()
                 for p in critic.parameters():
                     p.requires_grad_(True)
-                g_loss = float(loss.detach()) / b
-                if callback is not None and t % 50 == 0:
-                    callback(t, {"fit_g_loss": g_loss})
+                # No loss is logged: it is a score of critics trained on real records without noise.
                 if bar is not None:
                     bar.advance(bar.task_ids[0])
             if bar is not None:
@@ -204,15 +213,16 @@ class GSWGAN(_GAN):
             self.bank = None
             self.subsets = None
         return FitReport(self.name, 0.0, ledger.delta, {"sigma_row": sigma_row, "noise_multiplier": mult, "q": q},
-                         [], steps=steps, extra={"final_g_loss": g_loss})
+                         [], steps=steps)
 
-    def _sanitiser(self, sigma_row: float, noise_g: torch.Generator) -> Any:
+    def _sanitiser(self, sigma_row: float) -> Any:
+        """The gradient hook on the generated images: clip every row to C, add secret N(0, (σ_row·C)²)."""
         clip = float(self.config.clip)
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
             rows = grad.flatten(1)
             factor = (clip / rows.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-            noisy = rows * factor[:, None] + gaussian_noise(rows.shape, sigma_row * clip, noise_g, grad.device)
+            noisy = self.noise.add_gaussian(rows * factor[:, None], sigma_row * clip)
             # Mean over the B rows: post-processing of the sanitised matrix.
             return (noisy / len(rows)).view_as(grad)
 
