@@ -18,6 +18,7 @@ from dpdistill.distill.dpgeng.feature_matching import (
 )
 from dpdistill.errors import BudgetExceeded, PrivacyError, SpecError
 from dpdistill.privacy import Parallel, PoissonGaussian, PrivacyLedger, epsilon
+from dpdistill.privacy.noise import PrivacyRandomness
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +66,19 @@ def test_poisson_sampler_rates_and_batch_sizes(digits_train) -> None:
     assert sampler.rates == pytest.approx([32 / n for n in counts])
     assert sampler.max_rate == pytest.approx(32 / min(counts))
     assert sampler.expected_size(0) == pytest.approx(32.0)
-    g = torch.Generator().manual_seed(1)
-    sizes = torch.tensor([len(sampler.sample(2, g)) for _ in range(300)], dtype=torch.float32)
+    noise = PrivacyRandomness.secret()
+    sizes = torch.tensor([len(sampler.sample(2, noise)) for _ in range(300)], dtype=torch.float32)
     assert 30 < float(sizes.mean()) < 34 and float(sizes.std()) > 1  # random sizes, not a fixed batch
     # A class smaller than the batch is taken whole (q = 1).
     assert PoissonClassSampler(digits_train, 10_000).max_rate == 1.0
 
 
 def test_noisy_mean_has_the_stated_noise() -> None:
-    g = torch.Generator().manual_seed(0)
     total = torch.zeros(20_000)
-    out = noisy_mean(total, clip=2.0, sigma=3.0, expected=4.0, generator=g)
+    out = noisy_mean(total, clip=2.0, sigma=3.0, expected=4.0, noise=PrivacyRandomness.secret())
     assert float(out.std()) == pytest.approx(2.0 * 3.0 / 4.0, rel=0.03)
+    with pytest.raises(PrivacyError, match="noise std"):  # no noise is refused, never released
+        noisy_mean(total, clip=2.0, sigma=0.0, expected=4.0, noise=PrivacyRandomness.secret())
 
 
 def test_mechanism_is_parallel_over_classes_and_costs_one_class() -> None:

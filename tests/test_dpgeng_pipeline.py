@@ -16,6 +16,7 @@ from dpdistill import data, distill
 from dpdistill.distill.dpgeng import DPGenGConfig, run_dpgeng
 from dpdistill.errors import SpecError
 from dpdistill.privacy import PrivacyLedger
+from dpdistill.privacy.noise import PrivacyRandomness
 
 MEAN, STD = [0.3053], [0.3760]
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,8 +223,10 @@ def test_cosine_image_schedule_decays_to_zero_and_leaves_the_accounting_alone(se
     charged, images = {}, {}
     for kind in ("constant", "cosine"):
         ledger = _ledger(len(sensitive), 2.0)
+        # Reproducible (debugging) noise in both runs, so only the schedule differs between them.
         syn = run_dpgeng(sensitive, DPGenGConfig(**{**TINY, "lr_schedule": kind}), seed=0, ledger=ledger,
-                         mean=MEAN, std=STD, progress=False, generated=public)
+                         mean=MEAN, std=STD, progress=False, generated=public,
+                         noise=PrivacyRandomness.reproducible(0))
         charged[kind] = [(e["component"], e["mechanism"], e["epsilon_alone"]) for e in ledger.entries]
         images[kind] = syn.export()[0]
     assert charged["cosine"] == charged["constant"]

@@ -109,7 +109,7 @@ def test_dp_finetune_charges_its_whole_plan_before_the_first_step(public, sensit
 
     monkeypatch.setattr(SGD, "step", counting_step)
     ledger = _OrderLedger(None, 10.0, 1e-4, n_records=len(sensitive))
-    tuned = dp_finetune(expert, sensitive, plan, ledger, MEAN, STD, seed=0)
+    tuned = dp_finetune(expert, sensitive, plan, ledger, MEAN, STD)
     assert ledger.charged_at_step == 0 and _OrderLedger.steps == steps
     (entry,) = ledger.entries
     assert entry["component"] == "dpgeng/expert"

@@ -6,7 +6,9 @@
 >>> images, labels = syn.export()
 
 Every distiller is ``run(real, cfg, seed=..., *, progress=..., callback=..., **kw) -> SyntheticSet``; private
-ones also take ``ledger=``. Each method registers itself in the module that defines it.
+ones also take ``ledger=`` and ``noise=`` (a :class:`~dpdistill.privacy.noise.PrivacyRandomness`; None: a
+fresh secret source), from which every noise draw and private sampling decision comes; ``seed`` drives only
+data-independent randomness. Each method registers itself in the module that defines it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ images (initialised from noise: real images would leak) move to match it under t
 run is charged once, before it starts: ``iterations`` Poisson-Gaussian steps, parallel over the classes (see
 :mod:`dpdistill.distill.dpgeng.feature_matching` for the sensitivity and parallel-composition argument).
 σ is solved so the run spends what is left of the ledger's budget, unless the config fixes it.
+
+Randomness: the Poisson batches and the noise come from ``noise`` (a secret
+:class:`~dpdistill.privacy.noise.PrivacyRandomness` unless the caller passes a reproducible one, which is
+NOT PRIVATE); ``seed`` drives only the data-independent draws (the networks, the noise init, DSA).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from dpdistill.distill.dpgeng.feature_matching import (
 from dpdistill.distill.loop import image_step, partial_set_on_interrupt
 from dpdistill.distill.options import PrivateMatchingOptions
 from dpdistill.distill.synthetic import SyntheticSet
+from dpdistill.privacy import noise as privacy_noise
+from dpdistill.privacy.noise import PrivacyRandomness
 
 Callback = Callable[[int, float], None]
 COMPONENT = "ndpdc/feature_matching"
@@ -59,14 +65,18 @@ def run_ndpdc(
     device: str | torch.device = "cpu",
     progress: bool = True,
     callback: Callback | None = None,
+    noise: PrivacyRandomness | None = None,
 ) -> SyntheticSet:
     """Distil the sensitive ``real`` ImageSet with NDPDC under ``ledger``'s budget; returns the synthetic set.
 
     ``mean``/``std`` must be public statistics (default 0.5 / 0.5; never computed from ``real``). The whole
-    run is charged to ``ledger`` as ``ndpdc/feature_matching`` before the first release.
+    run is charged to ``ledger`` as ``ndpdc/feature_matching`` before the first release. ``noise`` is the
+    privacy randomness (None: a fresh secret source). ``callback(iteration, loss)`` gets the matching loss
+    against the noisy targets: post-processing of the charged release.
     """
     cfg = cfg if cfg is not None else NDPDCConfig()
     ledger = require_ledger(ledger, "ndpdc")
+    noise = privacy_noise.resolve(noise)
     check_real(real, cfg)
     device = torch.device(device)
     g = as_generator(seed)
@@ -84,7 +94,6 @@ def run_ndpdc(
         ledger.charge(COMPONENT, make(sigma), note=f"clip C={cfg.clip:g}; {CLASS_SIZES_NOTE}")
     syn.sigma = sigma  # type: ignore[attr-defined]  # what the run used, for reports
     opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
-    noise_g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)))
     with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "NDPDC", progress) as advance:
         for it in range(cfg.iterations):
             net = build_net(cfg, real, g, device)
@@ -92,7 +101,8 @@ def run_ndpdc(
             check_per_record_network(net, "ndpdc")
             for p in net.parameters():
                 p.requires_grad_(False)
-            loss = dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma, noise_g)
+            loss = dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma, noise=noise,
+                                            generator=g)
             value = image_step(opt, loss, syn, normalize, cfg.clamp)
             advance(value)
             if callback is not None:

@@ -9,6 +9,11 @@ distance by default). Between matching steps the network trains on the synthetic
 Sensitivity and accounting as in DP feature matching: a record enters only its own class's gradient sum, by
 at most C, so one matching step over all classes is one class's Poisson-Gaussian step (parallel composition,
 largest per-class rate); the run is charged as ``iterations * outer_loop`` steps before it starts.
+
+Randomness: the Poisson batches and the noise come from ``noise`` (a secret
+:class:`~dpdistill.privacy.noise.PrivacyRandomness` unless the caller passes a reproducible one, which is
+NOT PRIVATE); ``seed`` drives only the data-independent draws (networks, noise init, DSA, the order of the
+synthetic set in the network's training).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from dpdistill.distill.loop import apply_image_gradient, partial_set_on_interrup
 from dpdistill.distill.losses import gradient_distance, network_gradients, trainable_parameters
 from dpdistill.distill.options import PrivateMatchingOptions
 from dpdistill.distill.synthetic import SyntheticSet
+from dpdistill.privacy import noise as privacy_noise
+from dpdistill.privacy.noise import PrivacyRandomness
 
 Callback = Callable[[int, float], None]
 COMPONENT = "psg/gradient_matching"
@@ -109,14 +116,18 @@ def run_psg(
     device: str | torch.device = "cpu",
     progress: bool = True,
     callback: Callback | None = None,
+    noise: PrivacyRandomness | None = None,
 ) -> SyntheticSet:
     """Distil the sensitive ``real`` ImageSet with PSG under ``ledger``'s budget; returns the synthetic set.
 
     ``mean``/``std`` must be public statistics (default 0.5 / 0.5). The run is charged to ``ledger`` as
-    ``psg/gradient_matching`` before the first release.
+    ``psg/gradient_matching`` before the first release. ``noise`` is the privacy randomness (None: a fresh
+    secret source). ``callback(iteration, loss)`` gets the gradient-matching distance to the noisy real
+    gradients: post-processing of the charged release.
     """
     cfg = cfg if cfg is not None else PSGConfig()
     ledger = require_ledger(ledger, "psg")
+    noise = privacy_noise.resolve(noise)
     check_real(real, cfg)
     device = torch.device(device)
     g = as_generator(seed)
@@ -136,7 +147,6 @@ def run_psg(
         ledger.charge(COMPONENT, make(sigma), note=f"clip C={cfg.clip:g}; {CLASS_SIZES_NOTE}")
     syn.sigma = sigma  # type: ignore[attr-defined]
     opt_img = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
-    noise_g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)))
     with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "PSG", progress) as advance:
         for it in range(cfg.iterations):
             net = build_net(cfg, real, g, device)
@@ -148,15 +158,15 @@ def run_psg(
                 opt_img.zero_grad(set_to_none=True)
                 weights = trainable_parameters(net)
                 for c in range(syn.num_classes):
-                    xr = normalize(sampler.sample(c, noise_g))
+                    xr = normalize(sampler.sample(c, noise))
                     xs = normalize(syn.class_images(c))
                     xr, xs = siamese_pair(dsa, xr, xs, g)
                     yr = torch.full((len(xr),), c, dtype=torch.int64, device=device)
                     ys = torch.full((len(xs),), c, dtype=torch.int64, device=device)
                     sums = clipped_gradient_sum(net, xr, yr, cfg.clip, cfg.chunk)
                     expected = sampler.expected_size(c)
-                    gw_real = [(s + torch.randn(s.shape, generator=noise_g).to(device) * (sigma * cfg.clip))
-                               / expected for s in sums]
+                    # The only released view of the real batch: its clipped sum plus secret noise.
+                    gw_real = [noise.add_gaussian(s, sigma * cfg.clip) / expected for s in sums]
                     gw_syn = network_gradients(net, xs, ys, create_graph=True, params=weights)
                     loss = gradient_distance(gw_syn, gw_real, cfg.distance)
                     loss.backward()

@@ -44,6 +44,8 @@ def load_splits(spec: Any) -> tuple[Any, Any, Any, Any]:
                               image_size=spec.data.image_size, val_seed=spec.data.val_seed)
     train, val, test = splits["train"], splits["val"], splits["test"]
     if spec.data.train_limit is not None and spec.data.train_limit < len(train):
+        # The public seed may pick the subset: it chooses positions without looking at any record, and the
+        # records left out are never read (the sensitive split is the subset).
         g = torch.Generator().manual_seed(spec.seed)
         train = train.subset(torch.randperm(len(train), generator=g)[: spec.data.train_limit])
     return train, val, test, source.info
@@ -98,7 +100,10 @@ class DistillPipeline:
         kwargs: dict[str, Any] = {"seed": spec.seed, "progress": ctx.progress, "callback": on_step,
                                   "mean": list(p.info.mean), "std": list(p.info.std)}
         if p.method.private:
+            # The job's privacy randomness (secret unless privacy.reproducible_noise): all noise and private
+            # sampling of the method come from it, never from spec.seed.
             kwargs["ledger"] = ctx.ledger
+            kwargs["noise"] = ctx.noise
         synthetic = p.method.run(p.train, p.config, **kwargs)
         images, labels = synthetic.export()
         art = ctx.run.artifacts

@@ -30,6 +30,8 @@ from dpdistill.privacy import (
     allocate_sigma,
     calibrate_mechanism,
 )
+from dpdistill.privacy import noise as privacy_noise
+from dpdistill.privacy.noise import PrivacyRandomness
 
 _BUDGET_SLACK = 1e-9  # the ledger's own tolerance (privacy/ledger.py BUDGET_REL_TOL)
 
@@ -114,6 +116,8 @@ def utility_allocation(
     std: Sequence[float],
     seed: int,
     device: str | torch.device = "cpu",
+    *,
+    noise: PrivacyRandomness | None = None,
 ) -> UtilityAllocation:
     """The paper's utility-driven shares, tuned on ``tune`` (fits) and ``held_out`` (scores) with scratch ledgers.
 
@@ -125,7 +129,8 @@ def utility_allocation(
 
     Every fit here is charged to a throwaway in-memory ledger, NOT to the job's: when ``tune`` is the sensitive
     split (``tuned_on == "sensitive"``) the chosen shares depend on sensitive data without being accounted,
-    as in the paper's own tuning; the report and the ledger notes say so.
+    as in the paper's own tuning; the report and the ledger notes say so. The scratch fits still draw their
+    noise and sampling from ``noise`` (None: a fresh secret source), never from ``seed``.
     """
     from dpdistill.distill.dpgeng.expert import DPSGDPlan, dp_finetune, dpsgd_rate_and_steps, pretrain_expert
     from dpdistill.distill.dpgeng.extractors import build_network
@@ -135,6 +140,7 @@ def utility_allocation(
     from dpdistill.privacy import PrivacyLedger
 
     device = torch.device(device)
+    noise = privacy_noise.resolve(noise)
     lo, hi, steps = 0.05, cfg.utility_max_total - 0.05, cfg.utility_steps
     m = torch.as_tensor(list(mean)).view(1, -1, 1, 1)
     s = torch.as_tensor(list(std)).view(1, -1, 1, 1)
@@ -150,7 +156,8 @@ def utility_allocation(
 
     def fid(share: float) -> float:
         scratch = PrivacyLedger(None, epsilon, delta)
-        gen, _ = generate_stage(tune, cfg, scratch, min(epsilon, share * epsilon), seed, device, False)
+        gen, _ = generate_stage(tune, cfg, scratch, min(epsilon, share * epsilon), seed, device, False,
+                                noise.spawn("generator"))
         generated_at[share] = gen
         out.generator_fid[round(share, 4)] = fid_from_features(real_feats, feats(gen.images))
         return out.generator_fid[round(share, 4)]
@@ -171,7 +178,7 @@ def utility_allocation(
         sigma = sigma_for_share(make_expert, share * epsilon, delta)
         scratch = PrivacyLedger(None, epsilon, delta)
         plan = DPSGDPlan(q, n_steps, sigma, cfg.expert_clip, cfg.expert_batch)
-        net = dp_finetune(expert0, tune, plan, scratch, mean, std, seed + 5, cfg.expert_lr, device)
+        net = dp_finetune(expert0, tune, plan, scratch, mean, std, cfg.expert_lr, device, noise=noise.spawn("expert"))
         out.expert_accuracy[round(share, 4)] = accuracy(net, held_out.images, held_out.labels, mean=list(mean),
                                                         std=list(std), device=device)
         return out.expert_accuracy[round(share, 4)]

@@ -3,8 +3,12 @@
 DP-SGD is opacus' (per-record gradients clipped to C, Gaussian noise σC on the sum, Poisson sampling at rate
 q = 1 / ceil(N / batch)), but the privacy is accounted by OUR ledger: the whole fine-tuning,
 PoissonGaussian(q, σ, steps), is charged before the first step, and exactly ``steps`` steps run. Opacus'
-own accountant is not consulted. Opacus' secure RNG is off (seeded, reproducible noise), as in the rest
-of the platform.
+own accountant is not consulted.
+
+Randomness: opacus' Poisson sampler (the DPDataLoader inherits the loader's generator) and its noise
+(``noise_generator``) both get generators from the job's :class:`~dpdistill.privacy.noise.PrivacyRandomness`
+(secret: OS entropy), never from the seed. Opacus' ``secure_mode`` (torchcsprng) is unavailable for this
+torch; see :mod:`dpdistill.privacy.noise` for what fresh entropy per generator does and does not cover.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpdistill.distill.dpgeng.extractors import build_network, freeze
 from dpdistill.distill.dpgeng.feature_matching import check_per_record_network
+from dpdistill.errors import PrivacyError
 from dpdistill.evaluation.training import train_classifier
 from dpdistill.privacy import PoissonGaussian
+from dpdistill.privacy import noise as privacy_noise
+from dpdistill.privacy.noise import PrivacyRandomness
 
 COMPONENT = "dpgeng/expert"
 
@@ -70,21 +77,26 @@ def pretrain_expert(generated: Any, net_spec: dict[str, Any], epochs: int, mean:
 
 
 def dp_finetune(net: nn.Module, sensitive: Any, plan: DPSGDPlan, ledger: Any, mean: Sequence[float],
-                std: Sequence[float], seed: int, lr: float = 0.01, device: str | torch.device = "cpu",
-                note: str = "") -> nn.Module:
+                std: Sequence[float], lr: float = 0.01, device: str | torch.device = "cpu",
+                note: str = "", *, noise: PrivacyRandomness | None = None) -> nn.Module:
     """Fine-tune ``net`` on the sensitive ImageSet with opacus DP-SGD, charging ``plan`` to ``ledger`` first.
 
     Returns a frozen copy of the fine-tuned network (no opacus hooks). The sensitive images are normalised in
-    memory only; nothing of them leaves this function but the noisy model.
+    memory only; nothing of them leaves this function but the noisy model. The Poisson sampling and the
+    gradient noise draw from ``noise`` (None: a fresh secret source); there is no seed to pass.
     """
     from opacus import PrivacyEngine
 
+    noise = privacy_noise.resolve(noise)
+    if not plan.sigma > 0:  # opacus would add zeros for σ = 0: refuse before anything is charged or trained
+        raise PrivacyError(f"expert DP-SGD needs a noise multiplier > 0, got {plan.sigma!r}")
     net = _no_inplace(copy.deepcopy(net)).to(device).train()
     check_per_record_network(net, "expert")
     m = torch.as_tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.as_tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
     dataset = TensorDataset((sensitive.images - m) / s, sensitive.labels)
-    loader = DataLoader(dataset, batch_size=plan.batch_size, generator=torch.Generator().manual_seed(seed))
+    # Opacus' DPDataLoader keeps this loader's generator for its Poisson masks (make_private without secure_mode).
+    loader = DataLoader(dataset, batch_size=plan.batch_size, generator=noise.generator())
     q, _ = dpsgd_rate_and_steps(len(dataset), plan.batch_size, 1)
     if abs(q - plan.q) > 1e-12:
         raise RuntimeError(f"DP-SGD plan rate {plan.q} differs from the loader's {q}")
@@ -97,10 +109,13 @@ def dp_finetune(net: nn.Module, sensitive: Any, plan: DPSGDPlan, ledger: Any, me
         private, optimizer, private_loader = engine.make_private(
             module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.sigma,
             max_grad_norm=plan.clip, poisson_sampling=True,
-            noise_generator=torch.Generator().manual_seed(seed + 1),
+            noise_generator=noise.generator(next(net.parameters()).device),
         )
         if abs(private_loader.sample_rate - plan.q) > 1e-12:
             raise RuntimeError(f"opacus samples at {private_loader.sample_rate}, the ledger was charged {plan.q}")
+        if getattr(private_loader.batch_sampler, "generator", None) is not loader.generator:
+            # Opacus changed how it builds the Poisson sampler: the masks might no longer be secret.
+            raise RuntimeError("opacus' Poisson sampler does not use the privacy source's generator")
         done = 0
         while done < plan.steps:
             for x, y in private_loader:

@@ -14,6 +14,11 @@ Accounting. Per class a step is a Poisson-subsampled Gaussian at rate q_c ≤ q_
 partitions of the split, so one step over all classes costs one class's step (parallel composition, the
 argument below), and the charge uses q_max so that it bounds every class. Class sizes n_c set the rates and
 are treated as public, as the NDPDC, PSG and DP-GenG papers do (and as DP-SGD treats the split size).
+
+Randomness. The Poisson masks and the noise come from a :class:`~dpdistill.privacy.noise.PrivacyRandomness`
+(secret: OS entropy), never from the seed: a public mask would void the subsampling amplification and public
+noise could be subtracted. The DSA parameters shared by the real and synthetic sides come from the seeded
+generator: they are drawn whatever the data, and the clipped sum's sensitivity is C for any fixed augmentation.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dpdistill.distill.losses import feature_mean_distance
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 from dpdistill.errors import DataError, SpecError
 from dpdistill.privacy import Parallel, PoissonGaussian
+from dpdistill.privacy.noise import PrivacyRandomness
 
 PARALLEL_ARGUMENT = (
     "per-class partitions of the sensitive training split: each record has exactly one label and is only ever "
@@ -50,10 +56,12 @@ def clipped_sum(features: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 def noisy_mean(total: torch.Tensor, clip: float, sigma: float, expected: float,
-               generator: torch.Generator) -> torch.Tensor:
-    """``(total + N(0, (sigma * clip)^2 I)) / expected``: the released, noisy mean of one class's features."""
-    noise = torch.randn(total.shape, generator=generator).to(total.device) * (sigma * clip)
-    return (total + noise) / expected
+               noise: PrivacyRandomness) -> torch.Tensor:
+    """``(total + N(0, (sigma * clip)^2 I)) / expected``: the released, noisy mean of one class's features.
+
+    The noise is drawn from ``noise`` (which refuses a non-positive std rather than release no noise).
+    """
+    return noise.add_gaussian(total, sigma * clip) / expected
 
 
 def feature_matching_mechanism(q: float, sigma: float, steps: int, classes: int) -> Parallel:
@@ -106,10 +114,13 @@ class PoissonClassSampler:
         """The expected batch size of class ``c`` (q_c * n_c): what its noisy sum is divided by."""
         return self.rates[c] * len(self.indices[c])
 
-    def sample(self, c: int, generator: torch.Generator) -> torch.Tensor:
-        """A Poisson batch of class ``c``'s images (possibly empty): each record kept with probability q_c."""
+    def sample(self, c: int, noise: PrivacyRandomness) -> torch.Tensor:
+        """A Poisson batch of class ``c``'s images (possibly empty): each record kept with probability q_c.
+
+        The mask comes from ``noise`` (the privacy source): which records were used must stay secret.
+        """
         idx = self.indices[c]
-        keep = torch.rand(len(idx), generator=generator) < self.rates[c]
+        keep = noise.poisson_mask(len(idx), self.rates[c])
         return self.images[idx[keep.to(idx.device)]]
 
 
@@ -121,25 +132,29 @@ def dp_feature_matching_loss(
     dsa: DSA | None,
     clip: float,
     sigma: float,
+    *,
+    noise: PrivacyRandomness,
     generator: torch.Generator,
     chunk: int = 512,
 ) -> torch.Tensor:
     """One DP feature-matching step over every class: sum over classes of ||noisy real mean - mean clip(f(syn))||².
 
-    Each class's real batch and synthetic images share one DSA parameter set; the real side is computed without
-    gradients and released only as its noisy mean. The result is differentiable w.r.t. ``syn.images``. The
-    caller must have charged the ledger for this step (see :func:`feature_matching_mechanism`).
+    Each class's real batch and synthetic images share one DSA parameter set (drawn from the seeded
+    ``generator``: data-independent); the Poisson batch and the noise come from ``noise``. The real side is
+    computed without gradients and released only as its noisy mean, so the returned loss is a function of
+    the noisy (charged) targets and the synthetic images alone. It is differentiable w.r.t. ``syn.images``.
+    The caller must have charged the ledger for this step (see :func:`feature_matching_mechanism`).
     """
     targets, syns, sizes = [], [], []
     for c in range(syn.num_classes):
-        xr = normalize(sampler.sample(c, generator))
+        xr = normalize(sampler.sample(c, noise))
         xs = normalize(syn.class_images(c))
         xr, xs = siamese_pair(dsa, xr, xs, generator)
         with torch.no_grad():
             total = torch.zeros(net_feature_dim(net, xs), device=xs.device)
             for start in range(0, len(xr), chunk):
                 total += clipped_sum(net.embed(xr[start:start + chunk]), clip)
-            targets.append(noisy_mean(total, clip, sigma, sampler.expected_size(c), generator))
+            targets.append(noisy_mean(total, clip, sigma, sampler.expected_size(c), noise))
         syns.append(xs)
         sizes.append(len(xs))
     f_syn = clip_rows(net.embed(torch.cat(syns)), clip).split(sizes)

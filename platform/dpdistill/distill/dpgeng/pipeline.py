@@ -19,6 +19,14 @@ ledger is charged by (a) inside ``Synthesizer.fit``, by (d) before its first DP-
 all its steps before the loop; (b), (c) and (f) read only DP outputs. Every charge of (a) is booked as
 ``dpgeng/generator`` (:class:`ComponentLedger`), so the run's metrics give ε per stage. ``ipc`` counts STORED images per class
 (the papers' storage budget): with factor f the released set decodes into ipc·f² training images per class.
+
+Randomness: everything that touches the sensitive split with randomness draws from ``noise`` (a
+:class:`~dpdistill.privacy.noise.PrivacyRandomness`, secret unless the caller passes a reproducible, NOT
+PRIVATE one): the generator's noise and sampling (``noise.spawn("generator")`` handed to the synthesiser),
+the expert's opacus sampling and noise, the feature matching's Poisson batches and noise. ``seed`` drives
+only what is data-independent or reads DP outputs alone: weights, latents, k-means and the picks among
+generated images, the matching network drawn per step, DSA, expert-guidance references, and the
+utility tuning's split of the sensitive set into halves (a split that does not look at the records).
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ from dpdistill.distill.options import CheckedNetworkOptions, PrivateMatchingOpti
 from dpdistill.distill.synthetic import SyntheticSet
 from dpdistill.errors import DataError, SpecError
 from dpdistill.privacy import PrivacyLedger
+from dpdistill.privacy import noise as privacy_noise
+from dpdistill.privacy.noise import PrivacyRandomness
 
 Callback = Callable[[int, float], None]
 FM_COMPONENT = "dpgeng/feature_matching"
@@ -179,12 +189,18 @@ class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
 
 
 def generate_stage(real: Any, cfg: DPGenGConfig, ledger: Any, epsilon_total: float, seed: int,
-                   device: torch.device, progress: bool) -> tuple[Any, dict[str, Any]]:
-    """Stage (a): fit the synthesiser on the sensitive split up to a ledger total of ``epsilon_total``, generate."""
+                   device: torch.device, progress: bool,
+                   noise: PrivacyRandomness | None = None) -> tuple[Any, dict[str, Any]]:
+    """Stage (a): fit the synthesiser on the sensitive split up to a ledger total of ``epsilon_total``, generate.
+
+    ``seed`` drives the synthesiser's weights, features and latents; ``noise`` its privacy noise and private
+    sampling (None: a fresh secret source).
+    """
     from dpdistill import data, synthesis
 
     synth = synthesis.create(cfg.generator, channels=real.channels, image_size=real.image_size,
-                             num_classes=real.num_classes, seed=seed, device=str(device), **cfg.generator_options)
+                             num_classes=real.num_classes, seed=seed, device=str(device),
+                             noise=privacy_noise.resolve(noise), **cfg.generator_options)
     if cfg.public:
         public = data.load(cfg.public, "train", image_size=real.image_size)
         synth.pretrain(public, progress=progress)
@@ -201,6 +217,8 @@ def tuning_sets(real: Any, source: str, seed: int) -> tuple[Any, Any]:
     from dpdistill import data
 
     if source == "sensitive":
+        # The seed may choose the halves: the split looks at no record (a permutation of positions), and the
+        # tuning on the sensitive split is unaccounted anyway (the report and the ledger note say so).
         order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed + 9))
         half = len(real) // 2
         return real.subset(order[:half]), real.subset(order[half:])
@@ -232,6 +250,7 @@ def run_dpgeng(
     progress: bool = True,
     callback: Callback | None = None,
     generated: Any = None,
+    noise: PrivacyRandomness | None = None,
 ) -> SyntheticSet:
     """Distil the sensitive ``real`` ImageSet with DP-GenG under ``ledger``'s whole budget.
 
@@ -239,10 +258,13 @@ def run_dpgeng(
     on ``ledger``). The returned set carries ``.report`` (a dict: stages run, noise multipliers, ε by
     component, seconds per stage, ``baseline``: ``ipc`` random generated images per class, the
     DP-generated-at-IPC baseline as (images, labels), and ``init_set``: the set before distillation). All of
-    it is DP output.
+    it is DP output. ``noise`` is the privacy randomness of every sensitive stage (None: a fresh secret
+    source); ``callback(iteration, loss)`` gets the loss against the noisy targets and the DP expert
+    (post-processing of charged releases).
     """
     cfg = cfg if cfg is not None else DPGenGConfig()
     ledger = require_ledger(ledger, "dpgeng")
+    noise = privacy_noise.resolve(noise)
     if cfg.allocation == "utility" and not cfg.utility_tuning:
         raise SpecError("method.utility_tuning: allocation 'utility' needs tuning data: a public dataset name, "
                         "or 'sensitive' to tune on the sensitive split (unaccounted, as in the paper)")
@@ -269,7 +291,7 @@ def run_dpgeng(
     if cfg.allocation == "utility":
         tune, held_out = tuning_sets(real, cfg.utility_tuning or "", base_seed)
         alloc = utility_allocation(tune, held_out, cfg.utility_tuning or "", cfg, eps, ledger.delta, stats_mean,
-                                   stats_std, base_seed, device)
+                                   stats_std, base_seed, device, noise=noise.spawn("utility"))
         cfg = cfg.model_copy(update={"share_generator": alloc.share_generator, "share_expert": alloc.share_expert})
         report["allocation"] = dataclasses.asdict(alloc)
         if cfg.utility_tuning == "sensitive":
@@ -279,7 +301,8 @@ def run_dpgeng(
     # (a) generation
     if generated is None:
         generated, info = generate_stage(real, cfg, ledger, min(eps, ledger.spent_epsilon() + cfg.share_generator
-                                                                * eps), base_seed, device, progress)
+                                                                * eps), base_seed, device, progress,
+                                        noise.spawn("generator"))
         report.update(info)
         done("generate")
     _check_generated(generated, real)
@@ -335,8 +358,8 @@ def run_dpgeng(
                                       neighbouring=ledger.neighbouring)
             report["sigma"]["expert"] = sigma_e
             plan = DPSGDPlan(q, steps, sigma_e, cfg.expert_clip, cfg.expert_batch)
-            expert = dp_finetune(expert, real, plan, ledger, stats_mean, stats_std, base_seed + 5, cfg.expert_lr,
-                                 device)
+            expert = dp_finetune(expert, real, plan, ledger, stats_mean, stats_std, cfg.expert_lr, device,
+                                 noise=noise.spawn("expert"))
         else:
             expert.eval()
             for p in expert.parameters():
@@ -361,14 +384,14 @@ def run_dpgeng(
         dsa = make_dsa(cfg.dsa_strategy, cfg.dsa_mode)
         opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
         schedule = image_lr_schedule(opt, cfg.lr_schedule, cfg.iterations)
-        noise_g = torch.Generator().manual_seed(base_seed + 6)
+        fm_noise = noise.spawn("feature_matching")
         with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "DP-GenG", progress) as advance:
             for it in range(cfg.iterations):
                 loss = syn.images.new_zeros(())
                 if sampler is not None:
                     net = extractors[int(torch.randint(len(extractors), (1,), generator=g))]
                     loss = loss + dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma_f,
-                                                           noise_g)
+                                                           noise=fm_noise, generator=g)
                 if guidance is not None:
                     loss = loss + cfg.eg_weight * guidance.loss(syn, g)
                 value = image_step(opt, loss, syn, normalize, cfg.clamp)
