@@ -23,7 +23,6 @@ from dpdistill.privacy import (
     PoissonGaussian,
     RandomizedResponse,
     accounting_report,
-    add_remove_sensitivity,
     delta_for,
     epsilon,
     mechanism_from_dict,
@@ -173,11 +172,32 @@ def test_mechanisms_round_trip_through_json(mechanism):
 def test_replace_one_is_explicit():
     # Add-or-remove-one (ε, δ) implies replace-one (2ε, (1 + e^ε)δ) by group privacy.
     assert replace_one_guarantee(1.0, 1e-6) == pytest.approx((2.0, (1 + math.e) * 1e-6))
-    assert add_remove_sensitivity(2.0, query="sum") == 1.0
-    with pytest.raises(PrivacyError, match="only for query='sum'"):
-        add_remove_sensitivity(2.0, query="mean")
     with pytest.raises(PrivacyError, match="add-or-remove-one only"):
         epsilon(Parallel(Gaussian(1.0), 10, CLASSES), 1e-5, neighbouring=REPLACE_ONE)
     # Under replace-one the subsampled Gaussian costs more than under add-or-remove-one.
     m = PoissonGaussian(0.01, 1.0, 100)
     assert epsilon(m, 1e-5, neighbouring=REPLACE_ONE) > epsilon(m, 1e-5)
+
+
+def test_no_helper_converts_a_replace_one_sensitivity():
+    """A replace-one sensitivity does not determine the add-or-remove-one one, so no helper may claim to.
+
+    The removed ``add_remove_sensitivity`` halved it: right for a sum clipped to a ball (2C -> C), wrong for an
+    L2 histogram, whose one-hot contributions give replace-one √2 and add-or-remove-one 1 (it returned √2/2,
+    so a histogram calibrated with it got √2 too little noise).
+    """
+    import itertools
+
+    import torch
+
+    import dpdistill.privacy as privacy
+    from dpdistill.privacy import neighbouring
+
+    one_hot = torch.eye(5)  # every contribution a record can make to a 5-bin histogram
+    replace = max(float((a - b).norm()) for a, b in itertools.product(one_hot, one_hot))
+    add_remove = max(float(a.norm()) for a in one_hot)
+    assert replace == pytest.approx(math.sqrt(2)) and add_remove == 1.0
+    ball = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # two contributions on a radius-1 ball, opposite
+    assert float((ball[0] - ball[1]).norm()) / float(ball[0].norm()) == 2.0  # a different ratio
+    assert not hasattr(neighbouring, "add_remove_sensitivity")
+    assert not hasattr(privacy, "add_remove_sensitivity") and "add_remove_sensitivity" not in privacy.__all__

@@ -248,6 +248,33 @@ def test_a_charge_that_fits_alone_is_refused_after_another_writers_charge(tmp_pa
     assert path.read_bytes() == before
 
 
+def test_a_replaced_file_with_the_same_number_of_charges_is_not_overwritten(tmp_path):
+    """The adopt check compares the charges themselves: a different file with as many entries is refused."""
+    path = tmp_path / "ledger.json"
+    a = PrivacyLedger(path, epsilon_budget=10.0, delta=DELTA)
+    a.charge("a", CHARGES[0][1])
+    other = PrivacyLedger(tmp_path / "other.json", epsilon_budget=10.0, delta=DELTA)
+    other.charge("other", CHARGES[3][1])
+    path.write_bytes(other.path.read_bytes())  # another writer replaced the file: one charge, not a's
+    before = path.read_bytes()
+    with pytest.raises(PrivacyError, match="no longer holds this ledger's charges"):
+        a.charge("a", CHARGES[1][1])
+    assert path.read_bytes() == before  # other's charge survives
+    # The same charges under a changed budget are a replaced file too.
+    b = PrivacyLedger(tmp_path / "b.json", epsilon_budget=10.0, delta=DELTA)
+    b.charge("b", CHARGES[0][1])
+    doc = json.loads(b.path.read_text())
+    doc["epsilon_budget"] = 100.0
+    b.path.write_text(json.dumps(doc))
+    with pytest.raises(PrivacyError, match="no longer holds this ledger's charges"):
+        b.charge("b", CHARGES[1][1])
+    # A file that holds exactly this ledger's charges (written by it) is adopted as before.
+    a2 = PrivacyLedger(tmp_path / "c.json", epsilon_budget=10.0, delta=DELTA)
+    a2.charge("c", CHARGES[0][1])
+    a2.charge("c", CHARGES[1][1])
+    assert len(PrivacyLedger.load(a2.path).entries) == 2
+
+
 _WORKER = """
 import sys
 from dpdistill.privacy import PoissonGaussian, PrivacyLedger

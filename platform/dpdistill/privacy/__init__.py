@@ -42,7 +42,6 @@ from dpdistill.privacy.defaults import (
     validate_steps,
 )
 from dpdistill.privacy.ledger import PrivacyLedger
-from dpdistill.privacy.noise import PrivacyRandomness
 from dpdistill.privacy.mechanisms import (
     Composed,
     Gaussian,
@@ -56,9 +55,9 @@ from dpdistill.privacy.mechanisms import (
 from dpdistill.privacy.neighbouring import (
     ADD_OR_REMOVE_ONE,
     REPLACE_ONE,
-    add_remove_sensitivity,
     replace_one_guarantee,
 )
+from dpdistill.privacy.noise import PrivacyRandomness
 
 __all__ = [
     "ADD_OR_REMOVE_ONE",
@@ -80,7 +79,6 @@ __all__ = [
     "PrivacyRandomness",
     "RandomizedResponse",
     "accounting_report",
-    "add_remove_sensitivity",
     "allocate_sigma",
     "calibrate_gaussian",
     "calibrate_mechanism",

@@ -4,7 +4,11 @@
 nothing recorded, the file untouched) if the composed ε at the ledger's δ would exceed the budget. A check
 that passes is appended and written to ``ledger.json`` atomically and durably (temporary file in the same
 folder, flush + fsync, ``os.replace``, fsync of the folder) before ``charge`` returns, so a crash leaves
-either the old file or the new one, never a torn one, and a resumed run reloads every charge it made.
+either the old file or the new one, never a torn one, and a ledger reopened on the file reloads every charge.
+
+A ledger is one run's budget. Runs are not resumed: a rerun gets a new folder and a fresh ledger. What spans
+runs is the data owner's budget store (:mod:`dpdistill.privacy.owner_budget`, ``privacy.owner_budget``), which
+every run on the same sensitive data charges; a sweep composes its trials' ledgers into its own.
 
 Budget tolerance: a charge passes if the composed ε ≤ budget·(1 + 1e-9). The slack absorbs float rounding
 only (a σ calibrated to exactly fill the budget must pass); it is nine orders below any accountant error.
@@ -256,19 +260,26 @@ class PrivacyLedger:
             os.close(fd)
 
     def _adopt_charges_on_disk(self) -> None:
-        """Take in charges another writer appended to the file since this object last wrote it."""
+        """Take in charges another writer appended to the file since this object last wrote it.
+
+        The file must still begin with exactly this ledger's charges (compared entry by entry, in full) and
+        state the same budget, δ, n and relation; anything else means another writer replaced it, and
+        overwriting it would erase charges that were paid for releases. A matching count is not enough.
+        """
         if self.path is None or not self.path.exists():
             return
-        on_disk = _read(self.path).get("entries", [])
-        if len(on_disk) == len(self._entries):
-            return
-        def ids(entries: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-            return [(e.get("index"), e.get("component"), e.get("recorded_at")) for e in entries]
-
-        if len(on_disk) < len(self._entries) or ids(on_disk[: len(self._entries)]) != ids(self._entries):
+        data = _read(self.path)
+        on_disk = list(data.get("entries", []))
+        mine = [_canonical(e) for e in self._entries]
+        header = {"epsilon_budget": self.epsilon_budget, "delta": self.delta, "n_records": self.n_records,
+                  "neighbouring": self.neighbouring}
+        if (len(on_disk) < len(mine) or [_canonical(e) for e in on_disk[: len(mine)]] != mine
+                or any(data.get(k, ADD_OR_REMOVE_ONE if k == "neighbouring" else None) != v
+                       for k, v in header.items())):
             raise PrivacyError(f"{self.path}: the file no longer holds this ledger's charges; it was replaced "
                                "or truncated by another writer")
-        self._resume(self.path)
+        if len(on_disk) > len(mine):
+            self._resume(self.path)
 
     def _charge_locked(self, component: str, mechanism: Mechanism, note: str) -> float:
         pld, interval = self._with(mechanism)
@@ -398,6 +409,19 @@ def _dp_accounting_version() -> str:
         return f"dp-accounting {version('dp-accounting')}"
     except PackageNotFoundError:
         return "dp-accounting"
+
+
+def _canonical(entry: dict[str, Any]) -> str:
+    """One charge as canonical JSON, so an entry held in memory compares equal to its copy read from disk."""
+    return json.dumps(entry, sort_keys=True, ensure_ascii=False, allow_nan=False)
+
+
+def ledger_digest(path: Path | str) -> str:
+    """sha256 of a ledger's charges (canonical JSON of every entry): names what a copy of it was taken from."""
+    import hashlib
+
+    entries = _read(Path(path))["entries"]
+    return hashlib.sha256("\n".join(_canonical(e) for e in entries).encode("utf-8")).hexdigest()
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -2,8 +2,14 @@
 
 Everything dpdistill accounts is stated for *add-or-remove-one record* of the sensitive training split. Some
 papers and libraries state their guarantee or their sensitivity under *replace-one*. The two are not
-interchangeable, so nothing converts silently: the helpers below do it in the one direction that is always
-sound, or for the one query family where the other direction is.
+interchangeable, so nothing converts silently: the helper below converts a guarantee in the one direction that is
+always sound (add-or-remove-one to replace-one).
+
+Sensitivities do not convert at all. A replace-one sensitivity does not determine the add-or-remove-one one: a
+sum of contributions clipped to a ball of radius C has replace-one sensitivity 2C and add-or-remove-one C (a
+ratio of 2), an L2 histogram (one-hot contributions) has √2 and 1 (a ratio of √2). Halving, the old helper's
+rule, understated the histogram's sensitivity by √2. A method states the add-or-remove-one sensitivity of its
+query directly: for a sum, the largest norm one record's contribution can have.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import math
 from dp_accounting.privacy_accountant import NeighboringRelation
 
 from dpdistill.errors import PrivacyError
-from dpdistill.privacy.defaults import validate_delta, validate_epsilon, validate_positive
+from dpdistill.privacy.defaults import validate_delta, validate_epsilon
 from dpdistill.privacy.mechanisms import Composed, Mechanism, Parallel
 
 ADD_OR_REMOVE_ONE = "add-or-remove-one"
@@ -63,20 +69,3 @@ def replace_one_guarantee(epsilon: float, delta: float) -> tuple[float, float]:
     eps = validate_epsilon(epsilon)
     d = validate_delta(delta)
     return 2.0 * eps, (1.0 + math.exp(eps)) * d
-
-
-def add_remove_sensitivity(replace_sensitivity: float, query: str) -> float:
-    """The add-or-remove-one sensitivity of a query whose replace-one sensitivity a method states.
-
-    Only for ``query="sum"``: a sum (or histogram) of per-record contributions clipped to norm C has
-    replace-one sensitivity 2C (one record out, another in) and add-or-remove-one sensitivity C. For any
-    other query (a mean over a secret n, a median, ...) there is no general conversion: state the
-    add-or-remove-one sensitivity directly.
-    """
-    s = validate_positive(replace_sensitivity, "replace_sensitivity")
-    if query != "sum":
-        raise PrivacyError(
-            f"query={query!r}: a replace-one sensitivity converts to add-or-remove-one only for query='sum'; "
-            "state the add-or-remove-one sensitivity of this query directly"
-        )
-    return s / 2.0
