@@ -66,19 +66,98 @@ def test_a_job_does_not_leave_its_tracking_uri_in_the_environment(tmp_path, monk
     assert (tmp_path / "a" / "mlflow.db").is_file() and (tmp_path / "b" / "mlflow.db").is_file()
 
 
-def test_cluster_without_token_is_a_clear_error(tmp_path, monkeypatch):
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "DPDISTILL_RAY_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no default token file either
+@pytest.fixture
+def ray_env(tmp_path, monkeypatch):
+    """No Ray address, token or auth mode from the environment, and no default token file."""
     import dpdistill.runtime.cluster as cluster
 
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "DPDISTILL_RAY_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(cluster, "DEFAULT_TOKEN_FILE", tmp_path / ".ray" / "auth_token")
-    with pytest.raises(ClusterError, match=r"127\.0\.0\.1:1.*RAY_AUTH_TOKEN"):
+    return cluster
+
+
+def test_unreachable_cluster_is_one_clear_line(ray_env):
+    """Checked by one GCS call before ray.init (the old code let ray.init retry for 20 s, then 'cannot connect')."""
+    with pytest.raises(ClusterError, match=r"127\.0\.0\.1:1: cannot reach its GCS") as err:
         with ray_session(address="127.0.0.1:1"):
+            pass
+    assert "\n" not in str(err.value)
+
+
+def test_dashboard_address_given_to_run_says_what_to_do(ray_env):
+    with pytest.raises(ClusterError, match="dashboard.*dpdistill submit"):
+        with ray_session(address="http://127.0.0.1:8265"):
             pass
 
 
-def test_missing_token_file_in_spec_is_a_clear_error(tmp_path):
+def test_missing_token_file_in_spec_is_a_clear_error(tmp_path, ray_env):
     with pytest.raises(ClusterError, match="ray.auth_token_path"):
         with ray_session(address="127.0.0.1:1", auth_token_path=str(tmp_path / "nope")):
             pass
+
+
+def test_a_ray_job_driver_joins_its_cluster(ray_env, monkeypatch):
+    """Inside a Ray Job, Ray sets RAY_ADDRESS: the job joins that cluster (the old code started a local one with
+    num_cpus, which Ray refuses: 'When connecting to an existing cluster, num_cpus ... must not be provided')."""
+    assert ray_env.cluster_address(None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert ray_env.cluster_address(None) == "10.0.0.5:6379"
+    monkeypatch.setenv("DPDISTILL_RAY_ADDRESS", "10.0.0.6:6379")
+    assert ray_env.cluster_address(None) == "10.0.0.6:6379"
+    assert ray_env.cluster_address("10.0.0.7:6379") == "10.0.0.7:6379"
+
+
+def test_token_precedence_follows_ray(tmp_path, ray_env, monkeypatch):
+    """RAY_AUTH_TOKEN, then the spec's / RAY_AUTH_TOKEN_PATH file, then ~/.ray/auth_token; a named empty or
+    missing file is an error, not a silent fall-back."""
+    assert ray_env.find_token() is None
+    ray_env.DEFAULT_TOKEN_FILE.parent.mkdir(parents=True)
+    ray_env.DEFAULT_TOKEN_FILE.write_text("default\n")
+    assert ray_env.find_token().value == "default"
+    (tmp_path / "env_tok").write_text("from-path-env")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "env_tok"))
+    assert ray_env.find_token().value == "from-path-env"
+    (tmp_path / "spec_tok").write_text(" from-spec \n")
+    assert ray_env.find_token(str(tmp_path / "spec_tok")).value == "from-spec"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert ray_env.find_token(str(tmp_path / "spec_tok")).value == "from-env"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ClusterError, match="empty"):
+        ray_env.find_token(str(tmp_path / "empty"))
+
+
+def test_a_given_token_turns_client_token_mode_on(tmp_path, ray_env, monkeypatch):
+    """Ray 2.60 sends no token to an explicit address unless RAY_AUTH_MODE=token in the client."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    assert ray_env.use_token_auth() is None and "RAY_AUTH_MODE" not in os.environ
+    (tmp_path / "tok").write_text("abc")
+    token = ray_env.use_token_auth(str(tmp_path / "tok"))
+    assert token.value == "abc" and "ray.auth_token_path" in token.source
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert get_authentication_mode() == AuthenticationMode.TOKEN  # Ray's cached config was refreshed
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a user's explicit choice is left alone
+    assert ray_env.use_token_auth(str(tmp_path / "tok")) is None
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+    monkeypatch.undo()  # and let Ray's cached config follow the restored environment
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def test_only_the_opt_out_banner_is_hidden():
+    import logging
+
+    from dpdistill.runtime.cluster import _BANNER_LOGGER, quiet_auth_banner
+
+    quiet_auth_banner()
+    quiet_auth_banner()  # idempotent
+    logger = logging.getLogger(_BANNER_LOGGER)
+    assert len(logger.filters) == 1
+    banner = logger.makeRecord(_BANNER_LOGGER, logging.WARNING, __file__, 1, (
+        "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."), (), None)
+    other = logger.makeRecord(_BANNER_LOGGER, logging.WARNING, __file__, 1,
+                              "Token authentication is enabled but no token was found.", (), None)
+    assert not logger.filter(banner) and logger.filter(other)

@@ -1,0 +1,140 @@
+"""A real Ray head for integration tests: `ray start --head --block` on loopback with token auth on.
+
+The head runs in its own session with its own temp dir and freshly picked ports, so it never touches another
+cluster on the machine; it is stopped by signalling its own process group (never `ray stop`, which stops every
+cluster on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    """A running head: its GCS and dashboard addresses, token and log."""
+
+    proc: subprocess.Popen
+    gcs: str
+    dashboard: str
+    token: str
+    temp_dir: Path
+    log: Path
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+
+def _dashboard_ready(url: str, token: str) -> bool:
+    req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.status == 200 and "ray_version" in json.loads(r.read())
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+@contextmanager
+def ray_head(env: dict[str, str] | None = None, start_params: Sequence[str] = ("--num-cpus=2",),
+             token: str | None = None, startup_timeout: float = 120.0) -> Iterator[RayHead]:
+    """Start a head (token auth on, dashboard on 127.0.0.1) and yield it; always stop it afterwards.
+
+    ``env`` is added to the head's environment (a Ray Job's driver inherits it); ``start_params`` are extra
+    ``ray start`` flags, e.g. a manifest's rayStartParams.
+    """
+    token = token or secrets.token_hex(32)
+    # Short: Ray's unix socket paths under the temp dir must stay below 108 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    log = temp_dir / "head.log"
+    gcs_port, dash_port = free_port(), free_port()
+    head_env = dict(os.environ)
+    for var in ("RAY_ADDRESS", "DPDISTILL_RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
+        head_env.pop(var, None)
+    head_env.update({
+        # The job driver runs `dpdistill` from PATH, as in the image.
+        "PATH": f"{VENV_BIN}{os.pathsep}{head_env.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+    })
+    head_env.update(env or {})
+    cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+        f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats", *start_params,
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=head_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    head = RayHead(proc, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, temp_dir, log)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not _dashboard_ready(head.dashboard, token):
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray head exited with {proc.returncode}:\n{head.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ray head not ready after {startup_timeout:.0f} s:\n{head.log_tail()}")
+            time.sleep(0.5)
+        yield head
+    finally:
+        stop_head(head)
+
+
+def stop_head(head: RayHead) -> None:
+    """Stop the head and everything it started: SIGTERM to its process group (every Ray process of this head
+    and nothing else), SIGKILL after a few seconds for anything left; then remove its temp dir."""
+    sid = head.proc.pid
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(sid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        deadline = time.monotonic() + grace
+        while _session_members(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _session_members(sid):
+            break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.proc.wait(timeout=10)
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid``: what the head started and has not yet exited."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
