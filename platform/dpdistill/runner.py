@@ -41,6 +41,8 @@ class RunContext:
     # The job's privacy randomness: secret (OS entropy) unless privacy.reproducible_noise (NOT PRIVATE).
     noise: PrivacyRandomness = field(default_factory=PrivacyRandomness.secret)
     summary: list[tuple[str, str]] = field(default_factory=list)
+    # Artifact file names the runner must not copy to MLflow (e.g. a non-private method's images).
+    untracked: set[str] = field(default_factory=set)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Final metrics (step None) go to metrics.json and MLflow; stepped ones to MLflow only."""
@@ -149,7 +151,7 @@ def run_job(
             _safe(tracker.log_artifact, run.path / name)
         if run.artifacts.exists():
             for p in sorted(run.artifacts.iterdir()):
-                if p.suffix in {".png", ".json", ".md"}:
+                if p.suffix in {".png", ".json", ".md"} and not (ctx is not None and p.name in ctx.untracked):
                     _safe(tracker.log_artifact, p, "artifacts")
         run.finish(status, seconds=round(seconds, 3), mlflow_run_id=tracker.run_id)
         _safe(tracker.end, {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))

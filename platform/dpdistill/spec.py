@@ -66,6 +66,11 @@ class TrackingSpec(StrictModel):
     enabled: bool = True
     uri: str | None = None
     experiment: str = Field(default="dpdistill", min_length=1)
+    log_nonprivate_images: bool = Field(
+        default=False,
+        description=("copy a NON-PRIVATE method's images (DM / DC distilled sets, computed from real training images "
+                     "without noise, real records when iterations is 0) to MLflow; off: they stay in the run folder"),
+    )
 
 
 # The augmentation names evaluation.augment accepts; each is one that evaluation.training.resolve_augment knows

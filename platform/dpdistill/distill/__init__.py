@@ -8,29 +8,33 @@
 Every distiller is ``run(real, cfg, seed=..., *, progress=..., callback=..., **kw) -> SyntheticSet``; private
 ones also take ``ledger=`` and ``noise=`` (a :class:`~dpdistill.privacy.noise.PrivacyRandomness`; None: a
 fresh secret source), from which every noise draw and private sampling decision comes; ``seed`` drives only
-data-independent randomness. Each method registers itself in the module that defines it.
+data-independent randomness. Each method registers itself in the module that defines it, a private one with
+its ``DISCLOSURE`` (what each key it makes the job log is, in the kinds of :mod:`dpdistill.privacy.disclosure`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from dpdistill.errors import SpecError
+from dpdistill.privacy.disclosure import KINDS
 
 
 @dataclass(frozen=True)
 class Distiller:
-    """A registered distillation method: its name, config type, run function, and whether it is DP."""
+    """A registered distillation method: its name, config type, run function, whether it is DP, its disclosure."""
 
     name: str
     run: Callable[..., Any]
     config: type | None
     private: bool = False
     description: str = ""
+    # key (or fnmatch pattern) -> kind, for every key the method makes a distill job log (beside the job's own).
+    disclosure: Mapping[str, str] = field(default_factory=dict)
 
     def make_config(self, **options: Any) -> Any:
         """The method's config from keyword options; invalid options raise a one-line SpecError."""
@@ -57,16 +61,25 @@ def register(
     *,
     private: bool = False,
     description: str = "",
+    disclosure: Mapping[str, str] | None = None,
 ) -> Distiller:
-    """Make ``run`` findable as ``distill.get(name)``; ``config`` is a pydantic model or dataclass type."""
+    """Make ``run`` findable as ``distill.get(name)``; ``config`` is a pydantic model or dataclass type.
+
+    A private method must declare ``disclosure`` (possibly empty): the kind of every key it makes the job log.
+    """
     key = name.lower()
+    if private and disclosure is None:
+        raise ValueError(f"distill.register({name!r}): a private method must declare its disclosure")
+    bad = {k: v for k, v in (disclosure or {}).items() if v not in KINDS}
+    if bad:
+        raise ValueError(f"distill.register({name!r}): unknown disclosure kinds {bad}")
     if config is not None and not (isinstance(config, type) and (issubclass(config, BaseModel)
                                                                   or hasattr(config, "__dataclass_fields__"))):
         raise TypeError(f"distill.register({name!r}): config must be a pydantic model or dataclass type")
     existing = _REGISTRY.get(key)
     if existing is not None and existing.run.__qualname__ != run.__qualname__:
         raise ValueError(f"distillation method {name!r} is already registered")
-    record = Distiller(key, run, config, private, description)
+    record = Distiller(key, run, config, private, description, dict(disclosure or {}))
     _REGISTRY[key] = record
     return record
 

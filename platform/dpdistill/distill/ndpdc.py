@@ -36,6 +36,7 @@ from dpdistill.distill.loop import image_step, partial_set_on_interrupt
 from dpdistill.distill.options import PrivateMatchingOptions
 from dpdistill.distill.synthetic import SyntheticSet
 from dpdistill.privacy import noise as privacy_noise
+from dpdistill.privacy.disclosure import CHARGED
 from dpdistill.privacy.noise import PrivacyRandomness
 
 Callback = Callable[[int, float], None]
@@ -110,5 +111,9 @@ def run_ndpdc(
     return syn
 
 
-register("ndpdc", run_ndpdc, NDPDCConfig, private=True,
+# What a distill job logs for NDPDC beyond its own keys. The step loss is ||noisy real mean - mean clip(f(syn))||²
+# summed over classes: a function of the charged noisy targets and the synthetic images only (post-processing).
+DISCLOSURE: dict[str, str] = {"distill_loss": CHARGED}
+
+register("ndpdc", run_ndpdc, NDPDCConfig, private=True, disclosure=DISCLOSURE,
          description="non-linear DP dataset condensation (DM with clipped, noised real embeddings)")

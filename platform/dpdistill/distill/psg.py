@@ -44,6 +44,7 @@ from dpdistill.distill.losses import gradient_distance, network_gradients, train
 from dpdistill.distill.options import PrivateMatchingOptions
 from dpdistill.distill.synthetic import SyntheticSet
 from dpdistill.privacy import noise as privacy_noise
+from dpdistill.privacy.disclosure import CHARGED
 from dpdistill.privacy.noise import PrivacyRandomness
 
 Callback = Callable[[int, float], None]
@@ -185,5 +186,10 @@ def run_psg(
     return syn
 
 
-register("psg", run_psg, PSGConfig, private=True,
+# What a distill job logs for PSG beyond its own keys. The step loss is the distance between the synthetic
+# gradients and the NOISY real ones (the network trains on synthetic data only): post-processing of charged
+# releases, never a loss on a real batch.
+DISCLOSURE: dict[str, str] = {"distill_loss": CHARGED}
+
+register("psg", run_psg, PSGConfig, private=True, disclosure=DISCLOSURE,
          description="private set generation (DP gradient matching with per-record clipping)")

@@ -3,6 +3,15 @@
 Stages: load (prepare) → distil (the method from ``distill.get``) → release (distilled set + grid) → evaluate
 (fresh models trained on the distilled set, tested on the real test split). The distilled set is the only
 thing written to the run folder; the sensitive split never is.
+
+What it logs, by kind (:mod:`dpdistill.privacy.disclosure`): the job's own keys in :data:`DISCLOSURE`, the
+method's in its registry record (``Distiller.disclosure``); the per-step ``distill_loss`` of a private method is
+logged only when the method declares it CHARGED (computed from noisy, charged targets alone).
+
+A non-private method (DM, DC) releases a set computed from real training images without noise (with
+``init: real`` and ``iterations: 0`` it IS real records). Such a run says so in the run folder
+(``artifacts/RELEASE_NOT_PRIVATE.txt``, ``not_private`` in status.json and metrics.json), the summary and an
+MLflow tag, and its images stay out of MLflow unless ``tracking.log_nonprivate_images`` is on.
 """
 
 from __future__ import annotations
@@ -15,8 +24,31 @@ from typing import Any
 import torch
 
 from dpdistill.errors import SpecError
+from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, PUBLIC, RELEASED, kind_of
+from dpdistill.spec import JobSpec
 
 log = logging.getLogger("dpdistill.pipelines.distill")
+
+# Every key a distill job logs itself (the runner's and ledger's are in disclosure.COMMON, the method's in its
+# registry record). ipc and n_released are recomputed from distilled.pt by the disclosure tests.
+DISCLOSURE: dict[str, str] = {
+    "ipc": RELEASED,
+    "n_released": RELEASED,
+    "sigma_*": ACCOUNTING,  # a multi-stage method's noise multipliers, fixed by the plan before any data is read
+    "seconds_*": PUBLIC,  # its stage times (wall time)
+    # MLflow params: the resolved spec, written by the user (public by definition).
+    **{k: PUBLIC for name in JobSpec.model_fields for k in (name, f"{name}.*")},
+}
+
+RELEASE_NOT_PRIVATE = "RELEASE_NOT_PRIVATE.txt"
+IMAGE_ARTIFACTS = ("distilled_grid.png",)
+
+
+def not_private_release(method: str) -> str:
+    """The line that marks a non-private method's release (run folder, summary, status, MLflow)."""
+    return (f"NOT PRIVATE: method '{method}' gives no privacy guarantee; the distilled set is computed from real "
+            "training images without noise and may reproduce them (with init 'real' and iterations 0 it is real "
+            "training records)")
 
 
 @dataclass
@@ -90,9 +122,14 @@ class DistillPipeline:
 
         spec = ctx.spec
         torch.manual_seed(spec.seed)
+        if not p.method.private:
+            mark_not_private(ctx, spec.method.name)
+        # A private method's step loss is logged only if the method declares it a function of charged noisy
+        # targets; a loss on a real batch without noise would be an unaccounted release.
+        log_loss = not p.method.private or kind_of("distill_loss", p.method.disclosure) == CHARGED
 
         def on_step(iteration: int, loss: float) -> None:
-            if iteration % 10 == 0:
+            if log_loss and iteration % 10 == 0:
                 ctx.log_metrics({"distill_loss": float(loss)}, step=iteration)
 
         # Normalisation statistics are the dataset's published constants, never computed from the sensitive
@@ -144,6 +181,22 @@ class DistillPipeline:
             ctx.log_metrics({f"sigma_{k}": float(v) for k, v in report.get("sigma", {}).items()})
             ctx.log_metrics({f"seconds_{k}": float(v) for k, v in report.get("seconds", {}).items()})
         return {}
+
+
+def mark_not_private(ctx: Any, method: str) -> None:
+    """Mark the run of a non-private method as such everywhere; keep its images out of MLflow unless opted in."""
+    from dpdistill.runtime.runfolder import atomic_write_text
+
+    reason = not_private_release(method)
+    atomic_write_text(ctx.run.artifacts / RELEASE_NOT_PRIVATE,
+                      f"{reason}.\nThe files in this folder may contain sensitive records: do not publish them.\n")
+    ctx.run.set_status("running", not_private=reason)
+    ctx.log_metrics({"not_private": 1.0})
+    ctx.tracker.set_tags({"dpdistill.release": "NOT PRIVATE"})
+    ctx.add_summary("NOT PRIVATE", reason)
+    if not ctx.spec.tracking.log_nonprivate_images:
+        ctx.untracked.update(IMAGE_ARTIFACTS)
+    log.warning(reason)
 
 
 def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,

@@ -67,6 +67,7 @@ from dpdistill.distill.synthetic import SyntheticSet
 from dpdistill.errors import DataError, SpecError
 from dpdistill.privacy import PrivacyLedger
 from dpdistill.privacy import noise as privacy_noise
+from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, EVALUATION
 from dpdistill.privacy.noise import PrivacyRandomness
 
 Callback = Callable[[int, float], None]
@@ -407,5 +408,19 @@ def run_dpgeng(
     return syn
 
 
-register("dpgeng", run_dpgeng, DPGenGConfig, private=True,
+# What a distill job logs for DP-GenG beyond its own keys (the report's σs and stage times go under the job's
+# sigma_* / seconds_* patterns). The step loss is the feature-matching distance to the NOISY per-class means plus
+# the guidance loss of the DP expert on generated references: post-processing of charged releases only.
+DISCLOSURE: dict[str, str] = {
+    "distill_loss": CHARGED,
+    # The DP-generated-at-IPC baseline (ipc generated images per class: DP output of the charged generator)
+    # trained and scored on the test split, like the release.
+    "baseline_generated_acc_mean": EVALUATION,
+    "baseline_generated_acc_std": EVALUATION,
+    # report_to_job only: the generator / expert ε shares in force (the spec's, or tuned on a public set).
+    "share_generator": ACCOUNTING,
+    "share_expert": ACCOUNTING,
+}
+
+register("dpgeng", run_dpgeng, DPGenGConfig, private=True, disclosure=DISCLOSURE,
          description="DP-GenG: DP dataset distillation guided by DP-generated data (AAAI'26)")
