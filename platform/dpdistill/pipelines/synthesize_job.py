@@ -11,7 +11,9 @@ options of :class:`SynthesizeOptions`, e.g.::
 
     method: {name: dp-merf, iterations: 2000, n_per_class: 6000, pretrain: glyphs}
 
-Only DP outputs reach the run folder: the synthetic set, the generator and the method's noisy statistics.
+Only DP outputs reach the run folder: the synthetic set, the generator and the method's noisy statistics. Every
+key the job logs is declared: the job's own in :data:`DISCLOSURE`, the method's in its ``disclosure``
+(:func:`disclosure_for` merges them; ``tests/test_disclosure_synthesis.py`` enforces it).
 """
 
 from __future__ import annotations
@@ -27,8 +29,47 @@ import numpy as np
 import torch
 
 from dpdistill.errors import SpecError
+from dpdistill.privacy.disclosure import ACCOUNTING, EVALUATION, PUBLIC
 
 log = logging.getLogger("dpdistill.pipelines.synthesize")
+
+# The keys this job writes beside the method's own (metrics.json / MLflow, fit_report.json, fidelity.json,
+# MLflow params) and why each is safe; runner/ledger/evaluation keys are privacy.disclosure.COMMON.
+DISCLOSURE: dict[str, str] = {
+    # fidelity: the release against the real TEST split (never the sensitive training split)
+    "fid": EVALUATION,
+    "is_mean": EVALUATION,
+    "is_std": EVALUATION,
+    "precision": EVALUATION,
+    "recall": EVALUATION,
+    "inception_score": EVALUATION,
+    "inception_score_std": EVALUATION,
+    "extractor": PUBLIC,
+    "n_real": PUBLIC,
+    "n_fake": PUBLIC,
+    "k": PUBLIC,
+    # fit_report.json's additions to the FitReport
+    "privacy_note": PUBLIC,
+    # MLflow params: the flattened spec (the job's public configuration)
+    "name": PUBLIC,
+    "kind": PUBLIC,
+    "description": PUBLIC,
+    "seed": PUBLIC,
+    "device": PUBLIC,
+    "data.*": PUBLIC,
+    "method.*": PUBLIC,
+    "evaluation.*": PUBLIC,
+    "ray.*": PUBLIC,
+    "tracking.*": PUBLIC,
+    "privacy.*": ACCOUNTING,
+}
+
+
+def disclosure_for(method: str) -> dict[str, str]:
+    """Every key a synthesize job of ``method`` may write, with its kind: the job's and the method's."""
+    from dpdistill import synthesis
+
+    return {**DISCLOSURE, **synthesis.get(method).disclosure}
 
 
 @dataclass

@@ -47,6 +47,7 @@ from dpdistill.errors import DataError, PrivacyError, SpecError
 from dpdistill.evaluation.training import thread_limit
 from dpdistill.privacy import ADD_OR_REMOVE_ONE, Mechanism, PrivacyLedger, replace_one_guarantee
 from dpdistill.privacy.calibration import solve_sigma
+from dpdistill.privacy.disclosure import ACCOUNTING, PUBLIC
 from dpdistill.privacy.noise import PrivacyRandomness, resolve
 
 FORMAT = "dpdistill.synthesizer/1"
@@ -76,6 +77,41 @@ class FitReport:
         out.update({f"noise_{k}": float(v) for k, v in self.noise.items()})
         out.update({k: float(v) for k, v in self.extra.items()})
         return out
+
+
+# What every FitReport writes whatever the method: its metrics (``as_metrics``) and its fields (fit_report.json
+# and the saved synthesiser's report, nested dicts flattened with dots).
+FIT_DISCLOSURE: dict[str, str] = {
+    "fit_seconds": PUBLIC,
+    "fit_epsilon": ACCOUNTING,
+    "fit_steps": PUBLIC,
+    "method": PUBLIC,
+    "epsilon": ACCOUNTING,
+    "delta": ACCOUNTING,
+    "mechanisms": ACCOUNTING,
+    "neighbouring": PUBLIC,
+    "paper_neighbouring": PUBLIC,
+    "replace_one": ACCOUNTING,
+    "seconds": PUBLIC,
+    "steps": PUBLIC,
+}
+
+
+def fit_disclosure(*, noise: dict[str, str], extra: dict[str, str] | None = None,
+                   stepped: dict[str, str] | None = None) -> dict[str, str]:
+    """A method's declared disclosure: :data:`FIT_DISCLOSURE` plus its noise parameters, extras and callbacks.
+
+    ``noise`` and ``extra`` are the keys of its FitReport's dicts (declared under both spellings they are
+    written in: ``noise_sigma`` as a metric, ``noise.sigma`` in the report); ``stepped`` the keys its
+    callback logs every few steps (MLflow only). Kinds from :mod:`dpdistill.privacy.disclosure`.
+    """
+    out = dict(FIT_DISCLOSURE)
+    for key, kind in noise.items():
+        out[f"noise_{key}"] = out[f"noise.{key}"] = kind
+    for key, kind in (extra or {}).items():
+        out[key] = out[f"extra.{key}"] = kind
+    out.update(stepped or {})
+    return out
 
 
 def calibrate_for_ledger(ledger: PrivacyLedger, make: Callable[[float], Mechanism], target_total: float,
@@ -108,14 +144,16 @@ class Synthesizer(ABC):
     Subclasses set ``name``, ``config_type`` (a dataclass with defaults for MNIST-scale data),
     ``paper_neighbouring`` and ``privacy_note``, build their conditional generator in :meth:`build`, and
     implement :meth:`_fit` (and :meth:`_pretrain` if they support public pretraining). Each also declares
-    ``disclosure``: every key its fit report and callbacks write, with its kind (:mod:`dpdistill.privacy.disclosure`).
+    ``disclosure`` (see :func:`fit_disclosure`): every key its fit report and callbacks write, with its kind
+    (:mod:`dpdistill.privacy.disclosure`); a number computed from sensitive records without noise has no kind
+    and must not be written at all.
     """
 
     name: ClassVar[str] = ""
     config_type: ClassVar[type] = object
     paper_neighbouring: ClassVar[str] = ADD_OR_REMOVE_ONE
     privacy_note: ClassVar[str] = ""
-    disclosure: ClassVar[dict[str, str]] = {}
+    disclosure: ClassVar[dict[str, str]] = FIT_DISCLOSURE
 
     def __init__(self, config: Any = None, *, channels: int, image_size: int, num_classes: int,
                  seed: int = 0, device: str | torch.device = "cpu",

@@ -9,6 +9,11 @@ N(0, σ²·max_grad_norm²). Adding or removing one record adds or removes one r
 sensitivity is ``max_grad_norm``; the generated rows' count must not depend on the sample size for that to
 hold. The whole run is charged once, before the first step.
 
+What is logged: the generator loss (``fit_g_loss`` every 50 steps, ``final_g_loss``), which scores generated
+images with the DP-SGD discriminator: post-processing of the charged run. The discriminator's own loss is a
+function of the real Poisson batch WITHOUT noise (opacus noises the gradient, not the loss), so it is never
+logged.
+
 Privacy notion: add-or-remove-one with Poisson sampling, the paper's and opacus' own; no conversion.
 """
 
@@ -23,12 +28,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from dpdistill.privacy import PoissonGaussian, PrivacyLedger, calibrate_sigma
+from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED
 from dpdistill.synthesis import register
 from dpdistill.synthesis.base import (
     Callback,
     FitReport,
     Synthesizer,
     calibrate_for_ledger,
+    fit_disclosure,
     public_poisson_batches,
 )
 from dpdistill.synthesis.dp_merf import _bar
@@ -79,6 +86,8 @@ class DPGAN(_GAN):
     config_type = DPGANConfig
     paper_neighbouring = "add-or-remove-one"
     privacy_note = "DP-SGD on the discriminator, Poisson sampling, add-or-remove sensitivity max_grad_norm"
+    disclosure = fit_disclosure(noise={"sigma": ACCOUNTING, "q": ACCOUNTING}, extra={"final_g_loss": CHARGED},
+                                stepped={"fit_g_loss": CHARGED})
 
     def _fit(self, sensitive: Any, ledger: PrivacyLedger, target_epsilon: float, progress: bool,
              callback: Callback | None) -> FitReport:

@@ -15,6 +15,9 @@ draw; nothing here catches that error, so a failed draw stops the fit instead of
 Normalisation: sums are divided by the expected batch size q·n (n, the split size, is public, as in DP-SGD).
 Class proportions come from the running mean of the noisy batch counts (post-processing).
 
+What is logged: the noisy MMD loss every 50 steps (``fit_noisy_mmd``: computed from the noisy sums and
+generated images only, post-processing of the charged releases). Nothing computed from a batch's exact sums.
+
 Privacy notion: the paper's batch-mean embedding has replace-one sensitivity 2/B; here the batch sum has
 add-or-remove sensitivity 1 with Poisson sampling (DPImageBench Appendix A's conversion).
 """
@@ -30,12 +33,14 @@ from torch import nn
 
 from dpdistill.errors import SpecError
 from dpdistill.privacy import PoissonGaussian, PrivacyLedger, calibrate_sigma
+from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED
 from dpdistill.synthesis import register
 from dpdistill.synthesis.base import (
     Callback,
     FitReport,
     Synthesizer,
     calibrate_for_ledger,
+    fit_disclosure,
     public_poisson_batches,
 )
 from dpdistill.synthesis.dp_merf import _bar
@@ -69,6 +74,7 @@ class DPKernel(Synthesizer):
     paper_neighbouring = "replace-one"
     privacy_note = ("paper: batch mean embedding, replace-one sensitivity 2/B; here: Poisson-sampled batch "
                     "sums, add-or-remove sensitivity 1, PoissonGaussian(q, σ, steps)")
+    disclosure = fit_disclosure(noise={"sigma": ACCOUNTING, "q": ACCOUNTING}, stepped={"fit_noisy_mmd": CHARGED})
 
     def build(self) -> nn.Module:
         c = self.config

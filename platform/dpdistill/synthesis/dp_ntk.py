@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dpdistill.synthesis import register
-from dpdistill.synthesis.dp_merf import MeanEmbeddingSynthesizer
+from dpdistill.synthesis.dp_merf import MEAN_EMBEDDING_DISCLOSURE, MeanEmbeddingSynthesizer
 from dpdistill.synthesis.features import NTKFeatures
 
 
@@ -46,6 +46,7 @@ class DPNTK(MeanEmbeddingSynthesizer):
     paper_neighbouring = "replace-one"
     privacy_note = ("paper: mean embedding, replace-one sensitivity 2/n; here: per-class sums and counts of "
                     "unit-norm NTK features, add-or-remove sensitivity 1, one Gaussian release")
+    disclosure = MEAN_EMBEDDING_DISCLOSURE
 
     def feature_map(self) -> NTKFeatures:
         d = self.channels * self.image_size * self.image_size

@@ -39,8 +39,9 @@ from torch import nn
 
 from dpdistill.errors import DataError
 from dpdistill.privacy import PoissonGaussian, PrivacyLedger, calibrate_sigma
+from dpdistill.privacy.disclosure import ACCOUNTING
 from dpdistill.synthesis import register
-from dpdistill.synthesis.base import Callback, FitReport, calibrate_for_ledger
+from dpdistill.synthesis.base import Callback, FitReport, calibrate_for_ledger, fit_disclosure
 from dpdistill.synthesis.dp_gan import _GAN
 from dpdistill.synthesis.dp_merf import _bar
 
@@ -121,6 +122,8 @@ class GSWGAN(_GAN):
     paper_neighbouring = "replace-one"
     privacy_note = ("paper: per-row sensitivity 2C, B·steps releases subsampled at 1/K; here: one release per "
                     "step, sensitivity 2C·sqrt(B), PoissonGaussian(1/K, σ/(2·sqrt(B)), steps)")
+    # Nothing but the accounting: every loss here runs through discriminators trained without noise.
+    disclosure = fit_disclosure(noise={"sigma_row": ACCOUNTING, "noise_multiplier": ACCOUNTING, "q": ACCOUNTING})
 
     bank: DiscriminatorBank | None = None
     subsets: list[torch.Tensor] | None = None
