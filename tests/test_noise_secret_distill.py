@@ -162,3 +162,21 @@ def test_the_experts_opacus_sampling_and_noise_come_from_the_source(sensitive) -
     with pytest.raises(Exception, match="noise multiplier"):
         dp_finetune(expert, sensitive, DPSGDPlan(q, steps, 0.0, 1.0, 256), PrivacyLedger(None, 50.0, 1e-4),
                     MEAN, STD)
+
+
+def test_the_distill_job_passes_its_noise_source_to_the_method(tmp_path) -> None:
+    """Through the job: secret by default (two runs differ); privacy.reproducible_noise repeats (NOT PRIVATE)."""
+    from dpdistill.runner import run_job
+    from dpdistill.spec import validate_spec
+
+    def release(reproducible: bool) -> str:
+        doc = {"name": "secret-ndpdc", "kind": "distill", "data": {"name": "digits"},
+               "privacy": {"epsilon": 1.0, "reproducible_noise": reproducible},
+               "method": {"name": "ndpdc", "ipc": 1, "iterations": 2, "batch_real": 16, **NET},
+               "evaluation": {"enabled": False}, "tracking": {"enabled": False}}
+        result = run_job(validate_spec(doc, "<test>"), tmp_path / "runs", progress=False)
+        art = torch.load(result.run_dir / "artifacts" / "distilled.pt", weights_only=True)
+        return hashlib.sha256(art["images"].numpy().tobytes()).hexdigest()
+
+    assert release(False) != release(False)
+    assert release(True) == release(True)
