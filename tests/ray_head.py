@@ -57,6 +57,23 @@ def _dashboard_ready(url: str, token: str) -> bool:
         return False
 
 
+def _raylet_alive(gcs: str, token: str) -> bool:
+    """The head's raylet has registered with the GCS: a driver can attach to it (ray.init waits at most 60 s
+    for that and then reports "Failed to connect")."""
+    import grpc
+    from ray.core.generated import gcs_pb2, gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(gcs) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            reply = stub.GetAllNodeInfo(
+                gcs_service_pb2.GetAllNodeInfoRequest(state_filter=gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE),
+                timeout=2, metadata=(("authorization", f"Bearer {token}"),))
+        except grpc.RpcError:
+            return False
+    return len(reply.node_info_list) > 0
+
+
 @contextmanager
 def ray_head(env: dict[str, str] | None = None, start_params: Sequence[str] = ("--num-cpus=2",),
              token: str | None = None, startup_timeout: float = 120.0) -> Iterator[RayHead]:
@@ -97,7 +114,7 @@ def ray_head(env: dict[str, str] | None = None, start_params: Sequence[str] = ("
     head = RayHead(proc, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, temp_dir, log)
     try:
         deadline = time.monotonic() + startup_timeout
-        while not _dashboard_ready(head.dashboard, token):
+        while not (_raylet_alive(head.gcs, token) and _dashboard_ready(head.dashboard, token)):
             if proc.poll() is not None:
                 raise RuntimeError(f"ray head exited with {proc.returncode}:\n{head.log_tail()}")
             if time.monotonic() > deadline:

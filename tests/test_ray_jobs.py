@@ -3,6 +3,7 @@ refusing a bad token at once, and Ray Jobs (`dpdistill submit` / `dpdistill jobs
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dpdistill.runtime.cluster import TOKEN_HELP
 from ray_head import ray_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +81,121 @@ def test_a_bad_token_is_one_line_before_ray_starts(head, tmp_path):
 def test_no_token_names_the_variables(head, tmp_path):
     proc = _connect(head.gcs, _clean_env(HOME=str(tmp_path)))
     assert "requires an auth token and none was found; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH" in proc.stdout
+
+
+# The quick-start made tiny: a few generator steps and matching iterations, one 1-epoch evaluation model.
+TINY_QUICKSTART = [
+    "--set", "method.generator_options.iterations=20", "--set", "method.generated_per_class=20",
+    "--set", "method.ipc=2", "--set", "method.expert_pretrain_epochs=1", "--set", "method.expert_dp_epochs=0.2",
+    "--set", "method.iterations=5", "--set", "evaluation.seeds=1", "--set", "evaluation.epochs=1",
+]
+
+
+def _dpdistill(*args: str, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpdistill.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+def _printed(stdout: str, label: str) -> str:
+    """The command `submit` printed after ``label``."""
+    line = next(ln for ln in stdout.splitlines() if ln.startswith(label))
+    return line.removeprefix(label).strip()
+
+
+@pytest.fixture(scope="module")
+def submitted(head, tmp_path_factory):
+    """`dpdistill submit` of the tiny quick-start, then the `wait` command it printed, run as printed."""
+    home = tmp_path_factory.mktemp("home")
+    runs = tmp_path_factory.mktemp("durable") / "runs"
+    mlflow_db = runs.parent / "mlflow" / "store.db"
+    mlflow_db.parent.mkdir()
+    env = _clean_env(HOME=str(home), RAY_AUTH_TOKEN=head.token,
+                     PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    sub = _dpdistill("submit", "jobs/quickstart.yaml", "--address", head.dashboard, "--runs-dir", str(runs),
+                     "--tracking-uri", f"sqlite:///{mlflow_db}", *TINY_QUICKSTART, env=env)
+    assert sub.returncode == 0, sub.stdout + sub.stderr[-3000:]
+    wait_cmd = _printed(sub.stdout, "wait for it:")
+    waited = subprocess.run(wait_cmd, shell=True, capture_output=True, text=True, env=env, timeout=600, cwd=home)
+    return {"sub": sub, "waited": waited, "runs": runs, "mlflow_db": mlflow_db, "env": env,
+            "job_id": sub.stdout.split("as Ray job ", 1)[1].split()[0]}
+
+
+def test_submitted_job_completes_with_results_in_the_durable_runs_dir(submitted):
+    """The old `submit` wrote into Ray's working-dir package (relative runs dir) and its job died at
+    `ray.init(num_cpus=...)` inside the driver."""
+    waited, runs = submitted["waited"], submitted["runs"]
+    assert waited.returncode == 0, waited.stdout + waited.stderr[-3000:]
+    assert "SUCCEEDED" in waited.stdout
+    run_dirs = list((runs / "quickstart").iterdir())
+    assert len(run_dirs) == 1
+    run_dir = run_dirs[0]
+    assert f"run folder: {run_dir}" in waited.stdout
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "completed"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["acc_mean"] <= 1.0 and metrics["privacy_epsilon"] <= 10.0
+    assert (run_dir / "ledger.json").is_file() and (run_dir / "artifacts").is_dir()
+
+
+def test_submitted_job_logs_to_the_mlflow_store_it_was_given(submitted):
+    import mlflow
+
+    run_dir = next((submitted["runs"] / "quickstart").iterdir())
+    status = json.loads((run_dir / "status.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{submitted['mlflow_db']}")
+    run = client.get_run(status["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dpdistill.run_dir"] == str(run_dir)
+    assert run.data.metrics["acc_mean"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["acc_mean"])
+    # Artifacts beside the store, not in the job's throw-away working directory.
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"spec.yaml", "ledger.json", "metrics.json"} <= names
+    assert run.info.artifact_uri.startswith((submitted["mlflow_db"].parent / "mlartifacts").as_uri())
+
+
+def test_jobs_status_and_logs(submitted, head):
+    env, job_id = submitted["env"], submitted["job_id"]
+    status = _dpdistill("jobs", "status", job_id, "--address", head.dashboard, env=env)
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    assert "run folder: " + str(submitted["runs"] / "quickstart") in status.stdout
+    logs = _dpdistill("jobs", "logs", job_id, "--address", head.dashboard, env=env)
+    assert "completed after" in logs.stdout and "privacy" in logs.stdout
+    missing = _dpdistill("jobs", "status", "no-such-job", "--address", head.dashboard, env=env)
+    assert missing.returncode == 2 and missing.stderr.startswith("dpdistill: error: Ray job no-such-job")
+
+
+def test_jobs_stop(head, tmp_path):
+    env = _clean_env(HOME=str(tmp_path), RAY_AUTH_TOKEN=head.token)
+    sub = _dpdistill("submit", "jobs/quickstart.yaml", "--address", head.dashboard, "--runs-dir",
+                     str(tmp_path / "runs"), "--driver-cpus", "0", *TINY_QUICKSTART,
+                     "--set", "method.iterations=1000000", env=env)
+    assert sub.returncode == 0, sub.stderr[-2000:]
+    job_id = sub.stdout.split("as Ray job ", 1)[1].split()[0]
+    stop = _dpdistill("jobs", "stop", job_id, "--address", head.dashboard, env=env)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout, stop.stdout + stop.stderr
+    waited = _dpdistill("jobs", "wait", job_id, "--address", head.dashboard, env=env)
+    assert waited.returncode == 1 and f"{job_id}: STOPPED" in waited.stdout
+
+
+def test_submit_refuses_a_relative_runs_dir_before_contacting_the_cluster(tmp_path):
+    """A relative --runs-dir would resolve inside the job's throw-away working directory (the old default,
+    `runs`, did exactly that)."""
+    env = _clean_env(HOME=str(tmp_path))
+    proc = _dpdistill("submit", "jobs/quickstart.yaml", "--address", "http://127.0.0.1:1", "--runs-dir", "runs",
+                      env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("dpdistill: error: --runs-dir runs: a submitted job needs an absolute path")
+    proc = _dpdistill("submit", "jobs/quickstart.yaml", "--address", "http://127.0.0.1:1", "--runs-dir", "/runs",
+                      "--tracking-uri", "sqlite:///mlflow.db", env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("dpdistill: error: --tracking-uri sqlite:///mlflow.db: a submitted job needs an "
+                                  "absolute path")
+
+
+def test_submit_with_a_bad_token_is_one_line(head, tmp_path):
+    env = _clean_env(HOME=str(tmp_path), RAY_AUTH_TOKEN="not-the-token")
+    proc = _dpdistill("submit", "jobs/quickstart.yaml", "--address", head.dashboard, "--runs-dir", "/runs",
+                      env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"dpdistill: error: Ray job server {head.dashboard} refused the auth token "
+                                   f"from RAY_AUTH_TOKEN; {TOKEN_HELP}")

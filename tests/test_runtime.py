@@ -161,3 +161,27 @@ def test_only_the_opt_out_banner_is_hidden():
     other = logger.makeRecord(_BANNER_LOGGER, logging.WARNING, __file__, 1,
                               "Token authentication is enabled but no token was found.", (), None)
     assert not logger.filter(banner) and logger.filter(other)
+
+
+def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    """Not in ./mlruns of the current directory (a Ray Job's is its throw-away working-dir package)."""
+    import mlflow
+
+    from dpdistill.runtime.tracking import Tracker, local_artifact_root
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    elsewhere = tmp_path / "job-working-dir"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store = tmp_path / "runs"
+    uri = resolve_tracking_uri(None, store)
+    (tmp_path / "spec.yaml").write_text("name: x\n")
+    tracker = Tracker(True, uri, "t")
+    tracker.start("x", {"p": "1"}, {})
+    tracker.log_artifact(tmp_path / "spec.yaml")
+    tracker.end()
+    assert not (elsewhere / "mlruns").exists()
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(tracker.run_id)
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").resolve().as_uri())
+    assert list((store / "mlartifacts").rglob("spec.yaml"))
+    assert local_artifact_root("http://mlflow:5000") is None

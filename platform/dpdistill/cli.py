@@ -150,24 +150,132 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> Non
     _console().print(table)
 
 
+# The Ray dashboard (job server) URL, from --address or Ray's own variable for it.
+_JobAddress = Annotated[str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS",
+                                          help="Ray dashboard address, e.g. http://head:8265")]
+
+
 @app.command()
 def submit(
     spec: Annotated[Path, typer.Argument(help="job spec (YAML)")],
-    address: Annotated[str, typer.Option(help="Ray dashboard address, e.g. http://head:8265")],
+    address: _JobAddress,
+    runs_dir: Annotated[str, typer.Option(
+        envvar="DPDISTILL_RUNS_DIR",
+        help="absolute run folder root on storage every Ray node sees, e.g. /runs (never the job's working dir)")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a field")] = None,
-    runs_dir: Annotated[str, typer.Option(help="run folder root on the cluster")] = "runs",
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI for the job (default: the cluster's MLFLOW_TRACKING_URI, else "
+             "sqlite:///RUNS_DIR/mlflow.db)")] = None,
+    driver_cpus: Annotated[float, typer.Option(min=0, help="CPUs reserved for the job's driver")] = 1.0,
+    driver_gpus: Annotated[float, typer.Option(min=0, help="GPUs reserved for the job's driver")] = 0.0,
 ) -> None:
-    """Submit a job to a Ray cluster as a Ray Job (the resolved spec travels with it)."""
+    """Submit a job to a Ray cluster as a Ray Job (the resolved spec travels with it); prints how to follow it."""
+    import os
+    import shlex
     import tempfile
 
-    from dpdistill.runtime.jobs import submit_job
+    from dpdistill.runtime.jobs import check_durable_path, check_tracking_uri, submit_job
     from dpdistill.spec import load_spec
 
+    check_durable_path("--runs-dir", runs_dir)  # before the (slower) spec: these need no imports
+    if tracking_uri:
+        check_tracking_uri("--tracking-uri", tracking_uri)
     job = load_spec(spec, set_ or [])  # validate here: a bad spec never reaches the cluster
     with tempfile.TemporaryDirectory() as tmp:
-        job_id = submit_job(job, address, Path(tmp), runs_dir)
-    _console().print(f"submitted {job.name} as Ray job {job_id} to {address}; "
-                     f"follow it with: ray job logs --follow --address {address} {job_id}")
+        sub = submit_job(job, address, Path(tmp), runs_dir, tracking_uri=tracking_uri, driver_cpus=driver_cpus,
+                         driver_gpus=driver_gpus)
+    # The follow-up commands must work as printed: name the token file when only the spec knew it.
+    prefix = ""
+    if job.ray.auth_token_path and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        prefix = f"RAY_AUTH_TOKEN_PATH={shlex.quote(str(Path(job.ray.auth_token_path).expanduser()))} "
+    c = _console()
+    c.print(f"submitted {job.name} as Ray job {sub.job_id} to {sub.url}", soft_wrap=True)
+    c.print(f"run folder: under {sub.runs_dir.rstrip('/')}/{job.name}/ on the cluster; MLflow: {sub.tracking_uri}",
+            soft_wrap=True)
+    follow = f"{sub.job_id} --address {shlex.quote(sub.url)}"
+    c.print(f"follow it: {prefix}dpdistill jobs logs {follow} --follow", soft_wrap=True)
+    c.print(f"wait for it: {prefix}dpdistill jobs wait {follow}", soft_wrap=True)
+
+
+jobs_app = typer.Typer(help="Follow Ray Jobs submitted with `dpdistill submit`: status, logs, wait, stop.",
+                       no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+_JobId = Annotated[str, typer.Argument(help="the Ray job id `dpdistill submit` printed")]
+
+
+def _print_job(info, logs: str | None = None) -> None:
+    from dpdistill.runtime.jobs import run_folder
+
+    c = _console()
+    status = str(getattr(info.status, "value", info.status))
+    line = f"{info.submission_id or info.job_id}: {status}"
+    if info.message:
+        line += f" ({info.message.strip().splitlines()[0]})"
+    c.print(line, soft_wrap=True)
+    if info.start_time and info.end_time:
+        c.print(f"ran for {(info.end_time - info.start_time) / 1000:.1f} s", soft_wrap=True)
+    folder = run_folder(logs) if logs else None
+    if folder:
+        c.print(f"run folder: {folder}", soft_wrap=True)
+    elif (info.metadata or {}).get("dpdistill.runs_dir"):
+        c.print(f"run folders: {info.metadata['dpdistill.runs_dir'].rstrip('/')}/{info.metadata['dpdistill.job']}/",
+                soft_wrap=True)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: _JobId, address: _JobAddress) -> None:
+    """Print a job's status, how long it ran and its run folder."""
+    from dpdistill.runtime.jobs import job_client, job_info, job_logs
+
+    client = job_client(address)
+    info = job_info(client, job_id)
+    _print_job(info, job_logs(client, job_id))
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: _JobId,
+    address: _JobAddress,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False,
+) -> None:
+    """Print what a job's driver printed (the run's log lines and summary)."""
+    from dpdistill.runtime.jobs import follow_logs, job_client, job_logs
+
+    client = job_client(address)
+    if follow:
+        follow_logs(client, job_id, lambda chunk: print(chunk, end="", flush=True))
+    else:
+        print(job_logs(client, job_id), end="")
+
+
+@jobs_app.command("wait")
+def jobs_wait(
+    job_id: _JobId,
+    address: _JobAddress,
+    timeout: Annotated[float | None, typer.Option(min=0, help="give up after this many seconds")] = None,
+) -> None:
+    """Wait until a job ends; exit 0 if it succeeded, 1 otherwise (printing the end of its log)."""
+    from dpdistill.runtime.jobs import job_client, job_logs, wait_job
+
+    client = job_client(address)
+    info = wait_job(client, job_id, timeout=timeout,
+                    on_status=lambda s: _console(stderr=True).print(f"{job_id}: {s}", soft_wrap=True))
+    logs = job_logs(client, job_id)
+    _print_job(info, logs)
+    if str(getattr(info.status, "value", info.status)) != "SUCCEEDED":
+        tail = "\n".join(logs.rstrip().splitlines()[-20:])
+        print(f"--- last lines of the job's log ---\n{tail}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: _JobId, address: _JobAddress) -> None:
+    """Stop a job (Ray sends its driver SIGTERM)."""
+    from dpdistill.runtime.jobs import job_client, stop_job
+
+    stopped = stop_job(job_client(address), job_id)
+    _console().print(f"{job_id}: {'stop requested' if stopped else 'had already ended'}", soft_wrap=True)
 
 
 @app.command()

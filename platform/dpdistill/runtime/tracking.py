@@ -1,8 +1,11 @@
 """MLflow tracking: one MLflow run per job with the spec's params, metrics and released artifacts.
 
 The default store is ``sqlite:///<runs-dir>/mlflow.db`` so a laptop needs no server; ``MLFLOW_TRACKING_URI``
-(or ``tracking.uri`` in the spec) points elsewhere. Only DP outputs, aggregates and evaluation numbers are
-logged: the caller passes artifacts from the run folder's ``artifacts/``, which never holds sensitive records.
+(or ``tracking.uri`` in the spec) points elsewhere. A SQLite store keeps its artifacts beside the database
+(``<dir>/mlartifacts``), never in ``./mlruns`` of whatever directory the job happened to start in (for a Ray
+Job that is Ray's throw-away working-dir package); a tracking server decides for itself
+(``--artifacts-destination``). Only DP outputs, aggregates and evaluation numbers are logged: the caller passes
+artifacts from the run folder's ``artifacts/``, which never holds sensitive records.
 """
 
 from __future__ import annotations
@@ -23,6 +26,36 @@ def resolve_tracking_uri(spec_uri: str | None, runs_dir: Path) -> str:
     if env:
         return env
     return f"sqlite:///{(Path(runs_dir).expanduser().resolve() / 'mlflow.db')}"
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """Where a new experiment in a SQLite store keeps its artifacts: ``mlartifacts/`` beside the database.
+
+    None for anything else (a tracking server or a remote database chooses its own artifact store).
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).expanduser().resolve().parent / "mlartifacts").as_uri()
+
+
+def ensure_experiment(mlflow: Any, name: str, uri: str) -> None:
+    """Create the experiment with its artifacts beside a SQLite store; an existing one keeps its location."""
+    if mlflow.get_experiment_by_name(name) is not None:
+        return
+    location = local_artifact_root(uri)
+    if location is None:
+        return  # mlflow.set_experiment creates it where the server says
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        # Created meanwhile by a concurrent job (sweep trials share one store): theirs is as good.
+        if mlflow.get_experiment_by_name(name) is None:
+            raise
 
 
 class Tracker:
@@ -57,6 +90,7 @@ class Tracker:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = prior
+        ensure_experiment(mlflow, self.experiment, self.uri)
         mlflow.set_experiment(self.experiment)
         run = mlflow.start_run(run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
