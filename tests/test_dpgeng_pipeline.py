@@ -178,7 +178,8 @@ def test_no_sensitive_image_reaches_the_run_folder_or_mlflow(tmp_path) -> None:
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    (run_dir,) = [p.parent for p in runs.rglob("ledger.json")]
+    # The run folder (MLflow's artifact copies may sit under runs/ too: the folder with status.json is the run's).
+    (run_dir,) = [p.parent for p in runs.rglob("ledger.json") if (p.parent / "status.json").exists()]
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert ledger["composed"]["epsilon"] == pytest.approx(1.0, rel=0.01)
     metrics = json.loads((run_dir / "metrics.json").read_text())
