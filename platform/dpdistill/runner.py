@@ -1,8 +1,10 @@
 """Run a job: preflight checks, then the run folder, the ledger, the MLflow run and the pipeline's stages.
 
 Order matters for two promises. Bad input leaves nothing behind: everything a user can get wrong (spec, data
-folder, privacy parameters) is checked by the pipeline's ``prepare`` before the run folder exists. Ctrl-C leaves
-a consistent folder: every file is written atomically and the status becomes ``interrupted``.
+folder, privacy parameters) is checked by the pipeline's ``prepare`` before the run folder exists, and so is a data
+owner's budget (``privacy.owner_budget``): the run's whole ε is reserved in the owner's store, or the run refused,
+before the folder exists; when the run ends the reservation settles to what its ledger charged. Ctrl-C leaves a
+consistent folder: every file is written atomically and the status becomes ``interrupted``.
 """
 
 from __future__ import annotations
@@ -109,10 +111,23 @@ def run_job(
     if spec.privacy.epsilon is not None:
         if n_records <= 1:
             raise SpecError(f"privacy: job kind '{spec.kind}' reported no sensitive records to account for")
-        make_ledger(spec, None, n_records)  # validates delta before anything is written
+        planned = make_ledger(spec, None, n_records)  # validates delta before anything is written
 
     runs_dir = Path(runs_dir)
-    run = RunFolder.create(runs_dir, spec.name, spec.to_yaml())
+    # A data owner's budget across runs: reserve this run's whole (ε, δ) in the store before the run folder
+    # exists and before any release; refused (one line, nothing written) when it would exceed the owner's total.
+    owner, reservation = None, None
+    if spec.privacy.owner_budget is not None:
+        from dpdistill.privacy.owner_budget import open_for_spec
+
+        owner = open_for_spec(spec, runs_dir)
+        reservation = owner.reserve(spec.name, spec.privacy.epsilon, planned.delta)
+    try:
+        run = RunFolder.create(runs_dir, spec.name, spec.to_yaml())
+    except BaseException:
+        if owner is not None:  # nothing ran: the reservation settles to no charge
+            owner.settle(reservation, None, None, "not started")
+        raise
     tracker = Tracker(
         spec.tracking.enabled, resolve_tracking_uri(spec.tracking.uri, runs_dir), spec.tracking.experiment
     )
@@ -126,11 +141,15 @@ def run_job(
             run_name=f"{spec.name}/{run.path.name}",
             params=spec.flat_params(),
             tags={"dpdistill.kind": spec.kind, "dpdistill.method": spec.method.name,
-                  "dpdistill.run_dir": str(run.path), "dpdistill.privacy": privacy_tag},
+                  "dpdistill.run_dir": str(run.path), "dpdistill.privacy": privacy_tag,
+                  "dpdistill.budget": ("none" if spec.privacy.epsilon is None else "per run" if owner is None
+                                       else f"owner {owner.identity.fingerprint[:16]}")},
         )
         ledger = make_ledger(spec, run.ledger_path, n_records)
         noise = PrivacyRandomness.for_spec(spec.privacy.reproducible_noise, spec.seed)
         ctx = RunContext(spec=spec, run=run, tracker=tracker, ledger=ledger, progress=progress, noise=noise)
+        if ledger is not None and owner is None:
+            ctx.add_summary("budget", "per run: earlier runs on this data are not counted (no privacy.owner_budget)")
         if not_private:
             log.warning(not_private)
             ctx.add_summary("NOT PRIVATE", not_private)
@@ -146,6 +165,8 @@ def run_job(
         seconds = time.perf_counter() - started
         if ctx is not None and ctx.ledger is not None:
             ctx.log_metrics(ctx.ledger.to_mlflow_metrics())
+        if owner is not None:
+            _settle_owner(owner, reservation, ctx, run, status)
         run.log_metrics({"wall_seconds": seconds})
         for name in ("spec.yaml", "ledger.json", "metrics.json"):
             _safe(tracker.log_artifact, run.path / name)
@@ -165,6 +186,27 @@ def run_job(
         mlflow_uri=tracker.uri if tracker.enabled else None,
         seconds=seconds,
     )
+
+
+def _settle_owner(owner: Any, reservation: str, ctx: RunContext | None, run: RunFolder, status: str) -> None:
+    """Replace the run's reservation in the owner's store by what its ledger charged, and say so in the summary.
+
+    The charges are read from ledger.json: what is on disk was charged before its release, so it is what may
+    have been released. If this fails the reservation stays, and the owner's account keeps counting the run's
+    whole planned ε, never less.
+    """
+    from dpdistill.privacy import PrivacyLedger
+
+    try:
+        ledger = PrivacyLedger.load(run.ledger_path) if run.ledger_path.exists() else None
+        owner.settle(reservation, ledger, run.path, status)
+        line = owner.summary()
+    except Exception as e:  # noqa: BLE001 - the run's own folder and ledger are complete; say what stays reserved
+        log.error("owner budget %s: could not settle this run's reservation (%s); it stays reserved at the run's "
+                  "whole ε", owner.path, e)
+        line = f"could not settle: this run's whole planned ε stays reserved in {owner.path} ({e})"
+    if ctx is not None:
+        ctx.add_summary("owner budget", line)
 
 
 def _safe(fn: Any, *args: Any) -> None:

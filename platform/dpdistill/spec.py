@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpdistill.errors import SpecError
 
@@ -41,7 +41,12 @@ class DataSpec(StrictModel):
 
 
 class PrivacySpec(StrictModel):
-    """The job's total (epsilon, delta) budget; epsilon null means the job is not private."""
+    """The job's total (epsilon, delta) budget; epsilon null means the job is not private.
+
+    ``owner_budget`` adds a budget that spans runs: the data owner's total ε over every run on the same sensitive
+    records, kept in a persistent store (see :mod:`dpdistill.privacy.owner_budget`); null: each run's budget
+    stands alone ("budget per run").
+    """
 
     epsilon: float | None = Field(default=None, gt=0)
     delta: float | None = Field(default=None, gt=0, lt=1)
@@ -50,6 +55,32 @@ class PrivacySpec(StrictModel):
         description=("DEBUGGING ONLY: derive the privacy noise from spec.seed so a run repeats byte for byte; "
                      "the release is then NOT PRIVATE and every report says so"),
     )
+    owner_budget: float | None = Field(
+        default=None, gt=0,
+        description=("the data owner's total ε over every run on this data (charged in the budget store; a run "
+                     "that would exceed it is refused before it starts); null: the budget is per run"),
+    )
+    owner_delta: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="δ of the owner's total; default 1/(2N) for the N training and validation records",
+    )
+    budget_store: str | None = Field(
+        default=None, description="folder of the owner budget store; default $DPDISTILL_BUDGETS, else <runs>/budgets",
+    )
+
+    @model_validator(mode="after")
+    def _owner_budget_needs_a_private_run(self) -> PrivacySpec:
+        if self.owner_budget is None:
+            return self
+        if self.epsilon is None:
+            raise ValueError("owner_budget needs epsilon: a run reserves its own budget from the owner's total")
+        if self.reproducible_noise:
+            raise ValueError("owner_budget cannot be charged by a run with reproducible_noise: its release is NOT "
+                             "PRIVATE, so no ε of the owner's would describe it")
+        if self.epsilon > self.owner_budget:
+            raise ValueError(f"epsilon {self.epsilon:g} exceeds owner_budget {self.owner_budget:g}: one run cannot "
+                             "spend more than the owner's total")
+        return self
 
 
 class RaySpec(StrictModel):
