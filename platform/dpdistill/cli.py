@@ -119,11 +119,14 @@ def privacy(
     steps: Annotated[int | None, typer.Option(help="number of steps")] = None,
     delta: Annotated[float | None, typer.Option(help="target delta")] = None,
     target_epsilon: Annotated[float | None, typer.Option(help="calibrate sigma to this epsilon")] = None,
+    budgets: Annotated[str | None, typer.Option(
+        help="show a data owner budget store (a folder such as runs/budgets, or one account file)")] = None,
 ) -> None:
-    """Account a subsampled Gaussian (PLD, RDP, PRV, GDP), calibrate sigma, or print a run's ledger."""
+    """Account a subsampled Gaussian (PLD, RDP, PRV, GDP), calibrate sigma, print a run's or sweep's ledger, or
+    show the owner budget store."""
     from dpdistill.privacy.cli import privacy_command
 
-    code = privacy_command(run_dir, q, sigma, steps, delta, target_epsilon, console=_console())
+    code = privacy_command(run_dir, q, sigma, steps, delta, target_epsilon, console=_console(), budgets=budgets)
     raise typer.Exit(code)
 
 
@@ -294,6 +297,7 @@ def sweep(
     c.print(f"best {summary['metric']} = {summary['best_value']:.4f} with {summary['best_config']}")
     c.print(f"best run folder: {summary['best_run_dir']}")
     c.print(f"selection: {summary['selection']}")
+    c.print(f"privacy: {summary['privacy']}", soft_wrap=True)
     c.print(f"{summary['trials']} trials ({summary['failed_trials']} failed); sweep folder: {summary['sweep_dir']}")
 
 
