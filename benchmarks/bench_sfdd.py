@@ -93,7 +93,7 @@ class Bench:
         from dpdistill.federated import ClientContext, LocalPool, SFDDConfig, run_sfdd
 
         cfg = SFDDConfig(**{**self.base, "n_clients": n, **overrides})
-        part = data.partition.iid(self.train.labels, n, seed=self.args.seed)
+        part = data.partition.iid(self.train.labels, n, seed=self.args.seed, images=self.train.images)
         ctx = ClientContext(cfg, MEAN, STD)
         pool = LocalPool(self.train, part, ctx, num_threads=self.args.threads)
         started = time.perf_counter()
@@ -130,7 +130,7 @@ class Bench:
         from dpdistill.federated import ldpo_rld_soft_labels
         from dpdistill.federated.attacks.dlg import attack_records
 
-        part = data.partition.iid(self.train.labels, 5, seed=self.args.seed)
+        part = data.partition.iid(self.train.labels, 5, seed=self.args.seed, images=self.train.images)
         victim = self.train.subset(part.indices[0][: self.args.attack_records])
         common = dict(num_classes=10, mean=MEAN, std=STD, method=method, model="lenet",
                       iterations=self.args.attack_iterations, seed=self.args.seed)
@@ -172,7 +172,7 @@ class Bench:
         # (the one least slowed by other jobs), after one warm-up round each (partitions cached, workers up).
         repeats = self.args.timing_rounds
         cfg = SFDDConfig(**{**self.base, "n_clients": 5, "rounds": 1})
-        part = data.partition.iid(self.train.labels, 5, seed=self.args.seed)
+        part = data.partition.iid(self.train.labels, 5, seed=self.args.seed, images=self.train.images)
         ctx = ClientContext(cfg, MEAN, STD)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
@@ -212,7 +212,7 @@ class Bench:
         from dpdistill.federated.actors import ActorPool
 
         cfg = SFDDConfig(**{**self.base, "n_clients": 100, "rounds": 1, "outer_loop": 1, "inner_loop": 0})
-        part = data.partition.iid(self.train.labels, 100, seed=self.args.seed)
+        part = data.partition.iid(self.train.labels, 100, seed=self.args.seed, images=self.train.images)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             pool = ActorPool(self.train, part, ClientContext(cfg, MEAN, STD), size=2)

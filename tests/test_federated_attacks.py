@@ -146,7 +146,7 @@ def test_doorping_client_plants_a_backdoor_that_a_clean_run_does_not_have(train,
     results = {}
     for attack in ("doorping", "none"):
         cfg = SFDDConfig(**common, attack=attack, malicious_clients=1)
-        part = data.partition.iid(train.labels, 1, seed=0)
+        part = data.partition.iid(train.labels, 1, seed=0, images=train.images)
         init = initial_set(cfg, 10, (1, 8, 8), 0, mean=INFO.mean, std=INFO.std)
         results[attack] = run_sfdd(LocalPool(train, part, ClientContext(cfg, INFO.mean, INFO.std)), init, cfg)
     attacked, clean = results["doorping"], results["none"]

@@ -134,7 +134,7 @@ def test_fedavgm_keeps_a_velocity_of_the_aggregate_change_and_is_fedavg_without_
 def test_server_momentum_from_the_config_reaches_the_run():
     """Round 1 is plain FedAvg either way (v = Δ); from round 2 on the velocity carries the earlier change."""
     train = data.load("digits", "train")
-    part = data.partition.iid(train.labels, 2, seed=0)
+    part = data.partition.iid(train.labels, 2, seed=0, images=train.images)
     sets = {}
     for beta in (0.0, 0.5):
         cfg = SFDDConfig(n_clients=2, rounds=2, ipc=1, outer_loop=1, inner_loop=0, net_width=8, net_depth=1,
@@ -163,7 +163,7 @@ def test_localdp_run_charges_the_ledger_before_each_round_and_reports_per_client
     cfg = SFDDConfig(n_clients=4, rounds=2, fraction=0.5, ipc=1, outer_loop=1, inner_loop=0, net_width=8,
                      net_depth=1, batch_real=8, defence="localdp", localdp_sigma=2.0, localdp_clip=0.5)
     assert cfg.aggregation_weighting == "uniform"
-    part = data.partition.iid(train.labels, 4, seed=0)
+    part = data.partition.iid(train.labels, 4, seed=0, images=train.images)
     ledger = PrivacyLedger(tmp_path / "ledger.json", epsilon_budget=50.0, delta=1e-4)
     charged_before = []
 

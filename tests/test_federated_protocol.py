@@ -30,7 +30,7 @@ def train():
 
 def setup(train, **overrides):
     cfg = SFDDConfig(**{**TINY, "n_clients": 4, "rounds": 2, **overrides})
-    part = data.partition.iid(train.labels, cfg.n_clients, seed=0)
+    part = data.partition.iid(train.labels, cfg.n_clients, seed=0, images=train.images)
     init = initial_set(cfg, 10, (1, 8, 8), seed=0, mean=INFO.mean, std=INFO.std)
     return cfg, part, ClientContext(cfg, INFO.mean, INFO.std), init
 
@@ -66,7 +66,7 @@ class Recording(FedAvg):
 
 
 def test_same_seed_same_set_whatever_the_pool_size_and_aggregate_is_the_weighted_mean(train, pool2):
-    # digits' 1294 records over 4 clients: sizes 324, 324, 323, 323, so size weights differ.
+    # digits' 1294 records over 4 clients by keyed hash: sizes differ, so size weights differ.
     cfg, part, ctx, init = setup(train)
     reference = run_sfdd(LocalPool(train, part, ctx, num_threads=1), init, cfg, seed=3).synthetic.images.detach()
     results = {}
@@ -88,7 +88,7 @@ def test_same_seed_same_set_whatever_the_pool_size_and_aggregate_is_the_weighted
     for answers, out in strategy.calls:
         assert sorted(c for c, _, _ in answers) == [0, 1, 2, 3]
         sizes = torch.tensor([n for _, n, _ in answers], dtype=torch.float64)
-        assert len(set(sizes.tolist())) == 2
+        assert len(set(sizes.tolist())) > 1
         stack = torch.stack([im.double() for _, _, im in answers])
         expected = (stack * (sizes / sizes.sum()).reshape(-1, 1, 1, 1, 1)).sum(0).float()
         assert torch.allclose(out, expected, atol=1e-6)

@@ -26,8 +26,8 @@ from dpdistill.privacy.mechanisms import Gaussian, Parallel
 
 DISJOINT_CLIENTS = (
     "each participating client releases one LocalDP update computed only from its own partition, and the "
-    "partitioners assign every training record to exactly one client, so adding or removing one record changes "
-    "one client's input only"
+    "partitioners send every training record to exactly one client chosen by a keyed hash of that record alone "
+    "(data/partition.py), so adding or removing one record changes one client's input only"
 )
 
 

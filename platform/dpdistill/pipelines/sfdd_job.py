@@ -97,7 +97,10 @@ class SFDDPipeline:
         if cfg.partition == "dirichlet":
             opts["alpha"] = cfg.dirichlet_alpha
             opts["min_size"] = min(10, len(train) // cfg.n_clients)
-        partition = data.partition.make_partition(cfg.partition, train.labels, cfg.n_clients, seed=spec.seed, **opts)
+        # A record's client is a keyed hash of the record (key: the public seed), so removing one record changes
+        # one client's data: the basis of the per-round parallel LocalDP charge.
+        partition = data.partition.make_partition(cfg.partition, train.labels, cfg.n_clients, seed=spec.seed,
+                                                  images=train.images, **opts)
         public = None
         if cfg.init == "public":
             public = data.load(cfg.public_data, "train", root=spec.data.root, image_size=train.image_size)
