@@ -29,6 +29,7 @@ from dpdistill.federated.attacks import (
 )
 from dpdistill.federated.attacks.dlg import attack_net
 from dpdistill.federated.attacks.doorping import DoorpingClient
+from dpdistill.privacy.noise import PrivacyRandomness
 
 INFO = data.get("digits").info
 
@@ -141,18 +142,24 @@ def test_attack_success_rate_counts_stamped_non_target_images_sent_to_the_target
 
 
 def test_doorping_client_plants_a_backdoor_that_a_clean_run_does_not_have(train, test_split):
+    # At this scale (8x8 digits, 2 images per class, 6 rounds) the backdoor's strength depends on the client's
+    # random stream: over four debugging streams the success rate ranged 0.10-0.37 against 0-0.05 clean, and
+    # the former setting (3 px trigger, half the batch poisoned) reached 0.31 on one stream and ~0.05 on three.
+    # So the test fixes the client's stream (reproducible source: a debugging mode) and poisons the whole
+    # target batch with a 4 px trigger.
     common = dict(ipc=2, outer_loop=4, inner_loop=2, net_width=16, net_depth=2, batch_real=32, batch_train=32,
-                  n_clients=1, rounds=6, trigger_size=3, poison_fraction=0.5)
+                  n_clients=1, rounds=6, trigger_size=4, poison_fraction=1.0)
     results = {}
     for attack in ("doorping", "none"):
         cfg = SFDDConfig(**common, attack=attack, malicious_clients=1)
         part = data.partition.iid(train.labels, 1, seed=0, images=train.images)
         init = initial_set(cfg, 10, (1, 8, 8), 0, mean=INFO.mean, std=INFO.std)
-        results[attack] = run_sfdd(LocalPool(train, part, ClientContext(cfg, INFO.mean, INFO.std)), init, cfg)
+        pool = LocalPool(train, part, ClientContext(cfg, INFO.mean, INFO.std), noise=PrivacyRandomness.reproducible(3))
+        results[attack] = run_sfdd(pool, init, cfg)
     attacked, clean = results["doorping"], results["none"]
     assert attacked.malicious == [0] and clean.malicious == [] and not clean.client_states
     trigger = attacked.client_states[0]["trigger"]
-    assert trigger.shape == (1, 3, 3) and ((trigger >= 0) & (trigger <= 1)).all()
+    assert trigger.shape == (1, 4, 4) and ((trigger >= 0) & (trigger <= 1)).all()
     kw = dict(num_classes=10, mean=INFO.mean, std=INFO.std, model="convnet", model_kwargs={"width": 16, "depth": 2},
               epochs=60, seed=0)
     on_attacked = evaluate_backdoor(*attacked.synthetic.export(), test_split, trigger, 0, **kw)

@@ -26,6 +26,7 @@ from dpdistill.federated import (
 from dpdistill.privacy.accountant import epsilon
 from dpdistill.privacy.ledger import PrivacyLedger
 from dpdistill.privacy.mechanisms import Gaussian
+from dpdistill.privacy.noise import PrivacyRandomness
 
 INFO = data.get("digits").info
 
@@ -63,15 +64,17 @@ def test_ldpo_rld_picks_other_classes_at_random():
 
 
 def test_localdp_clips_then_adds_noise_of_std_sigma_c():
-    g = torch.Generator().manual_seed(0)
     ldp = LocalDP(sigma=0.5, clip=2.0)
     big = torch.full((100_000,), 1.0)  # norm 316
-    out = ldp.privatise(big, g)
+    out = ldp.privatise(big, PrivacyRandomness.secret())
     noise = out - big * (2.0 / big.norm())
     assert abs(float(noise.std()) - 1.0) < 0.01  # sigma * clip
+    assert not torch.equal(out, ldp.privatise(big))  # the default source is secret: fresh noise every call
     small = torch.full((4,), 0.01)
-    zero_noise = LocalDP(1e-9, 2.0).privatise(small, g)
+    zero_noise = LocalDP(1e-9, 2.0).privatise(small)
     assert torch.allclose(zero_noise, small, atol=1e-6)  # within the ball: not rescaled
+    debug = PrivacyRandomness.reproducible(5)
+    assert torch.equal(ldp.privatise(big, debug.spawn("a")), ldp.privatise(big, debug.spawn("a")))
     assert ldp.mechanism() == Gaussian(sigma=1.0, sensitivity=4.0)  # sensitivity 2C (see defences.py)
 
 
@@ -141,7 +144,9 @@ def test_server_momentum_from_the_config_reaches_the_run():
                          batch_real=8, server_momentum=beta, clamp=False)
         init = initial_set(cfg, 10, (1, 8, 8), 0, mean=INFO.mean, std=INFO.std)
         sets[beta] = seen = []
-        run_sfdd(LocalPool(train, part, ClientContext(cfg, INFO.mean, INFO.std)), init, cfg,
+        # The same client draws in both runs (debugging source), so only the server's momentum differs.
+        pool = LocalPool(train, part, ClientContext(cfg, INFO.mean, INFO.std), noise=PrivacyRandomness.reproducible(1))
+        run_sfdd(pool, init, cfg,
                  callback=lambda rec, syn, seen=seen: seen.append(syn.images.detach().clone()))
     assert torch.equal(sets[0.0][0], sets[0.5][0])
     assert not torch.allclose(sets[0.0][1], sets[0.5][1])
@@ -175,8 +180,10 @@ def test_localdp_run_charges_the_ledger_before_each_round_and_reports_per_client
     init = initial_set(cfg, 10, (1, 8, 8), 0, mean=INFO.mean, std=INFO.std)
     result = run_sfdd(Watch(train, part, ClientContext(cfg, INFO.mean, INFO.std)), init, cfg, ledger=ledger)
     assert charged_before == [1, 2]  # the charge is on disk before the clients run
-    # Nothing un-noised leaves a client: no loss, no size or class counts in what the server records.
+    # Nothing un-noised leaves a client: no loss, time, size or class counts in what the server records.
     assert all(math.isnan(r.loss) and "local_loss" not in r.metrics() for r in result.history)
+    assert all(math.isnan(r.client_seconds) and "client_seconds" not in r.metrics() for r in result.history)
+    assert all({"loss", "client_seconds"}.isdisjoint(r.to_json()) for r in result.history)
     assert [e["component"] for e in ledger.entries] == ["localdp", "localdp"]
     assert ledger.entries[0]["mechanism"]["type"] == "parallel" and ledger.entries[0]["mechanism"]["partitions"] == 2
     two_rounds = epsilon(Gaussian(1.0, 1.0, count=2), 1e-4)

@@ -1,4 +1,5 @@
-"""SFDD's protocol on a local Ray cluster (digits): FedAvg aggregation, actor death, determinism, 100 clients."""
+"""SFDD's protocol on a local Ray cluster (digits): FedAvg aggregation, actor death, determinism in the debugging
+mode, secret client randomness in the actors, 100 clients."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ import pytest
 import torch
 
 from dpdistill import data
-from dpdistill.federated import ClientContext, FedAvg, LocalPool, SFDDConfig, initial_set, run_sfdd
+from dpdistill.federated import (
+    ClientContext,
+    ClientTask,
+    FedAvg,
+    LocalPool,
+    SFDDConfig,
+    initial_set,
+    local_update,
+    run_sfdd,
+)
+from dpdistill.privacy.noise import PrivacyRandomness
 
 ray = pytest.importorskip("ray")
 
 INFO = data.get("digits").info
 TINY = dict(ipc=1, outer_loop=2, inner_loop=1, net_width=8, net_depth=2, batch_real=16, batch_train=16)
+DEBUG = PrivacyRandomness.reproducible(3)  # the NOT PRIVATE debugging source: clients' draws repeat exactly
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,19 +47,19 @@ def setup(train, **overrides):
     return cfg, part, ClientContext(cfg, INFO.mean, INFO.std), init
 
 
-def actor_pool(train, part, ctx, size):
+def actor_pool(train, part, ctx, size, noise=None):
     from dpdistill.federated.actors import ActorPool
 
     # Half a CPU each, so a second pool fits beside the shared one on the 2-CPU cluster (else its actors
     # would wait for CPUs forever).
-    return ActorPool(train, part, ctx, size=size, actor_cpus=0.5)
+    return ActorPool(train, part, ctx, size=size, actor_cpus=0.5, noise=noise)
 
 
 @pytest.fixture(scope="module")
 def pool2(train):
     """Two actors over the 4-client partition, shared by the tests (starting actors is the slow part)."""
     _, part, ctx, _ = setup(train)
-    pool = actor_pool(train, part, ctx, 2)
+    pool = actor_pool(train, part, ctx, 2, noise=DEBUG)
     yield pool
     pool.shutdown()
 
@@ -65,12 +77,13 @@ class Recording(FedAvg):
         return out
 
 
-def test_same_seed_same_set_whatever_the_pool_size_and_aggregate_is_the_weighted_mean(train, pool2):
+def test_debug_noise_gives_the_same_set_whatever_the_pool_size_and_aggregate_is_the_weighted_mean(train, pool2):
     # digits' 1294 records over 4 clients by keyed hash: sizes differ, so size weights differ.
     cfg, part, ctx, init = setup(train)
-    reference = run_sfdd(LocalPool(train, part, ctx, num_threads=1), init, cfg, seed=3).synthetic.images.detach()
+    local = LocalPool(train, part, ctx, num_threads=1, noise=DEBUG)
+    reference = run_sfdd(local, init, cfg, seed=3).synthetic.images.detach()
     results = {}
-    pool1 = actor_pool(train, part, ctx, 1)
+    pool1 = actor_pool(train, part, ctx, 1, noise=DEBUG)
     try:
         results[1] = run_sfdd(pool1, init, cfg, seed=3).synthetic.images.detach()
     finally:
@@ -80,8 +93,9 @@ def test_same_seed_same_set_whatever_the_pool_size_and_aggregate_is_the_weighted
     results[2] = run_sfdd(pool2, init, cfg, seed=3, strategy=strategy).synthetic.images.detach()
     assert torch.equal(results[1], results[2])
     assert torch.equal(results[1], reference)
-    other = run_sfdd(LocalPool(train, part, ctx, num_threads=1), init, cfg, seed=4).synthetic.images.detach()
-    assert not torch.equal(other, reference)
+    other_noise = PrivacyRandomness.reproducible(4)
+    other = run_sfdd(LocalPool(train, part, ctx, num_threads=1, noise=other_noise), init, cfg, seed=3)
+    assert not torch.equal(other.synthetic.images.detach(), reference)
 
     # The aggregate of each round is the size-weighted mean of the sets the clients returned.
     assert len(strategy.calls) == cfg.rounds
@@ -130,6 +144,24 @@ def test_a_round_below_min_clients_is_retried(train, pool2, caplog):
     assert record.attempts == 2 and record.answered == [0, 1, 2, 3]
     assert result.dispatches == {0: 2, 1: 2, 2: 2, 3: 2}
     assert any("retrying" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_secret_actor_answers_with_noise_no_server_replay_reproduces(train):
+    """Each actor makes its own secret randomness: the same task twice, or the server's replay of it on the
+    client's own data, differ from the client's answer by about the noise (old code: bit-identical)."""
+    sigma = 0.5  # noise std sigma x clip per coordinate, clip 1
+    cfg, part, ctx, init = setup(train, defence="localdp", localdp_sigma=sigma, localdp_clip=1.0, rounds=1)
+    pool = actor_pool(train, part, ctx, 1)  # no source given: the actor creates a secret one
+    task, state = ClientTask(client_id=0, round=0), init.state_dict()
+    try:
+        first, second = ray.get([pool.actors[0].run.remote(task, state, ctx) for _ in range(2)])
+    finally:
+        pool.shutdown()
+    replay = local_update(LocalPool(train, part, ctx).client_data(0), state, task, ctx)
+    for other in (second.images, replay.images):
+        residual = first.images - other
+        # Two independent noise draws: std sqrt(2) x 0.5 = 0.71 (the clipped updates are at most 1 in norm).
+        assert 0.6 < float(residual.std()) < 0.8
 
 
 def test_hundred_clients_run_on_two_actors(train):

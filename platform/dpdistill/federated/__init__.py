@@ -2,12 +2,14 @@
 
 >>> from dpdistill.federated import SFDDConfig, LocalPool, ClientContext, initial_set, run_sfdd
 >>> cfg = SFDDConfig(n_clients=5, rounds=10, ipc=10)
->>> part = data.partition.iid(train.labels, cfg.n_clients, seed=0)
+>>> part = data.partition.iid(train.labels, cfg.n_clients, seed=0, images=train.images)
 >>> pool = LocalPool(train, part, ClientContext(cfg, mean, std))     # or ActorPool(...) under Ray
 >>> result = run_sfdd(pool, initial_set(cfg, 10, (1, 28, 28), 0, mean=mean, std=std), cfg, seed=0)
 
 Algorithms (client, strategy, defences, attacks) are plain torch; :mod:`~dpdistill.federated.actors` is the
-only module that touches Ray.
+only module that touches Ray. Each client's randomness is its own secret source, created where the client runs
+(see :mod:`~dpdistill.federated.client`); pass ``noise=PrivacyRandomness.reproducible(seed)`` to a pool only to
+debug (NOT PRIVATE).
 """
 
 from __future__ import annotations

@@ -3,8 +3,13 @@
 The training set goes into Ray's object store once (numpy, so actors map it without copying); each actor
 materialises a client's partition the first time it serves that client and keeps it (the per-client state),
 so 100 simulated clients run on as many actors as there are CPUs. Client ``k`` always goes to actor
-``k mod size``: its cached partition stays where it is used. Clients are deterministic functions of their task
-(see :mod:`dpdistill.federated.client`), so the pool size never changes the result.
+``k mod size``: its cached partition stays where it is used.
+
+Randomness: each actor creates its own secret :class:`~dpdistill.privacy.noise.PrivacyRandomness` from the OS
+entropy of its process, and every task it runs draws from a fresh child of it; nothing the server sends with a
+task determines a client's noise or sampling. Only in the debugging mode (a reproducible source handed to the
+pool: NOT PRIVATE) are a client's draws a function of (client, round, attempt), and then the pool size never
+changes the result.
 
 Failures: an actor that dies mid-round (killed, out of memory, node lost) fails the tasks it was running or had
 queued; those clients are dropped from the round and logged, and the actor is replaced before the next dispatch.
@@ -21,7 +26,15 @@ import numpy as np
 import torch
 
 from dpdistill.errors import ClusterError
-from dpdistill.federated.client import ClientContext, ClientTask, ClientUpdate, RoundOutcome, local_update
+from dpdistill.federated.client import (
+    ClientContext,
+    ClientTask,
+    ClientUpdate,
+    RoundOutcome,
+    local_update,
+    task_label,
+)
+from dpdistill.privacy.noise import PrivacyRandomness, resolve
 
 log = logging.getLogger("dpdistill.federated")
 
@@ -30,10 +43,13 @@ class ClientWorker:
     """The body of one client actor (a plain class; :class:`ActorPool` wraps it with ``ray.remote``)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int, name: str,
-                 indices: list[np.ndarray]) -> None:
+                 indices: list[np.ndarray], noise: PrivacyRandomness | None = None) -> None:
         # One intra-op thread per actor: the pool's parallelism is across actors, and a fixed count keeps
         # float reductions, hence results, the same on any pool size.
         torch.set_num_threads(1)
+        # The clients' own randomness, created here in the actor's process (None: secret, from this process's
+        # OS entropy). Only a reproducible (NOT PRIVATE) source is ever passed in.
+        self._noise = resolve(noise)
         self._images, self._labels = images, labels
         self._num_classes, self._name = num_classes, name
         self._indices = indices
@@ -53,7 +69,8 @@ class ClientWorker:
         """One client's local update."""
         import ray
 
-        update = local_update(self._client(task.client_id), syn_state, task, ctx)
+        noise = self._noise.spawn(task_label(task))
+        update = local_update(self._client(task.client_id), syn_state, task, ctx, noise)
         update.worker = ray.get_runtime_context().get_actor_id() or "driver"
         return update
 
@@ -73,11 +90,13 @@ class ActorPool:
     """A bounded pool of client actors (Ray must be running; see ``runtime.cluster.ray_session``).
 
     The actors hold data; the config (``ctx``) travels with each round, so one pool can serve several runs
-    over the same partition.
+    over the same partition. ``noise``: None or a secret source (the default and the private setting) lets each
+    actor create its own secret randomness; a reproducible source (debugging, NOT PRIVATE) is handed to every
+    actor so that runs repeat exactly.
     """
 
     def __init__(self, train: Any, partition: Any, ctx: ClientContext, size: int | None = None,
-                 actor_cpus: float = 1.0) -> None:
+                 actor_cpus: float = 1.0, noise: PrivacyRandomness | None = None) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -96,8 +115,11 @@ class ActorPool:
             log.warning("SFDD actor pool: %d actors x %g CPUs, but only %g of %g CPUs are free; the round waits "
                         "until they are", size, actor_cpus, free, cpus)
         self.size = size
+        # A secret source is not sent at all (it would unpickle to a fresh secret one anyway): the actors make
+        # their own.
+        client_noise = noise if noise is not None and not resolve(noise).private else None
         self._args = (ray.put(train.images.numpy()), ray.put(train.labels.numpy()), train.num_classes, train.name,
-                      ray.put([np.asarray(i, dtype=np.int64) for i in partition.indices]))
+                      ray.put([np.asarray(i, dtype=np.int64) for i in partition.indices]), client_noise)
         self.ctx = ctx
         self._remote = ray.remote(num_cpus=actor_cpus, max_restarts=0, max_task_retries=0)(ClientWorker)
         self.actors = [self._spawn() for _ in range(size)]

@@ -1,10 +1,17 @@
 """One SFDD client in plain torch: local DC gradient matching of the broadcast synthetic set on private data.
 
 A client receives the server's synthetic set, runs ``local_steps`` DC iterations on its own partition (each a
-fresh matching network drawn from the client's generator, ``outer_loop`` matching steps with inner training in
-between, exactly DC's schedule; see :mod:`dpdistill.distill.dc`), and returns its updated set. Every random
-draw comes from a generator seeded by (job seed, round, client id), so a client's answer does not depend on
-which process ran it or how many others there were. Classes absent from a partition are left untouched.
+fresh matching network, ``outer_loop`` matching steps with inner training in between, exactly DC's schedule; see
+:mod:`dpdistill.distill.dc`), and returns its updated set. Classes absent from a partition are left untouched.
+
+Randomness. Every random draw of a client (its matching networks, which of its records go into a batch, DSA,
+LDPO-RLD's label dispersion, LocalDP's noise, a Doorping attacker's choices) comes from the client's own
+:class:`~dpdistill.privacy.noise.PrivacyRandomness`, which the pool that hosts the client creates in the client's
+process; nothing the server sends (task, synthetic set, config) determines it. Were the noise seeded from
+anything the server knows, the server could replay the client on shadow data and subtract it (the attack of
+issue 19, finding 2). In the debugging mode (``privacy.reproducible_noise``, NOT PRIVATE) the pools derive
+each task's source from (client, round, attempt), so a client's answer does not depend on which process ran
+it or how many others there were.
 
 :class:`LocalPool` runs clients one after another in this process: the no-Ray reference the actor pool is
 measured against, and what unit tests use.
@@ -27,22 +34,25 @@ from dpdistill.distill.loop import apply_image_gradient
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 from dpdistill.federated.config import SFDDConfig
 from dpdistill.federated.defences import LocalDP, ldpo_rld_soft_labels
+from dpdistill.privacy.noise import PrivacyRandomness, resolve
 
 log = logging.getLogger("dpdistill.federated")
 
 
 def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (job seed, round, client id, ...), independent across different tuples."""
+    """A 63-bit seed from integers (job seed, round, ...) for the server's data-independent draws only."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass
 class ClientTask:
-    """What the server asks of one client in one round (the synthetic set travels separately, shared)."""
+    """What the server asks of one client in one round (the synthetic set travels separately, shared).
+
+    No seed: the client's randomness is its own (see the module docstring).
+    """
 
     client_id: int
     round: int
-    seed: int
     attempt: int = 0
     malicious: bool = False
     state: dict[str, Any] | None = None  # attack state a client carries between rounds (e.g. its trigger)
@@ -58,7 +68,7 @@ class ClientUpdate:
     n_samples: int
     class_counts: list[int]
     loss: float | None  # None: withheld (LocalDP)
-    seconds: float
+    seconds: float | None  # None: withheld (LocalDP)
     state: dict[str, Any] | None = None
     worker: str = "local"
 
@@ -80,13 +90,24 @@ class ClientContext:
     std: Sequence[float]
 
 
-def local_update(real: Any, syn_state: dict[str, Any], task: ClientTask, ctx: ClientContext) -> ClientUpdate:
-    """Run one client's local distillation on ``real`` (its partition, an ImageSet) and return its update."""
+def task_label(task: ClientTask) -> str:
+    """The stream label a pool spawns a task's randomness under (only the reproducible mode uses it)."""
+    return f"sfdd-client/{task.client_id}/round/{task.round}/attempt/{task.attempt}"
+
+
+def local_update(real: Any, syn_state: dict[str, Any], task: ClientTask, ctx: ClientContext,
+                 noise: PrivacyRandomness | None = None) -> ClientUpdate:
+    """Run one client's local distillation on ``real`` (its partition, an ImageSet) and return its update.
+
+    ``noise`` is the client's own randomness for this task (None: a fresh secret source); it drives every draw,
+    so nothing in ``task``, ``syn_state`` or ``ctx`` lets whoever sent them reproduce the client's answer.
+    """
     from dpdistill.federated.attacks.doorping import DoorpingClient
 
     started = time.perf_counter()
     cfg = ctx.cfg
-    g = torch.Generator().manual_seed(int(task.seed))
+    noise = resolve(noise)
+    g = noise.generator()
     syn = SyntheticSet.from_state_dict(syn_state)
     start = syn.images.detach().clone()
     normalize = Normalizer(ctx.mean, ctx.std)
@@ -133,12 +154,14 @@ def local_update(real: Any, syn_state: dict[str, Any], task: ClientTask, ctx: Cl
             _train_inner(net, opt_net, x_train, y_train, epochs, cfg.batch_train, dsa, g)
     released = syn.images.detach().clone()
     n_samples, class_counts, loss = len(real), [len(i) for i in per_class], total / max(1, count)
+    seconds: float | None = time.perf_counter() - started
     if cfg.defence == "localdp":
-        delta = LocalDP(cfg.localdp_sigma, cfg.localdp_clip).privatise(released - start, g)
+        delta = LocalDP(cfg.localdp_sigma, cfg.localdp_clip).privatise(released - start, noise)
         released = start + delta
-        # Under LocalDP the noisy images are the only thing a client may send: its size, class counts and
-        # matching loss are functions of its records with no noise (aggregation is uniform, so none is needed).
-        n_samples, class_counts, loss = 1, [1] * syn.num_classes, None
+        # Under LocalDP the noisy images are the only thing a client may send: its size, class counts, matching
+        # loss and compute time are functions of its records with no noise (aggregation is uniform, so none is
+        # needed).
+        n_samples, class_counts, loss, seconds = 1, [1] * syn.num_classes, None, None
     return ClientUpdate(
         client_id=task.client_id,
         round=task.round,
@@ -146,7 +169,7 @@ def local_update(real: Any, syn_state: dict[str, Any], task: ClientTask, ctx: Cl
         n_samples=n_samples,
         class_counts=class_counts,
         loss=loss,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         state=attacker.state() if attacker is not None else None,
     )
 
@@ -160,15 +183,22 @@ def real_labels(c: int, n: int, num_classes: int, cfg: SFDDConfig, g: torch.Gene
 
 
 class LocalPool:
-    """Runs sampled clients one after another in this process (no Ray); same answers as the actor pool."""
+    """Runs sampled clients one after another in this process (no Ray); same answers as the actor pool.
+
+    ``noise``: the clients' randomness. None (the default) or a secret source: each task gets fresh OS entropy.
+    A reproducible source (debugging, NOT PRIVATE) gives each task the stream of (client, round, attempt), the
+    same streams an :class:`~dpdistill.federated.actors.ActorPool` of any size derives.
+    """
 
     size = 1
 
-    def __init__(self, train: Any, partition: Any, ctx: ClientContext, num_threads: int | None = None) -> None:
+    def __init__(self, train: Any, partition: Any, ctx: ClientContext, num_threads: int | None = None,
+                 noise: PrivacyRandomness | None = None) -> None:
         self.train = train
         self.partition = partition
         self.ctx = ctx
         self.num_threads = num_threads
+        self.noise = resolve(noise)
         self._clients: dict[int, Any] = {}
 
     def client_data(self, client_id: int) -> Any:
@@ -187,7 +217,8 @@ class LocalPool:
         outcome = RoundOutcome()
         with thread_limit(self.num_threads):
             for task in tasks:
-                outcome.updates.append(local_update(self.client_data(task.client_id), syn_state, task, self.ctx))
+                outcome.updates.append(local_update(self.client_data(task.client_id), syn_state, task, self.ctx,
+                                                    self.noise.spawn(task_label(task))))
         return outcome
 
     def shutdown(self) -> None:

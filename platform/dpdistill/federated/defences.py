@@ -9,7 +9,8 @@ so it is never charged to a ledger.
 LocalDP clips each returned update (the change of the synthetic set) to L2 norm C and adds N(0, (σC)^2). Its
 sensitivity is 2C, not C: the update is a function of the client's whole partition, not a sum of per-record
 clipped terms, so adding or removing one record can move it anywhere in the C-ball (two points of a C-ball are
-at most 2C apart).
+at most 2C apart). The noise comes from the client's own :class:`~dpdistill.privacy.noise.PrivacyRandomness`
+(secret unless the run is in the NOT PRIVATE debugging mode), never from a seed the server knows.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from dpdistill.errors import PrivacyError
 from dpdistill.privacy.mechanisms import Gaussian, Parallel
+from dpdistill.privacy.noise import PrivacyRandomness, resolve
 
 DISJOINT_CLIENTS = (
     "each participating client releases one LocalDP update computed only from its own partition, and the "
@@ -72,12 +74,14 @@ class LocalDP:
         if not (self.clip > 0 and math.isfinite(self.clip)):
             raise PrivacyError(f"localdp_clip must be a positive number, got {self.clip}")
 
-    def privatise(self, update: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The released version of ``update``: clipped as one vector, plus Gaussian noise."""
+    def privatise(self, update: torch.Tensor, noise: PrivacyRandomness | None = None) -> torch.Tensor:
+        """The released version of ``update``: clipped as one vector, plus Gaussian noise from ``noise``.
+
+        ``noise`` is the client's own source (None: a fresh secret one); its ``gaussian`` refuses a no-noise draw.
+        """
         norm = float(update.detach().float().norm())
         scale = min(1.0, self.clip / (norm + 1e-12))
-        noise = torch.randn(update.shape, generator=generator, dtype=update.dtype) * (self.sigma * self.clip)
-        return update.detach() * scale + noise.to(update.device)
+        return resolve(noise).add_gaussian(update.detach() * scale, self.sigma * self.clip)
 
     def mechanism(self) -> Gaussian:
         """One client's release: noise std σC on a query of L2 sensitivity 2C (see the module docstring)."""

@@ -3,12 +3,16 @@
 Per round the strategy picks clients (from a generator seeded by the job seed and the round, so retries and
 pool sizes do not change the choice), the pool runs them, and the strategy merges the answers. A round that
 gets fewer than ``min_clients`` answers is retried (up to ``max_round_retries`` times) with the same clients.
+The server's own draws (initial set, client sampling, Doorping's choice of attackers) are data-independent and
+stay seeded; a task carries no seed, because a client's randomness is its own (:mod:`.client`).
 
 Privacy (LocalDP only): each dispatch is charged to the ledger before it goes out, as one
-``Parallel(Gaussian(σC, Δ=2C), m)`` for its m clients. Clients own disjoint partitions, so one record reaches
-one client's release per round, and the rounds compose sequentially: the ledger's total is the ε of a client
-that took part in every dispatch, an upper bound on the max over clients (exact when every client takes part
-every round). Per-client figures (:func:`client_epsilons`) come from how often each client was dispatched.
+``Parallel(Gaussian(σC, Δ=2C), m)`` for its m clients. Clients own disjoint partitions and a record's client is
+a function of that record alone (:mod:`dpdistill.data.partition`), so adding or removing one record changes one
+client's data and so one client's release per round; the rounds compose sequentially: the ledger's total is the
+ε of a client that took part in every dispatch, an upper bound on the max over clients (exact when every client
+takes part every round). Per-client figures (:func:`client_epsilons`) come from how often each client was
+dispatched.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dpdistill.federated.strategy import FedAvg, Strategy
 
 log = logging.getLogger("dpdistill.federated")
 
-_SERVER_STREAM = 0x5E4E  # keeps the server's sampling stream apart from the clients' (seed, round, id) streams
+_SERVER_STREAM = 0x5E4E  # keeps the server's sampling stream apart from its other seeded streams
 _ATTACKER_STREAM = 0xBAD
 
 
@@ -46,15 +50,27 @@ class RoundRecord:
     attempts: int
     seconds: float
     loss: float  # mean local matching loss; nan when the clients withhold it (LocalDP)
-    client_seconds: float
+    client_seconds: float  # clients' summed compute time; nan when they withhold it (LocalDP)
 
     def metrics(self) -> dict[str, float]:
-        """Flat numbers for MLflow."""
+        """Flat numbers for MLflow (what the clients withheld is left out, not logged as nan)."""
         out = {"round_seconds": self.seconds, "clients_answered": float(len(self.answered)),
-               "clients_dropped": float(len(self.dropped)), "round_attempts": float(self.attempts),
-               "client_seconds": self.client_seconds}
+               "clients_dropped": float(len(self.dropped)), "round_attempts": float(self.attempts)}
+        if math.isfinite(self.client_seconds):
+            out["client_seconds"] = self.client_seconds
         if math.isfinite(self.loss):
             out["local_loss"] = self.loss
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The record for ``rounds.json``; what the clients withheld is absent (under LocalDP: loss and time)."""
+        out: dict[str, Any] = {"round": self.round, "sampled": list(self.sampled), "answered": list(self.answered),
+                               "dropped": [{"client": c, "reason": why} for c, why in sorted(self.dropped.items())],
+                               "attempts": self.attempts, "seconds": self.seconds}
+        if math.isfinite(self.client_seconds):
+            out["client_seconds"] = self.client_seconds
+        if math.isfinite(self.loss):
+            out["loss"] = self.loss
         return out
 
 
@@ -118,8 +134,7 @@ def run_sfdd(
         sampled = strategy.configure(r, cfg.n_clients, torch.Generator().manual_seed(derive_seed(seed, _SERVER_STREAM, r)))
         state = syn.state_dict()
         for attempt in range(cfg.max_round_retries + 1):
-            tasks = [ClientTask(cid, r, derive_seed(seed, r, cid), attempt, cid in evil, result.client_states.get(cid))
-                     for cid in sampled]
+            tasks = [ClientTask(cid, r, attempt, cid in evil, result.client_states.get(cid)) for cid in sampled]
             if ldp is not None and ledger is not None:
                 ledger.charge("localdp", ldp.round_mechanism(len(tasks)),
                               note=f"round {r} attempt {attempt}: clients {_ids(sampled)}")
@@ -144,7 +159,8 @@ def run_sfdd(
         record = RoundRecord(
             round=r, sampled=list(sampled), answered=[u.client_id for u in updates], dropped=dict(sorted(outcome.dropped.items())),
             attempts=attempt + 1, seconds=time.perf_counter() - started,
-            loss=_mean([u.loss for u in updates if u.loss is not None]), client_seconds=sum(u.seconds for u in updates),
+            loss=_mean([u.loss for u in updates if u.loss is not None]),
+            client_seconds=_total([u.seconds for u in updates if u.seconds is not None]),
         )
         if record.dropped:
             log.warning("round %d: dropped clients %s", r, record.dropped)
@@ -167,6 +183,10 @@ def client_epsilons(dispatches: dict[int, int], ldp: LocalDP, delta: float) -> d
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+def _total(values: list[float]) -> float:
+    return sum(values) if values else math.nan
 
 
 def _ids(ids: list[int], limit: int = 20) -> str:

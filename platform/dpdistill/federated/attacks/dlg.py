@@ -26,8 +26,10 @@ from torch import nn
 
 from dpdistill.distill.losses import network_gradients
 from dpdistill.distill.synthetic import Normalizer
+from dpdistill.privacy.noise import PrivacyRandomness, resolve
 
 LabelFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+ProtectFn = Callable[[torch.Tensor, PrivacyRandomness], torch.Tensor]
 
 
 @dataclass
@@ -140,14 +142,18 @@ def attack_records(
     model: str = "lenet",
     iterations: int = 300,
     label_fn: LabelFn | None = None,
-    protect: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    protect: ProtectFn | None = None,
     seed: int = 0,
+    client_noise: PrivacyRandomness | None = None,
 ) -> AttackResult:
     """Attack each record (pixel-space ``images`` [N, C, H, W]) from the gradient its client would compute.
 
     ``label_fn(labels, g)`` gives the labels the client computes gradients with (LDPO-RLD soft labels; default
-    the true class); ``protect(flat_gradient, g)`` models a protection of the observed gradient (e.g. LocalDP's
-    clip and noise). Reconstructions stay in memory: they are the sensitive records when the attack works.
+    the true class); ``protect(flat_gradient, noise)`` models a protection of the observed gradient (e.g.
+    LocalDP's clip and noise). The simulated client's randomness (``g`` of ``label_fn``, ``noise`` of
+    ``protect``) comes from ``client_noise`` (None: a fresh secret source), apart from the attacker's ``seed``:
+    as in a real federation the server does not know it. Reconstructions stay in memory: they are the sensitive
+    records when the attack works.
     """
     if method not in ("dlg", "idlg"):
         raise ValueError(f"attack_records: method must be dlg or idlg, got {method!r}")
@@ -156,17 +162,19 @@ def attack_records(
     lo = normalize(torch.zeros(1, *images.shape[1:]))
     hi = normalize(torch.ones(1, *images.shape[1:]))
     g = torch.Generator().manual_seed(seed)
+    client_noise = resolve(client_noise)
+    client_g = client_noise.generator()
     per_record: list[float] = []
     correct = 0
     for i in range(len(images)):
         net = attack_net(model, images.shape[1], num_classes, images.shape[-1], seed + i)
         x = normalize(images[i : i + 1])
         y = labels[i : i + 1]
-        target = label_fn(y, g) if label_fn is not None else y
+        target = label_fn(y, client_g) if label_fn is not None else y
         grads = observed_gradient(net, x, target)
         if protect is not None:
             flat = torch.cat([t.reshape(-1) for t in grads])
-            flat = protect(flat, g)
+            flat = protect(flat, client_noise)
             grads = [t.reshape(s.shape) for t, s in zip(flat.split([s.numel() for s in grads]), grads, strict=True)]
         known = torch.tensor([idlg_label(grads)]) if method == "idlg" else None
         recon, soft = dlg(net, grads, x.shape, num_classes, labels=known, iterations=iterations, generator=g)
