@@ -88,6 +88,8 @@ def _spec(*overrides: str):
     (["method.defence=localdp", "privacy.epsilon=0.5", "method.localdp_sigma=0.5", "method.rounds=50"],
      PrivacyError, "localdp_sigma"),
     (["method.n_clients=3", "method.min_clients=4"], SpecError, "min_clients"),
+    (["method.defence=localdp", "privacy.epsilon=50", "method.attack=dlg"], SpecError, "attack study"),
+    (["method.defence=localdp", "privacy.epsilon=50", "method.attack=doorping"], SpecError, "real records"),
 ])
 def test_prepare_refuses_bad_input_before_any_work(overrides, error, message):
     with pytest.raises(error, match=message):
@@ -120,8 +122,9 @@ def test_localdp_job_reports_every_clients_epsilon_beside_the_ledger(tmp_path):
     result = SimpleNamespace(dispatches={0: 3, 1: 1, 2: 2})
     report_client_privacy(ctx, result, cfg)
     doc = json.loads((tmp_path / "client_privacy.json").read_text())
-    assert doc["delta"] == 1e-5 and set(doc["clients"]) == {"0", "1", "2"}
-    eps = {int(c): v["epsilon"] for c, v in doc["clients"].items()}
+    assert doc["delta"] == 1e-5 and [c["client"] for c in doc["clients"]] == [0, 1, 2]
+    assert "exactly one client" in doc["neighbouring"] and "secret" in doc["noise"]
+    eps = {c["client"]: c["epsilon"] for c in doc["clients"]}
     assert eps == client_epsilons({0: 3, 1: 1, 2: 2}, LocalDP(2.0, 1.0), 1e-5)
     assert eps[1] < eps[2] < eps[0] <= ledger.spent_epsilon() * (1 + 1e-6)  # more dispatches, more ε
-    assert logged["epsilon_client_max"] == eps[0] and summary[0][0] == "LocalDP"
+    assert logged["epsilon_client_max"] == eps[0] and [w for w, _ in summary] == ["LocalDP", "neighbouring"]

@@ -7,8 +7,13 @@ split) → attack (optional: DLG/iDLG by the server on client 0, or Doorping's s
 
 Privacy: only ``defence: localdp`` makes SFDD differentially private (and then needs ``privacy.epsilon``); the
 ledger gets one parallel charge per dispatch (see :mod:`dpdistill.federated.protocol`) and the per-client ε
-goes to ``artifacts/client_privacy.json``. Only released and aggregate outputs are written: never a client's
-records, and never an attack's reconstructions.
+goes to ``artifacts/client_privacy.json`` with the neighbouring relation: add-or-remove-one record, each
+record's client a keyed hash of that record alone (:mod:`dpdistill.data.partition`). Each client actor draws
+its noise and sampling from its own secret source (``ctx.noise`` reaches the actors only in the NOT PRIVATE
+debugging mode). Only released and aggregate outputs are written: never a client's records, never an attack's
+reconstructions, and in a private run nothing a client computed from its records without noise (local losses,
+client compute times) and no attack study (its numbers are measured on the clients' real records). Every key a
+private run writes is declared in :data:`DISCLOSURE` (``tests/test_disclosure_sfdd.py`` enforces it).
 """
 
 from __future__ import annotations
@@ -22,10 +27,30 @@ import torch
 from pydantic import ValidationError
 
 from dpdistill.errors import PrivacyError, SpecError
+from dpdistill.privacy.disclosure import ACCOUNTING, EVALUATION, PUBLIC
 
 log = logging.getLogger("dpdistill.pipelines.sfdd")
 
 METHODS = ("sfdd",)
+
+# What a private (LocalDP) SFDD run writes beyond the common keys: MLflow metrics (per round and final),
+# metrics.json, MLflow params, and the keys of the JSON files under artifacts/. Nothing a client computed from
+# its records without noise is here: under LocalDP clients withhold their loss, size, class counts and time.
+DISCLOSURE: dict[str, str] = {
+    # MLflow params: the resolved spec, public by construction.
+    "name": PUBLIC, "kind": PUBLIC, "description": PUBLIC, "seed": PUBLIC, "device": PUBLIC, "data.*": PUBLIC,
+    "method.*": PUBLIC, "privacy.*": PUBLIC, "evaluation.*": PUBLIC, "ray.*": PUBLIC, "tracking.*": PUBLIC,
+    # Per-round MLflow metrics: the server's own wall time and which clients answered (actor failures).
+    "round_seconds": PUBLIC, "clients_answered": PUBLIC, "clients_dropped": PUBLIC, "round_attempts": PUBLIC,
+    # The current release scored on the test split (eval_every), and the final summary figures.
+    "acc": EVALUATION, "ipc": PUBLIC, "clients_dropped_total": PUBLIC, "epsilon_client_max": ACCOUNTING,
+    # rounds.json
+    "round": PUBLIC, "sampled": PUBLIC, "answered": PUBLIC, "dropped": PUBLIC, "client": PUBLIC,
+    "reason": PUBLIC, "attempts": PUBLIC, "seconds": PUBLIC,
+    # client_privacy.json (accuracy_by_round.json has round and acc)
+    "delta": ACCOUNTING, "neighbouring": PUBLIC, "partition": PUBLIC, "composition": PUBLIC, "noise": PUBLIC,
+    "clients": PUBLIC, "dispatches": ACCOUNTING, "epsilon": ACCOUNTING,
+}
 
 
 @dataclass
@@ -82,6 +107,12 @@ class SFDDPipeline:
         if cfg.defence != "localdp" and spec.privacy.epsilon is not None:
             raise SpecError(f"privacy.epsilon: SFDD with defence '{cfg.defence}' gives no DP guarantee; remove "
                             "privacy.epsilon or set method.defence: localdp")
+        if cfg.defence == "localdp" and cfg.attack != "none":
+            # DLG's reconstruction error and Doorping's trigger are computed from clients' real records without
+            # noise: an attack study is not a private release.
+            raise SpecError(f"method.attack: {cfg.attack} measures the attack on the clients' real records, which "
+                            "a private (localdp) run may not release; run the attack study with defence none or "
+                            "ldpo-rld, without privacy.epsilon")
         if spec.evaluation.model not in models.names():
             raise SpecError(f"field 'evaluation.model': unknown model '{spec.evaluation.model}'; "
                             f"expected one of: {', '.join(models.names())}")
@@ -146,7 +177,10 @@ class SFDDPipeline:
                          f", acc {100 * metrics['acc']:.2f} %" if "acc" in metrics else "")
                 advance(record.loss)
 
-            pool = ActorPool(p.train, p.partition, ClientContext(cfg, mean, std), cfg.pool_size, cfg.actor_cpus)
+            # ctx.noise reaches the actors only when it is reproducible (NOT PRIVATE); a secret one is not sent
+            # and each actor creates its own.
+            pool = ActorPool(p.train, p.partition, ClientContext(cfg, mean, std), cfg.pool_size, cfg.actor_cpus,
+                             noise=ctx.noise.spawn("sfdd-clients"))
             try:
                 result = run_sfdd(pool, init, cfg, seed=spec.seed, ledger=ctx.ledger, callback=on_round)
             finally:
@@ -156,7 +190,7 @@ class SFDDPipeline:
                     "method": "sfdd", "clients": cfg.n_clients, "rounds": cfg.rounds}, art / "distilled.pt")
         save_class_grid(images, labels, art / "distilled_grid.png", num_classes=p.info.num_classes,
                         per_class=min(10, max(1, len(labels) // p.info.num_classes)))
-        (art / "rounds.json").write_text(json.dumps([vars(r) for r in result.history], indent=2, default=str) + "\n")
+        (art / "rounds.json").write_text(json.dumps([r.to_json() for r in result.history], indent=2) + "\n")
         dropped = sum(len(r.dropped) for r in result.history)
         ctx.add_summary("made", f"{len(labels)} distilled images ({len(labels) // p.info.num_classes}/class) of "
                         f"{p.info.name} by SFDD: {cfg.n_clients} clients, {cfg.rounds} rounds, defence "
@@ -236,42 +270,52 @@ def plot_accuracy(curve: list[tuple[int, float]], path: Any, title: str) -> None
 
 
 def report_client_privacy(ctx: Any, result: Any, cfg: Any) -> None:
-    """Per-client LocalDP ε (how often each was dispatched) to the artifacts; the max to the metrics."""
+    """Per-client LocalDP ε (how often each was dispatched) and the neighbouring relation to the artifacts."""
+    from dpdistill.data.partition import RELATION
     from dpdistill.federated import LocalDP, client_epsilons
 
     delta = ctx.ledger.delta
     eps = client_epsilons(result.dispatches, LocalDP(cfg.localdp_sigma, cfg.localdp_clip), delta)
-    doc = {"delta": delta, "neighbouring": "add-or-remove-one record of the training split",
-           "composition": "clients hold disjoint partitions: the job's ε is the max over clients",
-           "clients": {str(c): {"dispatches": result.dispatches[c], "epsilon": e} for c, e in eps.items()}}
+    noise = getattr(ctx, "noise", None)
+    doc = {"delta": delta, "neighbouring": RELATION,
+           "partition": f"{cfg.partition} over {cfg.n_clients} clients",
+           "composition": "clients hold disjoint partitions and one record reaches one client: each round's "
+                          "releases compose in parallel, rounds sequentially; the job's ε is the max over clients",
+           "noise": ("each client's own secret source (OS entropy in its actor); nothing the server sends "
+                     "determines it" if noise is None or noise.private else
+                     "NOT PRIVATE: reproducible, derived from spec.seed (privacy.reproducible_noise)"),
+           "clients": [{"client": c, "dispatches": result.dispatches[c], "epsilon": e} for c, e in eps.items()]}
     (ctx.run.artifacts / "client_privacy.json").write_text(json.dumps(doc, indent=2) + "\n")
     worst = max(eps.values()) if eps else 0.0
     ctx.log_metrics({"epsilon_client_max": worst})
     ctx.add_summary("LocalDP", f"ε ≤ {worst:.3g} per client at δ={delta:.3g} (max over {len(eps)} clients; "
                     f"ledger total {ctx.ledger.spent_epsilon():.3g})")
+    ctx.add_summary("neighbouring", f"add-or-remove-one record; a record's client is a keyed hash of that record "
+                    f"alone ({cfg.partition} partition), so one record changes one client's data")
 
 
 def run_inversion_attack(ctx: Any, p: PreparedSFDD) -> None:
-    """The curious server's DLG/iDLG on client 0's records, with the job's defence and without it."""
+    """The curious server's DLG/iDLG on client 0's records, with the job's defence and without it.
+
+    Never in a private run (``prepare`` refuses it): the reconstruction error is measured on real records.
+    """
     from dpdistill.federated.attacks.dlg import attack_records
-    from dpdistill.federated.defences import LocalDP, ldpo_rld_soft_labels
+    from dpdistill.federated.defences import ldpo_rld_soft_labels
 
     cfg, spec = p.config, ctx.spec
     idx = p.partition.indices[0][: cfg.attack_targets]
     victim = p.train.subset(idx)
     common = dict(num_classes=p.info.num_classes, mean=list(p.info.mean), std=list(p.info.std), method=cfg.attack,
                   model=cfg.attack_model, iterations=cfg.attack_iterations, seed=spec.seed)
-    label_fn = protect = None
+    label_fn = None
     if cfg.defence == "ldpo-rld":
         def label_fn(y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
             return ldpo_rld_soft_labels(y, p.info.num_classes, cfg.ldpo_alpha, cfg.ldpo_k, g)
-    elif cfg.defence == "localdp":
-        protect = LocalDP(cfg.localdp_sigma, cfg.localdp_clip).privatise
     base = attack_records(victim.images, victim.labels, **common)
     metrics = {"attack_mse_undefended": base.mse, "attack_label_accuracy_undefended": base.label_accuracy}
     text = f"{cfg.attack.upper()} on {len(idx)} records of client 0: MSE {base.mse:.3f} undefended"
     if cfg.defence != "none":
-        defended = attack_records(victim.images, victim.labels, label_fn=label_fn, protect=protect, **common)
+        defended = attack_records(victim.images, victim.labels, label_fn=label_fn, **common)
         metrics.update({"attack_mse": defended.mse, "attack_label_accuracy": defended.label_accuracy})
         text += f", {defended.mse:.3f} with {cfg.defence}"
     ctx.log_metrics(metrics)
