@@ -67,8 +67,8 @@ def _print_summary(job, result) -> None:
     if job.privacy.epsilon is None:
         table.add_row("privacy", "none: not a private release")
     elif not_private:
-        table.add_row("privacy", f"NOT PRIVATE (ε = {eps if eps is None else round(eps, 3)} would hold only "
-                      "for secret noise)")
+        table.add_row("privacy", f"NOT PRIVATE: the ledger's ε = {eps if eps is None else round(eps, 3)} does "
+                      "not describe this release (see the first line)")
     elif eps is not None:
         table.add_row("privacy", f"ε = {eps:.3f} (PLD) of budget {job.privacy.epsilon}, "
                       f"δ = {result.metrics.get('privacy_delta', float('nan')):.2e}, add-or-remove-one")

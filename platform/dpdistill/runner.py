@@ -79,18 +79,25 @@ def make_ledger(spec: JobSpec, path: Path | None, n_records: int) -> Any | None:
     delta = spec.privacy.delta if spec.privacy.delta is not None else default_delta(n_records)
     check_delta(delta, n_records)
     return PrivacyLedger(path, epsilon_budget=spec.privacy.epsilon, delta=delta, n_records=n_records,
-                         noise="reproducible" if spec.privacy.reproducible_noise else "secret")
+                         noise="reproducible" if spec.privacy.reproducible_noise else "secret",
+                         caveat=not_private_reason(spec))
 
 
 def not_private_reason(spec: JobSpec) -> str | None:
     """Why a run of ``spec`` is NOT PRIVATE although it asks for a budget (None when it is private).
 
     A spec without ``privacy.epsilon`` is simply a non-private method; this is about a private method whose
-    guarantee does not hold: the debugging mode that derives the noise from the public seed.
+    guarantee does not hold: the debugging mode that derives the noise from the public seed, or a method
+    option that makes a choice on sensitive data without charging it (the pipeline's ``unaccounted_reason``).
     """
-    if spec.privacy.epsilon is not None and spec.privacy.reproducible_noise:
+    if spec.privacy.epsilon is None:
+        return None
+    if spec.privacy.reproducible_noise:
         return NOT_PRIVATE_BANNER
-    return None
+    from dpdistill.pipelines import get_pipeline
+
+    check = getattr(get_pipeline(spec.kind), "unaccounted_reason", None)
+    return check(spec) if check is not None else None
 
 
 def run_job(

@@ -35,6 +35,9 @@ class Distiller:
     description: str = ""
     # key (or fnmatch pattern) -> kind, for every key the method makes a distill job log (beside the job's own).
     disclosure: Mapping[str, str] = field(default_factory=dict)
+    # config -> why a run with it is not covered by its ε (a choice made on sensitive data without charge), or
+    # None. The runner stamps such a run NOT PRIVATE everywhere, like the reproducible-noise debugging mode.
+    unaccounted: Callable[[Any], str | None] | None = None
 
     def make_config(self, **options: Any) -> Any:
         """The method's config from keyword options; invalid options raise a one-line SpecError."""
@@ -62,6 +65,7 @@ def register(
     private: bool = False,
     description: str = "",
     disclosure: Mapping[str, str] | None = None,
+    unaccounted: Callable[[Any], str | None] | None = None,
 ) -> Distiller:
     """Make ``run`` findable as ``distill.get(name)``; ``config`` is a pydantic model or dataclass type.
 
@@ -79,7 +83,7 @@ def register(
     existing = _REGISTRY.get(key)
     if existing is not None and existing.run.__qualname__ != run.__qualname__:
         raise ValueError(f"distillation method {name!r} is already registered")
-    record = Distiller(key, run, config, private, description, dict(disclosure or {}))
+    record = Distiller(key, run, config, private, description, dict(disclosure or {}), unaccounted)
     _REGISTRY[key] = record
     return record
 

@@ -98,6 +98,15 @@ class DistillPipeline:
             )
         return distill.get(method).config
 
+    def unaccounted_reason(self, spec: Any) -> str | None:
+        """Why the spec's method options make a run not covered by its ε (None: covered); see the runner."""
+        from dpdistill import distill
+
+        method = distill.get(spec.method.name)
+        if method.unaccounted is None:
+            return None
+        return method.unaccounted(method.make_config(**spec.method.options()))
+
     def prepare(self, spec: Any) -> PreparedDistill:
         from dpdistill import distill, models
 

@@ -100,6 +100,7 @@ class PrivacyLedger:
         n_records: int | None = None,
         neighbouring: str = ADD_OR_REMOVE_ONE,
         noise: str = "secret",
+        caveat: str | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else None
         # Where the noise of the charged releases came from: "secret" (OS entropy) or "reproducible" (derived
@@ -107,6 +108,8 @@ class PrivacyLedger:
         if noise not in ("secret", "reproducible"):
             raise PrivacyError(f"ledger: noise must be 'secret' or 'reproducible', got {noise!r}")
         self.noise = noise
+        # Why the composed ε does not describe the release (e.g. a choice made on sensitive data uncharged).
+        self.caveat = caveat
         self.epsilon_budget = validate_epsilon(epsilon_budget, "epsilon_budget")
         self.delta = validate_delta(delta)
         self.n_records = validate_n(n_records) if n_records is not None else None
@@ -136,6 +139,8 @@ class PrivacyLedger:
             n_records=data.get("n_records"),
             neighbouring=data.get("neighbouring", ADD_OR_REMOVE_ONE),
             noise=data.get("noise", "secret"),
+            caveat=(None if str(data.get("guarantee", "")).startswith("(ε, δ)-DP")
+                    or data.get("noise", "secret") != "secret" else data.get("guarantee")),
         )
 
     def _resume(self, path: Path) -> None:
@@ -172,7 +177,7 @@ class PrivacyLedger:
             "n_records": self.n_records,
             "noise": self.noise,
             "guarantee": ("NOT PRIVATE: the noise was derived from spec.seed (privacy.reproducible_noise)"
-                          if self.noise != "secret" else "(ε, δ)-DP as composed below"),
+                          if self.noise != "secret" else self.caveat or "(ε, δ)-DP as composed below"),
             "accountant": {
                 "authority": "pld",
                 "library": _dp_accounting_version(),

@@ -422,5 +422,17 @@ DISCLOSURE: dict[str, str] = {
     "share_expert": ACCOUNTING,
 }
 
-register("dpgeng", run_dpgeng, DPGenGConfig, private=True, disclosure=DISCLOSURE,
+def unaccounted_selection(cfg: DPGenGConfig) -> str | None:
+    """Why a DP-GenG run is not covered by its ε: utility-driven shares tuned on the sensitive split (or None).
+
+    The paper tunes its shares with scratch fits on the sensitive data; those fits are not charged, so the
+    chosen shares (and everything downstream of them) depend on sensitive data outside the accounting.
+    """
+    if cfg.allocation == "utility" and cfg.utility_tuning == "sensitive":
+        return ("NOT PRIVATE: method.utility_tuning 'sensitive' chooses the ε shares with uncharged fits on the "
+                "sensitive split; tune on a public set to keep the guarantee")
+    return None
+
+
+register("dpgeng", run_dpgeng, DPGenGConfig, private=True, disclosure=DISCLOSURE, unaccounted=unaccounted_selection,
          description="DP-GenG: DP dataset distillation guided by DP-generated data (AAAI'26)")
