@@ -57,9 +57,9 @@ def _dashboard_ready(url: str, token: str) -> bool:
         return False
 
 
-def _raylet_alive(gcs: str, token: str) -> bool:
-    """The head's raylet has registered with the GCS: a driver can attach to it (ray.init waits at most 60 s
-    for that and then reports "Failed to connect")."""
+def alive_nodes(gcs: str, token: str) -> list[tuple[str, bool]]:
+    """(node id hex, is head) of every raylet registered with the GCS (a driver attaches to one; ray.init
+    waits at most 60 s for that and then reports "Failed to connect")."""
     import grpc
     from ray.core.generated import gcs_pb2, gcs_service_pb2, gcs_service_pb2_grpc
 
@@ -70,8 +70,8 @@ def _raylet_alive(gcs: str, token: str) -> bool:
                 gcs_service_pb2.GetAllNodeInfoRequest(state_filter=gcs_pb2.GcsNodeInfo.GcsNodeState.ALIVE),
                 timeout=2, metadata=(("authorization", f"Bearer {token}"),))
         except grpc.RpcError:
-            return False
-    return len(reply.node_info_list) > 0
+            return []
+    return [(n.node_id.hex(), n.is_head_node) for n in reply.node_info_list]
 
 
 @contextmanager
@@ -87,34 +87,16 @@ def ray_head(env: dict[str, str] | None = None, start_params: Sequence[str] = ("
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     log = temp_dir / "head.log"
     gcs_port, dash_port = free_port(), free_port()
-    head_env = dict(os.environ)
-    for var in ("RAY_ADDRESS", "DPDISTILL_RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
-        head_env.pop(var, None)
-    head_env.update({
-        # The job driver runs `dpdistill` from PATH, as in the image.
-        "PATH": f"{VENV_BIN}{os.pathsep}{head_env.get('PATH', '')}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "OMP_NUM_THREADS": "1",
-    })
-    head_env.update(env or {})
     cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-        f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash_port}", f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--ray-client-server-port={free_port()}",
-        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats", *start_params,
+        str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--ray-client-server-port={free_port()}",
+        f"--temp-dir={temp_dir}", *_node_flags(), *start_params,
     ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=head_env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = _start(cmd, _node_env(token, env), log)
     head = RayHead(proc, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, temp_dir, log)
     try:
         deadline = time.monotonic() + startup_timeout
-        while not (_raylet_alive(head.gcs, token) and _dashboard_ready(head.dashboard, token)):
+        while not (alive_nodes(head.gcs, token) and _dashboard_ready(head.dashboard, token)):
             if proc.poll() is not None:
                 raise RuntimeError(f"ray head exited with {proc.returncode}:\n{head.log_tail()}")
             if time.monotonic() > deadline:
@@ -125,8 +107,61 @@ def ray_head(env: dict[str, str] | None = None, start_params: Sequence[str] = ("
         stop_head(head)
 
 
-def stop_head(head: RayHead) -> None:
-    """Stop the head and everything it started: SIGTERM to its process group (every Ray process of this head
+def _node_flags() -> list[str]:
+    """Loopback and freshly picked ports for every listener a node opens (nothing shared with other clusters)."""
+    return [
+        "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+    ]
+
+
+def _node_env(token: str, env: dict[str, str] | None) -> dict[str, str]:
+    node_env = dict(os.environ)
+    for var in ("RAY_ADDRESS", "DPDISTILL_RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
+        node_env.pop(var, None)
+    node_env.update({
+        # A job's driver runs `dpdistill` from PATH, as in the image.
+        "PATH": f"{VENV_BIN}{os.pathsep}{node_env.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+    })
+    node_env.update(env or {})
+    return node_env
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextmanager
+def ray_worker(head: RayHead, env: dict[str, str] | None = None, start_params: Sequence[str] = (),
+               startup_timeout: float = 120.0) -> Iterator[RayHead]:
+    """Start a worker node that joins ``head`` (same token), as a worker group's pod does; stop it afterwards."""
+    log = head.temp_dir / f"worker-{free_port()}.log"
+    before = len(alive_nodes(head.gcs, head.token))
+    cmd = [str(VENV_BIN / "ray"), "start", f"--address={head.gcs}", *_node_flags(), *start_params]
+    proc = _start(cmd, _node_env(head.token, env), log)
+    worker = RayHead(proc, head.gcs, head.dashboard, head.token, head.temp_dir, log)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while len(alive_nodes(head.gcs, head.token)) <= before:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray worker exited with {proc.returncode}:\n{worker.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ray worker not up after {startup_timeout:.0f} s:\n{worker.log_tail()}")
+            time.sleep(0.5)
+        yield worker
+    finally:
+        stop_head(worker, remove_temp_dir=False)
+
+
+def stop_head(head: RayHead, remove_temp_dir: bool = True) -> None:
+    """Stop a node and everything it started: SIGTERM to its process group (every Ray process of this node
     and nothing else), SIGKILL after a few seconds for anything left; then remove its temp dir."""
     sid = head.proc.pid
     for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
@@ -141,7 +176,8 @@ def stop_head(head: RayHead) -> None:
             break
     with contextlib.suppress(subprocess.TimeoutExpired):
         head.proc.wait(timeout=10)
-    shutil.rmtree(head.temp_dir, ignore_errors=True)
+    if remove_temp_dir:
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
 def _session_members(sid: int) -> list[int]:
