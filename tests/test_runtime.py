@@ -185,3 +185,19 @@ def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch)
     assert run.info.artifact_uri.startswith((store / "mlartifacts").resolve().as_uri())
     assert list((store / "mlartifacts").rglob("spec.yaml"))
     assert local_artifact_root("http://mlflow:5000") is None
+
+
+def test_a_local_cluster_prints_no_opt_out_banner(tmp_path):
+    """Ray 2.60 logs 'Set RAY_AUTH_MODE=disabled to opt out' on every local ray.init; auth stays on, quietly."""
+    import subprocess
+    import sys
+
+    code = ("from dpdistill.runtime.cluster import ray_session\n"
+            "import ray._private.authentication.authentication_utils as au\n"
+            "with ray_session(None, num_cpus=1):\n"
+            "    print('token auth on:', au.is_token_auth_enabled())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "DPDISTILL_RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=env | {"HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert "token auth on: True" in proc.stdout, proc.stderr[-2000:]
+    assert "RAY_AUTH_MODE=disabled" not in proc.stdout + proc.stderr
