@@ -22,6 +22,19 @@ GOOD = {
     "tracking": {"enabled": False},
 }
 
+# A private DP-GenG job on digits (its nested generator block is what the cases vary).
+DPGENG = {
+    "name": "g",
+    "kind": "distill",
+    "data": {"name": "digits"},
+    "privacy": {"epsilon": 5.0},
+    "method": {"name": "dpgeng", "ipc": 1, "factor": 1, "generator": "dp-merf",
+               "generator_options": {"iterations": 2, "num_features": 100}, "generated_per_class": 4,
+               "extractors": 1, "extractor_epochs": 0, "expert_pretrain_epochs": 0, "iterations": 1},
+    "evaluation": {"seeds": 1, "epochs": 1},
+    "tracking": {"enabled": False},
+}
+
 
 def _write(tmp_path: Path, doc) -> Path:
     p = tmp_path / "spec.yaml"
@@ -78,6 +91,25 @@ CASES = [
     ("method-cross-field-check", _merge(GOOD, {"method": {"ipc": 3, "factor": 2}}), [],
      ["field 'method':", "multiple of factor^2"]),
     ("non-private-with-epsilon", _merge(GOOD, {"privacy": {"epsilon": 1.0}}), [], ["privacy.epsilon", "no privacy guarantee"]),
+    # Strict scalars: lax pydantic read a boolean as 1 and a quoted number as a number.
+    ("method-option-bool-for-int", GOOD, ["--set", "method.ipc=true"], ["field 'method.ipc'", "not a boolean"]),
+    ("job-field-bool-for-int", GOOD, ["--set", "evaluation.seeds=true"], ["field 'evaluation.seeds'", "not a boolean"]),
+    ("job-field-string-for-int", GOOD, ["--set", "evaluation.epochs='3'"], ["field 'evaluation.epochs'", "not a string"]),
+    # Nested option blocks, each refused before anything is written (they used to fail after the release).
+    ("model-options-unknown", GOOD, ["--set", "evaluation.model_options.bogus=1"],
+     ["unknown key 'evaluation.model_options.bogus'", "width"]),
+    ("model-options-bool", GOOD, ["--set", "evaluation.model_options.width=true"],
+     ["field 'evaluation.model_options.width'", "not a boolean"]),
+    ("model-options-value", GOOD, ["--set", "evaluation.model_options.width=0"],  # the factory's own check
+     ["evaluation.model_options", "'width' must be a positive integer"]),
+    ("generator-unknown", DPGENG, ["--set", "method.generator=dp-merff"],
+     ["field 'method.generator'", "unknown synthesis method 'dp-merff'", "dp-merf"]),
+    ("generator-options-unknown", DPGENG, ["--set", "method.generator_options.bogus=1"],
+     ["unknown key 'method.generator_options.bogus'", "num_features"]),
+    ("generator-options-bool", DPGENG, ["--set", "method.generator_options.iterations=true"],
+     ["field 'method.generator_options.iterations'", "not a boolean"]),
+    ("generator-options-value", DPGENG, ["--set", "method.generator_options.num_features=0"],  # its constructor's
+     ["method.generator_options", "'num_features' must be > 0"]),
 ]
 
 
@@ -134,3 +166,31 @@ def test_real_subprocess_exit_code_and_single_line(tmp_path):
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "evaluation.seeds" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("block,patch,needle", [
+    ("evaluation.model_options", lambda s: setattr(s.evaluation, "model_options", {"bogus": 1}),
+     "unknown key 'evaluation.model_options.bogus'"),
+    ("evaluation.model_options value", lambda s: setattr(s.evaluation, "model_options", {"depth": 0}),
+     "'depth' must be a positive integer"),
+    ("method (bool for int)", lambda s: setattr(s, "method", type(s.method)(**{**s.method.model_dump(), "ipc": True})),
+     "field 'method.ipc': expected an integer, not a boolean"),
+    ("method.generator", lambda s: setattr(s, "method", type(s.method)(**{**s.method.model_dump(), "generator": "x"})),
+     "unknown synthesis method 'x'"),
+    ("method.generator_options", lambda s: setattr(s, "method", type(s.method)(
+        **{**s.method.model_dump(), "generator_options": {"bogus": 1}})), "'method.generator_options.bogus'"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_run_job_refuses_nested_options_of_a_spec_built_in_code(tmp_path, block, patch, needle):
+    """run_job itself (sweeps, Ray Jobs, library users) re-checks every nested block before the run folder
+    exists and before any charge: a spec changed after load_spec skipped those checks."""
+    from dpdistill.errors import SpecError
+    from dpdistill.runner import run_job
+    from dpdistill.spec import load_spec
+
+    spec = load_spec(_write(tmp_path, DPGENG))
+    patch(spec)
+    runs = tmp_path / "runs"
+    with pytest.raises(SpecError) as err:
+        run_job(spec, runs, progress=False)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not runs.exists(), "a run folder (or budget store) was written"

@@ -3,14 +3,23 @@
 Order matters for two promises. Bad input leaves nothing behind: everything a user can get wrong (spec, data
 folder, privacy parameters) is checked by the pipeline's ``prepare`` before the run folder exists, and so is a data
 owner's budget (``privacy.owner_budget``): the run's whole ε is reserved in the owner's store, or the run refused,
-before the folder exists; when the run ends the reservation settles to what its ledger charged. Ctrl-C leaves a
-consistent folder: every file is written atomically and the status becomes ``interrupted``.
+before the folder exists; when the run ends the reservation settles to what its ledger charged. Ctrl-C and SIGTERM
+(``ray job stop``, a pod's eviction or deadline) leave a consistent folder: every file is written atomically, the
+status becomes ``interrupted``, the partial metrics stay and the MLflow run is KILLED.
+
+A run explains itself: ``log.txt`` holds its start, each pipeline stage (:meth:`RunContext.stage`) with its
+seconds, warnings, the error on failure and the outcome; ``status.json`` carries ``error`` (type and one line)
+when it failed. Only timings, outcomes and error messages are logged, nothing computed from sensitive data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +64,63 @@ class RunContext:
     def add_summary(self, what: str, value: str) -> None:
         """A row of the table printed at the end of the run."""
         self.summary.append((what, value))
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Log a pipeline stage's start and its end (completed / interrupted / failed) with its seconds."""
+        log.info("stage %s started", name)
+        started = time.perf_counter()
+        try:
+            yield
+        except KeyboardInterrupt:
+            log.warning("stage %s interrupted after %.1f s", name, time.perf_counter() - started)
+            raise
+        except BaseException as e:
+            log.error("stage %s failed after %.1f s: %s", name, time.perf_counter() - started, error_line(e))
+            raise
+        log.info("stage %s completed in %.1f s", name, time.perf_counter() - started)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, pod eviction, ``activeDeadlineSeconds``) seen during a run: handled as Ctrl-C."""
+
+    signum = int(signal.SIGTERM)
+
+
+def error_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (at most 300 characters)."""
+    lines = str(err).strip().splitlines()
+    message = lines[0] if lines else ""
+    return f"{type(err).__name__}: {message[:300]}" if message else type(err).__name__
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While a run is in progress, turn SIGTERM into :class:`Terminated` (like Ctrl-C's KeyboardInterrupt).
+
+    Only in the main thread (the only one Python delivers signals to); the previous handler comes back after.
+    The first SIGTERM interrupts; later ones are ignored so the run's files are finished before the process
+    ends (the sender's SIGKILL after its grace period still ends it).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal seen
+        if seen:
+            log.warning("SIGTERM again: still writing the run's files")
+            return
+        seen = True
+        log.warning("SIGTERM received: stopping the run")
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -107,12 +173,26 @@ def run_job(
     address: str | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """Run ``spec`` to completion and return its result; raises DpdistillError on bad input."""
+    """Run ``spec`` to completion and return its result; raises DpdistillError on bad input.
+
+    SIGTERM during the call is handled like Ctrl-C: the run is marked interrupted and :class:`Terminated` (a
+    KeyboardInterrupt) propagates.
+    """
+    with sigterm_interrupts():
+        return _run_job(spec, runs_dir, address=address, progress=progress)
+
+
+def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progress: bool) -> RunResult:
     from dpdistill.pipelines import get_pipeline
+    from dpdistill.spec import check_nested_options, validate_method_options
 
     if address:
         spec.ray.address = address
     pipeline = get_pipeline(spec.kind)
+    # The whole spec again, nested option blocks included (a spec built in code skipped load_spec's checks):
+    # an option first read after the release would fail with the budget spent.
+    validate_method_options(spec, "<spec>")
+    check_nested_options(spec, "<spec>")
     prepared = pipeline.prepare(spec)  # every input check happens here: no folder yet
     n_records = int(getattr(prepared, "n_sensitive", 0) or 0)
     if spec.privacy.epsilon is not None:
@@ -140,6 +220,8 @@ def run_job(
     )
     started = time.perf_counter()
     status = "failed"
+    error: str | None = None  # type and one line, when the run failed
+    interrupted_by: str | None = None  # SIGINT (Ctrl-C) or SIGTERM, when it was interrupted
     ctx: RunContext | None = None
     not_private = not_private_reason(spec)
     privacy_tag = ("none" if spec.privacy.epsilon is None else "NOT PRIVATE" if not_private else "private")
@@ -165,25 +247,37 @@ def run_job(
         log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
         pipeline.execute(ctx, prepared)
         status = "completed"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         status = "interrupted"
+        interrupted_by = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        raise
+    except BaseException as e:
+        error = error_line(e)
+        log.error("run failed: %s", error)
         raise
     finally:
         seconds = time.perf_counter() - started
         if ctx is not None and ctx.ledger is not None:
-            ctx.log_metrics(ctx.ledger.to_mlflow_metrics())
+            _safe(ctx.log_metrics, ctx.ledger.to_mlflow_metrics())
         if owner is not None:
             _settle_owner(owner, reservation, ctx, run, status)
         run.log_metrics({"wall_seconds": seconds})
+        _safe(tracker.log_metrics, {"wall_seconds": seconds})
         for name in ("spec.yaml", "ledger.json", "metrics.json"):
             _safe(tracker.log_artifact, run.path / name)
         if run.artifacts.exists():
             for p in sorted(run.artifacts.iterdir()):
                 if p.suffix in {".png", ".json", ".md"} and not (ctx is not None and p.name in ctx.untracked):
                     _safe(tracker.log_artifact, p, "artifacts")
-        run.finish(status, seconds=round(seconds, 3), mlflow_run_id=tracker.run_id)
         _safe(tracker.end, {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
-        log.info("run %s %s after %.1f s", run.path, status, seconds)
+        # The outcome goes to log.txt before finish() detaches it; the error (if any) to status.json too.
+        why = error or (interrupted_by and f"by {interrupted_by}")
+        (log.info if status == "completed" else log.error)(
+            "run %s %s after %.1f s%s", run.path, status, seconds, f" ({why})" if why else "")
+        extra: dict[str, Any] = {"error": error} if error else {}
+        if interrupted_by:
+            extra["interrupted_by"] = interrupted_by
+        run.finish(status, seconds=round(seconds, 3), mlflow_run_id=tracker.run_id, **extra)
     return RunResult(
         run_dir=run.path,
         status=status,

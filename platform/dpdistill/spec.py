@@ -3,28 +3,121 @@
 A spec is a short YAML document; everything it does not say comes from the defaults in code. Unknown keys,
 wrong types and out-of-range values are :class:`~dpdistill.errors.SpecError` with one line naming the file and
 the field. Method-specific options (``method:`` block) are validated against the config type that the method
-registered, so a typo in a method option is caught before any work starts.
+registered, and the option blocks nested in the spec (``evaluation.model_options`` against the model factory's
+signature, ``method.generator`` against the synthesis registry and ``method.generator_options`` against that
+synthesiser's config) are checked too, so a typo anywhere is caught before any work starts. Scalars are typed
+strictly: a boolean or a string is never read as a number (YAML's ``ipc: true`` is an error, not 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dpdistill.errors import SpecError
 
 JOB_KINDS = ("distill", "synthesize", "evaluate", "sfdd")
 
 
+# --------------------------------------------------------------------------------------------- strict scalars
+
+
+def scalar_types(annotation: Any) -> set[Any] | None:
+    """The scalar types (int, float, bool, str, None) an annotation admits; None when it is not only scalars.
+
+    Used to refuse the coercions pydantic's lax mode would make silently (True -> 1, "3" -> 3). Containers,
+    models and ``Any`` return None: they are left to the annotation's own validation.
+    """
+    if annotation is Any:
+        return None
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return scalar_types(typing.get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        out: set[Any] = set()
+        for arg in typing.get_args(annotation):
+            part = scalar_types(arg)
+            if part is None:
+                return None
+            out |= part
+        return out
+    if origin is Literal:
+        return {type(a) for a in typing.get_args(annotation)}
+    if annotation in (int, float, bool, str, type(None), None):
+        return {type(None) if annotation is None else annotation}
+    return None
+
+
+def coercion_error(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` may not fill a field of type ``annotation`` without a lossy coercion (None: it may).
+
+    A boolean is never a number, a string never a number, and a float never an integer unless it is whole
+    (YAML writes ``3.0`` for 3; 2.5 is refused rather than truncated).
+    """
+    allowed = scalar_types(annotation)
+    if allowed is None:
+        return None
+    numbers = allowed & {int, float}
+    if isinstance(value, bool):
+        if bool in allowed or not numbers:
+            return None
+        return f"expected {'an integer' if float not in numbers else 'a number'}, not a boolean"
+    if isinstance(value, str) and numbers and str not in allowed:
+        return f"expected {'an integer' if float not in numbers else 'a number'}, not a string"
+    if isinstance(value, float) and numbers == {int} and not value.is_integer():
+        return "expected an integer, got a number with a fractional part"
+    return None
+
+
+def check_strict_options(options: dict[str, Any], hints: dict[str, Any], source: str, block: str) -> None:
+    """Refuse any option whose value a lax validation would coerce (see :func:`coercion_error`)."""
+    for key, value in options.items():
+        if key in hints:
+            problem = coercion_error(hints[key], value)
+            if problem:
+                raise SpecError(f"{source}: field '{block}.{key}': {problem} (got {value!r})")
+
+
+def type_hints(config_type: Any) -> dict[str, Any]:
+    """Field name -> annotation of a pydantic model, dataclass or function (empty when it cannot be resolved)."""
+    if isinstance(config_type, type) and issubclass(config_type, BaseModel):
+        return {k: f.annotation for k, f in config_type.model_fields.items()}
+    try:
+        return typing.get_type_hints(config_type)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: pydantic still validates the values
+        return {}
+
+
 class StrictModel(BaseModel):
-    """Base of every spec block: unknown keys are errors, assignment is validated."""
+    """Base of every spec block: unknown keys are errors, assignment is validated, scalars are strict."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_lossy_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax pydantic reads `seeds: true` as 1 and `epochs: "3"` as 3; a spec means what it says or is refused.
+        field = cls.model_fields.get(info.field_name or "")
+        problem = coercion_error(field.annotation, value) if field is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class DataSpec(StrictModel):
@@ -322,8 +415,7 @@ def validate_method_options(spec: JobSpec, source: str) -> dict[str, Any]:
                     f"{source}: unknown key 'method.{key}' for method '{spec.method.name}'; "
                     f"expected one of: name, {', '.join(sorted(fields))}"
                 )
-        from pydantic import TypeAdapter
-
+        check_strict_options(options, type_hints(config_type), source, "method")
         try:
             cfg = TypeAdapter(config_type).validate_python(options)
         except ValidationError as e:
@@ -339,6 +431,7 @@ def validate_method_options(spec: JobSpec, source: str) -> dict[str, Any]:
                     f"{source}: unknown key 'method.{key}' for method '{spec.method.name}'; "
                     f"expected one of: name, {', '.join(sorted(fields))}"
                 )
+        check_strict_options(options, type_hints(config_type), source, "method")
         try:
             return config_type.model_validate(options).model_dump(mode="json")
         except ValidationError as e:
@@ -361,4 +454,67 @@ def validate_spec(doc: dict[str, Any], source: str = "<spec>") -> JobSpec:
         raise SpecError(format_validation_error(e, source)) from None
     resolved = validate_method_options(spec, source)
     spec.method = MethodSpec(name=spec.method.name, **resolved)
+    check_nested_options(spec, source)
     return spec
+
+
+def check_model_options(model: str, options: dict[str, Any], source: str, block: str) -> None:
+    """Check a model's options (e.g. ``evaluation.model_options``) against its factory's signature and types.
+
+    An unknown model name is left to the caller (the pipeline names the field); the values a factory checks
+    itself (ranges, choices) are checked by building the model once in the pipeline's ``prepare``.
+    """
+    from dpdistill import models
+    from dpdistill.models import registry
+
+    if not isinstance(options, dict):
+        raise SpecError(f"{source}: field '{block}': expected a mapping of option: value")
+    try:
+        allowed = models.options(model)
+        key, _ = registry._resolve(model)
+    except SpecError:
+        return
+    for option in options:
+        if option not in allowed:
+            raise SpecError(f"{source}: unknown key '{block}.{option}' for model '{model}'; expected one of: "
+                            f"{', '.join(allowed) or '(none)'}")
+    hints = type_hints(registry._FACTORIES[key])
+    check_strict_options(options, hints, source, block)
+    for option, value in options.items():
+        if option in hints:
+            try:
+                TypeAdapter(hints[option]).validate_python(value)
+            except ValidationError as e:
+                raise SpecError(format_validation_error(e, source, None, block=f"{block}.{option}")) from None
+
+
+def check_generator_options(generator: Any, options: Any, source: str, block: str = "method") -> None:
+    """Check a nested synthesiser (DP-GenG's ``method.generator``) and its ``generator_options`` up front."""
+    from dpdistill import synthesis
+
+    if not isinstance(generator, str) or generator.lower() not in synthesis.names():
+        raise SpecError(f"{source}: field '{block}.generator': unknown synthesis method {generator!r}; expected "
+                        f"one of: {', '.join(synthesis.names())}")
+    if not isinstance(options, dict):
+        raise SpecError(f"{source}: field '{block}.generator_options': expected a mapping of option: value")
+    config_type = synthesis.get(generator).config_type
+    fields = sorted(f.name for f in dataclasses.fields(config_type))
+    for key in options:
+        if key not in fields:
+            raise SpecError(f"{source}: unknown key '{block}.generator_options.{key}' for generator "
+                            f"'{generator}'; expected one of: {', '.join(fields)}")
+    check_strict_options(options, type_hints(config_type), source, f"{block}.generator_options")
+    try:
+        TypeAdapter(config_type).validate_python(options)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, source, None, block=f"{block}.generator_options")) from None
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"{source}: field '{block}.generator_options': {e}") from None
+
+
+def check_nested_options(spec: JobSpec, source: str = "<spec>") -> None:
+    """Check every option block nested in the spec, so none of them first fails after the budget is spent."""
+    check_model_options(spec.evaluation.model, spec.evaluation.model_options, source, "evaluation.model_options")
+    options = spec.method.options()
+    if "generator" in options or "generator_options" in options:
+        check_generator_options(options.get("generator"), options.get("generator_options") or {}, source)

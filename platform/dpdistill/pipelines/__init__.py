@@ -43,3 +43,46 @@ def get_pipeline(kind: str, source: str = "<spec>") -> Pipeline:
 
 def available_kinds() -> list[str]:
     return sorted(_KINDS)
+
+
+def check_evaluation_model(spec: Any, channels: int, num_classes: int, image_size: int) -> None:
+    """Build the evaluation model once in ``prepare``, so a bad ``evaluation.model_options`` value (one the
+    factory checks: a zero width, an unknown norm) is refused before the run folder exists, not after the release.
+    """
+    import torch
+
+    from dpdistill import models
+
+    if not spec.evaluation.enabled:
+        return
+    try:
+        with torch.random.fork_rng(devices=[]):  # building draws weights: keep the caller's RNG
+            models.get(spec.evaluation.model, channels=channels, num_classes=num_classes, image_size=image_size,
+                       **dict(spec.evaluation.model_options))
+    except SpecError as e:
+        raise SpecError(f"field 'evaluation.model_options': {e}") from None
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"field 'evaluation.model_options': model '{spec.evaluation.model}': {e}") from None
+
+
+def check_generator(config: Any, seed: int, channels: int, num_classes: int, image_size: int) -> None:
+    """Build a method's nested synthesiser (``generator`` + ``generator_options``, e.g. DP-GenG's) once in
+    ``prepare``, so a value its constructor refuses fails before any budget is spent, not after."""
+    import torch
+
+    from dpdistill import synthesis
+    from dpdistill.spec import check_generator_options
+
+    generator = getattr(config, "generator", None)
+    options = dict(getattr(config, "generator_options", None) or {})
+    if generator is None:
+        return
+    check_generator_options(generator, options, "<spec>")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            synthesis.create(generator, channels=channels, image_size=image_size, num_classes=num_classes,
+                             seed=seed, **options)
+    except SpecError as e:
+        raise SpecError(f"field 'method.generator_options': {e}") from None
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"field 'method.generator_options': generator '{generator}': {e}") from None

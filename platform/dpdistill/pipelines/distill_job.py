@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from dpdistill.errors import SpecError
+from dpdistill.pipelines import check_evaluation_model, check_generator
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, PUBLIC, RELEASED, kind_of
 from dpdistill.spec import JobSpec
 
@@ -124,6 +125,8 @@ class DistillPipeline:
             )
         config = method.make_config(**spec.method.options())
         train, val, test, info = load_splits(spec)
+        check_evaluation_model(spec, train.channels, info.num_classes, train.image_size)
+        check_generator(config, spec.seed, train.channels, info.num_classes, train.image_size)
         return PreparedDistill(train=train, val=val, test=test, info=info, method=method, config=config)
 
     def execute(self, ctx: Any, p: PreparedDistill) -> dict[str, Any]:

@@ -98,6 +98,7 @@ class SFDDPipeline:
 
     def prepare(self, spec: Any) -> PreparedSFDD:
         from dpdistill import data, models
+        from dpdistill.pipelines import check_evaluation_model
         from dpdistill.pipelines.distill_job import load_splits
 
         self.method_config(spec.method.name, "<spec>")
@@ -117,6 +118,7 @@ class SFDDPipeline:
             raise SpecError(f"field 'evaluation.model': unknown model '{spec.evaluation.model}'; "
                             f"expected one of: {', '.join(models.names())}")
         train, val, test, info = load_splits(spec)
+        check_evaluation_model(spec, train.channels, info.num_classes, train.image_size)
         if cfg.attack == "doorping":
             if cfg.target_class >= info.num_classes:
                 raise SpecError(f"field 'method.target_class': {cfg.target_class} is not a class of {info.name} "

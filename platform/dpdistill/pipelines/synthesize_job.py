@@ -154,6 +154,7 @@ class SynthesizePipeline:
 
     def prepare(self, spec: Any) -> PreparedSynthesize:
         from dpdistill import data, models, synthesis
+        from dpdistill.pipelines import check_evaluation_model
         from dpdistill.pipelines.distill_job import load_splits
 
         cls = synthesis.get(spec.method.name)
@@ -183,6 +184,7 @@ class SynthesizePipeline:
         # Build once here so a bad option (e.g. a zero width) fails before the run folder exists.
         cls(config, channels=train.channels, image_size=train.image_size, num_classes=info.num_classes,
             seed=spec.seed)
+        check_evaluation_model(spec, train.channels, info.num_classes, train.image_size)
         return PreparedSynthesize(train=train, val=val, test=test, info=info, method=cls, config=config, job=job)
 
     def execute(self, ctx: Any, p: PreparedSynthesize) -> dict[str, Any]:
