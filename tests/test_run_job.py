@@ -1,9 +1,11 @@
-"""End to end through the CLI on `digits`: run folder contents, MLflow run, Ray evaluation, Ctrl-C."""
+"""End to end through the CLI on `digits`: run folder contents, MLflow run, Ray evaluation, the log and
+`report`, Ctrl-C and SIGTERM."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,9 +63,35 @@ def test_mlflow_run_has_the_same_metrics(finished_run):
     for key in ("acc_mean", "acc_std", "n_released"):
         assert run.data.metrics[key] == pytest.approx(metrics[key])
     assert run.data.params["method.name"] == "dm"
+    assert run.data.metrics["wall_seconds"] == pytest.approx(metrics["wall_seconds"])  # it never reached MLflow
     assert run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"spec.yaml", "metrics.json"} <= artifacts
+
+
+def test_log_records_stages_and_outcome(finished_run):
+    """log.txt used to hold only the 'started' line: the handler was detached before the outcome was logged."""
+    _, run_dir, _ = finished_run
+    log = (run_dir / "log.txt").read_text()
+    assert "started (kind=distill, method=dm)" in log
+    for stage in ("distil (dm)", "evaluate"):
+        assert f"stage {stage} started" in log and re.search(rf"stage {re.escape(stage)} completed in [0-9.]+ s", log)
+    assert re.search(r"run .* completed after [0-9.]+ s", log)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert "error" not in status and dict(map(tuple, status["summary"]))["test accuracy"].endswith("epochs)")
+
+
+def test_report_takes_the_job_folder_and_prints_percentages(finished_run):
+    runs, run_dir, _ = finished_run
+    proc = _cli("report", str(runs / "dm-digits"))  # the job folder: its latest run
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert str(run_dir) in out and "status: completed" in out
+    assert f"{100 * metrics['acc_mean']:.2f} %" in out  # a percentage, not the raw fraction
+    assert "test accuracy" in out  # the summary `run` printed
+    proc = _cli("report", str(runs))  # neither a run nor a job folder: one line, exit 2
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a run folder" in proc.stderr
 
 
 def test_no_sensitive_record_in_run_folder(finished_run):
@@ -103,3 +131,36 @@ def test_ctrl_c_leaves_consistent_folder_marked_interrupted(tmp_path):
     json.loads((run_dir / "metrics.json").read_text())  # parses: not torn
     assert yaml.safe_load((run_dir / "spec.yaml").read_text())["name"] == "dm-digits"
     assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_sigterm_marks_the_run_interrupted_and_the_mlflow_run_killed(tmp_path):
+    """SIGTERM is what `ray job stop`, a pod's eviction and activeDeadlineSeconds send: it used to kill the
+    process with status.json 'running' and the MLflow run RUNNING."""
+    import mlflow
+
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "dpdistill"), "run", "jobs/dm-digits.yaml", "--runs-dir", str(runs),
+         "--no-progress", "--set", "method.iterations=100000", "--set", "evaluation.parallel=false"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    logs: list[Path] = []
+    # The 'started' line is logged once the MLflow run is open: from then on the run is inside the pipeline.
+    while time.time() < deadline and not any("started (kind=" in p.read_text() for p in logs):
+        logs = list(runs.glob("dm-digits/*/log.txt"))
+        time.sleep(0.5)
+    assert logs, "the run never started"
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM" in err and "Traceback" not in err
+    run_dir = logs[0].parent
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["interrupted_by"] == "SIGTERM" and "ended" in status
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # the partial metrics are kept
+    assert metrics["wall_seconds"] > 0
+    assert re.search(r"stage distil \(dm\) interrupted after", (run_dir / "log.txt").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    assert client.get_run(status["mlflow_run_id"]).info.status == "KILLED"

@@ -43,9 +43,14 @@ def run(
     from dpdistill.spec import load_spec
 
     job = load_spec(spec, set_ or [])
-    from dpdistill.runner import run_job
+    from dpdistill.runner import Terminated, run_job
 
-    result = run_job(job, runs_dir, address=address, progress=progress)
+    try:
+        result = run_job(job, runs_dir, address=address, progress=progress)
+    except Terminated:
+        # 128 + SIGTERM, as a shell reports it; Ctrl-C stays 130 (main).
+        print("dpdistill: terminated by SIGTERM (the run folder, if any, is marked interrupted)", file=sys.stderr)
+        raise typer.Exit(143) from None
     _print_summary(job, result)
 
 
@@ -130,27 +135,68 @@ def privacy(
     raise typer.Exit(code)
 
 
+def _latest_run(path: Path) -> Path:
+    """``path`` if it is a run folder, else the latest run folder inside it (a job folder: runs/<job>/)."""
+    from dpdistill.errors import SpecError
+
+    if (path / "status.json").is_file():
+        return path
+    if path.is_dir():
+        # Run folders are named by their UTC start, so the greatest name is the latest run.
+        runs = sorted(p for p in path.iterdir() if (p / "status.json").is_file())
+        if runs:
+            return runs[-1]
+    raise SpecError(f"{path}: not a run folder (status.json, spec.yaml, metrics.json) nor a job folder holding "
+                    "run folders (runs/<job-name>/)")
+
+
+def _is_fraction(key: str) -> bool:
+    """Whether metric ``key`` is a fraction in [0, 1] that reads better as a percentage (accuracies, rates)."""
+    import re
+
+    return bool(re.search(r"(^|_)(acc|accuracy|precision|recall)(_|$)|_rate(_|$)", key))
+
+
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> None:
-    """Print a run folder's status, metrics and privacy spend."""
+def report(run_dir: Annotated[Path, typer.Argument(
+        help="a run folder, or a job folder (runs/<job-name>/: its latest run)")]) -> None:
+    """Print a run's status (and error), the summary `run` printed, and its metrics (accuracies in %)."""
     import json
 
     from rich.table import Table
 
-    from dpdistill.errors import SpecError
-
-    status_file = run_dir / "status.json"
-    if not status_file.is_file():
-        raise SpecError(f"{run_dir}: not a run folder (expected status.json, spec.yaml, metrics.json)")
-    status = json.loads(status_file.read_text())
+    run_dir = _latest_run(run_dir)
+    status = json.loads((run_dir / "status.json").read_text())
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    table = Table(title=f"{run_dir} — {status.get('status')}")
+    c = _console()
+    c.print(f"run folder: {run_dir}", soft_wrap=True)
+    line = f"status: {status.get('status')}"
+    if status.get("seconds") is not None:
+        line += f" after {status['seconds']:.1f} s"
+    if status.get("interrupted_by"):
+        line += f" (by {status['interrupted_by']})"
+    c.print(line, soft_wrap=True)
+    if status.get("error"):
+        c.print(f"error: {status['error']}", soft_wrap=True)
+    if status.get("not_private"):
+        c.print(f"[bold red]{status['not_private']}[/bold red]", soft_wrap=True)
+    if status.get("summary"):
+        summary = Table(show_header=False)
+        summary.add_column("what", style="bold")
+        summary.add_column("value")
+        for what, value in status["summary"]:
+            summary.add_row(what, value)
+        c.print(summary)
+    table = Table(title="metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in sorted(metrics.items()):
-        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-    _console().print(table)
+        if isinstance(v, float) and _is_fraction(k):
+            table.add_row(k, f"{100 * v:.2f} %")
+        else:
+            table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    c.print(table)
 
 
 @app.command()

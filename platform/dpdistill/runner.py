@@ -277,6 +277,8 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
         extra: dict[str, Any] = {"error": error} if error else {}
         if interrupted_by:
             extra["interrupted_by"] = interrupted_by
+        if ctx is not None and ctx.summary:  # what `run` printed, for `dpdistill report`
+            extra["summary"] = [list(row) for row in ctx.summary]
         run.finish(status, seconds=round(seconds, 3), mlflow_run_id=tracker.run_id, **extra)
     return RunResult(
         run_dir=run.path,

@@ -153,7 +153,8 @@ class DistillPipeline:
             # sampling of the method come from it, never from spec.seed.
             kwargs["ledger"] = ctx.ledger
             kwargs["noise"] = ctx.noise
-        synthetic = p.method.run(p.train, p.config, **kwargs)
+        with ctx.stage(f"distil ({spec.method.name})"):
+            synthetic = p.method.run(p.train, p.config, **kwargs)
         images, labels = synthetic.export()
         art = ctx.run.artifacts
         torch.save({"images": images, "labels": labels, "num_classes": p.info.num_classes,
@@ -179,7 +180,7 @@ class DistillPipeline:
             if baseline is not None:
                 # DP-GenG's reference point: ipc images per class drawn from the DP generator's output (already
                 # paid for), evaluated by the same protocol. Test accuracy only: nothing selects on it.
-                base = evaluate_release(ctx, *baseline, p, validation=False)
+                base = evaluate_release(ctx, *baseline, p, validation=False, what="evaluate baseline")
                 ctx.log_metrics({"baseline_generated_acc_mean": base["test"]["mean"],
                                  "baseline_generated_acc_std": base["test"]["std"]})
                 ctx.add_summary(
@@ -212,12 +213,21 @@ def mark_not_private(ctx: Any, method: str) -> None:
 
 
 def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
-                     validation: bool = True) -> dict[str, Any]:
+                     validation: bool = True, what: str = "evaluate") -> dict[str, Any]:
     """Train fresh models on the released set and score them on the real test (and validation) split.
 
     ``p`` needs ``test``, ``info`` and, when ``evaluation.validation`` is on, ``val``. The validation accuracy
-    is what sweeps select on; the test accuracy is only ever reported.
+    is what sweeps select on; the test accuracy is only ever reported. ``what`` names the stage in log.txt.
     """
+    import contextlib
+
+    stage = getattr(ctx, "stage", None)
+    with stage(what) if stage is not None else contextlib.nullcontext():
+        return _evaluate_release(ctx, images, labels, p, validation)
+
+
+def _evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
+                      validation: bool) -> dict[str, Any]:
     from dpdistill.runtime.cluster import ray_session
     from dpdistill.runtime.parallel import evaluate_seeds
 

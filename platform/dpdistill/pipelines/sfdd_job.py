@@ -184,7 +184,8 @@ class SFDDPipeline:
             pool = ActorPool(p.train, p.partition, ClientContext(cfg, mean, std), cfg.pool_size, cfg.actor_cpus,
                              noise=ctx.noise.spawn("sfdd-clients"))
             try:
-                result = run_sfdd(pool, init, cfg, seed=spec.seed, ledger=ctx.ledger, callback=on_round)
+                with ctx.stage(f"federated distillation ({cfg.rounds} rounds)"):
+                    result = run_sfdd(pool, init, cfg, seed=spec.seed, ledger=ctx.ledger, callback=on_round)
             finally:
                 pool.shutdown()
         images, labels = result.synthetic.export()
@@ -217,9 +218,11 @@ class SFDDPipeline:
             (art / "accuracy_by_round.json").write_text(
                 json.dumps([{"round": r, "acc": a} for r, a in curve], indent=2) + "\n")
         if cfg.attack in ("dlg", "idlg"):
-            run_inversion_attack(ctx, p)
+            with ctx.stage(f"attack ({cfg.attack})"):
+                run_inversion_attack(ctx, p)
         elif cfg.attack == "doorping":
-            run_doorping_eval(ctx, p, result, images, labels)
+            with ctx.stage("attack (doorping)"):
+                run_doorping_eval(ctx, p, result, images, labels)
         return {}
 
 

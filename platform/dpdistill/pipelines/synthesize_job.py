@@ -203,14 +203,17 @@ class SynthesizePipeline:
                          noise=ctx.noise)
         if p.job.pretrain is not None:
             public = data.load(p.job.pretrain, "train", image_size=p.train.image_size)
-            synth.pretrain(public, progress=ctx.progress)
+            with ctx.stage("pretrain (public data)"):
+                synth.pretrain(public, progress=ctx.progress)
             ctx.add_summary("pretrained on", f"{public.name} ({len(public)} public images, no privacy cost)")
 
         def on_step(step: int, values: dict[str, float]) -> None:
             ctx.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
-        report = synth.fit(p.train, ctx.ledger, progress=ctx.progress, callback=on_step)
-        images, labels = synth.generate(n_per_class=p.job.n_per_class, seed=spec.seed)
+        with ctx.stage(f"fit ({synth.name})"):
+            report = synth.fit(p.train, ctx.ledger, progress=ctx.progress, callback=on_step)
+        with ctx.stage("generate"):
+            images, labels = synth.generate(n_per_class=p.job.n_per_class, seed=spec.seed)
         synth.save(art / "synthesizer.pt")
         np.savez_compressed(
             art / "synthetic.npz", images=(images * 255).round().to(torch.uint8).numpy(),
@@ -235,8 +238,9 @@ class SynthesizePipeline:
 
             extractor = get_extractor(p.job.fidelity_extractor, image_size=p.train.image_size,
                                       inception_weights=p.job.inception_weights, public=p.job.fidelity_public)
-            fid = evaluate_fidelity(p.test.images, images, extractor, max_samples=p.job.fidelity_samples,
-                                    seed=spec.seed)
+            with ctx.stage("fidelity"):
+                fid = evaluate_fidelity(p.test.images, images, extractor, max_samples=p.job.fidelity_samples,
+                                        seed=spec.seed)
             ctx.log_metrics(fid.as_metrics())
             (art / "fidelity.json").write_text(json.dumps(fid.as_dict(), indent=2) + "\n")
             ctx.add_summary("fidelity", f"FID {fid.fid:.2f}, IS {fid.inception_score:.2f}, precision "

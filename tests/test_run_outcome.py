@@ -1,0 +1,84 @@
+"""A run explains itself: a failed run's log.txt and status.json carry the error and each stage's outcome, its
+MLflow run is FAILED with wall_seconds; run_job's SIGTERM handler lives only as long as the call."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+
+import pytest
+
+from dpdistill.errors import SpecError
+from dpdistill.runner import run_job, sigterm_interrupts
+from dpdistill.spec import validate_spec
+
+TINY = {
+    "name": "outcome",
+    "kind": "distill",
+    "data": {"name": "digits"},
+    "method": {"name": "dm", "ipc": 1, "iterations": 2},
+    "evaluation": {"seeds": 1, "epochs": 1, "parallel": False},
+}
+
+
+def test_failed_run_records_its_error_stages_and_outcome(tmp_path, monkeypatch):
+    import mlflow
+
+    import dpdistill.runtime.parallel as parallel
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke\nsecond line that status.json must not carry")
+
+    monkeypatch.setattr(parallel, "evaluate_seeds", broken)
+    runs = tmp_path / "runs"
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        run_job(validate_spec(dict(TINY)), runs, progress=False)
+    (run_dir,) = (runs / "outcome").iterdir()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed"
+    assert status["error"] == "RuntimeError: evaluation broke"  # type and one line
+    log = (run_dir / "log.txt").read_text()
+    assert re.search(r"stage distil \(dm\) completed in [0-9.]+ s", log)
+    assert re.search(r"stage evaluate failed after [0-9.]+ s: RuntimeError: evaluation broke", log)
+    assert re.search(r"run .* failed after [0-9.]+ s \(RuntimeError: evaluation broke\)", log)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    run = client.get_run(status["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.metrics["wall_seconds"] > 0
+
+
+def test_sigterm_handler_is_installed_only_during_the_run(tmp_path):
+    seen: list[int] = []
+
+    def previous(signum, frame):
+        seen.append(signum)
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        with sigterm_interrupts():
+            assert signal.getsignal(signal.SIGTERM) is not previous
+        assert signal.getsignal(signal.SIGTERM) is previous
+        # run_job restores it on every way out, a refused spec included (nothing written).
+        spec = validate_spec(dict(TINY))
+        spec.evaluation.model_options = {"bogus": 1}
+        with pytest.raises(SpecError):
+            run_job(spec, tmp_path / "runs", progress=False)
+        assert signal.getsignal(signal.SIGTERM) is previous
+        assert not (tmp_path / "runs").exists()
+        # Outside the main thread Python delivers no signals: nothing is installed (and nothing raises).
+        errors: list[BaseException] = []
+
+        def in_thread() -> None:
+            try:
+                with sigterm_interrupts():
+                    pass
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        t = threading.Thread(target=in_thread)
+        t.start()
+        t.join()
+        assert not errors and signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, old)
