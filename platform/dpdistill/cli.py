@@ -202,7 +202,7 @@ def report(run_dir: Annotated[Path, typer.Argument(
 @app.command()
 def audit(
     mechanism: Annotated[str, typer.Option(
-        help="dp-merf | feature-matching | dp-sgd | localdp (each run through the product's own code)")],
+        help="dp-merf | dp-ntk | feature-matching | dp-sgd | localdp (each through the product's own code)")],
     epsilon: Annotated[float, typer.Option(help="calibrate the mechanism's noise to this epsilon (PLD)")] = 1.0,
     delta: Annotated[float, typer.Option(help="the mechanism's delta")] = 1e-5,
     trials: Annotated[int, typer.Option(min=2, help="runs per world (without and with the canary)")] = 2000,

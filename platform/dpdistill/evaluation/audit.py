@@ -7,6 +7,7 @@ What is audited, each through the product's OWN code path (nothing here re-imple
   features, 4×4 images, 2 classes), on the per-class sums and counts its own ``_sums_and_counts`` computes
   for D and for D ∪ {canary}. The canary is an all-ones image among near-zero ones (kernel ≈ 0 to all of them).
   Claimed: PLD ε of ``Gaussian(σ, 1)``, the charge ``_fit`` makes.
+- ``dp-ntk``: the same release of a small DP-NTK synthesiser (NTK features of a width-8 random network).
 - ``feature-matching``: DP feature matching's per-class release (distill/dpgeng/feature_matching.py):
   :class:`PoissonClassSampler` (Poisson sampling at q = B / n_c), :func:`clipped_sum`, :func:`noisy_mean`.
   Features are the flattened images (the identity embedding); the canary alone has a non-zero coordinate 0,
@@ -49,7 +50,7 @@ from dpdistill.privacy import Gaussian, PoissonGaussian, calibrate_gaussian, cal
 from dpdistill.privacy import epsilon as account_epsilon
 from dpdistill.privacy.noise import PrivacyRandomness
 
-MECHANISMS = ("dp-merf", "feature-matching", "dp-sgd", "localdp")
+MECHANISMS = ("dp-merf", "dp-ntk", "feature-matching", "dp-sgd", "localdp")
 NOISE_MODES = ("secret", "public-seed")
 
 # A release: (world, source) -> the released vector; world 0 is D, world 1 is D ∪ {canary}.
@@ -109,12 +110,18 @@ def _check_common(target_epsilon: float, delta: float, noise_scale: float) -> No
 
 # -- the mechanisms ------------------------------------------------------------------------------------------
 
-def _dp_merf(target_epsilon: float, delta: float, noise_scale: float, seed: int) -> AuditSetup:
+def _mean_embedding(name: str, target_epsilon: float, delta: float, noise_scale: float, seed: int) -> AuditSetup:
     from dpdistill.data.base import ImageSet
     from dpdistill.synthesis.dp_merf import DPMERF, DPMERFConfig
+    from dpdistill.synthesis.dp_ntk import DPNTK, DPNTKConfig
 
-    synth = DPMERF(DPMERFConfig(num_features=64, bandwidth=1.0, gen_width=2, gen_hidden=8), channels=1,
-                   image_size=4, num_classes=2, seed=seed)
+    shape = {"channels": 1, "image_size": 4, "num_classes": 2, "seed": seed}
+    if name == "dp-merf":
+        synth: Any = DPMERF(DPMERFConfig(num_features=64, bandwidth=1.0, gen_width=2, gen_hidden=8), **shape)
+        features = "64 random Fourier features"
+    else:
+        synth = DPNTK(DPNTKConfig(ntk_width=8, gen_width=2, gen_hidden=8), **shape)
+        features = "NTK features of a width-8 network"
     g = torch.Generator().manual_seed(seed)
     n = 40
     images = torch.rand(n, 1, 4, 4, generator=g) * 0.1
@@ -137,13 +144,20 @@ def _dp_merf(target_epsilon: float, delta: float, noise_scale: float, seed: int)
         noisy_sums = out["means"] * a * out["counts"][:, None]
         return torch.cat([noisy_sums.flatten(), b * out["counts"]])
 
-    phi = fmap(canary.flatten(1))[0]
-    contribution = torch.zeros(2, phi.numel())
-    contribution[0] = a * phi
-    direction = torch.cat([contribution.flatten(), torch.tensor([b, 0.0])])
+    # The canary's contribution as the product's own sums see it: [a·phi(canary) ⊗ e_0, b·e_0], norm 1.
+    direction = torch.cat([(a * (worlds[1][0] - worlds[0][0])).flatten(), b * (worlds[1][1] - worlds[0][1])])
     claimed = account_epsilon(Gaussian(sigma, 1.0), delta)
     return AuditSetup(release, direction, claimed, sigma,
-                      "DP-MERF embedding release (MeanEmbeddingSynthesizer._release), 64 RFF, unit sensitivity")
+                      f"{name} embedding release (MeanEmbeddingSynthesizer._release), {features}, "
+                      "unit sensitivity")
+
+
+def _dp_merf(target_epsilon: float, delta: float, noise_scale: float, seed: int) -> AuditSetup:
+    return _mean_embedding("dp-merf", target_epsilon, delta, noise_scale, seed)
+
+
+def _dp_ntk(target_epsilon: float, delta: float, noise_scale: float, seed: int) -> AuditSetup:
+    return _mean_embedding("dp-ntk", target_epsilon, delta, noise_scale, seed)
 
 
 def _feature_matching(target_epsilon: float, delta: float, noise_scale: float, seed: int) -> AuditSetup:
@@ -239,6 +253,7 @@ def _localdp(target_epsilon: float, delta: float, noise_scale: float, seed: int)
 
 _SETUPS: dict[str, Callable[[float, float, float, int], AuditSetup]] = {
     "dp-merf": _dp_merf,
+    "dp-ntk": _dp_ntk,
     "feature-matching": _feature_matching,
     "dp-sgd": _dp_sgd,
     "localdp": _localdp,
