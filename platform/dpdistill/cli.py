@@ -103,17 +103,46 @@ def datasets(
     from dpdistill import data
 
     base = Path(root).expanduser() if root else data.default_root()
-    table = Table(title=f"datasets under {base if base else '(no data root: set DPDISTILL_DATA)'}")
-    for col in ("name", "shape", "classes", "present", "needs"):
-        table.add_column(col)
+    rows: list[tuple[str, str, str, str, str]] = []
     for name in data.names():
         src = data.get(name)
         info = src.info
+        if info.num_classes == 0:
+            # A user's own set (imagefolder, npz): its data.root IS the data, so nothing under the shared data
+            # root says whether it is present, and its shape and classes come from the files.
+            rows.append((name, "any", "any", "—",
+                         f"data.root set to the data itself: {src.expected('train')[0]}"))
+            continue
         present = src.is_present(base)
-        needs = "embedded" if not info.needs_root else ("" if present else ", ".join(src.expected_files(base))[:60])
-        table.add_row(name, f"{info.channels}×{info.image_size}×{info.image_size}", str(info.num_classes),
-                      "yes" if present else "no", needs)
-    _console().print(table)
+        needs = ""
+        if not info.needs_root:
+            needs = "embedded"
+        elif not present:
+            # Relative to the data root named in the title: the part a user has to provide.
+            files = [f.removeprefix(f"{base}/") if base else f for f in src.expected_files(base)]
+            needs = ", ".join(files[:2]) + (f" (+{len(files) - 2} more)" if len(files) > 2 else "")
+        rows.append((name, f"{info.channels}×{info.image_size}×{info.image_size}", str(info.num_classes),
+                     "yes" if present else "no", needs))
+    console = _console()
+    title = f"datasets under {base if base else '(no data root: set DPDISTILL_DATA)'}"
+    if console.width < 100:
+        # Too narrow for five columns: one wrapped line per dataset, never a word cut in half.
+        console.print(title, overflow="fold")
+        for name, shape, classes, present, needs in rows:
+            state = "present" if present == "yes" else "missing" if present == "no" else "user data"
+            if needs == "embedded":
+                state, needs = "embedded", ""
+            line = f"{name}: {shape}, {classes} classes, {state}" + (f"; needs {needs}" if needs else "")
+            console.print(line.replace("any, any classes", "any shape and classes"), overflow="fold")
+        return
+    # Long paths fold inside their column instead of being cut mid-word.
+    table = Table(title=title)
+    for col in ("name", "shape", "classes", "present"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("needs", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 @app.command()
