@@ -82,3 +82,35 @@ def test_sigterm_handler_is_installed_only_during_the_run(tmp_path):
         assert not errors and signal.getsignal(signal.SIGTERM) is previous
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_run_without_a_terminal_says_every_interval_it_is_alive_and_where(tmp_path, monkeypatch, capfd):
+    """Ray Jobs and pods have no terminal and so no progress bars: they used to print nothing until the end."""
+    import logging
+
+    import dpdistill.runtime.parallel as parallel
+
+    monkeypatch.setenv("DPDISTILL_HEARTBEAT_SECONDS", "0.2")
+    beat = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "still running" in record.getMessage() and "stage evaluate" in record.getMessage():
+                beat.set()
+
+    seen = Seen()
+    logging.getLogger("dpdistill").addHandler(seen)
+
+    def slow_evaluation(*args, **kwargs):
+        assert beat.wait(60), "no heartbeat while a stage ran"  # the stage ends once a heartbeat was seen
+        return {"test": {"mean": 0.5, "std": 0.0}}
+
+    monkeypatch.setattr(parallel, "evaluate_seeds", slow_evaluation)
+    try:
+        result = run_job(validate_spec({**TINY, "tracking": {"enabled": False}}), tmp_path / "runs", progress=False)
+    finally:
+        logging.getLogger("dpdistill").removeHandler(seen)
+    line = r"still running after [0-9]+ s: stage evaluate for [0-9]+ s"
+    assert result.status == "completed" and re.search(line, (result.run_dir / "log.txt").read_text())
+    err = capfd.readouterr().err
+    assert re.search(line, err) and "stage distil (dm) completed" in err  # the console sees the stages too

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +56,8 @@ class RunContext:
     summary: list[tuple[str, str]] = field(default_factory=list)
     # Artifact file names the runner must not copy to MLflow (e.g. a non-private method's images).
     untracked: set[str] = field(default_factory=set)
+    # The stage running now (name, start time), for the heartbeat of a run without a terminal.
+    current_stage: tuple[str, float] | None = None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Final metrics (step None) go to metrics.json and MLflow; stepped ones to MLflow only."""
@@ -70,6 +74,7 @@ class RunContext:
         """Log a pipeline stage's start and its end (completed / interrupted / failed) with its seconds."""
         log.info("stage %s started", name)
         started = time.perf_counter()
+        outer, self.current_stage = self.current_stage, (name, started)
         try:
             yield
         except KeyboardInterrupt:
@@ -78,7 +83,48 @@ class RunContext:
         except BaseException as e:
             log.error("stage %s failed after %.1f s: %s", name, time.perf_counter() - started, error_line(e))
             raise
+        finally:
+            self.current_stage = outer
         log.info("stage %s completed in %.1f s", name, time.perf_counter() - started)
+
+
+HEARTBEAT_ENV = "DPDISTILL_HEARTBEAT_SECONDS"
+
+
+@contextlib.contextmanager
+def heartbeat(ctx_holder: list[RunContext], started: float, console: bool) -> Iterator[None]:
+    """A line every 30 s (``$DPDISTILL_HEARTBEAT_SECONDS``) saying the run is alive and which stage it is in.
+
+    For runs without a terminal (Ray Jobs, Kubernetes, CI), which show no progress bars: the lines go to
+    log.txt and, with ``console``, to stderr together with the run's other log lines (stages, outcome).
+    Only timings: nothing computed from the data.
+    """
+    every = float(os.environ.get(HEARTBEAT_ENV, "") or 30.0)
+    stop = threading.Event()
+    handler: logging.Handler | None = None
+    if console:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logging.getLogger("dpdistill").addHandler(handler)
+
+    def beat() -> None:
+        while not stop.wait(every):
+            now = time.perf_counter()
+            stage = ctx_holder[0].current_stage if ctx_holder else None
+            if stage is None:
+                log.info("still running after %.0f s", now - started)
+            else:
+                log.info("still running after %.0f s: stage %s for %.0f s", now - started, stage[0], now - stage[1])
+
+    thread = threading.Thread(target=beat, name="dpdistill-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        if handler is not None:
+            logging.getLogger("dpdistill").removeHandler(handler)
 
 
 class Terminated(KeyboardInterrupt):
@@ -245,7 +291,10 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
             run.log_metrics({"not_private": 1.0})
             run.set_status("running", not_private=not_private)
         log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
-        pipeline.execute(ctx, prepared)
+        # Without a terminal there are no progress bars: say every 30 s that the run is alive, and where.
+        quiet = not (progress and sys.stderr.isatty())
+        with heartbeat([ctx], started, console=quiet) if quiet else contextlib.nullcontext():
+            pipeline.execute(ctx, prepared)
         status = "completed"
     except KeyboardInterrupt as e:
         status = "interrupted"
