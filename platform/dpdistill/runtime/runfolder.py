@@ -4,11 +4,13 @@ Layout::
 
     runs/<job-name>/<UTC timestamp>/
       spec.yaml      the fully resolved spec
-      status.json    running | completed | interrupted | failed, with times (written atomically)
+      status.json    running | completed | interrupted | failed, with times (written atomically); ``error``
+                     (type and one line) when failed, ``interrupted_by`` (SIGINT / SIGTERM), ``summary``
+                     (the rows ``dpdistill run`` printed, shown again by ``dpdistill report``)
       ledger.json    privacy charges (written by the ledger itself, before each release)
       metrics.json   final (or, when interrupted, partial) metrics
       artifacts/     released outputs only: DP / distilled sets, image grids, plots
-      log.txt
+      log.txt        start, each stage's start and end with seconds, heartbeats, warnings, the error, the outcome
 
 Every file is written atomically (temp file + fsync + rename), so Ctrl-C or a crash never leaves a torn file.
 """
@@ -120,7 +122,7 @@ class RunFolder:
         atomic_write_json(self.path / "metrics.json", self.metrics)
 
     def finish(self, status: str, **extra: Any) -> None:
-        """Write final metrics and status; detach the log file."""
+        """Write final metrics and status; detach the log file (log the outcome before calling this)."""
         atomic_write_json(self.path / "metrics.json", self.metrics)
         self.set_status(status, **extra)
         if self._log_handler is not None:
