@@ -23,10 +23,11 @@ TINY = {
 }
 
 
-def test_failed_run_records_its_error_stages_and_outcome(tmp_path, monkeypatch):
+def test_failed_run_records_its_error_stages_and_outcome(tmp_path, monkeypatch, capsys):
     import mlflow
 
     import dpdistill.runtime.parallel as parallel
+    from dpdistill.cli import main
 
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation broke\nsecond line that status.json must not carry")
@@ -46,6 +47,10 @@ def test_failed_run_records_its_error_stages_and_outcome(tmp_path, monkeypatch):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     run = client.get_run(status["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.metrics["wall_seconds"] > 0
+    capsys.readouterr()
+    main(["report", str(runs / "outcome")])  # the job folder: its latest run, with the error
+    out = " ".join(capsys.readouterr().out.split())
+    assert "status: failed" in out and "error: RuntimeError: evaluation broke" in out
 
 
 def test_sigterm_handler_is_installed_only_during_the_run(tmp_path):
