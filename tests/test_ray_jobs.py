@@ -199,3 +199,14 @@ def test_submit_with_a_bad_token_is_one_line(head, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"dpdistill: error: Ray job server {head.dashboard} refused the auth token "
                                    f"from RAY_AUTH_TOKEN; {TOKEN_HELP}")
+
+
+def test_run_with_a_bad_token_fails_before_any_data_is_read(head, tmp_path):
+    # The runner's preflight reaches and authenticates the cluster first: no run folder, no charge, one line.
+    runs = tmp_path / "runs"
+    proc = _dpdistill("run", "jobs/quickstart.yaml", "--address", head.gcs, "--runs-dir", str(runs),
+                      "--no-progress", *TINY_QUICKSTART,
+                      env=_clean_env(HOME=str(tmp_path), RAY_AUTH_TOKEN="not-the-token"), timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-2000:]
+    assert "refused the auth token" in proc.stdout + proc.stderr
+    assert not runs.exists() or not any(runs.rglob("status.json"))
