@@ -63,24 +63,55 @@ def run_folders(runs: Path, name: str = "ndpdc-tiny") -> list[Path]:
 # ------------------------------------------------------------------------------------------------ identity
 
 
+KEY = bytes(range(32))  # a store key for the identity tests (a real store draws 32 random bytes)
+
+
 def test_fingerprint_is_the_records_not_their_order_split_or_folder():
-    digits = dataset_identity(validate_spec(job()))
+    digits = dataset_identity(validate_spec(job()), KEY)
     assert digits.name == "digits" and digits.root == "embedded" and digits.n_records == DIGITS_OWNER
     # Another validation split of the same records, or a subset run (train_limit), is the same owner's data.
-    assert dataset_identity(validate_spec({**job(), "data": {"name": "digits", "val_seed": 3}})) == digits
-    assert dataset_identity(validate_spec({**job(), "data": {"name": "digits", "train_limit": 100}})) == digits
+    assert dataset_identity(validate_spec({**job(), "data": {"name": "digits", "val_seed": 3}}), KEY) == digits
+    assert dataset_identity(validate_spec({**job(), "data": {"name": "digits", "train_limit": 100}}), KEY) == digits
     splits = data.load_splits("digits")
     train, val = splits["train"], splits["val"]
-    assert fingerprint((train.images, train.labels), (val.images, val.labels)) == (digits.fingerprint, DIGITS_OWNER)
+    parts = ((train.images, train.labels), (val.images, val.labels))
+    assert fingerprint(*parts, key=KEY) == (digits.fingerprint, DIGITS_OWNER)
     perm = torch.randperm(len(train))
-    assert fingerprint((val.images, val.labels), (train.images[perm], train.labels[perm]))[0] == digits.fingerprint
+    assert fingerprint((val.images, val.labels), (train.images[perm], train.labels[perm]), key=KEY)[0] \
+        == digits.fingerprint
     # One pixel or one label of one record makes it other data.
     nudged = train.images.clone()
     nudged[7, 0, 3, 3] += 1 / 16
-    assert fingerprint((nudged, train.labels), (val.images, val.labels))[0] != digits.fingerprint
+    assert fingerprint((nudged, train.labels), (val.images, val.labels), key=KEY)[0] != digits.fingerprint
     relabelled = train.labels.clone()
     relabelled[7] = (relabelled[7] + 1) % 10
-    assert fingerprint((train.images, relabelled), (val.images, val.labels))[0] != digits.fingerprint
+    assert fingerprint((train.images, relabelled), (val.images, val.labels), key=KEY)[0] != digits.fingerprint
+
+
+def test_the_shown_fingerprint_cannot_test_membership_without_the_store_key(tmp_path):
+    # An unkeyed hash of the records, shown in the summary and the MLflow tag, would let anyone holding every record
+    # but x compute it with and without x. Keyed, the same records give unrelated fingerprints under other keys,
+    # and the store's key is a private 0600 file written with its first account.
+    splits = data.load_splits("digits")
+    parts = ((splits["train"].images, splits["train"].labels), (splits["val"].images, splits["val"].labels))
+    assert fingerprint(*parts, key=KEY)[0] != fingerprint(*parts, key=bytes(32))[0]
+    runs = tmp_path / "runs"
+    result = run(job(), runs)
+    assert result.status == "completed"
+    key_file = runs / "budgets" / ".owner-key"
+    assert key_file.exists() and (key_file.stat().st_mode & 0o077) == 0 and len(key_file.read_bytes()) == 32
+    shown = json.loads(account_files(runs / "budgets")[0].read_text())["fingerprint"]
+    assert shown == fingerprint(*parts, key=key_file.read_bytes())[0]
+    assert shown != fingerprint(*parts, key=KEY)[0]
+
+
+def test_a_run_on_another_split_of_the_owners_records_is_refused(tmp_path):
+    # Ledgers of runs on different cuts of the owner's records do not compose into a bound for those records.
+    runs = tmp_path / "runs"
+    assert run(job(), runs).status == "completed"
+    with pytest.raises(PrivacyError, match="split"):
+        run({**job(), "data": {"name": "digits", "val_seed": 3}}, runs)
+    assert len(run_folders(runs)) == 1
 
 
 def test_store_location_spec_then_environment_then_runs_dir(tmp_path, monkeypatch):
@@ -212,9 +243,13 @@ def test_two_runs_that_fit_are_both_recorded_and_composed(tmp_path, monkeypatch)
 def test_the_store_is_keyed_by_content(tmp_path):
     runs = tmp_path / "runs"
     assert run(job(owner_budget=1.5), runs).status == "completed"  # digits' account is nearly spent
-    # A subset of the same records is the same owner's data: refused.
-    with pytest.raises(BudgetExceeded, match="owner budget for digits"):
+    # A subset run of the same records is the same owner's data, and its cut of them is not the account's: refused
+    # (the ledgers of runs on different cuts do not compose into a bound for the owner's records).
+    with pytest.raises(PrivacyError, match="owner budget for digits .* split"):
         run({**job(owner_budget=1.5), "data": {"name": "digits", "train_limit": 500}}, runs)
+    # The same cut again is charged to the same account, and refused there: it would exceed the total.
+    with pytest.raises(BudgetExceeded, match="owner budget for digits"):
+        run(job(owner_budget=1.5), runs)
     # Different records (MNIST, a subset run of it) open an account of their own.
     mnist = Path(os.environ.get("DPDISTILL_DATA") or ROOT.parent / "shared" / "data")
     if not data.get("mnist").is_present(mnist):

@@ -283,7 +283,7 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
             tags={"dpdistill.kind": spec.kind, "dpdistill.method": spec.method.name,
                   "dpdistill.run_dir": str(run.path), "dpdistill.privacy": privacy_tag,
                   "dpdistill.budget": ("none" if spec.privacy.epsilon is None else "per run" if owner is None
-                                       else f"owner {owner.identity.fingerprint[:16]}")},
+                                       else f"owner {owner.identity.fingerprint[:16]}")},  # keyed: see owner_budget
         )
         ledger = make_ledger(spec, run.ledger_path, n_records)
         noise = PrivacyRandomness.for_spec(spec.privacy.reproducible_noise, spec.seed)

@@ -5,10 +5,20 @@ fresh budget, so an owner who wants a total over every run (and every sweep tria
 ``privacy.owner_budget`` (ε) in the job spec. The store (``privacy.budget_store``, else ``$DPDISTILL_BUDGETS``,
 else ``<runs-dir>/budgets/``) holds one account file per dataset: its total (ε, δ) and one entry per run.
 
-Identity. An account is keyed by a content fingerprint of the records the owner holds: sha256 over the sorted
-per-record digests (image tensor at native size plus label) of the training and validation splits together.
+Identity. An account is keyed by a content fingerprint of the records the owner holds: HMAC-SHA256, under a
+secret key kept in the store (``.owner-key``, 32 random bytes, mode 0600, written with the first account), over the
+sorted per-record digests (image tensor at native size plus label) of the training and validation splits together.
+Keyed because the fingerprint is shown (account file name, run summary, MLflow tag): an unkeyed hash of the
+records would let anyone who holds every record but one test that record's membership exactly.
 So the key does not depend on the run (train_limit, val_seed, image_size, record order) or on where the files
-live: the same records copied to another folder are the same account, and a run on a subset of them charges it.
+live: the same records copied to another folder are the same account.
+
+One split per account. A run's ledger bounds add-or-remove-one of ITS training split, which the platform cuts
+from the owner's records by position (``data.val_seed`` chooses the validation records, ``data.train_limit`` a
+prefix of the shuffled rest). Runs on different cuts read overlapping records in different roles, and adding
+one owner record can move many records between the cuts, so their ledgers do not compose into a bound for the
+owner's records. An account therefore records the split of its first run (``val_seed``, ``train_limit``) and
+refuses a run with another one, rather than add up figures that do not bound anything.
 The dataset's name and resolved root are recorded beside the key, for people. A set that differs by one record
 is, by content, another dataset: the store cannot know two files belong to one owner.
 
@@ -34,9 +44,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import math
 import os
+import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +68,7 @@ ENV_STORE = "DPDISTILL_BUDGETS"
 RESERVED = "reserved"
 CHARGED = "charged"
 _FINGERPRINT_TAG = b"dpdistill.dataset-records/1\n"
+KEY_FILE = ".owner-key"
 
 
 def _now() -> str:
@@ -96,19 +109,49 @@ def record_digests(images: Any, labels: Any) -> list[bytes]:
     return out
 
 
-def fingerprint(*parts: tuple[Any, Any]) -> tuple[str, int]:
-    """sha256 over the sorted record digests of (images, labels) parts, and the record count.
+def fingerprint(*parts: tuple[Any, Any], key: bytes) -> tuple[str, int]:
+    """HMAC-SHA256 under ``key`` over the sorted record digests of (images, labels) parts, and the record count.
 
-    Sorted, so neither the order of the records nor how they are split between the parts changes it.
+    Sorted, so neither the order of the records nor how they are split between the parts changes it; keyed, so
+    nobody without the store's key can recompute it with and without a record.
     """
+    if not isinstance(key, bytes) or len(key) < 16:
+        raise PrivacyError("fingerprint: the store key must be at least 16 bytes")
     digests = sorted(d for images, labels in parts for d in record_digests(images, labels))
-    h = hashlib.sha256(_FINGERPRINT_TAG)
+    h = hmac.new(key, _FINGERPRINT_TAG, hashlib.sha256)
     for d in digests:
         h.update(d)
     return h.hexdigest(), len(digests)
 
 
-def dataset_identity(spec: Any) -> DatasetIdentity:
+def store_key(store: Path) -> tuple[bytes, bool]:
+    """The store's secret fingerprint key and whether it is on disk (a new store gets a fresh one in memory)."""
+    path = Path(store) / KEY_FILE
+    if path.exists():
+        key = path.read_bytes()
+        if len(key) < 16:
+            raise PrivacyError(f"{path}: the budget store's key is damaged (expected 32 random bytes)")
+        return key, True
+    return secrets.token_bytes(32), False
+
+
+def _persist_key(store: Path, key: bytes) -> None:
+    """Write a new store's key (0600, exclusive); refuse if another process created a different one meanwhile."""
+    path = Path(store) / KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.read_bytes() != key:
+            raise PrivacyError(f"{store}: another run opened this budget store at the same moment; run again") \
+                from None
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def dataset_identity(spec: Any, key: bytes) -> DatasetIdentity:
     """The identity of the sensitive data a job spec reads: its training and validation records at native size.
 
     Reads the data (never the run folder): call it after the pipeline's ``prepare`` has checked the data is there.
@@ -124,7 +167,7 @@ def dataset_identity(spec: Any) -> DatasetIdentity:
     # Native size and both sensitive splits: train_limit, image_size and val_seed select from the same records.
     splits = data.load_splits(spec.data.name, root=spec.data.root, download=False, image_size=None,
                               val_seed=spec.data.val_seed)
-    fp, n = fingerprint(*((splits[s].images, splits[s].labels) for s in ("train", "val")))
+    fp, n = fingerprint(*((splits[s].images, splits[s].labels) for s in ("train", "val")), key=key)
     return DatasetIdentity(name=source.info.name, root=root, fingerprint=fp, n_records=n)
 
 
@@ -177,9 +220,13 @@ class OwnerBudget:
     """One data owner's account in a budget store: the total (ε, δ) and every run's reservation or charges."""
 
     def __init__(self, store: Path | str, identity: DatasetIdentity, epsilon_total: float | None = None,
-                 delta: float | None = None) -> None:
+                 delta: float | None = None, *, new_key: bytes | None = None,
+                 split: dict[str, Any] | None = None) -> None:
         self.store = Path(store)
         self.identity = identity
+        self.split = dict(split or {})
+        # A new store's key, written with its first reservation (a refused first run leaves nothing behind).
+        self._new_key = new_key
         self.path = self.store / f"{identity.fingerprint}.json"
         data = _read(self.path) if self.path.exists() else None
         if data is not None:
@@ -196,6 +243,15 @@ class OwnerBudget:
                     f"for {identity.describe()}; leave privacy.owner_delta unset or give the recorded value"
                 )
             self.epsilon_total, self.delta = recorded
+            held = data.get("split")
+            if held is not None and split is not None and held != self.split:
+                raise PrivacyError(
+                    f"owner budget for {identity.describe()} ({self.path}) covers runs on the split {held}; this run "
+                    f"cuts {self.split}: their ledgers do not compose into a bound for the owner's records "
+                    "(use the account's data.val_seed / data.train_limit)"
+                )
+            if held is not None:
+                self.split = held
         else:
             if epsilon_total is None:
                 raise PrivacyError(f"{self.path}: no account for {identity.describe()} in this budget store")
@@ -249,6 +305,7 @@ class OwnerBudget:
             "format": FORMAT,
             "fingerprint": self.identity.fingerprint,
             "n_records": self.identity.n_records,
+            "split": self.split,
             "datasets": self._datasets(),
             "neighbouring": ADD_OR_REMOVE_ONE,
             "epsilon_total": self.epsilon_total,
@@ -300,6 +357,9 @@ class OwnerBudget:
         epsilon, delta = validate_epsilon(epsilon), validate_delta(delta)
         self.check(f"job '{job}'", epsilon, delta)  # unlocked and read-only: a refusal creates nothing
         with self._lock():
+            if self._new_key is not None:
+                _persist_key(self.store, self._new_key)
+                self._new_key = None
             entries = self._load_entries()
             self.check(f"job '{job}'", epsilon, delta)  # again under the lock: another run may have reserved
             rid = uuid.uuid4().hex
@@ -350,7 +410,10 @@ class OwnerBudget:
 def open_for_spec(spec: Any, runs_dir: str | os.PathLike[str]) -> OwnerBudget:
     """The owner account a private job spec with ``privacy.owner_budget`` charges (reads the data to key it)."""
     store = resolve_store(spec.privacy.budget_store, runs_dir)
-    return OwnerBudget(store, dataset_identity(spec), spec.privacy.owner_budget, spec.privacy.owner_delta)
+    key, on_disk = store_key(store)
+    return OwnerBudget(store, dataset_identity(spec, key), spec.privacy.owner_budget, spec.privacy.owner_delta,
+                       new_key=None if on_disk else key,
+                       split={"val_seed": spec.data.val_seed, "train_limit": spec.data.train_limit})
 
 
 # ------------------------------------------------------------------------------------------------ the store
