@@ -86,3 +86,23 @@ def check_generator(config: Any, seed: int, channels: int, num_classes: int, ima
         raise SpecError(f"field 'method.generator_options': {e}") from None
     except (TypeError, ValueError) as e:
         raise SpecError(f"field 'method.generator_options': generator '{generator}': {e}") from None
+
+
+def check_public_source(name: str | None, spec: Any, field: str) -> None:
+    """Refuse a "public" data option that names the sensitive dataset itself (SpecError, before any data is read).
+
+    Pretraining, tuning, initialisation and extractor training on a public set cost no privacy only because the set
+    is public; pointed at the job's own sensitive dataset they would read its records without noise or charge.
+    """
+    if not name:
+        return
+    from dpdistill import data
+
+    try:
+        public = data.get(name).info.name
+    except SpecError:
+        return  # an unknown name is reported by the code that loads it, with the list of known sets
+    if public == data.get(spec.data.name).info.name:
+        raise SpecError(f"field '{field}': '{name}' is the sensitive dataset itself ({spec.data.name}); a public "
+                        "set must be another one (e.g. glyphs)")
+

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from dpdistill.errors import SpecError
-from dpdistill.pipelines import check_evaluation_model, check_generator
+from dpdistill.pipelines import check_evaluation_model, check_generator, check_public_source
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, PUBLIC, RELEASED, kind_of
 from dpdistill.spec import JobSpec
 
@@ -124,6 +124,12 @@ class DistillPipeline:
                 f"expected one of: {', '.join(models.names())}"
             )
         config = method.make_config(**spec.method.options())
+        # Options that name a PUBLIC set (DP-GenG's generator pretraining and utility tuning): never the sensitive
+        # one ('sensitive' as utility_tuning is the explicit, NOT PRIVATE-stamped choice; see unaccounted_reason).
+        for option in ("public", "utility_tuning"):
+            value = getattr(config, option, None)
+            if value != "sensitive":
+                check_public_source(value, spec, f"method.{option}")
         train, val, test, info = load_splits(spec)
         check_evaluation_model(spec, train.channels, info.num_classes, train.image_size)
         check_generator(config, spec.seed, train.channels, info.num_classes, train.image_size)

@@ -98,7 +98,7 @@ class SFDDPipeline:
 
     def prepare(self, spec: Any) -> PreparedSFDD:
         from dpdistill import data, models
-        from dpdistill.pipelines import check_evaluation_model
+        from dpdistill.pipelines import check_evaluation_model, check_public_source
         from dpdistill.pipelines.distill_job import load_splits
 
         self.method_config(spec.method.name, "<spec>")
@@ -136,6 +136,7 @@ class SFDDPipeline:
                                                   images=train.images, **opts)
         public = None
         if cfg.init == "public":
+            check_public_source(cfg.public_data, spec, "method.public_data")
             public = data.load(cfg.public_data, "train", root=spec.data.root, image_size=train.image_size)
             if public.channels != train.channels or public.num_classes != info.num_classes:
                 raise SpecError(f"field 'method.public_data': '{cfg.public_data}' has {public.channels} channels and "

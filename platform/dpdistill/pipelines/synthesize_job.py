@@ -153,8 +153,8 @@ class SynthesizePipeline:
         return job_config_type(method)
 
     def prepare(self, spec: Any) -> PreparedSynthesize:
-        from dpdistill import data, models, synthesis
-        from dpdistill.pipelines import check_evaluation_model
+        from dpdistill import models, synthesis
+        from dpdistill.pipelines import check_evaluation_model, check_public_source
         from dpdistill.pipelines.distill_job import load_splits
 
         cls = synthesis.get(spec.method.name)
@@ -166,11 +166,9 @@ class SynthesizePipeline:
         config, job = split_options(spec.method.name, spec.method.options())
         if job.n_per_class < 1:
             raise SpecError(f"field 'method.n_per_class': must be >= 1, got {job.n_per_class}")
-        if job.pretrain is not None:
-            public = data.get(job.pretrain)
-            if public.info.name == data.get(spec.data.name).info.name:
-                raise SpecError(f"field 'method.pretrain': '{job.pretrain}' is the sensitive set itself; "
-                                "pretraining must use public data")
+        check_public_source(job.pretrain, spec, "method.pretrain")
+        if job.fidelity and job.fidelity_extractor == "domain":
+            check_public_source(job.fidelity_public, spec, "method.fidelity_public")
         if job.fidelity and job.fidelity_extractor not in ("domain", "inception-v3"):
             raise SpecError(f"field 'method.fidelity_extractor': expected 'domain' or 'inception-v3', got "
                             f"'{job.fidelity_extractor}'")
