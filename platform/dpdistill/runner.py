@@ -258,6 +258,10 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
     if spec.privacy.owner_budget is not None:
         from dpdistill.privacy.owner_budget import open_for_spec
 
+        if not_private_reason(spec):  # its charges would describe a release they do not bound
+            raise SpecError(f"privacy.owner_budget: this run cannot be charged to an owner's budget: "
+                            f"{not_private_reason(spec)}")
+
         owner = open_for_spec(spec, runs_dir)
         reservation = owner.reserve(spec.name, spec.privacy.epsilon, planned.delta)
     try:

@@ -5,7 +5,7 @@ noise were drawn from a generator seeded with ``spec.seed`` (written to ``spec.y
 the release and its spec could regenerate the noise and subtract it (the attack the privacy-integrity audit
 ran). So:
 
-- ``PrivacyRandomness.secret()`` (the default everywhere) seeds every generator it hands out with 64 fresh bits
+- ``PrivacyRandomness.secret()`` (the default everywhere) seeds every generator it hands out with 63 fresh bits
   from the operating system's entropy (``secrets``/``os.urandom``). The seeds are never stored, logged or
   returned; a new generator gets new entropy, so recovering one generator's state reveals nothing about another.
 - ``PrivacyRandomness.reproducible(seed)`` is a DEBUGGING mode: generators derive from ``seed``, so two runs

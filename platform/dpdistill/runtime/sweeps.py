@@ -241,8 +241,12 @@ def compose_trial_ledgers(sweep_dir: Path, plan: SweepPrivacy) -> dict[str, Any]
         budget = max(math.fsum(t.epsilon_budget for _, t in trials), total * (1.0 + BUDGET_REL_TOL), 1e-12)
     path = sweep_dir / "ledger.json"
     path.unlink(missing_ok=True)  # derived from the trials' ledgers: rebuilt whole, never appended to
+    # A trial the runner stamped NOT PRIVATE (reproducible noise, or a choice made on sensitive data uncharged:
+    # its ledger's caveat) makes the whole sweep's figure not a guarantee; carry the first reason over.
+    caveat = next((t.caveat for _, t in trials if t.caveat), None)
     ledger = PrivacyLedger(path, budget, delta, n_records=sizes.pop() if len(sizes) == 1 else None,
-                           noise="reproducible" if any(t.noise != "secret" for _, t in trials) else "secret")
+                           noise="reproducible" if any(t.noise != "secret" for _, t in trials) else "secret",
+                           caveat=caveat)
     for p, t, mechanism in charged:
         run = p.parent
         ledger.charge(f"trial {run.parent.name}/{run.name}", mechanism,
@@ -259,7 +263,7 @@ def compose_trial_ledgers(sweep_dir: Path, plan: SweepPrivacy) -> dict[str, Any]
         "sweep_budget": plan.budget,
         "worst_case_epsilon": plan.worst_case,
         "over_budget": over,
-        "not_private": ledger.noise != "secret",
+        "not_private": ledger.noise != "secret" or caveat is not None,
         "sweep_ledger": str(path),
     }
 
@@ -279,7 +283,7 @@ def _privacy_line(plan: SweepPrivacy, acc: dict[str, Any] | None) -> str:
     else:
         line += f"within the sweep budget {plan.budget:g} (worst case {plan.worst_case:.3f})"
     if acc["not_private"]:
-        line = "NOT PRIVATE (reproducible noise in a trial): " + line
+        line = "NOT PRIVATE (a trial's release is not covered by its ε: see the sweep ledger's guarantee): " + line
     return line + f"; ledger {acc['sweep_ledger']}"
 
 
