@@ -145,7 +145,7 @@ def test_a_private_method_that_does_not_declare_its_loss_charged_logs_none(
 ) -> None:
     """The job asks the method: an undeclared step loss (e.g. one on a real batch) is never logged."""
     record = distill.get("ndpdc")
-    monkeypatch.setitem(distill._REGISTRY, "ndpdc", dataclasses.replace(record, disclosure={}))
+    monkeypatch.setitem(distill.registry._REGISTRY, "ndpdc", dataclasses.replace(record, disclosure={}))
     spec = _spec("ndpdc", {**TINY["ndpdc"], "iterations": 11}, privacy={"epsilon": 1.0},
                  evaluation={**EVAL, "enabled": False})
     result = _run(spec, runs, monkeypatch)

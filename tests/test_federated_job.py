@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,10 +16,6 @@ from dpdistill.errors import PrivacyError, SpecError
 from dpdistill.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-KIND = "dpdistill.pipelines.sfdd_job:SFDDPipeline"
-# Until the lead registers the kind, the subprocess adds it to _KINDS before handing over to the CLI.
-LAUNCH = (f"import sys, dpdistill.pipelines as p; p._KINDS.setdefault('sfdd', {KIND!r}); "
-          "from dpdistill.cli import main; main(sys.argv[1:])")
 ROUNDS = 2
 TINY = [f"method.rounds={ROUNDS}", "data.name=digits", "method.ipc=1", "method.outer_loop=2", "method.inner_loop=1",
         "method.net_width=8", "method.net_depth=2", "method.batch_real=16", "method.batch_train=16",
@@ -26,15 +23,10 @@ TINY = [f"method.rounds={ROUNDS}", "data.name=digits", "method.ipc=1", "method.o
         "evaluation.epochs=3", "evaluation.parallel=false", "ray.num_cpus=2"]
 
 
-@pytest.fixture(autouse=True)
-def sfdd_kind(monkeypatch):
-    monkeypatch.setitem(pipelines._KINDS, "sfdd", KIND)
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    args = [sys.executable, "-c", LAUNCH, "run", "jobs/sfdd-mnist.yaml", "--runs-dir", str(runs), "--no-progress"]
+    args = [sys.executable, "-m", "dpdistill.cli", "run", "jobs/sfdd-mnist.yaml", "--runs-dir", str(runs), "--no-progress"]
     for override in TINY:
         args += ["--set", override]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -76,6 +68,21 @@ def test_per_round_metrics_reach_mlflow(finished_run):
     assert client.get_run(status["mlflow_run_id"]).data.params["method.name"] == "sfdd"
 
 
+def _gaussian_epsilon(mu: float, delta: float) -> float:
+    """The exact ε at ``delta`` of a Gaussian mechanism with sensitivity / std = ``mu`` (bisection on ε)."""
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    def delta_of(eps: float) -> float:
+        return phi(-eps / mu + mu / 2) - math.exp(eps) * phi(-eps / mu - mu / 2)
+
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
 def _spec(*overrides: str):
     return load_spec(ROOT / "jobs" / "sfdd-mnist.yaml", ["data.name=digits", *overrides])
 
@@ -107,7 +114,7 @@ def test_jobs_load_and_prepare_on_digits():
 def test_localdp_job_reports_every_clients_epsilon_beside_the_ledger(tmp_path):
     from types import SimpleNamespace
 
-    from dpdistill.federated import LocalDP, SFDDConfig, client_epsilons
+    from dpdistill.federated import LocalDP, SFDDConfig
     from dpdistill.pipelines.sfdd_job import report_client_privacy
     from dpdistill.privacy.ledger import PrivacyLedger
 
@@ -125,6 +132,11 @@ def test_localdp_job_reports_every_clients_epsilon_beside_the_ledger(tmp_path):
     assert doc["delta"] == 1e-5 and [c["client"] for c in doc["clients"]] == [0, 1, 2]
     assert "exactly one client" in doc["neighbouring"] and "secret" in doc["noise"]
     eps = {c["client"]: c["epsilon"] for c in doc["clients"]}
-    assert eps == client_epsilons({0: 3, 1: 1, 2: 2}, LocalDP(2.0, 1.0), 1e-5)
+    # Independently of the accountant: a client dispatched n times released n Gaussians of std σC = 2 on a
+    # query of sensitivity 2C = 2, i.e. one Gaussian with μ = √n, whose exact ε(δ) is known (Balle & Wang 2018).
+    # The PLD accountant is a tight upper bound on it.
+    for client, n in {0: 3, 1: 1, 2: 2}.items():
+        exact = _gaussian_epsilon(math.sqrt(n), 1e-5)
+        assert exact <= eps[client] <= exact * (1 + 1e-3), (client, eps[client], exact)
     assert eps[1] < eps[2] < eps[0] <= ledger.spent_epsilon() * (1 + 1e-6)  # more dispatches, more ε
     assert logged["epsilon_client_max"] == eps[0] and [w for w, _ in summary] == ["LocalDP", "neighbouring"]

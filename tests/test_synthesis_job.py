@@ -9,19 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from dpdistill import models, pipelines
+from dpdistill import models
 from dpdistill.errors import SpecError
 from dpdistill.evaluation.extractors import DomainSpec
 from dpdistill.spec import load_spec, validate_spec
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 METHODS = ("dp-merf", "dp-ntk", "dp-kernel", "dp-gan", "gs-wgan")
-
-
-@pytest.fixture(autouse=True)
-def _kind(monkeypatch):
-    # Until the lead registers the kind in pipelines/__init__.py (and harmless after).
-    monkeypatch.setitem(pipelines._KINDS, "synthesize", "dpdistill.pipelines.synthesize_job:SynthesizePipeline")
 
 
 @pytest.fixture

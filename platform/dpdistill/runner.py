@@ -35,13 +35,6 @@ from dpdistill.spec import JobSpec
 log = logging.getLogger("dpdistill.runner")
 
 
-def method_config_type(kind: str, method: str, source: str = "<spec>") -> Any:
-    """The config type registered for ``method`` under job ``kind`` (used by spec validation)."""
-    from dpdistill.pipelines import get_pipeline
-
-    return get_pipeline(kind, source).method_config(method, source)
-
-
 @dataclass
 class RunContext:
     """What a pipeline's stages get: the spec, the run folder, the ledger (private jobs) and logging."""

@@ -31,8 +31,10 @@ from pydantic import (
 )
 
 from dpdistill.errors import SpecError
+from dpdistill.pipelines import registry as job_kinds
 
-JOB_KINDS = ("distill", "synthesize", "evaluate", "sfdd")
+# The kinds registered in dpdistill.pipelines.registry (named there, not imported: loading a spec stays cheap).
+JOB_KINDS = tuple(job_kinds.names())
 
 
 # --------------------------------------------------------------------------------------------- strict scalars
@@ -253,7 +255,7 @@ class JobSpec(StrictModel):
     """A complete job: what to run, on which data, under which budget, where to log."""
 
     name: str = Field(min_length=1, max_length=100)
-    kind: Literal["distill", "synthesize", "evaluate", "sfdd"]
+    kind: Literal[JOB_KINDS]  # type: ignore[valid-type]
     description: str = ""
     seed: int = Field(default=0, ge=0)
     device: str = "cpu"
@@ -401,7 +403,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def validate_method_options(spec: JobSpec, source: str) -> dict[str, Any]:
     """Check the ``method:`` block against the registered method's config; return the resolved options."""
-    from dpdistill.runner import method_config_type
+    from dpdistill.pipelines import method_config_type
 
     config_type = method_config_type(spec.kind, spec.method.name, source)
     options = spec.method.options()
@@ -490,7 +492,7 @@ def check_model_options(model: str, options: dict[str, Any], source: str, block:
 
 def check_generator_options(generator: Any, options: Any, source: str, block: str = "method") -> None:
     """Check a nested synthesiser (DP-GenG's ``method.generator``) and its ``generator_options`` up front."""
-    from dpdistill import synthesis
+    from dpdistill.synthesis import registry as synthesis
 
     if not isinstance(generator, str) or generator.lower() not in synthesis.names():
         raise SpecError(f"{source}: field '{block}.generator': unknown synthesis method {generator!r}; expected "

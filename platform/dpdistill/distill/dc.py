@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from dpdistill.distill import register
 from dpdistill.distill.augment import DSA, DSAParams
 from dpdistill.distill.dm import (
     Callback,
@@ -36,6 +35,7 @@ from dpdistill.distill.dm import (
 )
 from dpdistill.distill.loop import apply_image_gradient, partial_set_on_interrupt
 from dpdistill.distill.losses import DISTANCES, gradient_distance, network_gradients, trainable_parameters
+from dpdistill.distill.registry import register
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 
 # DC's (outer_loop, inner_loop) by images per class (the reference's get_loops).

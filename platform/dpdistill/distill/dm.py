@@ -23,11 +23,11 @@ from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from dpdistill import models
-from dpdistill.distill import register
 from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, make_dsa, siamese_pair
 from dpdistill.distill.loop import image_step, partial_set_on_interrupt
 from dpdistill.distill.losses import feature_mean_distance
 from dpdistill.distill.options import CheckedNetworkOptions
+from dpdistill.distill.registry import register
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 from dpdistill.errors import DataError
 

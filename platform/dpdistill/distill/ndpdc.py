@@ -21,7 +21,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from dpdistill.distill import register
 from dpdistill.distill.dm import MatchingConfig, as_generator, build_net, check_real, dsa_for, progress_steps
 from dpdistill.distill.dpgeng.allocation import require_ledger, solve_free_sigma
 from dpdistill.distill.dpgeng.feature_matching import (
@@ -34,6 +33,7 @@ from dpdistill.distill.dpgeng.feature_matching import (
 )
 from dpdistill.distill.loop import image_step, partial_set_on_interrupt
 from dpdistill.distill.options import PrivateMatchingOptions
+from dpdistill.distill.registry import register
 from dpdistill.distill.synthetic import SyntheticSet
 from dpdistill.privacy import noise as privacy_noise
 from dpdistill.privacy.disclosure import CHARGED

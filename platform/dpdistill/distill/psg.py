@@ -27,7 +27,6 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from dpdistill.distill import register
 from dpdistill.distill.augment import siamese_pair
 from dpdistill.distill.dc import DCConfig
 from dpdistill.distill.dm import as_generator, build_net, check_real, dsa_for, progress_steps
@@ -42,6 +41,7 @@ from dpdistill.distill.dpgeng.feature_matching import (
 from dpdistill.distill.loop import apply_image_gradient, partial_set_on_interrupt
 from dpdistill.distill.losses import gradient_distance, network_gradients, trainable_parameters
 from dpdistill.distill.options import PrivateMatchingOptions
+from dpdistill.distill.registry import register
 from dpdistill.distill.synthetic import SyntheticSet
 from dpdistill.privacy import noise as privacy_noise
 from dpdistill.privacy.disclosure import CHARGED

@@ -1,18 +1,13 @@
 """Job kinds: each kind is a pipeline with a ``prepare`` step (all input checks, no side effects) and an
-``execute`` step (the stages, run inside a run folder). Kinds are imported lazily so the CLI stays fast."""
+``execute`` step (the stages, run inside a run folder). Kinds are named in :mod:`~dpdistill.pipelines.registry`
+and imported when a job of that kind runs, so the CLI and spec loading stay fast."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Protocol
 
 from dpdistill.errors import SpecError
-
-_KINDS: dict[str, str] = {
-    "distill": "dpdistill.pipelines.distill_job:DistillPipeline",
-    "synthesize": "dpdistill.pipelines.synthesize_job:SynthesizePipeline",
-    "sfdd": "dpdistill.pipelines.sfdd_job:SFDDPipeline",
-}
+from dpdistill.pipelines import registry
 
 
 class Pipeline(Protocol):
@@ -32,17 +27,13 @@ class Pipeline(Protocol):
 
 
 def get_pipeline(kind: str, source: str = "<spec>") -> Pipeline:
-    """The pipeline for a job kind."""
-    if kind not in _KINDS:
-        raise SpecError(
-            f"{source}: field 'kind': job kind '{kind}' is not available yet; available: {', '.join(_KINDS)}"
-        )
-    module, _, attr = _KINDS[kind].partition(":")
-    return getattr(importlib.import_module(module), attr)()
+    """The pipeline for a job kind (SpecError listing the kinds if unknown)."""
+    return registry.get(kind, source)()
 
 
-def available_kinds() -> list[str]:
-    return sorted(_KINDS)
+def method_config_type(kind: str, method: str, source: str = "<spec>") -> Any:
+    """The config type registered for ``method`` under job ``kind`` (used by spec validation)."""
+    return get_pipeline(kind, source).method_config(method, source)
 
 
 def check_evaluation_model(spec: Any, channels: int, num_classes: int, image_size: int) -> None:

@@ -6,7 +6,7 @@
 >>> report = synth.fit(sensitive, ledger)            # charges the ledger
 >>> images, labels = synth.generate(n_per_class=100)
 
-Methods register themselves where they are defined (``@register``); this module imports them.
+Methods are named in :mod:`~dpdistill.synthesis.registry` ("module:Class") and imported when first asked for.
 """
 
 from __future__ import annotations
@@ -17,32 +17,7 @@ from typing import Any
 from dpdistill.errors import SpecError
 from dpdistill.privacy.noise import PrivacyRandomness
 from dpdistill.synthesis.base import FitReport, Synthesizer
-
-_METHODS: dict[str, type[Synthesizer]] = {}
-
-
-def register(cls: type[Synthesizer]) -> type[Synthesizer]:
-    """Class decorator: make a Synthesizer findable by its ``name``."""
-    key = cls.name.lower()
-    if not key:
-        raise ValueError(f"{cls.__name__} has no name")
-    if key in _METHODS and _METHODS[key] is not cls:
-        raise ValueError(f"synthesis method {key!r} is already registered")
-    _METHODS[key] = cls
-    return cls
-
-
-def names() -> list[str]:
-    """The registered method names."""
-    return sorted(_METHODS)
-
-
-def get(name: str) -> type[Synthesizer]:
-    """The Synthesizer class registered as ``name``; SpecError listing the names if unknown."""
-    key = str(name).lower()
-    if key not in _METHODS:
-        raise SpecError(f"unknown synthesis method '{name}'; expected one of: {', '.join(names())}")
-    return _METHODS[key]
+from dpdistill.synthesis.registry import get, names, register
 
 
 def make_config(name: str, **options: Any) -> Any:
@@ -75,8 +50,5 @@ def load(path: Any, device: str = "cpu", noise: PrivacyRandomness | None = None)
     """Load a synthesiser saved with ``Synthesizer.save``."""
     return Synthesizer.load(path, device=device, noise=noise)
 
-
-# The methods register themselves on import.
-from dpdistill.synthesis import dp_gan, dp_kernel, dp_merf, dp_ntk, gs_wgan  # noqa: E402,F401
 
 __all__ = ["FitReport", "Synthesizer", "create", "get", "load", "make_config", "names", "register"]

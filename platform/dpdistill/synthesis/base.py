@@ -327,7 +327,7 @@ class Synthesizer(ABC):
     def load(path: str | Path, device: str | torch.device = "cpu",
              noise: PrivacyRandomness | None = None) -> Synthesizer:
         """Rebuild a saved synthesiser of any registered method (``noise``: for a further fit; default secret)."""
-        from dpdistill.synthesis import get
+        from dpdistill.synthesis.registry import get
 
         path = Path(path)
         if not path.exists():

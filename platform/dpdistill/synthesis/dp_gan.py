@@ -29,7 +29,6 @@ from torch.nn import functional as F
 
 from dpdistill.privacy import PoissonGaussian, PrivacyLedger, calibrate_sigma
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED
-from dpdistill.synthesis import register
 from dpdistill.synthesis.base import (
     Callback,
     FitReport,
@@ -78,7 +77,6 @@ class _GAN(Synthesizer):
         return z, y
 
 
-@register
 class DPGAN(_GAN):
     """DP-GAN: DP-SGD discriminator (opacus), generator by post-processing."""
 

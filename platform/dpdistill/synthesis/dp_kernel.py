@@ -34,7 +34,6 @@ from torch import nn
 from dpdistill.errors import SpecError
 from dpdistill.privacy import PoissonGaussian, PrivacyLedger, calibrate_sigma
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED
-from dpdistill.synthesis import register
 from dpdistill.synthesis.base import (
     Callback,
     FitReport,
@@ -65,7 +64,6 @@ class DPKernelConfig:
     pretrain_iterations: int = 500
 
 
-@register
 class DPKernel(Synthesizer):
     """DP-Kernel: noisy kernel-MMD loss on Poisson-sampled batches, one charge for the whole run."""
 

@@ -36,7 +36,6 @@ from torch import nn
 from dpdistill.errors import SpecError
 from dpdistill.privacy import Gaussian, PrivacyLedger, calibrate_gaussian
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, RELEASED
-from dpdistill.synthesis import register
 from dpdistill.synthesis.base import Callback, FitReport, Synthesizer, calibrate_for_ledger, fit_disclosure
 from dpdistill.synthesis.features import RandomFourierFeatures, labelled_feature_sum
 from dpdistill.synthesis.generators import ConvCondGenerator
@@ -201,7 +200,6 @@ def _bar(progress: bool, what: str, total: int) -> Any:
     return bar
 
 
-@register
 class DPMERF(MeanEmbeddingSynthesizer):
     """DP-MERF: random-Fourier-feature mean embedding, one Gaussian release, generator matched to it."""
 

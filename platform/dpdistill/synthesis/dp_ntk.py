@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from dpdistill.synthesis import register
 from dpdistill.synthesis.dp_merf import MEAN_EMBEDDING_DISCLOSURE, MeanEmbeddingSynthesizer
 from dpdistill.synthesis.features import NTKFeatures
 
@@ -37,7 +36,6 @@ class DPNTKConfig:
     embed_batch_size: int = 1000
 
 
-@register
 class DPNTK(MeanEmbeddingSynthesizer):
     """DP-NTK: empirical-NTK mean embedding, one Gaussian release, generator matched to it."""
 

@@ -40,7 +40,6 @@ from torch import nn
 from dpdistill.errors import DataError
 from dpdistill.privacy import PoissonGaussian, PrivacyLedger, calibrate_sigma
 from dpdistill.privacy.disclosure import ACCOUNTING
-from dpdistill.synthesis import register
 from dpdistill.synthesis.base import Callback, FitReport, calibrate_for_ledger, fit_disclosure
 from dpdistill.synthesis.dp_gan import _GAN
 from dpdistill.synthesis.dp_merf import _bar
@@ -113,7 +112,6 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
-@register
 class GSWGAN(_GAN):
     """GS-WGAN: sanitised upstream gradients from K subset discriminators."""
 

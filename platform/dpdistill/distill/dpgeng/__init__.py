@@ -4,10 +4,9 @@
 >>> syn = run_dpgeng(sensitive, DPGenGConfig(ipc=10), seed=0, ledger=ledger, mean=[0.1307], std=[0.3081])
 >>> syn.report["epsilon_by_component"]        # ε per stage (generator, expert, feature matching)
 
-A distill job logs the report with :func:`report_to_job` (ε by stage, σs, and the accuracy of the
-DP-generated-at-IPC baseline as ``baseline_generated_acc_mean``).
-
-Importing this package registers the method as ``distill.get("dpgeng")``.
+A distill job logs the report's σs and stage times, and evaluates its DP-generated-at-IPC baseline
+(``baseline_generated_acc_mean``) like the release. The method is found as ``distill.get("dpgeng")``
+(:mod:`dpdistill.distill.registry`).
 """
 
 from dpdistill.distill.dpgeng.allocation import (
@@ -23,7 +22,6 @@ from dpdistill.distill.dpgeng.feature_matching import (
     dp_feature_matching_loss,
     feature_matching_mechanism,
 )
-from dpdistill.distill.dpgeng.job import report_to_job
 from dpdistill.distill.dpgeng.pipeline import ComponentLedger, DPGenGConfig, run_dpgeng
 
 __all__ = [
@@ -35,7 +33,6 @@ __all__ = [
     "clipped_sum",
     "dp_feature_matching_loss",
     "feature_matching_mechanism",
-    "report_to_job",
     "run_dpgeng",
     "sigma_for_share",
     "solve_free_sigma",

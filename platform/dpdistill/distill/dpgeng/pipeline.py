@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 
-from dpdistill.distill import register
 from dpdistill.distill.augment import DEFAULT_STRATEGY, make_dsa
 from dpdistill.distill.dm import as_generator, progress_steps
 from dpdistill.distill.dpgeng.allocation import (
@@ -63,6 +62,7 @@ from dpdistill.distill.dpgeng.guidance import ExpertGuidance
 from dpdistill.distill.dpgeng.init_kmeans import confident_subset, dp_init, random_init
 from dpdistill.distill.loop import image_lr_schedule, image_step, partial_set_on_interrupt
 from dpdistill.distill.options import CheckedNetworkOptions, PrivateMatchingOptions
+from dpdistill.distill.registry import register
 from dpdistill.distill.synthetic import SyntheticSet
 from dpdistill.errors import DataError, SpecError
 from dpdistill.privacy import PrivacyLedger
