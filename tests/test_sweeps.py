@@ -45,6 +45,36 @@ def test_search_bound_out_of_range_for_the_job_is_refused_up_front(tmp_path):
         load_sweep(_sweep_file(tmp_path, search={"method.ipc": {"choice": [1, -3]}}))
 
 
+def test_a_misspelled_metric_is_refused_before_any_trial(tmp_path):
+    with pytest.raises(SpecError, match=r"field 'metric': a distill job does not report 'val_acc_maen'.*val_acc_mean"):
+        load_sweep(_sweep_file(tmp_path, metric="val_acc_maen"))
+    with pytest.raises(SpecError, match=r"does not report 'synv_acc_mean'"):
+        load_sweep(_sweep_file(tmp_path, metric="synv_acc_mean"))
+    load_sweep(_sweep_file(tmp_path, metric="privacy_epsilon", mode="min"))  # accounting figures are reported
+
+
+QUICKSTART = str(ROOT / "jobs" / "quickstart.yaml")  # DP-GenG on digits
+
+
+@pytest.mark.parametrize(("fixed", "searched"), [
+    (["method.allocation=utility", "method.utility_tuning=glyphs"], "method.share_generator"),
+    ([], "method.utility_fid_ratio"),  # allocation 'fixed' never reads it
+])
+def test_a_searched_option_the_method_overrides_is_refused(tmp_path, fixed, searched):
+    bounds = {"method.share_generator": [0.2, 0.5], "method.utility_fid_ratio": [1.1, 1.5]}[searched]
+    with pytest.raises(SpecError, match=rf"search\.{searched}': method 'dpgeng' ignores"):
+        load_sweep(_sweep_file(tmp_path, job=QUICKSTART, set=fixed, search={searched: {"uniform": bounds}}))
+
+
+def test_a_searched_allocation_that_would_override_a_searched_share_is_refused(tmp_path):
+    search = {"method.share_generator": {"uniform": [0.2, 0.5]},
+              "method.allocation": {"choice": ["fixed", "utility"]}}
+    with pytest.raises(SpecError, match=r"ignores share_generator with method.allocation=\"utility\""):
+        load_sweep(_sweep_file(tmp_path, job=QUICKSTART, set=["method.utility_tuning=glyphs"], search=search))
+    # The shipped DP-GenG budget sweep searches shares under allocation 'fixed': accepted.
+    load_sweep(ROOT / "sweeps" / "dpgeng-budget-digits.yaml")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
@@ -114,7 +144,7 @@ def test_private_sweep_reports_every_trials_charges_composed(tmp_path, ray_clust
     summary = run_sweep(sweep, base, tmp_path / "runs")
     assert summary["trials"] == 2 and summary["failed_trials"] == 0, summary["errors"]
     sweep_dir = Path(summary["sweep_dir"])
-    trial_ledgers = [json.loads(p.read_text()) for p in sorted((sweep_dir / "trials").glob("*/*/ledger.json"))]
+    trial_ledgers = [json.loads(p.read_text()) for p in sorted((sweep_dir / "trials").glob("*/*/*/ledger.json"))]
     assert len(trial_ledgers) == 2
     trial_eps = [t["composed"]["epsilon"] for t in trial_ledgers]
     assert all(e == pytest.approx(1.0, rel=0.01) for e in trial_eps)
@@ -134,7 +164,7 @@ def test_private_sweep_reports_every_trials_charges_composed(tmp_path, ray_clust
     assert summary["mlflow_uri"].startswith(f"sqlite:///{tmp_path}")  # not an earlier sweep's store
     client = mlflow.MlflowClient(tracking_uri=summary["mlflow_uri"])
     exp = client.get_experiment_by_name("sweep-p")
-    (run,) = client.search_runs([exp.experiment_id], "tags.`dpdistill.sweep_role` = 'summary'")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`dpdistill.sweep_role` = 'sweep'")
     assert run.data.metrics["privacy_sweep_epsilon"] == pytest.approx(summary["sweep_epsilon"])
     assert run.data.metrics["privacy_trial_epsilon"] == pytest.approx(summary["trial_epsilon"])
 

@@ -397,22 +397,40 @@ def jobs_stop(job_id: _JobId, address: _JobAddress) -> None:
 
 @app.command()
 def sweep(
-    sweep_spec: Annotated[Path, typer.Argument(help="sweep spec (YAML), e.g. sweeps/dm-digits.yaml")],
+    sweep_spec: Annotated[Path | None, typer.Argument(
+        help="sweep spec (YAML), e.g. sweeps/dm-digits.yaml; omit with --resume")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a sweep field")] = None,
     runs_dir: Annotated[Path, typer.Option(help="where the sweep folder goes")] = Path("runs"),
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="resume the interrupted sweep in this folder (runs/sweeps/<name>/<stamp>)")] = None,
 ) -> None:
-    """Search a job's fields with Ray Tune + Optuna; each trial is a job, logged to MLflow."""
-    from dpdistill.runtime.sweeps import load_sweep, run_sweep
+    """Search a job's fields with Ray Tune + Optuna; each trial is a job, logged to MLflow under one parent run.
 
-    spec, base, _ = load_sweep(sweep_spec, set_ or [])
-    summary = run_sweep(spec, base, runs_dir, address=address)
+    Ctrl-C or SIGTERM stops the sweep cleanly (exit 130) and prints the command that resumes it."""
+    from dpdistill.errors import SpecError
+    from dpdistill.runtime.sweeps import load_sweep, resume_sweep, run_sweep
+
+    if resume is not None:
+        if sweep_spec is not None or set_:
+            raise SpecError("sweep --resume DIR takes no sweep spec or --set: the folder's sweep.json is the spec")
+        summary = resume_sweep(resume, address=address)
+    elif sweep_spec is None:
+        raise SpecError("sweep: give a sweep spec (e.g. sweeps/dm-digits.yaml) or --resume SWEEP_DIR")
+    else:
+        spec, base, _ = load_sweep(sweep_spec, set_ or [])
+        summary = run_sweep(spec, base, runs_dir, address=address)
     c = _console()
-    c.print(f"best {summary['metric']} = {summary['best_value']:.4f} with {summary['best_config']}")
-    c.print(f"best run folder: {summary['best_run_dir']}")
-    c.print(f"selection: {summary['selection']}")
+    if summary["best_value"] is not None:
+        c.print(f"best {summary['metric']} = {summary['best_value']:.4f} with {summary['best_config']}")
+        c.print(f"best run folder: {summary['best_run_dir']}")
+        c.print(f"selection: {summary['selection']}")
     c.print(f"privacy: {summary['privacy']}", soft_wrap=True)
-    c.print(f"{summary['trials']} trials ({summary['failed_trials']} failed); sweep folder: {summary['sweep_dir']}")
+    c.print(f"{summary['trials']} of {summary['num_samples']} trials ended ({summary['failed_trials']} failed); "
+            f"sweep folder: {summary['sweep_dir']}", soft_wrap=True)
+    if summary["status"] != "completed":
+        c.print(f"sweep interrupted; resume with: {summary['resume']}", soft_wrap=True)
+        raise typer.Exit(130)
 
 
 def main(argv: list[str] | None = None) -> None:

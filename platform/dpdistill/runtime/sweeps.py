@@ -2,7 +2,15 @@
 
 A sweep spec names a base job spec, fixed overrides, a search space over dotted spec fields, and the metric to
 optimise. Each trial is an ordinary dpdistill job (its own run folder under the sweep's folder, its own ledger);
-the driver-side MLflow callback logs one MLflow run per trial.
+the driver logs one MLflow parent run for the sweep and one child run per trial (:class:`SweepTracking`: the
+trial's full resolved spec, metrics, ledger figures and a link to its run folder).
+
+Everything is checked before the first trial: every searched bound against the job's spec, that the metric is
+one the job reports, and that no searched method option is one the method overrides (``overridden_options``).
+Ctrl-C or SIGTERM stops a sweep cleanly: Tune saves its state, trial folders still running are marked
+interrupted, the ledger and summary are written (status ``interrupted``) and ``dpdistill sweep --resume DIR``
+(:func:`resume_sweep`, ``Tuner.restore``) reruns the unfinished trials and finishes the rest. An interrupted
+attempt's charges stay in the sweep's ledger (it charged before its release).
 
 Selection is a release too. Choosing the best trial by an accuracy measured on sensitive data leaks that data,
 so the metric must be a validation metric: ``val_*`` (sensitive validation split: the selection is
@@ -22,10 +30,13 @@ the sweep checks up front that all its trials can fit there.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -128,12 +139,70 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
         if "privacy.delta" in sweep.search:
             raise SpecError(f"{path}: field 'search.privacy.delta': with a sweep budget each trial runs at "
                             "budget.delta / num_samples; do not search it")
-    for key, dist in sweep.search.items():
-        probe = dist.choice if dist.choice is not None else [
-            v for v in (dist.uniform or dist.loguniform or dist.randint) if v is not None]
-        for value in probe:
+    probes = {key: _probe_values(dist) for key, dist in sweep.search.items()}
+    for key, values in probes.items():
+        for value in values:
             validate_spec(apply_overrides(base, [f"{key}={json.dumps(value)}"]), f"{path} (search.{key}={value})")
+    _check_searched_fields_are_used(probes, base, path)
+    _check_metric_is_reported(sweep.metric, base_spec, path)
     return sweep, base, job_path
+
+
+def _probe_values(dist: Distribution) -> list[Any]:
+    """The values that bound a dimension: a choice's values, or a range's two ends."""
+    if dist.choice is not None:
+        return list(dist.choice)
+    return [v for v in (dist.uniform or dist.loguniform or dist.randint) if v is not None]
+
+
+def _check_searched_fields_are_used(probes: dict[str, list[Any]], base: dict[str, Any], path: Path) -> None:
+    """Refuse searching a method option the method then overrides (e.g. DP-GenG's shares under allocation
+    'utility'): every trial would run the same thing while its spec.yaml records a value that was never used.
+
+    Checked for each searched value alone and paired with each value of every other searched field (so a
+    searched ``allocation`` is covered too); a method config opts in with ``overridden_options()``.
+    """
+    from dpdistill.pipelines import method_config_type
+
+    combos: list[list[str]] = [[]]
+    flat = [(k, v) for k, vs in probes.items() for v in vs]
+    combos += [[f"{k}={json.dumps(v)}"] for k, v in flat]
+    combos += [[f"{k}={json.dumps(v)}", f"{k2}={json.dumps(v2)}"] for k, v in flat for k2, v2 in flat if k2 != k]
+    for overrides in combos:
+        spec = validate_spec(apply_overrides(base, overrides), str(path))
+        config_type = method_config_type(spec.kind, spec.method.name, str(path))
+        if config_type is None or not hasattr(config_type, "overridden_options"):
+            continue
+        try:
+            cfg = (config_type.model_validate(spec.method.options()) if hasattr(config_type, "model_validate")
+                   else config_type(**spec.method.options()))
+        except Exception:  # noqa: BLE001 - an invalid combination is validate_spec's to report, at its trial
+            continue
+        ignored = cfg.overridden_options()
+        for key in probes:
+            field_name = key.removeprefix("method.")
+            if key.startswith("method.") and field_name in ignored:
+                given = f" with {', '.join(overrides)}" if overrides else ""
+                raise SpecError(f"{path}: field 'search.{key}': method '{spec.method.name}' ignores {field_name}"
+                                f"{given} ({ignored[field_name]}), so every trial would run the same; remove it "
+                                "from search or change what overrides it")
+
+
+def _check_metric_is_reported(metric: str, spec: Any, path: Path) -> None:
+    """Refuse a selection metric the job never reports (a typo fails here, not after the first trial)."""
+    import importlib
+
+    from dpdistill.pipelines import get_pipeline
+    from dpdistill.privacy.disclosure import COMMON, kind_of
+
+    module = importlib.import_module(type(get_pipeline(spec.kind)).__module__)
+    declared = {**COMMON, **getattr(module, "DISCLOSURE", {})}
+    exact = metric in declared
+    if exact or (metric.startswith("privacy_") and kind_of(metric, declared) is not None):
+        return
+    known = sorted(k for k in declared if k.startswith(("val_", "synv_")) and "*" not in k)
+    raise SpecError(f"{path}: field 'metric': a {spec.kind} job does not report '{metric}'; validation metrics it "
+                    f"reports: {', '.join(known) or 'none'} (synv_* metrics are not computed by any job yet)")
 
 
 @dataclass
@@ -160,10 +229,14 @@ def _largest(sweep: SweepSpec, key: str, base_value: float | None) -> float | No
     return float((dist.uniform or dist.loguniform or dist.randint)[1])
 
 
-def plan_privacy(sweep: SweepSpec, base: dict[str, Any], runs_dir: Path) -> SweepPrivacy:
+def plan_privacy(sweep: SweepSpec, base: dict[str, Any], runs_dir: Path, *, charged: tuple[Any, ...] = (),
+                 remaining: int | None = None) -> SweepPrivacy:
     """Plan the sweep's accounting before any trial; refuses (BudgetExceeded) a sweep whose worst case cannot fit.
 
     Reads the sensitive split's size (for the default δ) and, with an owner budget, its fingerprint; writes nothing.
+    A resumed sweep passes what its trials have ``charged`` so far (their mechanisms, interrupted trials'
+    included) and how many trials are ``remaining``: the worst case is then those charges plus ``remaining``
+    arbitrary trials, so a resume that could push the sweep over its budget is refused before it starts.
     """
     from dpdistill.privacy.defaults import check_delta, default_delta
     from dpdistill.privacy.ledger import BUDGET_REL_TOL
@@ -175,6 +248,7 @@ def plan_privacy(sweep: SweepSpec, base: dict[str, Any], runs_dir: Path) -> Swee
         return SweepPrivacy(private=False)
     plan = SweepPrivacy(private=True, trial_epsilon=eps)
     n = sweep.num_samples
+    todo = n if remaining is None else remaining
     probe = validate_spec(apply_overrides(base, [f"privacy.epsilon={json.dumps(eps)}"]), "<sweep base>")
     need_n = probe.privacy.delta is None and (sweep.budget is not None or probe.privacy.owner_budget is not None)
     n_records = _sensitive_records(probe) if need_n or sweep.budget is not None else None
@@ -185,9 +259,15 @@ def plan_privacy(sweep: SweepSpec, base: dict[str, Any], runs_dir: Path) -> Swee
         check_delta(sweep_delta, n_records)
         trial_delta = sweep_delta / n
         plan.trial_delta, plan.sweep_delta, plan.budget = trial_delta, sweep_delta, sweep.budget.epsilon
-        plan.worst_case = composed_epsilon([], [(eps, trial_delta)] * n, sweep_delta)
+        plan.worst_case = composed_epsilon(list(charged), [(eps, trial_delta)] * todo, sweep_delta)
         plan.overrides.append(f"privacy.delta={json.dumps(trial_delta)}")
         if not plan.worst_case <= sweep.budget.epsilon * (1.0 + BUDGET_REL_TOL):
+            if remaining is not None:
+                raise BudgetExceeded(
+                    f"sweep '{sweep.name}': the {len(charged)} charge(s) its trials made so far plus {todo} more "
+                    f"trial(s) of ε ≤ {eps:g} at δ={trial_delta:.3g} compose to ε {plan.worst_case:.4g} at "
+                    f"δ={sweep_delta:.3g} in the worst case, above the sweep budget {sweep.budget.epsilon:g} "
+                    "(interrupted trials charged before their release and are rerun); nothing ran")
             raise BudgetExceeded(
                 f"sweep '{sweep.name}': {n} trials of ε ≤ {eps:g} at δ={trial_delta:.3g} each (budget.delta / "
                 f"num_samples) compose to ε {plan.worst_case:.4g} at δ={sweep_delta:.3g} in the worst case, above the "
@@ -202,7 +282,8 @@ def plan_privacy(sweep: SweepSpec, base: dict[str, Any], runs_dir: Path) -> Swee
         plan.overrides.append(f"privacy.budget_store={json.dumps(str(store))}")
         owner = open_for_spec(validate_spec(apply_overrides(base, [
             f"privacy.epsilon={json.dumps(eps)}", f"privacy.budget_store={json.dumps(str(store))}"])), runs_dir)
-        owner.check(f"sweep '{sweep.name}'", eps, trial_delta, count=n)
+        if todo:
+            owner.check(f"sweep '{sweep.name}'", eps, trial_delta, count=todo)
     return plan
 
 
@@ -212,6 +293,13 @@ def _sensitive_records(spec: Any) -> int:
 
     prepared = get_pipeline(spec.kind).prepare(spec)
     return int(getattr(prepared, "n_sensitive", 0) or 0)
+
+
+def trial_ledger_paths(sweep_dir: Path) -> list[Path]:
+    """Every trial run's ledger.json under the sweep folder: ``trials/<trial>/<job>/<run>/`` (older sweeps:
+    ``trials/<job>/<run>/``), interrupted attempts included."""
+    trials = sweep_dir / "trials"
+    return sorted({*trials.glob("*/*/ledger.json"), *trials.glob("*/*/*/ledger.json")})
 
 
 def compose_trial_ledgers(sweep_dir: Path, plan: SweepPrivacy) -> dict[str, Any] | None:
@@ -226,7 +314,7 @@ def compose_trial_ledgers(sweep_dir: Path, plan: SweepPrivacy) -> dict[str, Any]
     from dpdistill.privacy.ledger import BUDGET_REL_TOL, PrivacyLedger, ledger_digest
     from dpdistill.privacy.mechanisms import Composed
 
-    paths = sorted((sweep_dir / "trials").glob("*/*/ledger.json"))
+    paths = trial_ledger_paths(sweep_dir)
     if not paths:
         return None
     trials = [(p, PrivacyLedger.load(p)) for p in paths]
@@ -248,8 +336,7 @@ def compose_trial_ledgers(sweep_dir: Path, plan: SweepPrivacy) -> dict[str, Any]
                            noise="reproducible" if any(t.noise != "secret" for _, t in trials) else "secret",
                            caveat=caveat)
     for p, t, mechanism in charged:
-        run = p.parent
-        ledger.charge(f"trial {run.parent.name}/{run.name}", mechanism,
+        ledger.charge(f"trial {p.parent.relative_to(sweep_dir / 'trials')}", mechanism,
                       note=(f"the trial's ledger: ε {t.spent_epsilon():.4g} of {t.epsilon_budget:g} at "
                             f"δ={t.delta:.3g}, {len(t.entries)} charge(s), sha256 {ledger_digest(p)[:16]}"))
     trial_eps = [t.spent_epsilon() for _, t in trials]
@@ -296,103 +383,386 @@ def _selection(metric: str) -> str:
     return f"free: chosen by {metric}, an accounting figure or wall time, not by sensitive data"
 
 
-def _log_summary_run(uri: str, sweep: SweepSpec, summary: dict[str, Any], sweep_dir: Path) -> None:
-    """One MLflow run beside the trials' with the sweep's totals (ε composed over every trial, best value)."""
-    try:
+# ------------------------------------------------------------------------------------------- the sweep folder
+#
+#   runs/sweeps/<name>/<stamp>/
+#     sweep.json     what the sweep is: its spec, the base job, the privacy plan, the MLflow store and parent run
+#                    (written before the first trial; `dpdistill sweep --resume` reads only this)
+#     tune/          Ray Tune's experiment state (Tuner.restore resumes from it)
+#     trials/<trial id>/<job>/<stamp>/   one ordinary run folder per trial attempt
+#     ledger.json    every trial attempt's charges composed (rebuilt from the trials' ledgers at each end)
+#     summary.json   status (completed | interrupted), best trial, privacy line, errors
+
+STATE_FILE = "sweep.json"
+
+
+def _flat(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
+    return out
+
+
+def run_folders(trial_dir: Path) -> list[Path]:
+    """A trial's run folders (one per attempt: a resumed trial that was interrupted has two), oldest first."""
+    return sorted((p.parent for p in trial_dir.glob("*/*/status.json")), key=lambda p: p.name)
+
+
+def mark_stale_trials_interrupted(sweep_dir: Path, why: str) -> list[Path]:
+    """Mark trial run folders still saying ``running`` as interrupted (their Tune actor was stopped or killed).
+
+    Call only when no trial of this sweep can still be running (after Tune returned, or before a resume).
+    """
+    from dpdistill.runtime.runfolder import RunFolder
+
+    marked = []
+    for status in sorted((sweep_dir / "trials").glob("**/status.json")):
+        try:
+            state = json.loads(status.read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("status") == "running":
+            RunFolder(path=status.parent).set_status("interrupted", interrupted_by=why)
+            marked.append(status.parent)
+    return marked
+
+
+class SweepTracking:
+    """MLflow for a sweep, from the driver only: one parent run for the sweep and one child run per trial.
+
+    A child carries the trial's full resolved spec (params, from its run folder's spec.yaml), its metrics and
+    ledger figures, a link to its run folder (tag ``dpdistill.run_dir``) and spec.yaml / ledger.json /
+    metrics.json / status.json as artifacts; the released set stays in the run folder. Trials themselves run
+    with tracking off, so the store has one writer (SQLite allows no more). Pickled into Tune's experiment
+    state, so a resumed sweep keeps logging under the same parent.
+    """
+
+    def __init__(self, uri: str, sweep_name: str, sweep_dir: Path, parent_run_id: str | None) -> None:
+        self.uri, self.sweep_name, self.sweep_dir, self.parent_run_id = uri, sweep_name, sweep_dir, parent_run_id
+        self.experiment = f"sweep-{sweep_name}"
+
+    def _client(self) -> Any:
         import mlflow
 
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        name = f"sweep-{sweep.name}"
-        exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
-        run = client.create_run(exp_id, run_name=f"{sweep.name}/summary", tags={
-            "dpdistill.sweep": sweep.name, "dpdistill.sweep_role": "summary", "dpdistill.sweep_dir": str(sweep_dir),
-            "dpdistill.privacy": summary["privacy"][:5000], "dpdistill.selection": summary["selection"]})
+        for noisy in ("alembic", "mlflow"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        return mlflow.MlflowClient(tracking_uri=self.uri)
+
+    def _experiment_id(self, client: Any) -> str:
+        from dpdistill.runtime.tracking import local_artifact_root
+
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        return client.create_experiment(self.experiment, artifact_location=local_artifact_root(self.uri))
+
+    def open_parent(self, tags: dict[str, str]) -> str | None:
+        """Create the sweep's parent run (before the first trial); None if the store cannot be reached."""
+        try:
+            client = self._client()
+            run = client.create_run(self._experiment_id(client), run_name=f"{self.sweep_name}/{self.sweep_dir.name}",
+                                    tags={"dpdistill.sweep": self.sweep_name, "dpdistill.sweep_role": "sweep",
+                                          "dpdistill.sweep_dir": str(self.sweep_dir), **tags})
+            self.parent_run_id = run.info.run_id
+        except Exception as e:  # noqa: BLE001 - the sweep folder is the record; tracking must not stop the sweep
+            log.warning("tracking: the sweep's MLflow run could not be created: %s", e)
+        return self.parent_run_id
+
+    def log_trial(self, trial_id: str, config: dict[str, Any], error: str | None) -> None:
+        """One child run for a finished (or failed) trial, from its newest run folder."""
+        try:
+            self._log_trial(trial_id, config, error)
+        except Exception as e:  # noqa: BLE001
+            log.warning("tracking: trial %s could not be logged: %s", trial_id, e)
+
+    def _log_trial(self, trial_id: str, config: dict[str, Any], error: str | None) -> None:
+        import yaml
+
+        client = self._client()
+        folders = run_folders(self.sweep_dir / "trials" / trial_id)
+        run_dir = folders[-1] if folders else None
+        tags = {"dpdistill.sweep": self.sweep_name, "dpdistill.sweep_role": "trial", "dpdistill.trial_id": trial_id,
+                "dpdistill.run_dir": str(run_dir) if run_dir else "none (the trial failed before its run began)"}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        if len(folders) > 1:
+            tags["dpdistill.earlier_attempts"] = ", ".join(str(f) for f in folders[:-1])
+        if error:
+            tags["dpdistill.error"] = error[:5000]
+        params: dict[str, str] = {}
+        metrics: dict[str, float] = {}
+        status = "FAILED" if error else "FINISHED"
+        if run_dir is not None:
+            params = _flat("", yaml.safe_load((run_dir / "spec.yaml").read_text()), {})
+            state = json.loads((run_dir / "status.json").read_text())
+            status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(state.get("status"), "FAILED")
+            if (run_dir / "metrics.json").is_file():
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+            if (run_dir / "ledger.json").is_file():
+                from dpdistill.privacy.ledger import PrivacyLedger
+
+                metrics.update(PrivacyLedger.load(run_dir / "ledger.json").to_mlflow_metrics())
+            if state.get("not_private"):
+                tags["dpdistill.privacy"] = "NOT PRIVATE"
+        params.update({f"search.{k}": str(v) for k, v in config.items()})
+        run = client.create_run(self._experiment_id(client), run_name=f"{self.sweep_name}/{trial_id}", tags=tags)
         rid = run.info.run_id
-        metrics = {"trials": summary["trials"], "failed_trials": summary["failed_trials"],
-                   f"best_{sweep.metric}": summary["best_value"]}
-        for key, metric in (("sweep_epsilon", "privacy_sweep_epsilon"), ("sweep_delta", "privacy_sweep_delta"),
-                            ("trial_epsilon", "privacy_trial_epsilon"), ("sweep_budget", "privacy_sweep_budget")):
-            if summary.get(key) is not None:
-                metrics[metric] = summary[key]
-        for k, v in metrics.items():
-            if v is not None and math.isfinite(float(v)):
-                client.log_metric(rid, k, float(v))
-        for f in ("summary.json", "ledger.json"):
-            if (sweep_dir / f).is_file():
-                client.log_artifact(rid, str(sweep_dir / f))
-        client.set_terminated(rid)
-    except Exception as e:  # noqa: BLE001 - the sweep folder holds everything; tracking must not fail the sweep
-        log.warning("tracking: the sweep's summary run could not be logged: %s", e)
+        items = [mlflow_param(k, v) for k, v in params.items()]
+        from mlflow.entities import Metric, Param
+
+        now = int(__import__("time").time() * 1000)
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(rid, params=[Param(k, v) for k, v in items[i:i + 100]])
+        finite = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        for i in range(0, len(finite), 500):
+            client.log_batch(rid, metrics=finite[i:i + 500])
+        if run_dir is not None:
+            for name in ("spec.yaml", "ledger.json", "metrics.json", "status.json"):
+                if (run_dir / name).is_file():
+                    client.log_artifact(rid, str(run_dir / name))
+        client.set_terminated(rid, status)
+
+    def close_parent(self, summary: dict[str, Any], status: str) -> None:
+        """The sweep's totals (ε composed over every trial, best value) on the parent run, then its status."""
+        if not self.parent_run_id:
+            return
+        try:
+            client = self._client()
+            rid = self.parent_run_id
+            client.set_tag(rid, "dpdistill.privacy", summary["privacy"][:5000])
+            client.set_tag(rid, "dpdistill.selection", summary["selection"])
+            client.set_tag(rid, "dpdistill.status", summary["status"])
+            if summary.get("best_run_dir"):
+                client.set_tag(rid, "dpdistill.best_run_dir", str(summary["best_run_dir"]))
+            values = {"trials": summary["trials"], "completed_trials": summary["completed_trials"],
+                      "failed_trials": summary["failed_trials"], f"best_{summary['metric']}": summary["best_value"]}
+            for key, metric in (("sweep_epsilon", "privacy_sweep_epsilon"), ("sweep_delta", "privacy_sweep_delta"),
+                                ("trial_epsilon", "privacy_trial_epsilon"), ("sweep_budget", "privacy_sweep_budget")):
+                values[metric] = summary.get(key)
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    client.log_metric(rid, k, float(v))
+            for f in ("summary.json", "ledger.json", STATE_FILE):
+                if (self.sweep_dir / f).is_file():
+                    client.log_artifact(rid, str(self.sweep_dir / f))
+            client.set_terminated(rid, status)
+        except Exception as e:  # noqa: BLE001
+            log.warning("tracking: the sweep's MLflow run could not be closed: %s", e)
+
+
+def mlflow_param(key: str, value: str) -> tuple[str, str]:
+    """MLflow caps a param value at 6000 characters."""
+    return key, value if len(value) <= 6000 else value[:5990] + "…"
+
+
+def _tune_callback(tracking: SweepTracking, num_samples: int) -> Any:
+    """A Ray Tune callback that logs each trial's child run and prints one line per finished trial."""
+    from ray import tune
+
+    class _TrialEnd(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            tracking.log_trial(trial.trial_id, dict(trial.config), None)
+            print(f"trial {trial.trial_id} completed: "
+                  f"{tracking_metric_line(trial.last_result or {})}", flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            error = _trial_error_line(trial)
+            tracking.log_trial(trial.trial_id, dict(trial.config), error)
+            print(f"trial {trial.trial_id} failed: {error}", flush=True)
+
+    return _TrialEnd()
+
+
+def tracking_metric_line(result: dict[str, Any]) -> str:
+    keys = [k for k in ("val_acc_mean", "synv_acc_mean", "privacy_epsilon") if isinstance(result.get(k), float)]
+    return ", ".join(f"{k} {result[k]:.4f}" for k in keys) + (f"; {result['run_dir']}" if result.get("run_dir") else "")
+
+
+def _trial_error_line(trial: Any) -> str:
+    err = getattr(trial, "error_file", None) or ""
+    try:
+        text = Path(err).read_text() if err else ""
+    except OSError:
+        text = ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # A Ray task error ends with the exception's own line; prefer a dpdistill error's message.
+    for ln in reversed(lines):
+        if "Error:" in ln or "Exceeded" in ln:
+            return ln[:500]
+    return lines[-1][:500] if lines else "failed"
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], runs_dir: str, extra: list[str] | None = None) -> None:
-    """One Tune trial: the base job with this trial's overrides, run as an ordinary job."""
+    """One Tune trial: the base job with this trial's overrides, run as an ordinary job.
+
+    Its run folder goes under ``trials/<trial id>/`` so the driver can find it even when the trial fails.
+    """
     from ray import tune
 
     from dpdistill.runner import run_job
 
     overrides = [*(extra or []), *(f"{k}={json.dumps(v)}" for k, v in config.items())]
-    # The driver's MLflow callback logs this trial; evaluation runs in-process (the trial holds the CPUs).
+    # The driver logs this trial to MLflow (one writer); evaluation runs in-process (the trial holds the CPUs).
     overrides += ["tracking.enabled=false", "evaluation.parallel=false"]
     spec = validate_spec(apply_overrides(base, overrides), "<trial>")
-    result = run_job(spec, runs_dir, progress=False)
+    trial_id = tune.get_context().get_trial_id() or "trial"
+    result = run_job(spec, Path(runs_dir) / trial_id, progress=False)
     tune.report({**result.metrics, "run_dir": str(result.run_dir)})
 
 
 def run_sweep(sweep: SweepSpec, base: dict[str, Any], runs_dir: Path, *, address: str | None = None,
               tracking_uri: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
-    """Run the sweep; returns the best trial's config, metric and run folder, the selection caveat and the
-    sweep's privacy (every trial's charges composed). A budget the trials could exceed is refused first."""
-    from dpdistill.runtime.cluster import ray_session
+    """Run the sweep; returns its summary: status (completed, or interrupted with how to resume), the best
+    trial's config, metric and run folder, the selection caveat and the sweep's privacy (every trial's charges
+    composed). A budget the trials could exceed is refused first, before the sweep folder exists."""
     from dpdistill.runtime.runfolder import atomic_write_json, utc_stamp
     from dpdistill.runtime.tracking import resolve_tracking_uri
 
     plan = plan_privacy(sweep, base, Path(runs_dir))  # before any trial and before the sweep folder exists
-    sweep_dir = (Path(runs_dir).expanduser().resolve() / "sweeps" / sweep.name / utc_stamp())
+    runs_dir = Path(runs_dir).expanduser().resolve()
+    sweep_dir = runs_dir / "sweeps" / sweep.name / utc_stamp()
     sweep_dir.mkdir(parents=True)
-    space = {k: d.to_tune() for k, d in sweep.search.items()}
-    uri = resolve_tracking_uri(tracking_uri, Path(runs_dir))
-    # The MLflow callback's mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which outranks the runs-dir
-    # default: a second sweep in this process would log into this one's store. Put the environment back.
-    prior_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = resolve_tracking_uri(tracking_uri, runs_dir)
+    tracking = SweepTracking(uri, sweep.name, sweep_dir, None)
+    tracking.open_parent({"dpdistill.metric": sweep.metric})
+    state = {"sweep": sweep.model_dump(mode="json"), "base": base, "runs_dir": str(runs_dir), "tracking_uri": uri,
+             "parent_run_id": tracking.parent_run_id, "plan": dataclasses.asdict(plan), "resumes": 0}
+    atomic_write_json(sweep_dir / STATE_FILE, state)
+    return _drive(sweep, base, sweep_dir, plan, tracking, address, num_cpus, restore=False)
+
+
+def resume_sweep(sweep_dir: Path, *, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """Resume an interrupted sweep from its folder: unfinished trials rerun (an interrupted attempt's charges
+    still count), Optuna continues where it stopped, until the sweep has all its trials.
+
+    Refused (one line, nothing run) when the folder is not a sweep, when the sweep already completed, or when
+    the charges made so far plus the remaining trials could exceed the sweep's budget.
+    """
+    from dpdistill.privacy.ledger import PrivacyLedger
+    from dpdistill.privacy.mechanisms import Composed
+    from dpdistill.runtime.runfolder import atomic_write_json
+
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    state_path = sweep_dir / STATE_FILE
+    if not state_path.is_file():
+        raise SpecError(f"{sweep_dir}: not a sweep folder ({STATE_FILE} is missing); give the folder a sweep "
+                        "printed, e.g. runs/sweeps/<name>/<stamp>")
+    state = json.loads(state_path.read_text())
+    sweep = SweepSpec.model_validate(state["sweep"])
+    base = state["base"]
+    summary_path = sweep_dir / "summary.json"
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "completed":
+        raise SpecError(f"{sweep_dir}: the sweep completed already; nothing to resume")
+    tune_dir = sweep_dir / "tune" / sweep.name
+    if not (tune_dir / "tuner.pkl").is_file():
+        raise SpecError(f"{sweep_dir}: no Tune experiment state under tune/{sweep.name}; it cannot be resumed")
+    # The previous driver is gone (else we would not be here): no trial of it is running any more.
+    mark_stale_trials_interrupted(sweep_dir, "sweep driver ended")
+    finished = 0
+    for trial in (sweep_dir / "trials").glob("*"):
+        folders = run_folders(trial)
+        if folders and json.loads((folders[-1] / "status.json").read_text()).get("status") in ("completed", "failed"):
+            finished += 1
+    remaining = max(0, sweep.num_samples - finished)
+    charged = tuple(Composed(tuple(t.mechanisms)) for t in map(PrivacyLedger.load, trial_ledger_paths(sweep_dir))
+                    if t.mechanisms)
+    plan = plan_privacy(sweep, base, Path(state["runs_dir"]), charged=charged, remaining=remaining)
+    state["resumes"] = int(state.get("resumes", 0)) + 1
+    atomic_write_json(state_path, state)
+    tracking = SweepTracking(state["tracking_uri"], sweep.name, sweep_dir, state.get("parent_run_id"))
+    return _drive(sweep, base, sweep_dir, plan, tracking, address, num_cpus, restore=True)
+
+
+def _drive(sweep: SweepSpec, base: dict[str, Any], sweep_dir: Path, plan: SweepPrivacy, tracking: SweepTracking,
+           address: str | None, num_cpus: int | None, *, restore: bool) -> dict[str, Any]:
+    """Run (or resume) the trials, then write the sweep's ledger and summary whatever happened."""
+    from dpdistill.runtime.cluster import ray_session
+
+    results = None
     try:
-        with ray_session(address, num_cpus):
-            results = _fit(sweep, base, space, sweep_dir, uri, plan.overrides)
+        with ray_session(address, num_cpus), _sigterm_as_sigint():
+            results = _fit(sweep, base, sweep_dir, tracking, plan.overrides, restore=restore)
     finally:
-        if prior_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = prior_uri
-        # Even an interrupted sweep composes what its trials charged.
+        # Tune has stopped every trial actor by now (or the driver is going down): a trial folder still
+        # 'running' will never finish. Even an interrupted sweep composes what its trials charged.
+        mark_stale_trials_interrupted(sweep_dir, "sweep interrupted")
         accounting = compose_trial_ledgers(sweep_dir, plan) if plan.private else None
-    errors = [str(r.error).splitlines()[0] for r in results if r.error is not None]
-    best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, filter_nan_and_inf=True)
+        if results is None:  # the driver itself failed: record what is known, then let the error through
+            _write_summary(sweep, sweep_dir, plan, accounting, None, tracking, crashed=True)
+    return _write_summary(sweep, sweep_dir, plan, accounting, results, tracking)
+
+
+def _write_summary(sweep: SweepSpec, sweep_dir: Path, plan: SweepPrivacy, accounting: dict[str, Any] | None,
+                   results: Any, tracking: SweepTracking, *, crashed: bool = False) -> dict[str, Any]:
+    from dpdistill.runtime.runfolder import atomic_write_json
+
+    completed, errors = 0, []
+    best_value = best_config = best_run = None
+    if results is not None:
+        for r in results:
+            if r.error is not None:
+                errors.append(str(r.error).strip().splitlines()[-1][:500] if str(r.error).strip() else "failed")
+            elif sweep.metric in (r.metrics or {}):
+                completed += 1
+        if completed:
+            best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, filter_nan_and_inf=True)
+            best_value, best_config, best_run = best.metrics[sweep.metric], best.config, best.metrics.get("run_dir")
+    done = completed + len(errors)
+    status = "completed" if not crashed and done >= sweep.num_samples else "interrupted"
     summary = {
-        "sweep": sweep.name, "metric": sweep.metric, "mode": sweep.mode, "best_value": best.metrics[sweep.metric],
-        "best_config": best.config, "best_run_dir": best.metrics.get("run_dir"), "trials": len(results),
+        "sweep": sweep.name, "status": status, "metric": sweep.metric, "mode": sweep.mode,
+        "best_value": best_value, "best_config": best_config, "best_run_dir": best_run,
+        "trials": done, "completed_trials": completed, "num_samples": sweep.num_samples,
         "failed_trials": len(errors), "errors": errors, "selection": _selection(sweep.metric),
         "privacy": _privacy_line(plan, accounting), **(accounting or {}),
-        "sweep_dir": str(sweep_dir), "mlflow_uri": uri,
+        "sweep_dir": str(sweep_dir), "mlflow_uri": tracking.uri, "mlflow_parent_run_id": tracking.parent_run_id,
     }
+    if status == "interrupted":
+        summary["resume"] = f"dpdistill sweep --resume {sweep_dir}"
     atomic_write_json(sweep_dir / "summary.json", summary)
-    _log_summary_run(uri, sweep, summary, sweep_dir)
+    tracking.close_parent(summary, "FINISHED" if status == "completed" else "KILLED")
     return summary
 
 
-def _fit(sweep: SweepSpec, base: dict[str, Any], space: dict[str, Any], sweep_dir: Path, uri: str,
-         extra: list[str]) -> Any:
-    """Run the trials under Tune + Optuna (each an ordinary job) and return Tune's results."""
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM (ray job stop, pod eviction) stops a sweep the way Ctrl-C does: Tune's own SIGINT handling
+    stops the trials and saves the experiment state, so the sweep can be resumed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fit(sweep: SweepSpec, base: dict[str, Any], sweep_dir: Path, tracking: SweepTracking, extra: list[str], *,
+         restore: bool) -> Any:
+    """Run the trials under Tune + Optuna (each an ordinary job), or resume them, and return Tune's results."""
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, runs_dir=str(sweep_dir / "trials"), extra=extra),
+        {"cpu": sweep.cpus_per_trial},
+    )
+    if restore:
+        # Unfinished trials restart from scratch (a trial is one job; its interrupted attempt keeps its folder
+        # and its charges); failed trials stay failed. The callbacks come back from Tune's saved state.
+        tuner = tune.Tuner.restore(str(sweep_dir / "tune" / sweep.name), trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        return tuner.fit()
     tuner = tune.Tuner(
-        tune.with_resources(
-            tune.with_parameters(_trial, base=base, runs_dir=str(sweep_dir / "trials"), extra=extra),
-            {"cpu": sweep.cpus_per_trial},
-        ),
-        param_space=space,
+        trainable,
+        param_space={k: d.to_tune() for k, d in sweep.search.items()},
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
             max_concurrent_trials=sweep.max_concurrent,
@@ -400,8 +770,7 @@ def _fit(sweep: SweepSpec, base: dict[str, Any], space: dict[str, Any], sweep_di
         ),
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=str(sweep_dir / "tune"), verbose=0,
-            callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=f"sweep-{sweep.name}",
-                                            tags={"dpdistill.sweep": sweep.name, "dpdistill.sweep_role": "trial"})],
+            callbacks=[_tune_callback(tracking, sweep.num_samples)],
         ),
     )
     return tuner.fit()

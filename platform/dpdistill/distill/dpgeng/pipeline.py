@@ -156,6 +156,16 @@ class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
     utility_steps: int = Field(3, ge=0, description="bisection halvings per share")
     utility_max_total: float = Field(0.8, gt=0.1, lt=1, description="cap on generator + expert shares")
 
+    def overridden_options(self) -> dict[str, str]:
+        """Options this configuration ignores, with why: a sweep must not search them (its trials would be
+        identical while their specs record different values)."""
+        if self.allocation == "utility":
+            why = "allocation 'utility' chooses the shares itself"
+            return {"share_generator": why, "share_expert": why}
+        why = "they only tune allocation 'utility' and allocation is 'fixed'"
+        return {k: why for k in ("utility_tuning", "utility_fid_ratio", "utility_acc_ratio", "utility_steps",
+                                 "utility_max_total")}
+
     @model_validator(mode="after")
     def _shares(self) -> DPGenGConfig:
         if self.share_generator + self.share_expert >= 1:
