@@ -18,6 +18,7 @@ An exception raised by client code is a bug and propagates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -92,7 +93,8 @@ class ActorPool:
     The actors hold data; the config (``ctx``) travels with each round, so one pool can serve several runs
     over the same partition. ``noise``: None or a secret source (the default and the private setting) lets each
     actor create its own secret randomness; a reproducible source (debugging, NOT PRIVATE) is handed to every
-    actor so that runs repeat exactly.
+    actor so that runs repeat exactly. With ``ctx.device`` on CUDA every actor asks Ray for an equal share of
+    one GPU and runs its clients there.
     """
 
     def __init__(self, train: Any, partition: Any, ctx: ClientContext, size: int | None = None,
@@ -120,8 +122,13 @@ class ActorPool:
         client_noise = noise if noise is not None and not resolve(noise).private else None
         self._args = (ray.put(train.images.numpy()), ray.put(train.labels.numpy()), train.num_classes, train.name,
                       ray.put([np.asarray(i, dtype=np.int64) for i in partition.indices]), client_noise)
-        self.ctx = ctx
-        self._remote = ray.remote(num_cpus=actor_cpus, max_restarts=0, max_task_retries=0)(ClientWorker)
+        from dpdistill.runtime.device import ray_gpus, resolve_device, worker_device
+
+        # Ray hides GPUs from actors that do not ask for one, and numbers an actor's GPUs from 0.
+        device = resolve_device(ctx.device)
+        self.ctx = dataclasses.replace(ctx, device=worker_device(device))
+        self._remote = ray.remote(num_cpus=actor_cpus, num_gpus=ray_gpus(device, size), max_restarts=0,
+                                  max_task_retries=0)(ClientWorker)
         self.actors = [self._spawn() for _ in range(size)]
         self.replaced = 0
 

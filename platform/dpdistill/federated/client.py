@@ -19,6 +19,7 @@ measured against, and what unit tests use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -83,11 +84,13 @@ class RoundOutcome:
 
 @dataclass
 class ClientContext:
-    """Everything a client needs besides its data and its task: the config and public normalisation stats."""
+    """Everything a client needs besides its data and its task: the config, public normalisation stats and the
+    device its local distillation runs on (a name the client resolves in its own process)."""
 
     cfg: SFDDConfig
     mean: Sequence[float]
     std: Sequence[float]
+    device: str = "cpu"
 
 
 def task_label(task: ClientTask) -> str:
@@ -101,25 +104,35 @@ def local_update(real: Any, syn_state: dict[str, Any], task: ClientTask, ctx: Cl
 
     ``noise`` is the client's own randomness for this task (None: a fresh secret source); it drives every draw,
     so nothing in ``task``, ``syn_state`` or ``ctx`` lets whoever sent them reproduce the client's answer.
+    The set, the client's records and the matching networks live on ``ctx.device``; the update comes back on
+    the CPU (the server aggregates there).
     """
     from dpdistill.federated.attacks.doorping import DoorpingClient
+    from dpdistill.runtime.device import resolve_device
 
     started = time.perf_counter()
     cfg = ctx.cfg
+    device = resolve_device(ctx.device)
     noise = resolve(noise)
+    # A CPU generator on every device: which records and networks a client draws does not depend on where it
+    # runs. Only the LocalDP noise is drawn on the device (of the update it perturbs).
     g = noise.generator()
-    syn = SyntheticSet.from_state_dict(syn_state)
+    syn = SyntheticSet.from_state_dict(syn_state).to(device)
     start = syn.images.detach().clone()
-    normalize = Normalizer(ctx.mean, ctx.std)
+    normalize = Normalizer(ctx.mean, ctx.std, device)
     dsa = dsa_for(cfg)
-    per_class = real.per_class_indices()
+    images, labels = real.images.to(device), real.labels.to(device)  # the same tensors on the CPU
+    per_class = [idx.to(device) for idx in real.per_class_indices()]
     present = [c for c in range(syn.num_classes) if len(per_class[c]) > 0]
     outer_loop, inner_loop = cfg.loops()
     opt_img = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
-    attacker = DoorpingClient.from_task(task, cfg, real, g) if task.malicious else None
+    attacker = None
+    if task.malicious:
+        on_device = real if images is real.images else dataclasses.replace(real, images=images, labels=labels)
+        attacker = DoorpingClient.from_task(task, cfg, on_device, g)
     total, count = 0.0, 0
     for _ in range(cfg.local_steps):
-        net = build_net(cfg, real, g, syn.device)
+        net = build_net(cfg, real, g, device)
         net.train()
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
         if attacker is not None:
@@ -128,12 +141,12 @@ def local_update(real: Any, syn_state: dict[str, Any], task: ClientTask, ctx: Cl
             opt_img.zero_grad(set_to_none=True)
             for c in present:
                 idx = per_class[c]
-                xr = real.images[idx[torch.randperm(len(idx), generator=g)[: cfg.batch_real]]]
+                xr = images[idx[torch.randperm(len(idx), generator=g)[: cfg.batch_real].to(device)]]
                 if attacker is not None:
                     xr = attacker.poison(c, xr, g)
-                yr = real_labels(c, len(xr), syn.num_classes, cfg, g)
+                yr = real_labels(c, len(xr), syn.num_classes, cfg, g).to(device)
                 xs = normalize(syn.class_images(c))
-                ys = torch.full((len(xs),), c, dtype=torch.int64)
+                ys = torch.full((len(xs),), c, dtype=torch.int64, device=device)
                 params = dsa.sample(1, g) if dsa is not None else None
                 loss = gradient_match_step(net, xs, ys, normalize(xr), yr, cfg.distance, dsa, params)
                 # Only the images need this gradient (as in run_dc); the network's own updates come later.
@@ -147,8 +160,8 @@ def local_update(real: Any, syn_state: dict[str, Any], task: ClientTask, ctx: Cl
                 if cfg.inner_on == "synthetic":
                     x_train, y_train = syn.decoded()
                 else:
-                    pick = torch.randperm(len(real), generator=g)[: cfg.batch_train * inner_loop]
-                    x_train, y_train = real.images[pick], real.labels[pick]
+                    pick = torch.randperm(len(real), generator=g)[: cfg.batch_train * inner_loop].to(device)
+                    x_train, y_train = images[pick], labels[pick]
                 x_train = normalize(x_train)
             epochs = inner_loop if cfg.inner_on == "synthetic" else 1
             _train_inner(net, opt_net, x_train, y_train, epochs, cfg.batch_train, dsa, g)
@@ -165,7 +178,7 @@ def local_update(real: Any, syn_state: dict[str, Any], task: ClientTask, ctx: Cl
     return ClientUpdate(
         client_id=task.client_id,
         round=task.round,
-        images=released,
+        images=released.cpu(),
         n_samples=n_samples,
         class_counts=class_counts,
         loss=loss,

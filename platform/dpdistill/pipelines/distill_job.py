@@ -110,7 +110,10 @@ class DistillPipeline:
 
     def prepare(self, spec: Any) -> PreparedDistill:
         from dpdistill import distill, models
+        from dpdistill.runtime.device import check_device
 
+        # The device must exist where the method runs (this process; see runtime.device) before any data is read.
+        check_device(spec.device)
         method = distill.get(spec.method.name)
         if method.private and spec.privacy.epsilon is None:
             raise SpecError(f"privacy.epsilon: method '{spec.method.name}' is private and needs a budget")
@@ -137,9 +140,12 @@ class DistillPipeline:
 
     def execute(self, ctx: Any, p: PreparedDistill) -> dict[str, Any]:
         from dpdistill.evaluation.grids import save_class_grid
+        from dpdistill.runtime.device import record_device, resolve_device
 
         spec = ctx.spec
         torch.manual_seed(spec.seed)
+        device = resolve_device(spec.device)
+        record_device(ctx, device)
         if not p.method.private:
             mark_not_private(ctx, spec.method.name)
         # A private method's step loss is logged only if the method declares it a function of charged noisy
@@ -152,8 +158,10 @@ class DistillPipeline:
 
         # Normalisation statistics are the dataset's published constants, never computed from the sensitive
         # split (that would be an unaccounted release).
+        # The method puts its synthetic images, networks and real batches on ``device``; its noise is drawn on
+        # the device of the statistic it perturbs.
         kwargs: dict[str, Any] = {"seed": spec.seed, "progress": ctx.progress, "callback": on_step,
-                                  "mean": list(p.info.mean), "std": list(p.info.std)}
+                                  "mean": list(p.info.mean), "std": list(p.info.std), "device": device}
         if p.method.private:
             # The job's privacy randomness (secret unless privacy.reproducible_noise): all noise and private
             # sampling of the method come from it, never from spec.seed.
@@ -224,6 +232,7 @@ def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: An
 
     ``p`` needs ``test``, ``info`` and, when ``evaluation.validation`` is on, ``val``. The validation accuracy
     is what sweeps select on; the test accuracy is only ever reported. ``what`` names the stage in log.txt.
+    The models train on the spec's device (in-process, or in Ray tasks that ask for a share of a GPU).
     """
     import contextlib
 
@@ -235,6 +244,7 @@ def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: An
 def _evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
                       validation: bool) -> dict[str, Any]:
     from dpdistill.runtime.cluster import ray_session
+    from dpdistill.runtime.device import resolve_device
     from dpdistill.runtime.parallel import evaluate_seeds
 
     spec = ctx.spec
@@ -242,7 +252,7 @@ def _evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: A
     kwargs = dict(
         num_classes=p.info.num_classes, model=ev.model, model_kwargs=dict(ev.model_options), epochs=ev.epochs,
         batch_size=ev.batch_size, lr=ev.lr, augment=ev.augmentation(),
-        mean=tuple(p.info.mean), std=tuple(p.info.std),
+        mean=tuple(p.info.mean), std=tuple(p.info.std), device=resolve_device(spec.device),
     )
     use_val = validation and ev.validation and getattr(p, "val", None) is not None
     extra = {"val": (p.val.images, p.val.labels)} if use_val else {}

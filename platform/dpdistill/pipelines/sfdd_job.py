@@ -100,7 +100,11 @@ class SFDDPipeline:
         from dpdistill import data, models
         from dpdistill.pipelines import check_evaluation_model, check_public_source
         from dpdistill.pipelines.distill_job import load_splits
+        from dpdistill.runtime.device import check_device
 
+        # Checked in this process, where the clients' device is resolved (see runtime.device), before any data
+        # is read.
+        check_device(spec.device)
         self.method_config(spec.method.name, "<spec>")
         cfg = make_config(spec.method.options())
         if cfg.defence == "localdp" and spec.privacy.epsilon is None:
@@ -160,8 +164,11 @@ class SFDDPipeline:
         from dpdistill.evaluation.grids import save_class_grid
         from dpdistill.federated import ClientContext, initial_set, run_sfdd
         from dpdistill.federated.actors import ActorPool
+        from dpdistill.runtime.device import record_device, resolve_device
 
         spec, cfg, art = ctx.spec, p.config, ctx.run.artifacts
+        device = resolve_device(spec.device)
+        record_device(ctx, device)
         mean, std = list(p.info.mean), list(p.info.std)  # published constants, never the clients' statistics
         init = initial_set(cfg, p.info.num_classes, (p.train.channels, p.train.image_size, p.train.image_size),
                            spec.seed, mean=mean, std=std, public=p.public)
@@ -182,8 +189,8 @@ class SFDDPipeline:
 
             # ctx.noise reaches the actors only when it is reproducible (NOT PRIVATE); a secret one is not sent
             # and each actor creates its own.
-            pool = ActorPool(p.train, p.partition, ClientContext(cfg, mean, std), cfg.pool_size, cfg.actor_cpus,
-                             noise=ctx.noise.spawn("sfdd-clients"))
+            pool = ActorPool(p.train, p.partition, ClientContext(cfg, mean, std, str(device)), cfg.pool_size,
+                             cfg.actor_cpus, noise=ctx.noise.spawn("sfdd-clients"))
             try:
                 with ctx.stage(f"federated distillation ({cfg.rounds} rounds)"):
                     result = run_sfdd(pool, init, cfg, seed=spec.seed, ledger=ctx.ledger, callback=on_round)
@@ -246,13 +253,14 @@ def _check_localdp_budget(spec: Any, cfg: Any, n: int) -> None:
 def quick_accuracy(spec: Any, p: PreparedSFDD, syn: Any, epochs: int) -> float:
     """One model, one seed, trained on the current set: the accuracy-by-round curve (cheaper than the final)."""
     from dpdistill.evaluation.utility import evaluate_utility
+    from dpdistill.runtime.device import resolve_device
 
     images, labels = syn.export()
     ev = spec.evaluation
     r = evaluate_utility(images, labels, p.test.images, p.test.labels, num_classes=p.info.num_classes,
                          model=ev.model, model_kwargs=dict(ev.model_options), seeds=(spec.seed,), epochs=epochs,
                          batch_size=ev.batch_size, lr=ev.lr, augment=ev.augmentation(), mean=tuple(p.info.mean),
-                         std=tuple(p.info.std), progress=False)
+                         std=tuple(p.info.std), device=resolve_device(spec.device), progress=False)
     return float(r.mean)
 
 

@@ -156,7 +156,11 @@ class SynthesizePipeline:
         from dpdistill import models, synthesis
         from dpdistill.pipelines import check_evaluation_model, check_public_source
         from dpdistill.pipelines.distill_job import load_splits
+        from dpdistill.runtime.device import check_device
 
+        # The device must exist where the synthesiser runs (this process; see runtime.device) before any data
+        # is read.
+        check_device(spec.device)
         cls = synthesis.get(spec.method.name)
         if spec.privacy.epsilon is None:
             raise SpecError(f"privacy.epsilon: method '{spec.method.name}' is private and needs a budget")
@@ -189,15 +193,18 @@ class SynthesizePipeline:
         from dpdistill import data
         from dpdistill.evaluation.grids import save_class_grid
         from dpdistill.pipelines.distill_job import evaluate_release
+        from dpdistill.runtime.device import record_device, resolve_device
 
         spec = ctx.spec
         torch.manual_seed(spec.seed)
+        device = resolve_device(spec.device)
+        record_device(ctx, device)
         art = ctx.run.artifacts
         art.mkdir(parents=True, exist_ok=True)
         # spec.seed: the public randomness (weights, features, latents); ctx.noise: the privacy noise and private
         # sampling (secret, unless the spec turned on the NOT PRIVATE reproducible mode).
         synth = p.method(p.config, channels=p.train.channels, image_size=p.train.image_size,
-                         num_classes=p.info.num_classes, seed=spec.seed, device=_device(spec.device),
+                         num_classes=p.info.num_classes, seed=spec.seed, device=device,
                          noise=ctx.noise)
         if p.job.pretrain is not None:
             public = data.load(p.job.pretrain, "train", image_size=p.train.image_size)
@@ -235,7 +242,8 @@ class SynthesizePipeline:
             from dpdistill.evaluation.fidelity import evaluate_fidelity
 
             extractor = get_extractor(p.job.fidelity_extractor, image_size=p.train.image_size,
-                                      inception_weights=p.job.inception_weights, public=p.job.fidelity_public)
+                                      inception_weights=p.job.inception_weights, public=p.job.fidelity_public,
+                                      device=device)
             with ctx.stage("fidelity"):
                 fid = evaluate_fidelity(p.test.images, images, extractor, max_samples=p.job.fidelity_samples,
                                         seed=spec.seed)
@@ -255,12 +263,6 @@ class SynthesizePipeline:
                 f"{spec.evaluation.epochs} epochs)",
             )
         return {}
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _per_class_grids(images: torch.Tensor, labels: torch.Tensor, num_classes: int, folder: Any,

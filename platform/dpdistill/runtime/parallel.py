@@ -37,7 +37,13 @@ def evaluate_seeds(
     if use_ray:
         import ray
 
-        task = ray.remote(num_cpus=1)(_evaluate_one_seed)
+        from dpdistill.runtime.device import ray_gpus, worker_device
+
+        # A CUDA evaluation's tasks ask for a share of a GPU (Ray hides GPUs from tasks that do not) and name
+        # the device as the worker sees it.
+        device = torch.device(kwargs.get("device", "cpu"))
+        kwargs = {**kwargs, "device": worker_device(device)}
+        task = ray.remote(num_cpus=1, num_gpus=ray_gpus(device, len(seeds)))(_evaluate_one_seed)
         refs = [ray.put(t) for t in (train_x, train_y, test_x, test_y)]
         extra_ref = ray.put(extra_sets)
         per_seed = ray.get([task.remote(*refs, extra_ref, s, kwargs) for s in seeds])

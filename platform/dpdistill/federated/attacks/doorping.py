@@ -63,7 +63,7 @@ class DoorpingClient:
             return
         pick = torch.randperm(len(self.pool), generator=generator)[:64]
         x = self.pool[pick]
-        y = torch.full((len(x),), self.target, dtype=torch.int64)
+        y = torch.full((len(x),), self.target, dtype=torch.int64, device=x.device)  # the client's device
         trigger = self.trigger.clone()
         for _ in range(self.cfg.trigger_steps):
             trigger.requires_grad_(True)
