@@ -232,6 +232,39 @@ def test_every_dpdistill_image_is_built_by_a_dockerfile_at_the_package_version()
     assert gpu and all(g["template"]["spec"]["containers"][0]["image"].endswith("-cuda") for g in gpu)
 
 
+def test_each_tag_is_built_by_its_own_dockerfile_on_the_locked_ray_base():
+    """dpdistill:V from k8s/Dockerfile on Ray's CPU image, dpdistill:V-cuda from k8s/Dockerfile.cuda on its GPU
+    image, both at the Ray version of the lock (the manifests' Ray pods run that Ray)."""
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    built = built_images()
+    assert built[f"dpdistill:{version}"].name == "Dockerfile"
+    assert built[f"dpdistill:{version}-cuda"].name == "Dockerfile.cuda"
+    ray = _lock()["ray"]
+    for tag, base in ((f"dpdistill:{version}", f"rayproject/ray:{ray}-py311"),
+                      (f"dpdistill:{version}-cuda", f"rayproject/ray:{ray}-py311-gpu")):
+        (from_,) = re.findall(r"^FROM (\S+)", built[tag].read_text(), flags=re.M)
+        assert from_ == base, tag
+    # Every dpdistill tag named anywhere under k8s/ (manifests and the comments that document them) is built.
+    named = {m for p in K8S.iterdir() if p.is_file()
+             for m in re.findall(r"\bdpdistill:\d[\w.-]*\w", p.read_text())}
+    assert named == set(built)
+
+
+def test_the_cuda_image_runs_exactly_where_a_gpu_is_requested():
+    """A GPU pod without the CUDA image has no CUDA torch (device: cuda is refused there); a CPU pod with it
+    pulls gigabytes of CUDA libraries it never uses."""
+    for manifest in RAY_MANIFESTS:
+        for name, group in ray_groups(manifest):
+            (container,) = [c for c in group["template"]["spec"]["containers"] if c["name"].startswith("ray-")]
+            resources = container.get("resources", {})
+            gpus = resources.get("limits", {}).get("nvidia.com/gpu")
+            assert container["image"].endswith("-cuda") == (gpus is not None), (manifest, name)
+            if gpus is not None:  # extended resources: the request must equal the limit
+                assert resources.get("requests", {}).get("nvidia.com/gpu") == gpus, (manifest, name)
+
+
 def test_images_install_exactly_the_lock():
     for tag, dockerfile in built_images().items():
         text = dockerfile.read_text()
