@@ -407,8 +407,12 @@ def sweep(
 ) -> None:
     """Search a job's fields with Ray Tune + Optuna; each trial is a job, logged to MLflow under one parent run.
 
+    A sweep spec with ``kind: utility-allocation`` instead measures DP-GenG's candidate ε shares on public data as
+    parallel trials and writes the job with the chosen shares (see sweeps/dpgeng-utility-allocation-digits.yaml).
+
     Ctrl-C or SIGTERM stops the sweep cleanly (exit 130) and prints the command that resumes it."""
     from dpdistill.errors import SpecError
+    from dpdistill.runtime.allocation_sweep import is_allocation_sweep
     from dpdistill.runtime.sweeps import load_sweep, resume_sweep, run_sweep
 
     if resume is not None:
@@ -417,6 +421,18 @@ def sweep(
         summary = resume_sweep(resume, address=address)
     elif sweep_spec is None:
         raise SpecError("sweep: give a sweep spec (e.g. sweeps/dm-digits.yaml) or --resume SWEEP_DIR")
+    elif is_allocation_sweep(sweep_spec):
+        from dpdistill.runtime.allocation_sweep import (
+            load_allocation_sweep,
+            run_allocation_sweep,
+            summary_lines,
+        )
+
+        alloc, job = load_allocation_sweep(sweep_spec, set_ or [])
+        summary = run_allocation_sweep(alloc, job, runs_dir, address=address)
+        for line in summary_lines(summary):
+            _console().print(line, soft_wrap=True)
+        return
     else:
         spec, base, _ = load_sweep(sweep_spec, set_ or [])
         summary = run_sweep(spec, base, runs_dir, address=address)
