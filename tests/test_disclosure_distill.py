@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from dpdistill import data, distill
-from dpdistill.pipelines.distill_job import DISCLOSURE, RELEASE_NOT_PRIVATE
+from dpdistill.pipelines.distill_job import DISCLOSURE
+from dpdistill.pipelines.not_private import RELEASE_NOT_PRIVATE
 from dpdistill.privacy.disclosure import COMMON, RELEASED, kind_of, undeclared
 from dpdistill.runner import run_job
 from dpdistill.spec import validate_spec

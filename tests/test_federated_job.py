@@ -68,6 +68,22 @@ def test_per_round_metrics_reach_mlflow(finished_run):
     assert client.get_run(status["mlflow_run_id"]).data.params["method.name"] == "sfdd"
 
 
+def test_a_release_without_localdp_is_marked_not_private_and_its_images_stay_out_of_mlflow(finished_run):
+    import mlflow
+
+    runs, run_dir = finished_run
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["not_private"].startswith("NOT PRIVATE: SFDD with defence 'none'")
+    assert (run_dir / "artifacts" / "RELEASE_NOT_PRIVATE.txt").read_text().startswith(status["not_private"])
+    assert json.loads((run_dir / "metrics.json").read_text())["not_private"] == 1.0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    run = client.get_run(status["mlflow_run_id"])
+    assert run.data.tags["dpdistill.release"] == "NOT PRIVATE"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "artifacts")}
+    assert logged and "artifacts/distilled_grid.png" not in logged  # the run folder keeps it
+    assert (run_dir / "artifacts" / "distilled_grid.png").is_file()
+
+
 def _gaussian_epsilon(mu: float, delta: float) -> float:
     """The exact ε at ``delta`` of a Gaussian mechanism with sensitivity / std = ``mu`` (bisection on ε)."""
     def phi(x: float) -> float:

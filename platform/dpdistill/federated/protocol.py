@@ -53,22 +53,29 @@ class RoundRecord:
     client_seconds: float  # clients' summed compute time; nan when they withhold it (LocalDP)
 
     def metrics(self) -> dict[str, float]:
-        """Flat numbers for MLflow (what the clients withheld is left out, not logged as nan)."""
-        out = {"round_seconds": self.seconds, "clients_answered": float(len(self.answered)),
-               "clients_dropped": float(len(self.dropped)), "round_attempts": float(self.attempts)}
+        """Flat numbers for MLflow (what the clients withheld is left out, not logged as nan).
+
+        The round's wall time is the slowest client's compute time on its own records: when the clients withhold
+        their time (LocalDP), the round's is left out too.
+        """
+        out = {"clients_answered": float(len(self.answered)), "clients_dropped": float(len(self.dropped)),
+               "round_attempts": float(self.attempts)}
         if math.isfinite(self.client_seconds):
             out["client_seconds"] = self.client_seconds
+            out["round_seconds"] = self.seconds
         if math.isfinite(self.loss):
             out["local_loss"] = self.loss
         return out
 
     def to_json(self) -> dict[str, Any]:
-        """The record for ``rounds.json``; what the clients withheld is absent (under LocalDP: loss and time)."""
+        """The record for ``rounds.json``; what the clients withheld is absent (under LocalDP: loss and time,
+        the round's time included)."""
         out: dict[str, Any] = {"round": self.round, "sampled": list(self.sampled), "answered": list(self.answered),
                                "dropped": [{"client": c, "reason": why} for c, why in sorted(self.dropped.items())],
-                               "attempts": self.attempts, "seconds": self.seconds}
-        if math.isfinite(self.client_seconds):
+                               "attempts": self.attempts}
+        if math.isfinite(self.client_seconds):  # withheld under LocalDP, and with it the round's time
             out["client_seconds"] = self.client_seconds
+            out["seconds"] = self.seconds
         if math.isfinite(self.loss):
             out["loss"] = self.loss
         return out

@@ -25,6 +25,7 @@ import torch
 
 from dpdistill.errors import SpecError
 from dpdistill.pipelines import check_evaluation_model, check_generator, check_public_source
+from dpdistill.pipelines.not_private import mark_release_not_private
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, PUBLIC, RELEASED, kind_of
 from dpdistill.spec import JobSpec
 
@@ -41,7 +42,6 @@ DISCLOSURE: dict[str, str] = {
     **{k: PUBLIC for name in JobSpec.model_fields for k in (name, f"{name}.*")},
 }
 
-RELEASE_NOT_PRIVATE = "RELEASE_NOT_PRIVATE.txt"
 IMAGE_ARTIFACTS = ("distilled_grid.png",)
 
 
@@ -212,18 +212,7 @@ class DistillPipeline:
 
 def mark_not_private(ctx: Any, method: str) -> None:
     """Mark the run of a non-private method as such everywhere; keep its images out of MLflow unless opted in."""
-    from dpdistill.runtime.runfolder import atomic_write_text
-
-    reason = not_private_release(method)
-    atomic_write_text(ctx.run.artifacts / RELEASE_NOT_PRIVATE,
-                      f"{reason}.\nThe files in this folder may contain sensitive records: do not publish them.\n")
-    ctx.run.set_status("running", not_private=reason)
-    ctx.log_metrics({"not_private": 1.0})
-    ctx.tracker.set_tags({"dpdistill.release": "NOT PRIVATE"})
-    ctx.add_summary("NOT PRIVATE", reason)
-    if not ctx.spec.tracking.log_nonprivate_images:
-        ctx.untracked.update(IMAGE_ARTIFACTS)
-    log.warning(reason)
+    mark_release_not_private(ctx, not_private_release(method), IMAGE_ARTIFACTS)
 
 
 def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,

@@ -40,17 +40,28 @@ DISCLOSURE: dict[str, str] = {
     # MLflow params: the resolved spec, public by construction.
     "name": PUBLIC, "kind": PUBLIC, "description": PUBLIC, "seed": PUBLIC, "device": PUBLIC, "data.*": PUBLIC,
     "method.*": PUBLIC, "privacy.*": PUBLIC, "evaluation.*": PUBLIC, "ray.*": PUBLIC, "tracking.*": PUBLIC,
-    # Per-round MLflow metrics: the server's own wall time and which clients answered (actor failures).
-    "round_seconds": PUBLIC, "clients_answered": PUBLIC, "clients_dropped": PUBLIC, "round_attempts": PUBLIC,
+    # Per-round MLflow metrics: which clients answered (actor failures). Not the round's wall time: it is the
+    # slowest client's compute time on its records, which LocalDP clients withhold.
+    "clients_answered": PUBLIC, "clients_dropped": PUBLIC, "round_attempts": PUBLIC,
     # The current release scored on the test split (eval_every), and the final summary figures.
     "acc": EVALUATION, "ipc": PUBLIC, "clients_dropped_total": PUBLIC, "epsilon_client_max": ACCOUNTING,
     # rounds.json
     "round": PUBLIC, "sampled": PUBLIC, "answered": PUBLIC, "dropped": PUBLIC, "client": PUBLIC,
-    "reason": PUBLIC, "attempts": PUBLIC, "seconds": PUBLIC,
+    "reason": PUBLIC, "attempts": PUBLIC,
     # client_privacy.json (accuracy_by_round.json has round and acc)
     "delta": ACCOUNTING, "neighbouring": PUBLIC, "partition": PUBLIC, "composition": PUBLIC, "noise": PUBLIC,
     "clients": PUBLIC, "dispatches": ACCOUNTING, "epsilon": ACCOUNTING,
 }
+
+
+IMAGE_ARTIFACTS = ("distilled_grid.png",)  # kept out of MLflow when the release is not private
+
+
+def not_private_release(defence: str) -> str:
+    """The line that marks an SFDD release without LocalDP (run folder, summary, status, MLflow)."""
+    return (f"NOT PRIVATE: SFDD with defence '{defence}' gives no differential-privacy guarantee; the distilled "
+            "set is built from clients' updates computed on real records without noise and may reproduce them "
+            "(method.defence: localdp with privacy.epsilon makes it private)")
 
 
 @dataclass
@@ -169,6 +180,10 @@ class SFDDPipeline:
         spec, cfg, art = ctx.spec, p.config, ctx.run.artifacts
         device = resolve_device(spec.device)
         record_device(ctx, device)
+        if cfg.defence != "localdp":
+            from dpdistill.pipelines.not_private import mark_release_not_private
+
+            mark_release_not_private(ctx, not_private_release(cfg.defence), IMAGE_ARTIFACTS)
         mean, std = list(p.info.mean), list(p.info.std)  # published constants, never the clients' statistics
         init = initial_set(cfg, p.info.num_classes, (p.train.channels, p.train.image_size, p.train.image_size),
                            spec.seed, mean=mean, std=std, public=p.public)
@@ -182,9 +197,9 @@ class SFDDPipeline:
                     metrics["acc"] = quick_accuracy(spec, p, syn, cfg.eval_epochs)
                     curve.append((record.round + 1, metrics["acc"]))
                 ctx.log_metrics(metrics, step=record.round)
-                log.info("round %d: %d answered, %d dropped, %.1f s%s", record.round, len(record.answered),
-                         len(record.dropped), record.seconds,
-                         f", acc {100 * metrics['acc']:.2f} %" if "acc" in metrics else "")
+                timed = f", {record.seconds:.1f} s" if "round_seconds" in metrics else ""  # withheld: LocalDP
+                log.info("round %d: %d answered, %d dropped%s%s", record.round, len(record.answered),
+                         len(record.dropped), timed, f", acc {100 * metrics['acc']:.2f} %" if "acc" in metrics else "")
                 advance(record.loss)
 
             # ctx.noise reaches the actors only when it is reproducible (NOT PRIVATE); a secret one is not sent
