@@ -229,6 +229,29 @@ def report(run_dir: Annotated[Path, typer.Argument(
 
 
 @app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(
+        help="run folders, or job folders (runs/<job-name>/: their latest run)")],
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="also write accuracy and FID against epsilon to FILE.png or FILE.svg")] = None,
+) -> None:
+    """Print runs side by side (method, epsilon, delta, accuracy, FID, status; NOT PRIVATE flagged)."""
+    from dpdistill.runtime.compare import check_plot_path, compare_table, load_rows, plot_rows
+
+    if plot is not None:
+        check_plot_path(plot)  # a wrong suffix is refused before anything is read
+    rows = load_rows([_latest_run(p) for p in run_dirs])
+    c = _console()
+    c.print(compare_table(rows))
+    for row in rows:
+        # markup=False: names and caveats are the runs' own text, never rich markup.
+        if row.not_private:
+            c.print(f"{row.label}: {row.not_private}", soft_wrap=True, markup=False, style="bold red")
+    if plot is not None:
+        c.print(f"plot: {plot_rows(rows, plot)}", soft_wrap=True, markup=False)
+
+
+@app.command()
 def audit(
     mechanism: Annotated[str, typer.Option(
         help="dp-merf | dp-ntk | feature-matching | dp-sgd | localdp (each through the product's own code)")],

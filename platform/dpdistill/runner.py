@@ -320,6 +320,10 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
             for p in sorted(run.artifacts.iterdir()):
                 if p.suffix in {".png", ".json", ".md"} and not (ctx is not None and p.name in ctx.untracked):
                     _safe(tracker.log_artifact, p, "artifacts")
+        report = _write_report(run, ctx, status=status, seconds=round(seconds, 3), error=error,
+                               interrupted_by=interrupted_by)
+        if report is not None:
+            _safe(tracker.log_artifact, report)
         _safe(tracker.end, {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
         # The outcome goes to log.txt before finish() detaches it; the error (if any) to status.json too.
         why = error or (interrupted_by and f"by {interrupted_by}")
@@ -361,6 +365,23 @@ def _settle_owner(owner: Any, reservation: str, ctx: RunContext | None, run: Run
         line = f"could not settle: this run's whole planned ε stays reserved in {owner.path} ({e})"
     if ctx is not None:
         ctx.add_summary("owner budget", line)
+
+
+def _write_report(run: RunFolder, ctx: RunContext | None, **status: Any) -> Path | None:
+    """Write the run's report.html from its folder (None, with a warning, if rendering fails: never the run).
+
+    Rendered before status.json holds the outcome, so the outcome is passed in; the images the run keeps out of
+    MLflow (``ctx.untracked``) stay out of the report, which goes to MLflow too.
+    """
+    try:
+        from dpdistill.runtime.report_html import write_run_report
+
+        if ctx is not None and ctx.summary:
+            status["summary"] = [list(row) for row in ctx.summary]
+        return write_run_report(run.path, status=status, withhold=set(ctx.untracked) if ctx is not None else ())
+    except Exception as e:  # noqa: BLE001 - the report is a view of the folder; the run's files are complete
+        log.warning("report.html: rendering failed: %s", error_line(e))
+        return None
 
 
 def _safe(fn: Any, *args: Any) -> None:

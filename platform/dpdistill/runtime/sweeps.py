@@ -723,6 +723,12 @@ def _write_summary(sweep: SweepSpec, sweep_dir: Path, plan: SweepPrivacy, accoun
     if status == "interrupted":
         summary["resume"] = f"dpdistill sweep --resume {sweep_dir}"
     atomic_write_json(sweep_dir / "summary.json", summary)
+    try:  # the privacy-utility view of the trials; a rendering failure must not change the sweep's outcome
+        from dpdistill.runtime.report_html import write_sweep_report
+
+        write_sweep_report(sweep_dir)
+    except Exception as e:  # noqa: BLE001 - summary.json and the ledger are written; the report is a view of them
+        log.warning("sweep report.html: rendering failed: %s", e)
     tracking.close_parent(summary, "FINISHED" if status == "completed" else "KILLED")
     return summary
 
