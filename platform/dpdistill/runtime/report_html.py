@@ -32,7 +32,7 @@ from typing import Any
 from dpdistill.errors import SpecError
 
 REPORT_NAME = "report.html"
-# Written by pipelines/distill_job.py for a non-private method (DM, DC).
+# Written by pipelines/not_private.py for a release without a guarantee (DM, DC, SFDD without LocalDP).
 RELEASE_NOT_PRIVATE = "RELEASE_NOT_PRIVATE.txt"
 GRID_GLOB = "*grid*.png"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -394,7 +394,7 @@ def _images_section(run: RunFiles, withhold: Collection[str]) -> str:
             continue
         uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
         parts.append(f'<figure><img class="grid" data-image="{_e(p.name)}" alt="{_e(p.name)}" src="{uri}">'
-                     f"<figcaption class=\"muted\">{_e(p.name)} (one row per class)</figcaption></figure>")
+                     f"<figcaption class=\"muted\">{_e(p.name)}</figcaption></figure>")
     return "".join(parts)
 
 
