@@ -81,7 +81,10 @@ def check_draws(method: suite.Method, tmp_path: Path) -> None:
     m ≥ 1, in R consecutive groups of identical shapes; a Gaussian's draws all have std σ, a Poisson-Gaussian's
     all have one std σ·C (C is not in the ledger). So zero draws for a charged release fails, and so do a draw
     before any charge, a missing or extra step, or a changed noise scale; draws split differently into pieces
-    (m) are not distinguishable from the ledger.
+    (m) are not distinguishable from the ledger, so a release drawn twice over in the same pieces would pass.
+    Attribution by "latest charge" fits methods that charge each stage just before it runs (all of them today);
+    a method that charges every stage up front (the plan → charge → execute contract) needs its draws
+    attributed by the plan's order instead.
     """
     out = suite.run(method, "counting")
     assert out.ledger is not None and out.log is not None
@@ -255,6 +258,35 @@ def _seeded_noise(real: Any, cfg: Any = None, seed: Any = 0, **kwargs: Any) -> A
     return toys.run_toy_distill(real, cfg, seed, **kwargs)
 
 
+class _HalfStd(PrivacyRandomness):
+    """The given source, drawing half the noise the method asks for."""
+
+    def __init__(self, inner: PrivacyRandomness) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def add_gaussian(self, value: torch.Tensor, std: float) -> torch.Tensor:
+        return self._inner.add_gaussian(value, std / 2)
+
+
+def _half_noise(real: Any, cfg: Any = None, seed: Any = 0, **kwargs: Any) -> Any:
+    kwargs["noise"] = _HalfStd(kwargs["noise"])
+    return toys.run_toy_distill(real, cfg, seed, **kwargs)
+
+
+def _draws_first(real: Any, cfg: Any = None, seed: Any = 0, **kwargs: Any) -> Any:
+    # A release before its charge (a noisy count, say), then the toy as usual.
+    kwargs["noise"].gaussian((1,), 1.0)
+    return toys.run_toy_distill(real, cfg, seed, **kwargs)
+
+
+def _extra_release(real: Any, cfg: Any = None, seed: Any = 0, **kwargs: Any) -> Any:
+    # One noisy release more than the ledger was charged for.
+    syn = toys.run_toy_distill(real, cfg, seed, **kwargs)
+    kwargs["noise"].gaussian((syn.images[0].numel(),), 1.0)
+    return syn
+
+
 class _HalfBudget:
     """The ledger with half its budget visible: a method that spends half of what it was given."""
 
@@ -291,6 +323,9 @@ class _UnsavedToy(toys.ToyMeanSynth):
 @pytest.mark.parametrize(("defect", "check", "message"), [
     (_noiseless, "draws", "no noise was drawn"),
     (_seeded_noise, "draws", "no noise was drawn"),
+    (_half_noise, "draws", "noise std"),
+    (_draws_first, "draws", "before the first ledger charge"),
+    (_extra_release, "draws", "11 draws for 10 releases"),
     (_seeded_noise, "determinism", "secret noise gave the same release"),
     (_underspends, "ledger", "ledger total"),
     (_global_rng, "determinism", "reproducible noise differ"),
