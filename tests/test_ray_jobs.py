@@ -153,6 +153,31 @@ def test_submitted_job_logs_to_the_mlflow_store_it_was_given(submitted):
     assert run.info.artifact_uri.startswith((submitted["mlflow_db"].parent / "mlartifacts").as_uri())
 
 
+def test_the_driver_is_placed_by_the_specs_resources(head, tmp_path):
+    """The driver runs the stages, so Ray places it by the spec's ``resources``: a reservation no node of this
+    2-CPU head can hold leaves the job pending (not running on whatever node is free), until it is stopped."""
+    import time
+
+    env = _clean_env(HOME=str(tmp_path), RAY_AUTH_TOKEN=head.token)
+    sub = _dpdistill("submit", "jobs/quickstart.yaml", "--address", head.dashboard, "--runs-dir",
+                     str(tmp_path / "runs"), *TINY_QUICKSTART, "--set", "resources.cpus=64", env=env)
+    assert sub.returncode == 0, sub.stderr[-2000:]
+    job_id = sub.stdout.split("as Ray job ", 1)[1].split()[0]
+    time.sleep(5)
+    status = _dpdistill("jobs", "status", job_id, "--address", head.dashboard, env=env)
+    assert f"{job_id}: PENDING" in status.stdout, status.stdout + status.stderr
+    assert not (tmp_path / "runs").exists()  # nothing ran
+    stop = _dpdistill("jobs", "stop", job_id, "--address", head.dashboard, env=env)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+
+
+def test_a_cuda_job_without_a_gpu_for_its_driver_is_refused_before_submitting(tmp_path):
+    proc = _dpdistill("submit", "jobs/quickstart.yaml", "--address", "http://127.0.0.1:9", "--runs-dir",
+                      str(tmp_path / "runs"), "--set", "device=cuda", env=_clean_env(HOME=str(tmp_path)))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "field 'resources.gpus'" in proc.stderr
+
+
 def test_jobs_status_and_logs(submitted, head):
     env, job_id = submitted["env"], submitted["job_id"]
     status = _dpdistill("jobs", "status", job_id, "--address", head.dashboard, env=env)

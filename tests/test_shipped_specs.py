@@ -28,6 +28,12 @@ def test_job_spec_validates(path):
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
 def test_sweep_spec_validates(path):
+    from dpdistill.runtime.allocation_sweep import is_allocation_sweep, load_allocation_sweep
+
+    if is_allocation_sweep(path):  # DP-GenG's utility-driven allocation: a DP-GenG job tuned on a public set
+        sweep, job = load_allocation_sweep(path)
+        assert job.method.name == "dpgeng" and job.method.options()["utility_tuning"] == "glyphs"
+        return
     sweep, job_doc, job_path = load_sweep(path)
     assert job_path.is_file() and sweep.metric.startswith("val_")
 

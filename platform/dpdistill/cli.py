@@ -306,8 +306,10 @@ def submit(
     tracking_uri: Annotated[str | None, typer.Option(
         help="MLflow tracking URI for the job (default: the cluster's MLFLOW_TRACKING_URI, else "
              "sqlite:///RUNS_DIR/mlflow.db)")] = None,
-    driver_cpus: Annotated[float, typer.Option(min=0, help="CPUs reserved for the job's driver")] = 1.0,
-    driver_gpus: Annotated[float, typer.Option(min=0, help="GPUs reserved for the job's driver")] = 0.0,
+    driver_cpus: Annotated[float | None, typer.Option(
+        min=0, help="CPUs reserved for the job's driver (default: the spec's resources.cpus)")] = None,
+    driver_gpus: Annotated[float | None, typer.Option(
+        min=0, help="GPUs reserved for the job's driver (default: the spec's resources.gpus)")] = None,
 ) -> None:
     """Submit a job to a Ray cluster as a Ray Job (the resolved spec travels with it); prints how to follow it."""
     import os

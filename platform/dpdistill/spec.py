@@ -186,6 +186,16 @@ class RaySpec(StrictModel):
     auth_token_path: str | None = Field(default=None, description="file holding the cluster's auth token")
 
 
+class ResourcesSpec(StrictModel):
+    """What the job's heavy work needs on a Ray cluster: a submitted job's driver, which runs the stages, is
+    placed by Ray on a node that has these free (on KubeRay a worker: the head offers none), and a GPU request
+    makes the autoscaler bring up a GPU worker."""
+
+    cpus: float = Field(default=1, ge=0, le=4096, description="CPUs reserved for the job's driver")
+    gpus: float = Field(default=0, ge=0, le=64, description="GPUs reserved for the job's driver")
+    memory_gb: float | None = Field(default=None, gt=0, description="memory reserved for the job's driver (GiB)")
+
+
 class TrackingSpec(StrictModel):
     """MLflow tracking: default ``sqlite:///<runs-dir>/mlflow.db``, or $MLFLOW_TRACKING_URI."""
 
@@ -264,6 +274,7 @@ class JobSpec(StrictModel):
     method: MethodSpec
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @field_validator("name")

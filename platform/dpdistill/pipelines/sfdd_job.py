@@ -39,7 +39,8 @@ METHODS = ("sfdd",)
 DISCLOSURE: dict[str, str] = {
     # MLflow params: the resolved spec, public by construction.
     "name": PUBLIC, "kind": PUBLIC, "description": PUBLIC, "seed": PUBLIC, "device": PUBLIC, "data.*": PUBLIC,
-    "method.*": PUBLIC, "privacy.*": PUBLIC, "evaluation.*": PUBLIC, "ray.*": PUBLIC, "tracking.*": PUBLIC,
+    "method.*": PUBLIC, "privacy.*": PUBLIC, "evaluation.*": PUBLIC, "ray.*": PUBLIC, "resources.*": PUBLIC,
+    "tracking.*": PUBLIC,
     # Per-round MLflow metrics: which clients answered (actor failures). Not the round's wall time: it is the
     # slowest client's compute time on its records, which LocalDP clients withhold.
     "clients_answered": PUBLIC, "clients_dropped": PUBLIC, "round_attempts": PUBLIC,

@@ -60,6 +60,7 @@ DISCLOSURE: dict[str, str] = {
     "method.*": PUBLIC,
     "evaluation.*": PUBLIC,
     "ray.*": PUBLIC,
+    "resources.*": PUBLIC,
     "tracking.*": PUBLIC,
     "privacy.*": ACCOUNTING,
 }

@@ -97,12 +97,19 @@ class Submission:
 
 
 def submit_job(spec: Any, address: str, workdir: Path, runs_dir: str, *, tracking_uri: str | None = None,
-               driver_cpus: float = 1.0, driver_gpus: float = 0.0) -> Submission:
+               driver_cpus: float | None = None, driver_gpus: float | None = None) -> Submission:
     """Submit ``spec`` to the Ray cluster whose dashboard is at ``address``.
 
-    ``driver_cpus`` / ``driver_gpus`` are reserved for the job's driver, which Ray then places on a node that
-    has them (on k8s/ a worker: the head offers none).
+    The job's driver runs its stages, so it gets the spec's ``resources`` (CPUs, GPUs, memory; ``driver_cpus`` /
+    ``driver_gpus`` override them): Ray places it on a node that has them free (on k8s/ a worker: the head
+    offers none), and a GPU request scales up a GPU worker group. A CUDA device with no GPU reserved is refused
+    here: the driver would land on a CPU node and refuse there, after the upload.
     """
+    cpus = spec.resources.cpus if driver_cpus is None else driver_cpus
+    gpus = spec.resources.gpus if driver_gpus is None else driver_gpus
+    if spec.device.startswith("cuda") and not gpus:
+        raise SpecError("field 'resources.gpus': device '" + spec.device + "' needs a GPU for the job's driver, "
+                        "which runs the stages; set resources.gpus: 1 (or --driver-gpus 1), or use device: auto")
     check_durable_path("--runs-dir", runs_dir)
     if tracking_uri:
         check_tracking_uri("--tracking-uri", tracking_uri)
@@ -129,8 +136,9 @@ def submit_job(spec: Any, address: str, workdir: Path, runs_dir: str, *, trackin
             submission_id=submission_id,
             runtime_env=runtime_env,
             metadata={"dpdistill.job": spec.name, "dpdistill.kind": spec.kind, "dpdistill.runs_dir": runs_dir},
-            entrypoint_num_cpus=driver_cpus or None,
-            entrypoint_num_gpus=driver_gpus or None,
+            entrypoint_num_cpus=cpus or None,
+            entrypoint_num_gpus=gpus or None,
+            entrypoint_memory=int(spec.resources.memory_gb * 2**30) if spec.resources.memory_gb else None,
         )
     except Exception as e:  # noqa: BLE001 - the job server's answer, in one line
         raise ClusterError(f"Ray job server {url}: submission refused ({_first_line(e)})") from None
