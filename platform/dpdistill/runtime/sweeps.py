@@ -545,7 +545,7 @@ class SweepTracking:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(float(v)):
                     client.log_metric(rid, k, float(v))
-            for f in ("summary.json", "ledger.json", STATE_FILE):
+            for f in ("summary.json", "ledger.json", STATE_FILE, "report.html"):
                 if (self.sweep_dir / f).is_file():
                     client.log_artifact(rid, str(self.sweep_dir / f))
             client.set_terminated(rid, status)
