@@ -118,6 +118,8 @@ class DPGAN(_GAN):
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
+        from dpdistill.privacy.opacus_noise import draw_noise_from
+
         c = self.config
         gen = self.generator_net
         gen.train()
@@ -126,12 +128,11 @@ class DPGAN(_GAN):
         opt_g = torch.optim.Adam(gen.parameters(), lr=c.lr_g, betas=(0.5, 0.999))
         if sigma is not None:
             critic = GradSampleModule(critic, loss_reduction="sum")
-            opt_d: Any = DPOptimizer(
+            opt_d: Any = draw_noise_from(DPOptimizer(
                 torch.optim.Adam(critic.parameters(), lr=c.lr_d, betas=(0.5, 0.999)),
                 noise_multiplier=sigma, max_grad_norm=c.max_grad_norm, expected_batch_size=fake_n,
-                # opacus' Gaussian noise from a secretly seeded generator (never one derived from the seed).
                 loss_reduction="mean", generator=self.noise.generator(self.device),
-            )
+            ), self.noise)  # the noise through the privacy source's guarded gaussian(), never opacus' own
         else:
             opt_d = torch.optim.Adam(critic.parameters(), lr=c.lr_d, betas=(0.5, 0.999))
         if sigma is None:  # public pretraining: the sampling is public, reproducible from the seed
