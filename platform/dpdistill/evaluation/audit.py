@@ -8,7 +8,7 @@ What is audited, each through the product's OWN code path (nothing here re-imple
   for D and for D ∪ {canary}. The canary is an all-ones image among near-zero ones (kernel ≈ 0 to all of them).
   Claimed: PLD ε of ``Gaussian(σ, 1)``, the charge ``_fit`` makes.
 - ``dp-ntk``: the same release of a small DP-NTK synthesiser (NTK features of a width-8 random network).
-- ``feature-matching``: DP feature matching's per-class release (distill/dpgeng/feature_matching.py):
+- ``feature-matching``: DP feature matching's per-class release (privacy/dp_ops.py):
   :class:`PoissonClassSampler` (Poisson sampling at q = B / n_c), :func:`clipped_sum`, :func:`noisy_mean`.
   Features are the flattened images (the identity embedding); the canary alone has a non-zero coordinate 0,
   so its clipped vector (norm C) is orthogonal to every other record's. Claimed: PLD ε of one
@@ -162,7 +162,7 @@ def _dp_ntk(target_epsilon: float, delta: float, noise_scale: float, seed: int) 
 
 def _feature_matching(target_epsilon: float, delta: float, noise_scale: float, seed: int) -> AuditSetup:
     from dpdistill.data.base import ImageSet
-    from dpdistill.distill.dpgeng.feature_matching import PoissonClassSampler, clipped_sum, noisy_mean
+    from dpdistill.privacy.dp_ops import PoissonClassSampler, clipped_sum, noisy_mean
 
     g = torch.Generator().manual_seed(seed)
     per_class, batch, clip = 50, 25, 1.0

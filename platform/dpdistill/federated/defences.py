@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from dpdistill.errors import PrivacyError
+from dpdistill.privacy.dp_ops import clip_tensor, noisy_sum
 from dpdistill.privacy.mechanisms import Gaussian, Parallel
 from dpdistill.privacy.noise import PrivacyRandomness, resolve
 
@@ -79,9 +80,7 @@ class LocalDP:
 
         ``noise`` is the client's own source (None: a fresh secret one); its ``gaussian`` refuses a no-noise draw.
         """
-        norm = float(update.detach().float().norm())
-        scale = min(1.0, self.clip / (norm + 1e-12))
-        return resolve(noise).add_gaussian(update.detach() * scale, self.sigma * self.clip)
+        return noisy_sum(clip_tensor(update.detach(), self.clip), self.clip, self.sigma, resolve(noise))
 
     def mechanism(self) -> Gaussian:
         """One client's release: noise std σC on a query of L2 sensitivity 2C (see the module docstring)."""

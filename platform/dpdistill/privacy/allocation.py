@@ -21,6 +21,7 @@ from dpdistill.privacy.analysis import gdp
 from dpdistill.privacy.analysis.pld import pld_epsilon
 from dpdistill.privacy.calibration import solve_sigma
 from dpdistill.privacy.defaults import validate_delta, validate_epsilon, validate_q, validate_steps
+from dpdistill.privacy.ledger import BUDGET_REL_TOL
 from dpdistill.privacy.mechanisms import Composed, Mechanism, PoissonGaussian
 from dpdistill.privacy.neighbouring import ADD_OR_REMOVE_ONE
 
@@ -138,6 +139,6 @@ def allocate_sigma(
         gdp_theorem2_sigma=gdp_sigma,
         gdp_mu_total=mu_total if gdp_sigma is not None else None,
         gdp_theorem2_epsilon_pld=eps_at_gdp,
-        gdp_theorem2_overspends=eps_at_gdp is not None and eps_at_gdp > target * (1.0 + 1e-9),
+        gdp_theorem2_overspends=eps_at_gdp is not None and eps_at_gdp > target * (1.0 + BUDGET_REL_TOL),
         neighbouring=neighbouring,
     )

@@ -46,6 +46,8 @@ from dpdistill.privacy.mechanisms import Composed, Mechanism, mechanism_from_dic
 from dpdistill.privacy.neighbouring import ADD_OR_REMOVE_ONE, check_relation, validate_neighbouring
 
 FORMAT = "dpdistill.ledger/1"
+# The platform's one budget tolerance (see "Budget tolerance" above): every check of a total against a budget
+# (this ledger, the data owner's store, sweeps, the synthesisers' targets, the σ solver) imports it from here.
 BUDGET_REL_TOL = 1e-9
 
 

@@ -16,7 +16,8 @@ clipped contributions (2C) becomes C under add-or-remove; the replace-one figure
 
 Budget. ``fit(..., epsilon=E)`` spends the ledger up to a composed total of E (default: the ledger's whole
 budget), so earlier charges of the same job are included: σ is calibrated against ``ledger.would_cost`` —
-exactly the figure the ledger will charge — and the ledger total lands within 1 % of E.
+exactly the figure the ledger will charge — by the platform's one σ solver
+(:func:`~dpdistill.privacy.dp_ops.solve_free_sigma`), and the ledger total lands within 0.3 % below E.
 
 Randomness. Two sources, never mixed. ``seed`` drives the data-independent randomness (weight init, random
 features, latents, public pretraining), which is public and worth reproducing. ``noise`` (a
@@ -45,9 +46,10 @@ from torch import nn
 
 from dpdistill.errors import DataError, PrivacyError, SpecError
 from dpdistill.evaluation.training import thread_limit
-from dpdistill.privacy import ADD_OR_REMOVE_ONE, Mechanism, PrivacyLedger, replace_one_guarantee
-from dpdistill.privacy.calibration import solve_sigma
+from dpdistill.privacy import ADD_OR_REMOVE_ONE, PrivacyLedger, replace_one_guarantee
 from dpdistill.privacy.disclosure import ACCOUNTING, PUBLIC
+from dpdistill.privacy.dp_ops import solve_free_sigma
+from dpdistill.privacy.ledger import BUDGET_REL_TOL
 from dpdistill.privacy.noise import PrivacyRandomness, resolve
 
 FORMAT = "dpdistill.synthesizer/1"
@@ -114,18 +116,11 @@ def fit_disclosure(*, noise: dict[str, str], extra: dict[str, str] | None = None
     return out
 
 
-def calibrate_for_ledger(ledger: PrivacyLedger, make: Callable[[float], Mechanism], target_total: float,
-                         guess: float = 1.0, what: str = "sigma") -> float:
-    """The smallest noise parameter s with ledger total ε ≤ target after charging ``make(s)`` (PLD, within 1 %).
-
-    Uses ``ledger.would_cost``, i.e. exactly what ``charge`` will compute, composed with every earlier charge.
-    """
-    spent = ledger.spent_epsilon()
-    if not target_total > spent * (1 + 1e-9):
-        raise PrivacyError(
-            f"{what}: target ε {target_total:.4g} leaves nothing to spend (ledger already at ε {spent:.4g})"
-        )
-    return solve_sigma(lambda s: ledger.would_cost(make(s)), target_total, guess, rel_tol=0.005, what=what).sigma
+# The one σ solver (privacy/dp_ops.py), under the name the synthesisers call it by:
+# ``calibrate_for_ledger(ledger, make, target_total, guess, what)`` is the smallest noise parameter s with the
+# ledger's total ε ≤ target_total after charging ``make(s)``, solved on ``ledger.would_cost`` (exactly what
+# ``charge`` will compute, composed with every earlier charge), landing within SIGMA_REL_TOL below the target.
+calibrate_for_ledger = solve_free_sigma
 
 
 def check_config(config: Any) -> None:
@@ -245,7 +240,7 @@ class Synthesizer(ABC):
                                f"{ledger.neighbouring}")
         self._check_set(sensitive, "sensitive set")
         target = ledger.epsilon_budget if epsilon is None else float(epsilon)
-        if not 0 < target <= ledger.epsilon_budget * (1 + 1e-9):
+        if not 0 < target <= ledger.epsilon_budget * (1 + BUDGET_REL_TOL):
             raise PrivacyError(f"{self.name}: epsilon={epsilon!r} must lie in (0, ledger budget "
                                f"{ledger.epsilon_budget:g}]")
         before = len(ledger.entries)
