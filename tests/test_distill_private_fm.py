@@ -6,18 +6,19 @@ import pytest
 import torch
 
 from dpdistill import data, models
-from dpdistill.distill.dpgeng.allocation import require_ledger, sigma_for_share, solve_free_sigma
-from dpdistill.distill.dpgeng.feature_matching import (
-    PoissonClassSampler,
-    check_per_record_network,
-    clip_rows,
-    clipped_sum,
-    feature_matching_mechanism,
-    noisy_mean,
-    private_normalizer,
-)
+from dpdistill.distill.loop import require_ledger
+from dpdistill.distill.private_matching import check_per_record_network, feature_matching_mechanism
+from dpdistill.distill.synthetic import private_normalizer
 from dpdistill.errors import BudgetExceeded, PrivacyError, SpecError
 from dpdistill.privacy import Parallel, PoissonGaussian, PrivacyLedger, epsilon
+from dpdistill.privacy.dp_ops import (
+    PoissonClassSampler,
+    clip_rows,
+    clipped_sum,
+    noisy_mean,
+    sigma_for_share,
+    solve_free_sigma,
+)
 from dpdistill.privacy.noise import PrivacyRandomness
 
 

@@ -14,7 +14,8 @@ less memory than summing the classes' graphs first).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,21 +23,14 @@ from pydantic import Field
 from torch import nn
 
 from dpdistill.distill.augment import DSA, DSAParams
-from dpdistill.distill.dm import (
-    Callback,
-    ClassSampler,
-    MatchingConfig,
-    as_generator,
-    build_net,
-    check_real,
-    dsa_for,
-    init_set,
-    progress_steps,
-)
-from dpdistill.distill.loop import apply_image_gradient, partial_set_on_interrupt
+from dpdistill.distill.dm import ClassSampler, Matching, MatchingConfig, start_matching
+from dpdistill.distill.loop import RunArgs, RunOptions, apply_image_gradient
 from dpdistill.distill.losses import DISTANCES, gradient_distance, network_gradients, trainable_parameters
 from dpdistill.distill.registry import register
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 # DC's (outer_loop, inner_loop) by images per class (the reference's get_loops).
 DC_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -130,73 +124,88 @@ def _train_inner(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
             opt.step()
 
 
-def run_dc(
-    real: Any,
-    cfg: DCConfig | None = None,
-    seed: int | torch.Generator = 0,
-    *,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    callback: Callback | None = None,
-    init: SyntheticSet | None = None,
-) -> SyntheticSet:
+def gradient_matching_iteration(
+    m: Matching,
+    net: nn.Module,
+    opt_img: torch.optim.Optimizer,
+    class_loss: Callable[[int], torch.Tensor],
+    inner: Callable[[], None],
+    before_match: Callable[[], None] | None = None,
+) -> float:
+    """One network's gradient matching (DC's Algorithm 1, shared by PSG); returns the loss per outer step.
+
+    ``outer_loop`` times (:meth:`DCConfig.loops`): every class's ``class_loss(c)`` (its distance between
+    synthetic and real gradients) is backpropagated into the images only, the images take one step, and
+    except after the last, ``inner()`` trains ``net`` (when ``inner_loop`` > 0). ``before_match`` runs before
+    each outer step (DC: freeze batch-norm statistics).
+    """
+    outer_loop, inner_loop = m.cfg.loops()
+    total = 0.0
+    for ol in range(outer_loop):
+        if before_match is not None:
+            before_match()
+        opt_img.zero_grad(set_to_none=True)
+        for c in range(m.syn.num_classes):
+            loss = class_loss(c)
+            # Only the images need this gradient; the network's own updates come later.
+            loss.backward(inputs=[m.syn.images])
+            total += float(loss.detach())
+        apply_image_gradient(opt_img, m.syn, m.normalize, m.cfg.clamp)
+        if ol < outer_loop - 1 and inner_loop > 0:
+            inner()
+    return total / outer_loop
+
+
+def synthetic_training_set(m: Matching) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoded synthetic set in network-input space, outside the graph (the network must not accumulate
+    image gradients from its own training)."""
+    with torch.no_grad():
+        x, y = m.syn.decoded()
+        return m.normalize(x), y
+
+
+def run_dc(real: Any, cfg: DCConfig | None = None, seed: int | torch.Generator = 0, *,
+           init: SyntheticSet | None = None, **options: Unpack[RunOptions]) -> SyntheticSet:
     """Distil ``real`` (an ImageSet) with DC gradient matching (DSA by default); returns the synthetic set.
 
     Arguments as :func:`~dpdistill.distill.dm.run_dm`; ``callback(iteration, loss)`` gets the iteration's loss
     averaged over its outer steps and summed over classes.
     """
     cfg = cfg if cfg is not None else DCConfig()
-    check_real(real, cfg)
-    device = torch.device(device)
-    g = as_generator(seed)
-    syn = init if init is not None else init_set(cfg, real, g, device)
-    syn.to(device)
-    sampler = ClassSampler(real, device)
-    normalize = Normalizer.for_data(real, mean, std, device)
-    dsa = dsa_for(cfg)
-    outer_loop, inner_loop = cfg.loops()
-    opt_img = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
-    with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "DC", progress) as advance:
-        for it in range(cfg.iterations):
-            net = build_net(cfg, real, g, device)
-            net.train()
-            opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
-            total = 0.0
-            for ol in range(outer_loop):
-                if _has_batchnorm(net):
-                    _freeze_batchnorm(net, sampler, normalize, syn.num_classes, g)
-                opt_img.zero_grad(set_to_none=True)
-                for c in range(syn.num_classes):
-                    xr = normalize(sampler.batch(c, cfg.batch_real, g))
-                    xs = normalize(syn.class_images(c))
-                    yr = torch.full((len(xr),), c, dtype=torch.int64, device=device)
-                    ys = torch.full((len(xs),), c, dtype=torch.int64, device=device)
-                    params = dsa.sample(1, g) if dsa is not None else None
-                    loss = gradient_match_step(net, xs, ys, xr, yr, cfg.distance, dsa, params)
-                    # Only the images need this gradient; the network's own updates come later.
-                    loss.backward(inputs=[syn.images])
-                    total += float(loss.detach())
-                apply_image_gradient(opt_img, syn, normalize, cfg.clamp)
-                if ol == outer_loop - 1 or inner_loop == 0:
-                    continue
-                # The matching net must not accumulate image gradients from its own training.
-                if cfg.inner_on == "synthetic":
-                    with torch.no_grad():
-                        x_train, y_train = syn.decoded()
-                        x_train = normalize(x_train)
-                else:
-                    n = min(len(sampler.images), cfg.batch_train * inner_loop)
-                    pick = torch.randperm(len(sampler.images), generator=g)[:n].to(device)
-                    x_train, y_train = normalize(sampler.images[pick]), sampler.labels[pick]
-                epochs = inner_loop if cfg.inner_on == "synthetic" else 1
-                _train_inner(net, opt_net, x_train, y_train, epochs, cfg.batch_train, dsa, g)
-            value = total / outer_loop
-            advance(value)
-            if callback is not None:
-                callback(it, value)
-    return syn
+    m = start_matching(real, cfg, seed, RunArgs.of(**options), init=init)
+    sampler = ClassSampler(real, m.device)
+    _, inner_loop = cfg.loops()
+    opt_img = m.image_optimizer()
+
+    def step(_: int) -> float:
+        net = m.fresh_net(frozen=False)
+        opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
+
+        def class_loss(c: int) -> torch.Tensor:
+            xr = m.normalize(sampler.batch(c, cfg.batch_real, m.g))
+            xs = m.normalize(m.syn.class_images(c))
+            yr = torch.full((len(xr),), c, dtype=torch.int64, device=m.device)
+            ys = torch.full((len(xs),), c, dtype=torch.int64, device=m.device)
+            params = m.dsa.sample(1, m.g) if m.dsa is not None else None
+            return gradient_match_step(net, xs, ys, xr, yr, cfg.distance, m.dsa, params)
+
+        def inner() -> None:
+            if cfg.inner_on == "synthetic":
+                x_train, y_train = synthetic_training_set(m)
+            else:
+                n = min(len(sampler.images), cfg.batch_train * inner_loop)
+                pick = torch.randperm(len(sampler.images), generator=m.g)[:n].to(m.device)
+                x_train, y_train = m.normalize(sampler.images[pick]), sampler.labels[pick]
+            epochs = inner_loop if cfg.inner_on == "synthetic" else 1
+            _train_inner(net, opt_net, x_train, y_train, epochs, cfg.batch_train, m.dsa, m.g)
+
+        def freeze() -> None:
+            _freeze_batchnorm(net, sampler, m.normalize, m.syn.num_classes, m.g)
+
+        return gradient_matching_iteration(m, net, opt_img, class_loss, inner,
+                                           freeze if _has_batchnorm(net) else None)
+
+    return m.loop("DC", step)
 
 
 register("dc", run_dc, DCConfig, private=False,

@@ -8,15 +8,15 @@ Faithful to the reference (VICO-UoE/DatasetCondensation ``main_DM.py``) except: 
 with lr in normalised units (see :mod:`dpdistill.distill.synthetic`), optionally clamped to [0, 1] after each
 step (``clamp``, default on, so what is matched is what is released), and all classes are embedded in one
 forward pass per side (identical for instance/group/layer norm; the reference's own path for batch norm).
-Also shared by DC: :class:`MatchingConfig`, :func:`build_net`, :class:`ClassSampler`, :func:`progress_steps`.
+Also shared by DC, NDPDC and PSG: :class:`MatchingConfig`, :func:`build_net`, :class:`ClassSampler`, and
+:func:`start_matching`, the setup of a matching run (:class:`Matching`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import ConfigDict, Field, model_validator
@@ -24,14 +24,18 @@ from torch import nn
 
 from dpdistill import models
 from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, make_dsa, siamese_pair
-from dpdistill.distill.loop import image_step, partial_set_on_interrupt
+from dpdistill.distill.loop import RunArgs, RunOptions, image_step
+from dpdistill.distill.loop import (
+    progress_steps as progress_steps,  # re-exported: SFDD's job uses it from here
+)
 from dpdistill.distill.losses import feature_mean_distance
 from dpdistill.distill.options import CheckedNetworkOptions
 from dpdistill.distill.registry import register
-from dpdistill.distill.synthetic import Normalizer, SyntheticSet
+from dpdistill.distill.synthetic import Normalizer, SyntheticSet, private_normalizer
 from dpdistill.errors import DataError
 
-Callback = Callable[[int, float], None]
+if TYPE_CHECKING:
+    from typing import Unpack
 
 
 class MatchingConfig(CheckedNetworkOptions):
@@ -130,29 +134,60 @@ def dsa_for(cfg: MatchingConfig) -> DSA | None:
     return make_dsa(cfg.dsa_strategy, cfg.dsa_mode)
 
 
-@contextlib.contextmanager
-def progress_steps(total: int, label: str, enabled: bool) -> Iterator[Callable[[float], None]]:
-    """A rich progress bar on a terminal (a no-op elsewhere); yields ``advance(loss)``."""
-    bar = None
-    if enabled:
-        from rich.console import Console
-
-        if Console(file=sys.stdout).is_terminal:
-            from rich.progress import Progress
-
-            bar = Progress(*Progress.get_default_columns(), "loss {task.fields[loss]:.4g}", transient=True)
-    if bar is None:
-        yield lambda _loss: None
-        return
-    with bar:
-        task = bar.add_task(label, total=total, loss=float("nan"))
-        yield lambda loss: bar.update(task, advance=1, loss=loss)
-
-
 def check_real(real: Any, cfg: MatchingConfig) -> None:
     """Refuse data the distillers cannot use (non-square images; ipc against factor is the config's own check)."""
     if real.images.shape[-1] != real.images.shape[-2]:
         raise DataError(f"{getattr(real, 'name', 'dataset')}: expected square images, got {tuple(real.images.shape)}")
+
+
+@dataclass
+class Matching:
+    """A matching run as every matcher sets it up: config, data, device, seeded generator, set, normaliser, DSA."""
+
+    cfg: Any
+    real: Any
+    device: torch.device
+    g: torch.Generator  # the seeded, data-independent randomness: networks, init, DSA
+    syn: SyntheticSet
+    normalize: Normalizer
+    dsa: DSA | None
+    args: RunArgs
+
+    def fresh_net(self, *, frozen: bool = True) -> nn.Module:
+        """A freshly initialised matching network in training mode (its parameters frozen when ``frozen``)."""
+        net = build_net(self.cfg, self.real, self.g, self.device)
+        net.train()
+        if frozen:
+            for p in net.parameters():
+                p.requires_grad_(False)
+        return net
+
+    def image_optimizer(self) -> torch.optim.Optimizer:
+        """SGD with momentum on the synthetic images (learning rate in normalised-image units)."""
+        return torch.optim.SGD([self.syn.images], lr=self.cfg.lr_img, momentum=self.cfg.momentum)
+
+    def loop(self, label: str, step: Callable[[int], float]) -> SyntheticSet:
+        """``cfg.iterations`` calls of ``step(iteration) -> loss`` (:func:`~dpdistill.distill.loop.run_iterations`)."""
+        return self.args.loop(self.syn, self.cfg.iterations, label, step)
+
+
+def start_matching(real: Any, cfg: MatchingConfig, seed: int | torch.Generator, args: RunArgs, *,
+                   init: SyntheticSet | None = None) -> Matching:
+    """The setup every matcher shares: checks, seeded generator, the initial set, normaliser and DSA.
+
+    ``init`` continues from a given set instead of ``cfg.init``. A private run (``args.ledger`` set) normalises
+    with the given (public) statistics or 0.5 / 0.5, never statistics of ``real``; a non-private one computes
+    missing ones from ``real``.
+    """
+    check_real(real, cfg)
+    g = as_generator(seed)
+    syn = init if init is not None else init_set(cfg, real, g, args.device)
+    syn.to(args.device)
+    if args.ledger is not None:
+        normalize = private_normalizer(args.mean, args.std, real.channels, args.device)
+    else:
+        normalize = Normalizer.for_data(real, args.mean, args.std, args.device)
+    return Matching(cfg, real, args.device, g, syn, normalize, dsa_for(cfg), args)
 
 
 # ----------------------------------------------------------------------------------------------------- DM
@@ -183,18 +218,8 @@ def dm_step(
     return torch.stack([feature_mean_distance(r, s) for r, s in zip(f_real, f_syn, strict=True)]).sum()
 
 
-def run_dm(
-    real: Any,
-    cfg: DMConfig | None = None,
-    seed: int | torch.Generator = 0,
-    *,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    callback: Callback | None = None,
-    init: SyntheticSet | None = None,
-) -> SyntheticSet:
+def run_dm(real: Any, cfg: DMConfig | None = None, seed: int | torch.Generator = 0, *,
+           init: SyntheticSet | None = None, **options: Unpack[RunOptions]) -> SyntheticSet:
     """Distil ``real`` (an ImageSet) with DM; returns the synthetic set (pixel space).
 
     ``mean``/``std`` normalise images for the matching network (default: statistics of ``real``).
@@ -202,27 +227,15 @@ def run_dm(
     ``cfg.init``. Ctrl-C propagates as KeyboardInterrupt with the (consistent) set in ``exc.synthetic_set``.
     """
     cfg = cfg if cfg is not None else DMConfig()
-    check_real(real, cfg)
-    device = torch.device(device)
-    g = as_generator(seed)
-    syn = init if init is not None else init_set(cfg, real, g, device)
-    syn.to(device)
-    sampler = ClassSampler(real, device)
-    normalize = Normalizer.for_data(real, mean, std, device)
-    dsa = dsa_for(cfg)
-    opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
-    with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "DM", progress) as advance:
-        for it in range(cfg.iterations):
-            net = build_net(cfg, real, g, device)
-            net.train()
-            for p in net.parameters():
-                p.requires_grad_(False)
-            loss = dm_step(net, syn, sampler, normalize, dsa, cfg.batch_real, g)
-            value = image_step(opt, loss, syn, normalize, cfg.clamp)
-            advance(value)
-            if callback is not None:
-                callback(it, value)
-    return syn
+    m = start_matching(real, cfg, seed, RunArgs.of(**options), init=init)
+    sampler = ClassSampler(real, m.device)
+    opt = m.image_optimizer()
+
+    def step(_: int) -> float:
+        loss = dm_step(m.fresh_net(), m.syn, sampler, m.normalize, m.dsa, cfg.batch_real, m.g)
+        return image_step(opt, loss, m.syn, m.normalize, cfg.clamp)
+
+    return m.loop("DM", step)
 
 
 register("dm", run_dm, DMConfig, private=False,

@@ -5,7 +5,7 @@ and for each class a Poisson batch of sensitive records is embedded record by re
 to norm C, summed, and released with N(0, (σC)² I) noise divided by the expected batch size; the synthetic
 images (initialised from noise: real images would leak) move to match it under the same clipping. The whole
 run is charged once, before it starts: ``iterations`` Poisson-Gaussian steps, parallel over the classes (see
-:mod:`dpdistill.distill.dpgeng.feature_matching` for the sensitivity and parallel-composition argument).
+:mod:`dpdistill.distill.private_matching` for the sensitivity and parallel-composition argument).
 σ is solved so the run spends what is left of the ledger's budget, unless the config fixes it.
 
 Randomness: the Poisson batches and the noise come from ``noise`` (a secret
@@ -15,31 +15,26 @@ NOT PRIVATE); ``seed`` drives only the data-independent draws (the networks, the
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
 
-from dpdistill.distill.dm import MatchingConfig, as_generator, build_net, check_real, dsa_for, progress_steps
-from dpdistill.distill.dpgeng.allocation import require_ledger, solve_free_sigma
-from dpdistill.distill.dpgeng.feature_matching import (
-    CLASS_SIZES_NOTE,
-    PoissonClassSampler,
+from dpdistill.distill.dm import MatchingConfig
+from dpdistill.distill.loop import PrivateRunOptions, image_step
+from dpdistill.distill.options import PrivateMatchingOptions
+from dpdistill.distill.private_matching import (
     check_per_record_network,
     dp_feature_matching_loss,
-    feature_matching_mechanism,
-    private_normalizer,
+    start_private,
 )
-from dpdistill.distill.loop import image_step, partial_set_on_interrupt
-from dpdistill.distill.options import PrivateMatchingOptions
 from dpdistill.distill.registry import register
 from dpdistill.distill.synthetic import SyntheticSet
-from dpdistill.privacy import noise as privacy_noise
 from dpdistill.privacy.disclosure import CHARGED
-from dpdistill.privacy.noise import PrivacyRandomness
 
-Callback = Callable[[int, float], None]
+if TYPE_CHECKING:
+    from typing import Unpack
+
 COMPONENT = "ndpdc/feature_matching"
 
 
@@ -55,19 +50,8 @@ class NDPDCConfig(PrivateMatchingOptions, MatchingConfig):
     init: Literal["noise"] = Field("noise", description="noise only: initialising from real records would leak")
 
 
-def run_ndpdc(
-    real: Any,
-    cfg: NDPDCConfig | None = None,
-    seed: int | torch.Generator = 0,
-    *,
-    ledger: Any = None,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    callback: Callback | None = None,
-    noise: PrivacyRandomness | None = None,
-) -> SyntheticSet:
+def run_ndpdc(real: Any, cfg: NDPDCConfig | None = None, seed: int | torch.Generator = 0,
+              **options: Unpack[PrivateRunOptions]) -> SyntheticSet:
     """Distil the sensitive ``real`` ImageSet with NDPDC under ``ledger``'s budget; returns the synthetic set.
 
     ``mean``/``std`` must be public statistics (default 0.5 / 0.5; never computed from ``real``). The whole
@@ -76,39 +60,17 @@ def run_ndpdc(
     against the noisy targets: post-processing of the charged release.
     """
     cfg = cfg if cfg is not None else NDPDCConfig()
-    ledger = require_ledger(ledger, "ndpdc")
-    noise = privacy_noise.resolve(noise)
-    check_real(real, cfg)
-    device = torch.device(device)
-    g = as_generator(seed)
-    shape = (real.channels, real.image_size, real.image_size)
-    syn = SyntheticSet.from_noise(real.num_classes, cfg.stored_ipc, shape, g, cfg.factor, device=device)
-    sampler = PoissonClassSampler(real, cfg.batch_real, device)
-    normalize = private_normalizer(mean, std, real.channels, device)
-    dsa = dsa_for(cfg)
-    sigma = cfg.sigma
-    if cfg.iterations > 0:
-        def make(s: float) -> Any:
-            return feature_matching_mechanism(sampler.max_rate, s, cfg.iterations, real.num_classes)
+    m, dp = start_private("ndpdc", COMPONENT, real, cfg, seed, cfg.iterations, **options)
+    opt = m.image_optimizer()
 
-        sigma = sigma if sigma is not None else solve_free_sigma(ledger, make)
-        ledger.charge(COMPONENT, make(sigma), note=f"clip C={cfg.clip:g}; {CLASS_SIZES_NOTE}")
-    syn.sigma = sigma  # type: ignore[attr-defined]  # what the run used, for reports
-    opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
-    with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "NDPDC", progress) as advance:
-        for it in range(cfg.iterations):
-            net = build_net(cfg, real, g, device)
-            net.train()
-            check_per_record_network(net, "ndpdc")
-            for p in net.parameters():
-                p.requires_grad_(False)
-            loss = dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma, noise=noise,
-                                            generator=g)
-            value = image_step(opt, loss, syn, normalize, cfg.clamp)
-            advance(value)
-            if callback is not None:
-                callback(it, value)
-    return syn
+    def step(_: int) -> float:
+        net = m.fresh_net()
+        check_per_record_network(net, "ndpdc")
+        loss = dp_feature_matching_loss(net, m.syn, dp.sampler, m.normalize, m.dsa, dp.clip, dp.sigma,
+                                        noise=dp.noise, generator=m.g)
+        return image_step(opt, loss, m.syn, m.normalize, cfg.clamp)
+
+    return m.loop("NDPDC", step)
 
 
 # What a distill job logs for NDPDC beyond its own keys. The step loss is ||noisy real mean - mean clip(f(syn))||²

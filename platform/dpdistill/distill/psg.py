@@ -18,8 +18,7 @@ synthetic set in the network's training).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,26 +27,24 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpdistill.distill.augment import siamese_pair
-from dpdistill.distill.dc import DCConfig
-from dpdistill.distill.dm import as_generator, build_net, check_real, dsa_for, progress_steps
-from dpdistill.distill.dpgeng.allocation import require_ledger, solve_free_sigma
-from dpdistill.distill.dpgeng.feature_matching import (
-    CLASS_SIZES_NOTE,
-    PoissonClassSampler,
-    check_per_record_network,
-    feature_matching_mechanism,
-    private_normalizer,
+from dpdistill.distill.dc import (
+    DCConfig,
+    _train_inner,
+    gradient_matching_iteration,
+    synthetic_training_set,
 )
-from dpdistill.distill.loop import apply_image_gradient, partial_set_on_interrupt
+from dpdistill.distill.loop import PrivateRunOptions
 from dpdistill.distill.losses import gradient_distance, network_gradients, trainable_parameters
 from dpdistill.distill.options import PrivateMatchingOptions
+from dpdistill.distill.private_matching import check_per_record_network, start_private
 from dpdistill.distill.registry import register
 from dpdistill.distill.synthetic import SyntheticSet
-from dpdistill.privacy import noise as privacy_noise
 from dpdistill.privacy.disclosure import CHARGED
-from dpdistill.privacy.noise import PrivacyRandomness
+from dpdistill.privacy.dp_ops import clipped_per_example_sum, noisy_mean
 
-Callback = Callable[[int, float], None]
+if TYPE_CHECKING:
+    from typing import Unpack
+
 COMPONENT = "psg/gradient_matching"
 
 
@@ -82,43 +79,16 @@ def per_sample_gradients(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> li
 def clipped_gradient_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float,
                          chunk: int = 64) -> list[torch.Tensor]:
     """Σ_i clip(∇ℓ(x_i, y_i)) with each record's whole gradient scaled to L2 norm ≤ ``clip`` (sensitivity C)."""
-    shapes = [p.shape for p in trainable_parameters(net)]
-    total = [torch.zeros(s, device=x.device) for s in shapes]
+    total = [torch.zeros(p.shape, device=x.device) for p in trainable_parameters(net)]
     for start in range(0, len(x), chunk):
         per = per_sample_gradients(net, x[start:start + chunk], y[start:start + chunk])
-        norms = torch.sqrt(sum(g.reshape(len(g), -1).pow(2).sum(1) for g in per))
-        scale = (clip / norms.clamp_min(1e-12)).clamp(max=1.0)
-        for t, g in zip(total, per, strict=True):
-            t += torch.einsum("n,n...->...", scale, g)
+        for t, s in zip(total, clipped_per_example_sum(per, clip), strict=True):
+            t += s
     return total
 
 
-def _train_on_synthetic(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epochs: int,
-                        batch_size: int, generator: torch.Generator) -> None:
-    net.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator).to(x.device)
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-
-def run_psg(
-    real: Any,
-    cfg: PSGConfig | None = None,
-    seed: int | torch.Generator = 0,
-    *,
-    ledger: Any = None,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    callback: Callback | None = None,
-    noise: PrivacyRandomness | None = None,
-) -> SyntheticSet:
+def run_psg(real: Any, cfg: PSGConfig | None = None, seed: int | torch.Generator = 0,
+            **options: Unpack[PrivateRunOptions]) -> SyntheticSet:
     """Distil the sensitive ``real`` ImageSet with PSG under ``ledger``'s budget; returns the synthetic set.
 
     ``mean``/``std`` must be public statistics (default 0.5 / 0.5). The run is charged to ``ledger`` as
@@ -127,63 +97,36 @@ def run_psg(
     gradients: post-processing of the charged release.
     """
     cfg = cfg if cfg is not None else PSGConfig()
-    ledger = require_ledger(ledger, "psg")
-    noise = privacy_noise.resolve(noise)
-    check_real(real, cfg)
-    device = torch.device(device)
-    g = as_generator(seed)
-    shape = (real.channels, real.image_size, real.image_size)
-    syn = SyntheticSet.from_noise(real.num_classes, cfg.stored_ipc, shape, g, cfg.factor, device=device)
-    sampler = PoissonClassSampler(real, cfg.batch_real, device)
-    normalize = private_normalizer(mean, std, real.channels, device)
-    dsa = dsa_for(cfg)
     outer_loop, inner_loop = cfg.loops()
-    steps = cfg.iterations * outer_loop
-    sigma = cfg.sigma
-    if steps > 0:
-        def make(s: float) -> Any:
-            return feature_matching_mechanism(sampler.max_rate, s, steps, real.num_classes)
+    m, dp = start_private("psg", COMPONENT, real, cfg, seed, cfg.iterations * outer_loop, **options)
+    opt_img = m.image_optimizer()
 
-        sigma = sigma if sigma is not None else solve_free_sigma(ledger, make)
-        ledger.charge(COMPONENT, make(sigma), note=f"clip C={cfg.clip:g}; {CLASS_SIZES_NOTE}")
-    syn.sigma = sigma  # type: ignore[attr-defined]
-    opt_img = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
-    with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "PSG", progress) as advance:
-        for it in range(cfg.iterations):
-            net = build_net(cfg, real, g, device)
-            net.train()
-            check_per_record_network(net, "psg")
-            opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
-            total = 0.0
-            for ol in range(outer_loop):
-                opt_img.zero_grad(set_to_none=True)
-                weights = trainable_parameters(net)
-                for c in range(syn.num_classes):
-                    xr = normalize(sampler.sample(c, noise))
-                    xs = normalize(syn.class_images(c))
-                    xr, xs = siamese_pair(dsa, xr, xs, g)
-                    yr = torch.full((len(xr),), c, dtype=torch.int64, device=device)
-                    ys = torch.full((len(xs),), c, dtype=torch.int64, device=device)
-                    sums = clipped_gradient_sum(net, xr, yr, cfg.clip, cfg.chunk)
-                    expected = sampler.expected_size(c)
-                    # The only released view of the real batch: its clipped sum plus secret noise.
-                    gw_real = [noise.add_gaussian(s, sigma * cfg.clip) / expected for s in sums]
-                    gw_syn = network_gradients(net, xs, ys, create_graph=True, params=weights)
-                    loss = gradient_distance(gw_syn, gw_real, cfg.distance)
-                    loss.backward()
-                    total += float(loss.detach())
-                apply_image_gradient(opt_img, syn, normalize, cfg.clamp)
-                if ol == outer_loop - 1 or inner_loop == 0:
-                    continue
-                with torch.no_grad():
-                    x_train, y_train = syn.decoded()
-                    x_train = normalize(x_train)
-                _train_on_synthetic(net, opt_net, x_train, y_train, inner_loop, cfg.batch_train, g)
-            value = total / outer_loop
-            advance(value)
-            if callback is not None:
-                callback(it, value)
-    return syn
+    def step(_: int) -> float:
+        net = m.fresh_net(frozen=False)
+        check_per_record_network(net, "psg")
+        opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
+
+        def class_loss(c: int) -> torch.Tensor:
+            xr = m.normalize(dp.sampler.sample(c, dp.noise))
+            xs = m.normalize(m.syn.class_images(c))
+            xr, xs = siamese_pair(m.dsa, xr, xs, m.g)
+            yr = torch.full((len(xr),), c, dtype=torch.int64, device=m.device)
+            ys = torch.full((len(xs),), c, dtype=torch.int64, device=m.device)
+            sums = clipped_gradient_sum(net, xr, yr, dp.clip, cfg.chunk)
+            expected = dp.sampler.expected_size(c)
+            # The only released view of the real batch: its clipped sum plus secret noise.
+            gw_real = [noisy_mean(s, dp.clip, dp.sigma, expected, dp.noise) for s in sums]
+            gw_syn = network_gradients(net, xs, ys, create_graph=True, params=trainable_parameters(net))
+            return gradient_distance(gw_syn, gw_real, cfg.distance)
+
+        def inner() -> None:
+            # The network trains on the synthetic set only (post-processing), without DSA.
+            x_train, y_train = synthetic_training_set(m)
+            _train_inner(net, opt_net, x_train, y_train, inner_loop, cfg.batch_train, None, m.g)
+
+        return gradient_matching_iteration(m, net, opt_img, class_loss, inner)
+
+    return m.loop("PSG", step)
 
 
 # What a distill job logs for PSG beyond its own keys. The step loss is the distance between the synthetic

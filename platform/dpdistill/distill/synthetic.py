@@ -230,3 +230,11 @@ class Normalizer:
             mean = x.mean(dim=(0, 2, 3)).tolist() if mean is None else mean
             std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist() if std is None else std
         return cls(mean, std, device)
+
+
+def private_normalizer(mean: Sequence[float] | None, std: Sequence[float] | None, channels: int,
+                       device: str | torch.device) -> Normalizer:
+    """A normaliser from given (public) statistics, else the data-independent 0.5 / 0.5: never from the data."""
+    mean = list(mean) if mean is not None else [0.5] * channels
+    std = list(std) if std is not None else [0.5] * channels
+    return Normalizer(mean, std, device)

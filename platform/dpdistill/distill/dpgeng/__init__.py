@@ -9,32 +9,15 @@ A distill job logs the report's σs and stage times, and evaluates its DP-genera
 (:mod:`dpdistill.distill.registry`).
 """
 
-from dpdistill.distill.dpgeng.allocation import (
-    UtilityAllocation,
-    sigma_for_share,
-    solve_free_sigma,
-    utility_allocation,
-)
-from dpdistill.distill.dpgeng.feature_matching import (
-    PoissonClassSampler,
-    clip_rows,
-    clipped_sum,
-    dp_feature_matching_loss,
-    feature_matching_mechanism,
-)
+from dpdistill.distill.dpgeng.allocation import UtilityAllocation, utility_allocation
 from dpdistill.distill.dpgeng.pipeline import ComponentLedger, DPGenGConfig, run_dpgeng
 
+# The DP building blocks it shares with NDPDC and PSG (Poisson sampling, clipping, noisy means, the σ solver,
+# DP feature matching) live outside this package: dpdistill.privacy.dp_ops and dpdistill.distill.private_matching.
 __all__ = [
     "ComponentLedger",
     "DPGenGConfig",
-    "PoissonClassSampler",
     "UtilityAllocation",
-    "clip_rows",
-    "clipped_sum",
-    "dp_feature_matching_loss",
-    "feature_matching_mechanism",
     "run_dpgeng",
-    "sigma_for_share",
-    "solve_free_sigma",
     "utility_allocation",
 ]

@@ -1,10 +1,11 @@
-"""Privacy-budget allocation for the private distillers (DP-GenG stage g, and the σ of NDPDC / PSG).
+"""DP-GenG's privacy-budget allocation (stage g): fixed or utility-driven ε shares for the generator and expert.
 
-Fixed shares: a component with share s is calibrated so that its own mechanism alone is (s·ε, δ)-DP; the
-last sensitive stage (DP-GenG's feature matching, NDPDC's and PSG's matching) is the *free* component whose
-σ is solved so that everything already charged plus it composes to exactly the job's ε by PLD
-(:func:`solve_free_sigma`). Because ε composes sub-additively, the free component gets more than
-(1 − Σ s)·ε alone, and the ledger's total lands on the target (within the solver's 1 %).
+Fixed shares: a component with share s is calibrated so that its own mechanism alone is (s·ε, δ)-DP
+(:func:`~dpdistill.privacy.dp_ops.sigma_for_share`); the last sensitive stage, feature matching, is the *free*
+component whose σ is solved so that everything already charged plus it composes to the job's ε on the ledger
+(:func:`~dpdistill.privacy.dp_ops.solve_free_sigma`, the platform's one σ solver, which NDPDC and PSG use
+alike). Because ε composes sub-additively, the free component gets more than (1 − Σ s)·ε alone, and the
+ledger's total lands on the target (within the solver's 0.3 %, never above).
 
 The generator goes first, so its share is what the ledger holds after it (Synthesizer.fit spends up to a
 composed total); the expert's σ is calibrated for its share alone; feature matching takes the rest.
@@ -23,50 +24,10 @@ from typing import Any
 
 import torch
 
-from dpdistill.errors import PrivacyError
-from dpdistill.privacy import (
-    ADD_OR_REMOVE_ONE,
-    Mechanism,
-    allocate_sigma,
-    calibrate_mechanism,
-)
+from dpdistill.privacy import Mechanism
 from dpdistill.privacy import noise as privacy_noise
+from dpdistill.privacy.dp_ops import sigma_for_share
 from dpdistill.privacy.noise import PrivacyRandomness
-
-_BUDGET_SLACK = 1e-9  # the ledger's own tolerance (privacy/ledger.py BUDGET_REL_TOL)
-
-
-def require_ledger(ledger: Any, method: str) -> Any:
-    """The ledger a private method must be given (a PrivacyError naming the method if it is missing)."""
-    if ledger is None:
-        raise PrivacyError(f"method '{method}' is private: pass ledger= (a dpdistill.privacy.PrivacyLedger)")
-    return ledger
-
-
-def solve_free_sigma(ledger: Any, make: Callable[[float], Mechanism], guess: float = 1.0,
-                     rel_tol: float = 0.003) -> float:
-    """The smallest σ (within rel_tol) such that the ledger's charges so far plus ``make(σ)`` fill its budget.
-
-    Solved with the privacy core's :func:`~dpdistill.privacy.allocate_sigma`, then checked against the ledger
-    itself (whose composition may discretise differently) and nudged up until the ledger would accept it.
-    """
-    spent = ledger.composed()
-    fixed = {"charged": spent} if spent is not None else {}
-    result = allocate_sigma(ledger.epsilon_budget, ledger.delta, fixed, make, rel_tol=rel_tol,
-                            neighbouring=ledger.neighbouring, guess=guess)
-    sigma = result.sigma
-    for _ in range(200):
-        if ledger.would_cost(make(sigma)) <= ledger.epsilon_budget * (1.0 + _BUDGET_SLACK):
-            return sigma
-        sigma *= 1.002
-    raise PrivacyError(f"could not fit {make(result.sigma).describe()} into the remaining budget")
-
-
-def sigma_for_share(make: Callable[[float], Mechanism], epsilon: float, delta: float, guess: float = 1.0,
-                    neighbouring: str = ADD_OR_REMOVE_ONE) -> float:
-    """The smallest σ for which ``make(σ)`` alone is (epsilon, delta)-DP by PLD (a fixed share's noise)."""
-    return calibrate_mechanism(make, epsilon, delta, guess=guess, neighbouring=neighbouring).sigma
-
 
 # ------------------------------------------------------------------------------ utility-driven allocation
 
@@ -211,7 +172,8 @@ def utility_allocation(
     full budget. Expert: the smallest share whose DP-SGD fine-tuned expert reaches ``cfg.utility_acc_ratio`` x the
     held-out accuracy at the full budget. Both found by bisection (:func:`smallest_share`) over
     :class:`UtilityProbe` measurements; capped at ``cfg.utility_max_total`` together, so feature matching keeps
-    the rest; its σ_F is then solved from what the job's ledger leaves (:func:`solve_free_sigma`).
+    the rest; its σ_F is then solved from what the job's ledger leaves
+    (:func:`~dpdistill.privacy.dp_ops.solve_free_sigma`).
 
     Every fit here is charged to a throwaway in-memory ledger, NOT to the job's: when ``tune`` is the sensitive
     split (``tuned_on == "sensitive"``) the chosen shares depend on sensitive data without being accounted,

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpdistill.distill.dpgeng.extractors import build_network, freeze
-from dpdistill.distill.dpgeng.feature_matching import check_per_record_network
+from dpdistill.distill.private_matching import check_per_record_network
 from dpdistill.errors import PrivacyError
 from dpdistill.evaluation.training import train_classifier
 from dpdistill.privacy import PoissonGaussian

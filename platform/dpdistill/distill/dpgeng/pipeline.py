@@ -34,43 +34,33 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 
 from dpdistill.distill.augment import DEFAULT_STRATEGY, make_dsa
-from dpdistill.distill.dm import as_generator, progress_steps
-from dpdistill.distill.dpgeng.allocation import (
-    require_ledger,
-    sigma_for_share,
-    solve_free_sigma,
-    utility_allocation,
-)
+from dpdistill.distill.dm import as_generator
+from dpdistill.distill.dpgeng.allocation import utility_allocation
 from dpdistill.distill.dpgeng.expert import DPSGDPlan, dp_finetune, dpsgd_rate_and_steps, pretrain_expert
 from dpdistill.distill.dpgeng.extractors import train_extractors
-from dpdistill.distill.dpgeng.feature_matching import (
-    CLASS_SIZES_NOTE,
-    PoissonClassSampler,
-    dp_feature_matching_loss,
-    feature_matching_mechanism,
-    private_normalizer,
-)
 from dpdistill.distill.dpgeng.guidance import ExpertGuidance
 from dpdistill.distill.dpgeng.init_kmeans import confident_subset, dp_init, random_init
-from dpdistill.distill.loop import image_lr_schedule, image_step, partial_set_on_interrupt
+from dpdistill.distill.loop import PrivateRunOptions, RunArgs, image_lr_schedule, image_step
 from dpdistill.distill.options import CheckedNetworkOptions, PrivateMatchingOptions
+from dpdistill.distill.private_matching import charge_matching, dp_feature_matching_loss
 from dpdistill.distill.registry import register
-from dpdistill.distill.synthetic import SyntheticSet
+from dpdistill.distill.synthetic import SyntheticSet, private_normalizer
 from dpdistill.errors import DataError, SpecError
 from dpdistill.privacy import PrivacyLedger
 from dpdistill.privacy import noise as privacy_noise
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, EVALUATION
+from dpdistill.privacy.dp_ops import PoissonClassSampler, sigma_for_share
 from dpdistill.privacy.noise import PrivacyRandomness
 
-Callback = Callable[[int, float], None]
+if TYPE_CHECKING:
+    from typing import Unpack
 FM_COMPONENT = "dpgeng/feature_matching"
 GEN_COMPONENT = "dpgeng/generator"
 
@@ -249,20 +239,8 @@ def _check_generated(generated: Any, real: Any) -> None:
         raise DataError(f"generated set has {generated.num_classes} classes, the sensitive one {real.num_classes}")
 
 
-def run_dpgeng(
-    real: Any,
-    cfg: DPGenGConfig | None = None,
-    seed: int | torch.Generator = 0,
-    *,
-    ledger: Any = None,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    callback: Callback | None = None,
-    generated: Any = None,
-    noise: PrivacyRandomness | None = None,
-) -> SyntheticSet:
+def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Generator = 0, *, generated: Any = None,
+               **options: Unpack[PrivateRunOptions]) -> SyntheticSet:
     """Distil the sensitive ``real`` ImageSet with DP-GenG under ``ledger``'s whole budget.
 
     ``generated`` replaces stage (a) with a set made earlier (public data, or DP outputs whose cost is ALREADY
@@ -274,17 +252,17 @@ def run_dpgeng(
     (post-processing of charged releases).
     """
     cfg = cfg if cfg is not None else DPGenGConfig()
-    ledger = require_ledger(ledger, "dpgeng")
-    noise = privacy_noise.resolve(noise)
+    args = RunArgs.private("dpgeng", **options)
+    ledger, noise, device, progress = args.ledger, args.noise, args.device, args.progress
     if cfg.allocation == "utility" and not cfg.utility_tuning:
         raise SpecError("method.utility_tuning: allocation 'utility' needs tuning data: a public dataset name, "
                         "or 'sensitive' to tune on the sensitive split (unaccounted, as in the paper)")
-    device = torch.device(device)
     g = as_generator(seed)
     base_seed = int(torch.randint(2**31, (1,), generator=g))
     channels = real.channels
-    stats_mean = list(mean) if mean is not None else [0.5] * channels
-    stats_std = list(std) if std is not None else [0.5] * channels
+    # Public statistics only (the spec's, else 0.5 / 0.5): never computed from the sensitive split.
+    stats_mean = list(args.mean) if args.mean is not None else [0.5] * channels
+    stats_std = list(args.std) if args.std is not None else [0.5] * channels
     normalize = private_normalizer(stats_mean, stats_std, channels, device)
     eps = ledger.epsilon_budget
     report: dict[str, Any] = {"stages": [], "seconds": {}, "sigma": {}}
@@ -382,12 +360,7 @@ def run_dpgeng(
     sampler, sigma_f = None, cfg.sigma
     if cfg.uses_matching:
         sampler = PoissonClassSampler(real, cfg.batch_real, device)
-
-        def make_fm(s: float) -> Any:
-            return feature_matching_mechanism(sampler.max_rate, s, cfg.iterations, real.num_classes)
-
-        sigma_f = sigma_f if sigma_f is not None else solve_free_sigma(ledger, make_fm)
-        ledger.charge(FM_COMPONENT, make_fm(sigma_f), note=f"clip C={cfg.clip:g}; {CLASS_SIZES_NOTE}{tuned_note}")
+        sigma_f = charge_matching(ledger, FM_COMPONENT, sampler, cfg.iterations, sigma_f, cfg.clip, tuned_note)
         report["sigma"]["feature_matching"] = sigma_f
 
     # (e) + (f): the distillation loop
@@ -396,21 +369,21 @@ def run_dpgeng(
         opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
         schedule = image_lr_schedule(opt, cfg.lr_schedule, cfg.iterations)
         fm_noise = noise.spawn("feature_matching")
-        with partial_set_on_interrupt(syn), progress_steps(cfg.iterations, "DP-GenG", progress) as advance:
-            for it in range(cfg.iterations):
-                loss = syn.images.new_zeros(())
-                if sampler is not None:
-                    net = extractors[int(torch.randint(len(extractors), (1,), generator=g))]
-                    loss = loss + dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma_f,
-                                                           noise=fm_noise, generator=g)
-                if guidance is not None:
-                    loss = loss + cfg.eg_weight * guidance.loss(syn, g)
-                value = image_step(opt, loss, syn, normalize, cfg.clamp)
-                if schedule is not None:
-                    schedule.step()
-                advance(value)
-                if callback is not None:
-                    callback(it, value)
+
+        def step(_: int) -> float:
+            loss = syn.images.new_zeros(())
+            if sampler is not None:
+                net = extractors[int(torch.randint(len(extractors), (1,), generator=g))]
+                loss = loss + dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma_f,
+                                                       noise=fm_noise, generator=g)
+            if guidance is not None:
+                loss = loss + cfg.eg_weight * guidance.loss(syn, g)
+            value = image_step(opt, loss, syn, normalize, cfg.clamp)
+            if schedule is not None:
+                schedule.step()
+            return value
+
+        args.loop(syn, cfg.iterations, "DP-GenG", step)
         done("distill")
     report["epsilon_by_component"] = ledger.component_epsilons()
     report["epsilon_total"] = ledger.spent_epsilon()
