@@ -290,6 +290,41 @@ def audit(
     raise typer.Exit(3 if result.violated else 0)
 
 
+@app.command()
+def mia(
+    spec: Annotated[Path, typer.Argument(help="job spec (YAML) whose release pipeline is attacked")],
+    shadows: Annotated[int, typer.Option(min=4, help="shadow runs, each on a random half of the pool")] = 16,
+    pool: Annotated[int, typer.Option(min=2, help="target pool: records drawn from the training split")] = 200,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a field: --set method.ipc=10")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="where the study's folder goes (<runs>/<name>-mia/<stamp>)")] = Path(
+        "runs"
+    ),
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
+) -> None:
+    """LiRA membership inference on a job's release pipeline: TPR at 0.1 % and 1 % FPR, AUC, ROC plot.
+
+    Reads the sensitive pool without noise by design: the study's folder is stamped NOT PRIVATE, and a spec with
+    privacy.owner_budget is refused.
+    """
+    from dpdistill.spec import load_spec
+
+    job = load_spec(spec, set_ or [])
+    from dpdistill.runtime.lira_tasks import NOT_PRIVATE_REASON, check_mia_spec, run_mia
+
+    check_mia_spec(job)  # refused before Ray starts or any record is read
+    study, run_dir = run_mia(job, shadows=shadows, pool=pool, runs_dir=runs_dir, address=address)
+    res = study.result
+    c = _console()
+    c.print(NOT_PRIVATE_REASON, soft_wrap=True, markup=False, style="bold red")
+    eps = "none" if job.privacy.epsilon is None else f"{job.privacy.epsilon:g}"
+    c.print(f"LiRA on {job.kind}/{job.method.name} (ε {eps}): {shadows} shadow runs, pool {pool}, "
+            f"{res.variance} variance, {res.members} member and {res.non_members} non-member trials",
+            soft_wrap=True, markup=False)
+    c.print(f"  TPR @ 0.1 % FPR: {100 * res.tpr_at[0.001]:.2f} %   TPR @ 1 % FPR: {100 * res.tpr_at[0.01]:.2f} %   "
+            f"AUC: {res.auc:.3f}", markup=False)
+    c.print(f"study folder: {run_dir} (mia.json, artifacts/roc.png)", soft_wrap=True, markup=False)
+
+
 # The Ray dashboard (job server) URL, from --address or Ray's own variable for it.
 _JobAddress = Annotated[str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS",
                                           help="Ray dashboard address, e.g. http://head:8265")]
@@ -470,7 +505,8 @@ def sweep(
     c.print(f"{summary['trials']} of {summary['num_samples']} trials ended ({summary['failed_trials']} failed); "
             f"sweep folder: {summary['sweep_dir']}", soft_wrap=True)
     if summary["status"] != "completed":
-        c.print(f"sweep interrupted; resume with: {summary['resume']}", soft_wrap=True)
+        how = summary["resume"]
+        c.print(f"sweep interrupted; {'resume with: ' + how if how.startswith('dpdistill') else how}", soft_wrap=True)
         raise typer.Exit(130)
 
 
