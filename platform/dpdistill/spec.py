@@ -215,11 +215,39 @@ EVAL_AUGMENTATIONS: tuple[str, ...] = ("dsa-lite", "dsa")
 
 
 class EvaluationSpec(StrictModel):
-    """Utility protocol: train fresh models on the released set, test on the real test split."""
+    """Utility protocol: train fresh models on the released set, test on the real test split.
+
+    ``selection`` picks the evaluation model's epochs / learning rate among the ``selection_epochs`` ×
+    ``selection_lrs`` candidates (:mod:`dpdistill.evaluation.selection`): ``none`` trains ``epochs`` at ``lr``;
+    ``synv`` chooses on a held-out tenth of the released set (free); ``noisy-senv`` chooses on the sensitive
+    validation split by report-noisy-max, charged ``selection_epsilon`` out of the job's ``privacy.epsilon``.
+    ``models`` evaluates the release with several architectures in one run; ``model`` stays the primary one
+    (``acc_mean``), the only one given ``model_options`` and the only one the selection tunes.
+    """
 
     enabled: bool = True
     model: str = "convnet"
     model_options: dict[str, Any] = Field(default_factory=dict)
+    models: list[str] | None = Field(
+        default=None, min_length=1, max_length=8,
+        description=("evaluate the release with each of these models (e.g. [convnet, resnet18, lenet, mlp]), one "
+                     "row each (acc_mean_<model>); must include 'model', the primary one; the others use their "
+                     "default options and evaluation.epochs / lr"),
+    )
+    selection: Literal["none", "synv", "noisy-senv"] = Field(
+        default="none",
+        description=("choose the primary model's epochs / lr among the candidates: none (epochs, lr), synv (on a "
+                     "held-out 10 % of the released set, free) or noisy-senv (on the sensitive validation split "
+                     "by report-noisy-max, charged selection_epsilon out of privacy.epsilon)"),
+    )
+    selection_epochs: list[int] = Field(default_factory=lambda: [100, 300], min_length=1, max_length=6,
+                                        description="candidate epochs for evaluation.selection")
+    selection_lrs: list[float] = Field(default_factory=lambda: [0.01], min_length=1, max_length=4,
+                                       description="candidate learning rates for evaluation.selection")
+    selection_epsilon: float | None = Field(
+        default=None, gt=0, le=100,
+        description="noisy-senv: the ε of the noisy choice, charged to the run's ledger (part of privacy.epsilon)",
+    )
     seeds: int = Field(default=3, ge=1, le=50)
     epochs: int = Field(default=300, ge=1, le=100_000)
     batch_size: int = Field(default=256, ge=1)
@@ -241,6 +269,40 @@ class EvaluationSpec(StrictModel):
         if isinstance(value, bool) or value in EVAL_AUGMENTATIONS:
             return value
         raise ValueError("expected true, false, " + " or ".join(repr(n) for n in EVAL_AUGMENTATIONS))
+
+    @field_validator("selection_epochs")
+    @classmethod
+    def _positive_epochs(cls, value: list[int]) -> list[int]:
+        if any(e < 1 or e > 100_000 for e in value) or len(set(value)) != len(value):
+            raise ValueError("expected distinct epoch counts in [1, 100000]")
+        return value
+
+    @field_validator("selection_lrs")
+    @classmethod
+    def _positive_lrs(cls, value: list[float]) -> list[float]:
+        if any(not 0 < lr <= 10 for lr in value) or len(set(value)) != len(value):
+            raise ValueError("expected distinct learning rates in (0, 10]")
+        return value
+
+    @model_validator(mode="after")
+    def _selection_and_models(self) -> EvaluationSpec:
+        if self.selection == "noisy-senv":
+            if self.selection_epsilon is None:
+                raise ValueError("evaluation.selection 'noisy-senv' needs evaluation.selection_epsilon (the ε of "
+                                 "the noisy choice, charged out of privacy.epsilon)")
+            if len(self.selection_epochs) * len(self.selection_lrs) < 2:
+                raise ValueError("evaluation.selection 'noisy-senv' needs at least two candidates "
+                                 "(selection_epochs × selection_lrs)")
+        elif self.selection_epsilon is not None:
+            raise ValueError(f"evaluation.selection_epsilon is only spent by selection 'noisy-senv', "
+                             f"not {self.selection!r}; remove it")
+        if self.models is not None:
+            if len(set(self.models)) != len(self.models):
+                raise ValueError("evaluation.models: each model once")
+            if self.model not in self.models:
+                raise ValueError(f"evaluation.models must include evaluation.model ({self.model!r}), the "
+                                 "primary model reported as acc_mean")
+        return self
 
     def augmentation(self) -> str | None:
         """The named augmentation for :func:`~dpdistill.evaluation.utility.evaluate_utility` (None: none)."""

@@ -16,6 +16,7 @@ MLflow tag, and its images stay out of MLflow unless ``tracking.log_nonprivate_i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from dpdistill.errors import SpecError
+from dpdistill.evaluation.selection import DISCLOSURE as EVALUATION_DISCLOSURE
 from dpdistill.pipelines import check_evaluation_model, check_generator, check_public_source
 from dpdistill.pipelines.not_private import mark_release_not_private
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, PUBLIC, RELEASED, kind_of
@@ -34,6 +36,7 @@ log = logging.getLogger("dpdistill.pipelines.distill")
 # Every key a distill job logs itself (the runner's and ledger's are in disclosure.COMMON, the method's in its
 # registry record). ipc and n_released are recomputed from distilled.pt by the disclosure tests.
 DISCLOSURE: dict[str, str] = {
+    **EVALUATION_DISCLOSURE,  # the evaluation protocol's selection and per-model rows
     "ipc": RELEASED,
     "n_released": RELEASED,
     "sigma_*": ACCOUNTING,  # a multi-stage method's noise multipliers, fixed by the plan before any data is read
@@ -110,6 +113,7 @@ class DistillPipeline:
 
     def prepare(self, spec: Any) -> PreparedDistill:
         from dpdistill import distill, models
+        from dpdistill.evaluation.selection import check_plan
         from dpdistill.runtime.device import check_device
 
         # The device must exist where the method runs (this process; see runtime.device) before any data is read.
@@ -135,11 +139,13 @@ class DistillPipeline:
                 check_public_source(value, spec, f"method.{option}")
         train, val, test, info = load_splits(spec)
         check_evaluation_model(spec, train.channels, info.num_classes, train.image_size)
+        check_plan(spec, train.channels, info.num_classes, train.image_size)
         check_generator(config, spec.seed, train.channels, info.num_classes, train.image_size)
         return PreparedDistill(train=train, val=val, test=test, info=info, method=method, config=config)
 
     def execute(self, ctx: Any, p: PreparedDistill) -> dict[str, Any]:
         from dpdistill.evaluation.grids import save_class_grid
+        from dpdistill.evaluation.selection import charge_selection
         from dpdistill.runtime.device import record_device, resolve_device
 
         spec = ctx.spec
@@ -167,6 +173,8 @@ class DistillPipeline:
             # sampling of the method come from it, never from spec.seed.
             kwargs["ledger"] = ctx.ledger
             kwargs["noise"] = ctx.noise
+            # A noisy-senv selection is paid out of the job's ε: charged now, the method fills what is left.
+            charge_selection(spec.evaluation, ctx.ledger)
         with ctx.stage(f"distil ({spec.method.name})"):
             synthetic = p.method.run(p.train, p.config, **kwargs)
         images, labels = synthetic.export()
@@ -181,15 +189,7 @@ class DistillPipeline:
         metrics: dict[str, float] = {"ipc": float(ipc), "n_released": float(len(labels))}
         ctx.log_metrics(metrics)
         if spec.evaluation.enabled:
-            acc = evaluate_release(ctx, images, labels, p)
-            ctx.log_metrics({"acc_mean": acc["test"]["mean"], "acc_std": acc["test"]["std"]})
-            if "val" in acc:
-                ctx.log_metrics({"val_acc_mean": acc["val"]["mean"], "val_acc_std": acc["val"]["std"]})
-            ctx.add_summary(
-                "test accuracy",
-                f"{100 * acc['test']['mean']:.2f} ± {100 * acc['test']['std']:.2f} % "
-                f"({spec.evaluation.model}, {spec.evaluation.seeds} seeds, {spec.evaluation.epochs} epochs)",
-            )
+            report_utility(ctx, images, labels, p)
             baseline = getattr(synthetic, "report", {}).get("baseline")
             if baseline is not None:
                 # DP-GenG's reference point: ipc images per class drawn from the DP generator's output (already
@@ -215,6 +215,60 @@ def mark_not_private(ctx: Any, method: str) -> None:
     mark_release_not_private(ctx, not_private_release(method), IMAGE_ARTIFACTS)
 
 
+def report_utility(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
+                   trained_on: str = "") -> dict[str, Any]:
+    """Evaluate the release by the spec's protocol, log its figures and summary rows; the primary model's accuracy.
+
+    The one evaluation every job kind runs on its release: ``evaluation.selection`` (none / synv / noisy-senv)
+    and ``evaluation.models`` (one row per architecture) as :mod:`dpdistill.evaluation.selection` describes.
+    ``p`` needs ``test``, ``info`` and ``val``; ``trained_on`` qualifies the model in the summary (e.g.
+    " trained on the synthetic set"). Returns ``{"test": {...}[, "val": {...}]}`` of the primary model.
+    """
+    from dpdistill.evaluation.selection import evaluate_protocol, summary_lines
+    from dpdistill.runtime.cluster import ray_session
+
+    spec = ctx.spec
+    ev = spec.evaluation
+    stage = getattr(ctx, "stage", None)
+    # One Ray session for every model the protocol trains (a session already open is reused).
+    session = (ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path) if ev.parallel
+               else contextlib.nullcontext())
+    with stage("evaluate") if stage is not None else contextlib.nullcontext(), session:
+        outcome = evaluate_protocol(
+            ev, images, labels, evaluate=_evaluator(ctx, p), test=(p.test.images, p.test.labels),
+            val=lambda: (p.val.images, p.val.labels) if getattr(p, "val", None) is not None else None,
+            num_classes=p.info.num_classes, seed=spec.seed, ledger=ctx.ledger, noise=ctx.noise)
+    ctx.log_metrics(outcome.metrics())
+    for key, line in summary_lines(outcome, ev.seeds, trained_on):
+        ctx.add_summary(key, line)
+    return outcome.primary.acc
+
+
+def _evaluator(ctx: Any, p: Any) -> Any:
+    """``evaluate(train_x, train_y, test_x, test_y, *, model, model_kwargs, epochs, lr, extra_sets)`` for the
+    spec: its seeds, batch size, augmentation, the dataset's published normalisation and the spec's device."""
+    from dpdistill.runtime.device import resolve_device
+    from dpdistill.runtime.parallel import evaluate_seeds
+
+    spec = ctx.spec
+    ev = spec.evaluation
+    fixed = dict(num_classes=p.info.num_classes, batch_size=ev.batch_size, augment=ev.augmentation(),
+                 mean=tuple(p.info.mean), std=tuple(p.info.std), device=resolve_device(spec.device))
+    seeds = [spec.seed * 1000 + i for i in range(ev.seeds)]
+
+    def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
+                 model: str, model_kwargs: dict[str, Any], epochs: int, lr: float,
+                 extra_sets: dict[str, Any]) -> dict[str, Any]:
+        if ev.parallel:
+            return evaluate_seeds(train_x, train_y, test_x, test_y, seeds, extra_sets=extra_sets, use_ray=True,
+                                  model=model, model_kwargs=model_kwargs, epochs=epochs, lr=lr, **fixed)
+        return evaluate_seeds(train_x, train_y, test_x, test_y, seeds, extra_sets=extra_sets, use_ray=False,
+                              progress=ctx.progress, model=model, model_kwargs=model_kwargs, epochs=epochs, lr=lr,
+                              **fixed)
+
+    return evaluate
+
+
 def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
                      validation: bool = True, what: str = "evaluate") -> dict[str, Any]:
     """Train fresh models on the released set and score them on the real test (and validation) split.
@@ -223,8 +277,6 @@ def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: An
     is what sweeps select on; the test accuracy is only ever reported. ``what`` names the stage in log.txt.
     The models train on the spec's device (in-process, or in Ray tasks that ask for a share of a GPU).
     """
-    import contextlib
-
     stage = getattr(ctx, "stage", None)
     with stage(what) if stage is not None else contextlib.nullcontext():
         return _evaluate_release(ctx, images, labels, p, validation)
@@ -233,25 +285,17 @@ def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: An
 def _evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
                       validation: bool) -> dict[str, Any]:
     from dpdistill.runtime.cluster import ray_session
-    from dpdistill.runtime.device import resolve_device
-    from dpdistill.runtime.parallel import evaluate_seeds
 
     spec = ctx.spec
     ev = spec.evaluation
-    kwargs = dict(
-        num_classes=p.info.num_classes, model=ev.model, model_kwargs=dict(ev.model_options), epochs=ev.epochs,
-        batch_size=ev.batch_size, lr=ev.lr, augment=ev.augmentation(),
-        mean=tuple(p.info.mean), std=tuple(p.info.std), device=resolve_device(spec.device),
-    )
     use_val = validation and ev.validation and getattr(p, "val", None) is not None
     extra = {"val": (p.val.images, p.val.labels)} if use_val else {}
-    seeds = [spec.seed * 1000 + i for i in range(ev.seeds)]
-    if not ev.parallel:
-        return evaluate_seeds(images, labels, p.test.images, p.test.labels, seeds, extra_sets=extra,
-                              use_ray=False, progress=ctx.progress, **kwargs)
-    with ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path):
-        return evaluate_seeds(images, labels, p.test.images, p.test.labels, seeds, extra_sets=extra,
-                              use_ray=True, **kwargs)
+    evaluate = _evaluator(ctx, p)
+    session = (ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path) if ev.parallel
+               else contextlib.nullcontext())
+    with session:
+        return evaluate(images, labels, p.test.images, p.test.labels, model=ev.model,
+                        model_kwargs=dict(ev.model_options), epochs=ev.epochs, lr=ev.lr, extra_sets=extra)
 
 
 def config_as_dict(config: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 from pydantic import ValidationError
 
 from dpdistill.errors import PrivacyError, SpecError
+from dpdistill.evaluation.selection import DISCLOSURE as EVALUATION_DISCLOSURE
 from dpdistill.privacy.disclosure import ACCOUNTING, EVALUATION, PUBLIC
 
 log = logging.getLogger("dpdistill.pipelines.sfdd")
@@ -37,6 +38,7 @@ METHODS = ("sfdd",)
 # metrics.json, MLflow params, and the keys of the JSON files under artifacts/. Nothing a client computed from
 # its records without noise is here: under LocalDP clients withhold their loss, size, class counts and time.
 DISCLOSURE: dict[str, str] = {
+    **EVALUATION_DISCLOSURE,  # the evaluation protocol's selection and per-model rows
     # MLflow params: the resolved spec, public by construction.
     "name": PUBLIC, "kind": PUBLIC, "description": PUBLIC, "seed": PUBLIC, "device": PUBLIC, "data.*": PUBLIC,
     "method.*": PUBLIC, "privacy.*": PUBLIC, "evaluation.*": PUBLIC, "ray.*": PUBLIC, "resources.*": PUBLIC,
@@ -110,6 +112,7 @@ class SFDDPipeline:
 
     def prepare(self, spec: Any) -> PreparedSFDD:
         from dpdistill import data, models
+        from dpdistill.evaluation.selection import check_plan
         from dpdistill.pipelines import check_evaluation_model, check_public_source
         from dpdistill.pipelines.distill_job import load_splits
         from dpdistill.runtime.device import check_device
@@ -135,6 +138,7 @@ class SFDDPipeline:
                             f"expected one of: {', '.join(models.names())}")
         train, val, test, info = load_splits(spec)
         check_evaluation_model(spec, train.channels, info.num_classes, train.image_size)
+        check_plan(spec, train.channels, info.num_classes, train.image_size)
         if cfg.attack == "doorping":
             if cfg.target_class >= info.num_classes:
                 raise SpecError(f"field 'method.target_class': {cfg.target_class} is not a class of {info.name} "
@@ -174,6 +178,7 @@ class SFDDPipeline:
     def _execute(self, ctx: Any, p: PreparedSFDD) -> dict[str, Any]:
         from dpdistill.distill.dm import progress_steps
         from dpdistill.evaluation.grids import save_class_grid
+        from dpdistill.evaluation.selection import charge_selection
         from dpdistill.federated import ClientContext, initial_set, run_sfdd
         from dpdistill.federated.actors import ActorPool
         from dpdistill.runtime.device import record_device, resolve_device
@@ -207,6 +212,8 @@ class SFDDPipeline:
             # and each actor creates its own.
             pool = ActorPool(p.train, p.partition, ClientContext(cfg, mean, std, str(device)), cfg.pool_size,
                              cfg.actor_cpus, noise=ctx.noise.spawn("sfdd-clients"))
+            # A noisy-senv selection is paid out of the job's ε: charged before the first round's release.
+            charge_selection(spec.evaluation, ctx.ledger)
             try:
                 with ctx.stage(f"federated distillation ({cfg.rounds} rounds)"):
                     result = run_sfdd(pool, init, cfg, seed=spec.seed, ledger=ctx.ledger, callback=on_round)
@@ -227,16 +234,11 @@ class SFDDPipeline:
         if cfg.defence == "localdp":
             report_client_privacy(ctx, result, cfg)
         if spec.evaluation.enabled:
-            from dpdistill.pipelines.distill_job import evaluate_release
+            from dpdistill.pipelines.distill_job import report_utility
 
-            acc = evaluate_release(ctx, images, labels, p)
-            ctx.log_metrics({"acc_mean": acc["test"]["mean"], "acc_std": acc["test"]["std"]})
-            if "val" in acc:
-                ctx.log_metrics({"val_acc_mean": acc["val"]["mean"], "val_acc_std": acc["val"]["std"]})
+            acc = report_utility(ctx, images, labels, p)
             if not curve or curve[-1][0] != cfg.rounds:
                 curve.append((cfg.rounds, acc["test"]["mean"]))
-            ctx.add_summary("test accuracy", f"{100 * acc['test']['mean']:.2f} ± {100 * acc['test']['std']:.2f} % "
-                            f"({spec.evaluation.model}, {spec.evaluation.seeds} seeds, {spec.evaluation.epochs} epochs)")
         if curve:
             plot_accuracy(curve, art / "accuracy_by_round.png", f"SFDD on {p.info.name}, {cfg.n_clients} clients")
             (art / "accuracy_by_round.json").write_text(
@@ -251,19 +253,24 @@ class SFDDPipeline:
 
 
 def _check_localdp_budget(spec: Any, cfg: Any, n: int) -> None:
-    """Refuse, before any work, a LocalDP schedule whose rounds alone (no retries) exceed the budget."""
+    """Refuse, before any work, a LocalDP schedule whose rounds alone (no retries) exceed the budget, with a
+    noisy-senv evaluation selection (charged out of the same budget) counted in."""
+    from dpdistill.evaluation.selection import selection_mechanism
     from dpdistill.federated.defences import LocalDP
     from dpdistill.privacy.accountant import epsilon
     from dpdistill.privacy.defaults import default_delta
-    from dpdistill.privacy.mechanisms import Gaussian
+    from dpdistill.privacy.mechanisms import Composed, Gaussian
 
     delta = spec.privacy.delta if spec.privacy.delta is not None else default_delta(n)
     base = LocalDP(cfg.localdp_sigma, cfg.localdp_clip).mechanism()
-    eps = epsilon(Gaussian(base.sigma, base.sensitivity, count=cfg.rounds), delta)
+    rounds = Gaussian(base.sigma, base.sensitivity, count=cfg.rounds)
+    selecting = spec.evaluation.enabled and spec.evaluation.selection == "noisy-senv"
+    eps = epsilon(Composed((selection_mechanism(spec.evaluation), rounds)) if selecting else rounds, delta)
     if eps > spec.privacy.epsilon:
+        plus = f" and the noisy-senv selection (ε {spec.evaluation.selection_epsilon:g})" if selecting else ""
         raise PrivacyError(f"privacy.epsilon: {cfg.rounds} rounds of LocalDP (sigma={cfg.localdp_sigma:g}, "
-                           f"clip={cfg.localdp_clip:g}) cost ε={eps:.3g} > budget {spec.privacy.epsilon:g} at "
-                           f"δ={delta:.3g}; raise method.localdp_sigma or lower method.rounds")
+                           f"clip={cfg.localdp_clip:g}){plus} cost ε={eps:.3g} > budget {spec.privacy.epsilon:g} "
+                           f"at δ={delta:.3g}; raise method.localdp_sigma or lower method.rounds")
 
 
 def quick_accuracy(spec: Any, p: PreparedSFDD, syn: Any, epochs: int) -> float:

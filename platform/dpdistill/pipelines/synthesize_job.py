@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dpdistill.errors import SpecError
+from dpdistill.evaluation.selection import DISCLOSURE as EVALUATION_DISCLOSURE
 from dpdistill.privacy.disclosure import ACCOUNTING, EVALUATION, PUBLIC
 
 log = logging.getLogger("dpdistill.pipelines.synthesize")
@@ -36,6 +37,7 @@ log = logging.getLogger("dpdistill.pipelines.synthesize")
 # The keys this job writes beside the method's own (metrics.json / MLflow, fit_report.json, fidelity.json,
 # MLflow params) and why each is safe; runner/ledger/evaluation keys are privacy.disclosure.COMMON.
 DISCLOSURE: dict[str, str] = {
+    **EVALUATION_DISCLOSURE,  # the evaluation protocol's selection and per-model rows
     # fidelity: the release against the real TEST split (never the sensitive training split)
     "fid": EVALUATION,
     "is_mean": EVALUATION,
@@ -155,6 +157,7 @@ class SynthesizePipeline:
 
     def prepare(self, spec: Any) -> PreparedSynthesize:
         from dpdistill import models, synthesis
+        from dpdistill.evaluation.selection import check_plan
         from dpdistill.pipelines import check_evaluation_model, check_public_source
         from dpdistill.pipelines.distill_job import load_splits
         from dpdistill.runtime.device import check_device
@@ -188,12 +191,14 @@ class SynthesizePipeline:
         cls(config, channels=train.channels, image_size=train.image_size, num_classes=info.num_classes,
             seed=spec.seed)
         check_evaluation_model(spec, train.channels, info.num_classes, train.image_size)
+        check_plan(spec, train.channels, info.num_classes, train.image_size)
         return PreparedSynthesize(train=train, val=val, test=test, info=info, method=cls, config=config, job=job)
 
     def execute(self, ctx: Any, p: PreparedSynthesize) -> dict[str, Any]:
         from dpdistill import data
         from dpdistill.evaluation.grids import save_class_grid
-        from dpdistill.pipelines.distill_job import evaluate_release
+        from dpdistill.evaluation.selection import charge_selection
+        from dpdistill.pipelines.distill_job import report_utility
         from dpdistill.runtime.device import record_device, resolve_device
 
         spec = ctx.spec
@@ -216,6 +221,8 @@ class SynthesizePipeline:
         def on_step(step: int, values: dict[str, float]) -> None:
             ctx.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
+        # A noisy-senv selection is paid out of the job's ε: charged now, the fit fills what is left.
+        charge_selection(spec.evaluation, ctx.ledger)
         with ctx.stage(f"fit ({synth.name})"):
             report = synth.fit(p.train, ctx.ledger, progress=ctx.progress, callback=on_step)
         with ctx.stage("generate"):
@@ -253,16 +260,7 @@ class SynthesizePipeline:
             ctx.add_summary("fidelity", f"FID {fid.fid:.2f}, IS {fid.inception_score:.2f}, precision "
                             f"{fid.precision:.3f}, recall {fid.recall:.3f} (extractor {fid.extractor}; vs real test)")
         if spec.evaluation.enabled:
-            acc = evaluate_release(ctx, images, labels, p)
-            ctx.log_metrics({"acc_mean": acc["test"]["mean"], "acc_std": acc["test"]["std"]})
-            if "val" in acc:
-                ctx.log_metrics({"val_acc_mean": acc["val"]["mean"], "val_acc_std": acc["val"]["std"]})
-            ctx.add_summary(
-                "test accuracy",
-                f"{100 * acc['test']['mean']:.2f} ± {100 * acc['test']['std']:.2f} % "
-                f"({spec.evaluation.model} trained on the synthetic set, {spec.evaluation.seeds} seeds, "
-                f"{spec.evaluation.epochs} epochs)",
-            )
+            report_utility(ctx, images, labels, p, trained_on=" trained on the synthetic set")
         return {}
 
 

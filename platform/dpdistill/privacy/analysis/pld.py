@@ -27,8 +27,18 @@ import numpy as np
 from dp_accounting.pld import common as pld_common
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-from dpdistill.privacy.mechanisms import Gaussian, Laplace, Mechanism, PoissonGaussian, RandomizedResponse
+from dpdistill.privacy.mechanisms import (
+    Gaussian,
+    Laplace,
+    Mechanism,
+    PoissonGaussian,
+    RandomizedResponse,
+    ReportNoisyMax,
+)
 from dpdistill.privacy.neighbouring import ADD_OR_REMOVE_ONE, check_relation, to_dp_accounting
+
+# Pure ε-DP releases, accounted by the dominating pair of every ε-DP mechanism (loss ±ε).
+_PURE = (RandomizedResponse, ReportNoisyMax)
 
 MAX_INTERVAL = 1e-3  # for mechanisms whose single-step loss spread is below ~0.2 (the usual DP-SGD regime)
 WIDE_MAX_INTERVAL = 1e-2  # for very wide steps (spread > 2: σ ≲ 0.7 at q ≈ 1), where ε is in the tens or more
@@ -69,7 +79,7 @@ def _leaf_interval(leaf: Mechanism) -> float:
         return _gaussian_interval(math.sqrt(leaf.count) / leaf.noise_multiplier)
     if isinstance(leaf, Laplace):
         return min(_nice_floor((1.0 / leaf.noise_multiplier) / _PURE_BINS_PER_EPSILON), MAX_INTERVAL)
-    if isinstance(leaf, RandomizedResponse):
+    if isinstance(leaf, _PURE):
         return min(_nice_floor(leaf.epsilon / _PURE_BINS_PER_EPSILON), MAX_INTERVAL)
     raise TypeError(f"not an elementary mechanism: {leaf!r}")
 
@@ -111,7 +121,7 @@ def leaf_pld(leaf: Mechanism, interval: float, neighbouring: str = ADD_OR_REMOVE
         return pld_lib.from_laplace_mechanism(
             parameter=leaf.noise_multiplier, value_discretization_interval=interval
         ).self_compose(leaf.count)
-    if isinstance(leaf, RandomizedResponse):
+    if isinstance(leaf, _PURE):
         # The dominating pair of every pure ε-DP mechanism (loss ±ε), valid under either relation;
         # dp-accounting's RR event is limited to replace-one, so it is not used here.
         params = pld_common.DifferentialPrivacyParameters(epsilon=leaf.epsilon, delta=0.0)

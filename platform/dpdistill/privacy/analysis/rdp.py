@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from dpdistill.privacy.mechanisms import Mechanism, PoissonGaussian, RandomizedResponse
+from dpdistill.privacy.mechanisms import Mechanism, PoissonGaussian, RandomizedResponse, ReportNoisyMax
 from dpdistill.privacy.neighbouring import ADD_OR_REMOVE_ONE, REPLACE_ONE, to_dp_accounting
 
 ORDERS = np.array(rdp_lib.DEFAULT_RDP_ORDERS, dtype=np.float64)
@@ -43,7 +43,7 @@ def _rr_rdp(epsilon: float, orders: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=4096)
 def _leaf_rdp(leaf: Mechanism, neighbouring: str) -> tuple[float, ...] | None:
-    if isinstance(leaf, RandomizedResponse):
+    if isinstance(leaf, RandomizedResponse | ReportNoisyMax):
         return tuple(leaf.count * _rr_rdp(leaf.epsilon, ORDERS))
     if isinstance(leaf, PoissonGaussian) and neighbouring == REPLACE_ONE:
         return None  # dp-accounting has no RDP for Poisson sampling under replace-one
