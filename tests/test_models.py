@@ -124,7 +124,7 @@ def test_unknown_option_names_model_option_and_choices() -> None:
 
 def test_unknown_model_and_bad_values_are_spec_errors() -> None:
     with pytest.raises(
-        SpecError, match="model 'vgg': unknown model; expected one of convnet, lenet, resnet18"
+        SpecError, match="model 'vgg': unknown model; expected one of convnet, lenet, mlp, resnet18"
     ):
         models.get("vgg", channels=1, num_classes=10, image_size=8)
     with pytest.raises(SpecError, match="option 'norm' must be one of instance, group, batch, layer, none"):
