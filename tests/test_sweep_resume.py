@@ -28,12 +28,12 @@ DPDISTILL = str(Path(sys.executable).parent / "dpdistill")
 # A private job whose trials take some seconds (so the signal lands inside one), with a charge made up front.
 JOB = {
     "name": "ndpdc-resume", "kind": "distill", "data": {"name": "digits"}, "privacy": {"epsilon": 1.0},
-    "method": {"name": "ndpdc", "ipc": 1, "iterations": 500, "net_width": 8, "batch_real": 16},
+    "method": {"name": "ndpdc", "ipc": 1, "iterations": 2000, "net_width": 8, "batch_real": 16},
     "evaluation": {"seeds": 1, "epochs": 2, "model_options": {"width": 8}},
 }
 SWEEP = {
     "name": "resumable", "job": "job.yaml", "search": {"method.lr_img": {"loguniform": [1.0, 100.0]}},
-    "metric": "val_acc_mean", "num_samples": 3, "max_concurrent": 1,
+    "metric": "val_acc_mean", "num_samples": 2, "max_concurrent": 1,
 }
 
 
@@ -96,7 +96,7 @@ def test_an_interrupted_sweep_resumes_and_finishes_with_all_trials(tmp_path, hea
     assert proc.returncode == 130, (out, err[-3000:])
     assert f"resume with: dpdistill sweep --resume {sweep_dir}" in out
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and 1 <= summary["completed_trials"] < 3
+    assert summary["status"] == "interrupted" and summary["completed_trials"] == 1
     interrupted = [f for f in _runs(sweep_dir) if _status(f)["status"] == "interrupted"]
     assert interrupted and all(_charged(f) for f in interrupted)  # it charged before it was stopped
     assert not [f for f in _runs(sweep_dir) if _status(f)["status"] == "running"]
@@ -107,10 +107,10 @@ def test_an_interrupted_sweep_resumes_and_finishes_with_all_trials(tmp_path, hea
                              env=_env(head), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, (resumed.stdout, resumed.stderr[-3000:])
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["completed_trials"] == 3 and summary["failed_trials"] == 0
+    assert summary["status"] == "completed" and summary["completed_trials"] == 2 and summary["failed_trials"] == 0
     folders = _runs(sweep_dir)
     trials = {f.parent.parent.name for f in folders}
-    assert len(trials) == 3
+    assert len(trials) == 2
     newest = {t: max((f for f in folders if f.parent.parent.name == t), key=lambda f: f.name) for t in trials}
     assert all(_status(f)["status"] == "completed" for f in newest.values())
     for f in interrupted:  # the interrupted attempt keeps its folder and status; its trial was rerun
@@ -129,7 +129,7 @@ def test_an_interrupted_sweep_resumes_and_finishes_with_all_trials(tmp_path, hea
     assert parent.data.metrics["privacy_sweep_epsilon"] == pytest.approx(summary["sweep_epsilon"])
     children = client.search_runs([exp.experiment_id], "tags.`dpdistill.sweep_role` = 'trial'")
     finished = [c for c in children if c.info.status == "FINISHED"]
-    assert len(finished) == 3
+    assert len(finished) == 2
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     for child in finished:

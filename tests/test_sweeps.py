@@ -48,7 +48,7 @@ def test_search_bound_out_of_range_for_the_job_is_refused_up_front(tmp_path):
 def test_a_misspelled_metric_is_refused_before_any_trial(tmp_path):
     with pytest.raises(SpecError, match=r"field 'metric': a distill job does not report 'val_acc_maen'.*val_acc_mean"):
         load_sweep(_sweep_file(tmp_path, metric="val_acc_maen"))
-    with pytest.raises(SpecError, match=r"does not report 'synv_acc_mean'"):
+    with pytest.raises(SpecError, match=r"'synv_acc_mean' is reported only with evaluation.selection: synv"):
         load_sweep(_sweep_file(tmp_path, metric="synv_acc_mean"))
     load_sweep(_sweep_file(tmp_path, metric="privacy_epsilon", mode="min"))  # accounting figures are reported
 
@@ -210,3 +210,47 @@ def test_a_sweep_on_an_owner_budget_checks_every_trial_up_front(tmp_path, monkey
     plan = plan_privacy(sweep, base, tmp_path / "runs")
     store = (tmp_path / "runs" / "budgets").resolve()
     assert plan.overrides == [f"privacy.budget_store={json.dumps(str(store))}"]
+
+
+def test_a_resume_is_refused_when_the_charges_so_far_plus_the_remaining_trials_could_exceed_the_budget(tmp_path):
+    """Interrupted trials charged before their release and are rerun: a resume must count both."""
+    from dpdistill.privacy import Gaussian, calibrate_mechanism
+
+    sweep, base, _ = load_sweep(_private_sweep_file(tmp_path, num_samples=3, budget={"epsilon": 3.2}))
+    plan = plan_privacy(sweep, base, tmp_path / "runs")
+    assert plan.worst_case < 3.2  # three trials of ε 1 fit
+    trial = Gaussian(sigma=calibrate_mechanism(lambda s: Gaussian(sigma=s), 1.0, plan.trial_delta).sigma)
+    plan_privacy(sweep, base, tmp_path / "runs", charged=(trial,), remaining=2)  # 1 charged + 2 to come: fits
+    for charged, remaining in (((trial, trial), 2), ((trial,), 3)):  # an interrupted attempt, rerun: too much
+        with pytest.raises(BudgetExceeded, match=r"charged so far plus \d more trial.*above the sweep budget 3.2"):
+            plan_privacy(sweep, base, tmp_path / "runs", charged=charged, remaining=remaining)
+
+
+def test_a_resume_is_refused_while_another_driver_holds_the_sweep(tmp_path):
+    import fcntl
+
+    from dpdistill.runtime.sweeps import STATE_FILE, SweepSpec, resume_sweep
+
+    sweep, base, _ = load_sweep(_sweep_file(tmp_path))
+    folder = tmp_path / "runs" / "sweeps" / "s" / "stamp"
+    (folder / "tune" / "s").mkdir(parents=True)
+    (folder / "tune" / "s" / "tuner.pkl").write_bytes(b"")
+    (folder / STATE_FILE).write_text(json.dumps({"sweep": SweepSpec.model_dump(sweep, mode="json"), "base": base,
+                                                 "runs_dir": str(tmp_path / "runs")}))
+    with open(folder / "sweep.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SpecError, match="another dpdistill process is running this sweep"):
+            resume_sweep(folder)
+    with pytest.raises(SpecError, match="not a sweep folder"):
+        resume_sweep(tmp_path)
+
+
+def test_bounds_that_are_only_invalid_together_are_left_to_their_trial(tmp_path):
+    # share_generator + share_expert < 1 fails only at the corner (0.6, 0.5): each bound alone is valid.
+    search = {"method.share_generator": {"uniform": [0.2, 0.6]}, "method.share_expert": {"uniform": [0.05, 0.5]}}
+    load_sweep(_sweep_file(tmp_path, job=QUICKSTART, set=[], search=search))
+
+
+def test_a_validation_metric_with_validation_off_is_refused(tmp_path):
+    with pytest.raises(SpecError, match=r"field 'metric': 'val_acc_mean' .* evaluation.validation"):
+        load_sweep(_sweep_file(tmp_path, set=["evaluation.validation=false", "method.ipc=1"]))

@@ -124,7 +124,7 @@ class ActorPool:
                       ray.put([np.asarray(i, dtype=np.int64) for i in partition.indices]), client_noise)
         from dpdistill.runtime.device import ray_gpus, resolve_device, worker_device
 
-        # Ray hides GPUs from actors that do not ask for one, and numbers an actor's GPUs from 0.
+        # A GPU share places the actor on a GPU node and pins its CUDA_VISIBLE_DEVICES (numbered from 0 there).
         device = resolve_device(ctx.device)
         self.ctx = dataclasses.replace(ctx, device=worker_device(device))
         self._remote = ray.remote(num_cpus=actor_cpus, num_gpus=ray_gpus(device, size), max_restarts=0,

@@ -51,6 +51,7 @@ class AllocationSweepSpec(StrictModel):
     grid: int = Field(default=6, ge=2, le=64, description="candidate shares per phase, plus the full budget")
     max_concurrent: int = Field(default=2, ge=1)
     cpus_per_trial: float = Field(default=1, gt=0)
+    gpus_per_trial: float = Field(default=0, ge=0, description="GPUs (or a share) per trial; 0: trials use CPU")
 
 
 def is_allocation_sweep(path: str | Path) -> bool:
@@ -129,7 +130,8 @@ def _grid_search(name: str, trainable: Any, shares: list[float], metric: str, sw
     from ray import tune
 
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, **params), {"cpu": sweep.cpus_per_trial}),
+        tune.with_resources(tune.with_parameters(trainable, **params),
+                            {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}),
         param_space={"share": tune.grid_search(shares)},
         tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
@@ -172,9 +174,13 @@ def run_allocation_sweep(sweep: AllocationSweepSpec, spec: Any, runs_dir: Path, 
     delta = spec.privacy.delta if spec.privacy.delta is not None else default_delta(len(real))
     # The seed the job's own allocation would use (run_dpgeng derives it the same way): data-independent.
     seed = int(torch.randint(2**31, (1,), generator=as_generator(spec.seed)))
+    # Trials compute where Ray placed them: on CUDA only when each reserves a GPU share (a worker that reserves
+    # none still sees the node's GPUs in Ray 2.60, but nothing holds them for it).
+    device = resolve_device(spec.device)
+    trial_device = "cuda" if device.type == "cuda" and sweep.gpus_per_trial > 0 else "cpu"
     probe_args = {"tune": tune_set, "held_out": held_out, "cfg": cfg, "epsilon": epsilon, "delta": delta,
                   "mean": list(prepared.info.mean), "std": list(prepared.info.std), "seed": seed,
-                  "device": str(resolve_device(spec.device))}
+                  "device": trial_device}
     del prepared, real  # nothing sensitive is passed on
 
     runs_dir = Path(runs_dir).expanduser().resolve()
@@ -195,7 +201,8 @@ def run_allocation_sweep(sweep: AllocationSweepSpec, spec: Any, runs_dir: Path, 
         if cfg.expert_guidance and cfg.expert_dp_epochs > 0:
             import ray
 
-            base = ray.get(ray.remote(num_cpus=sweep.cpus_per_trial)(_expert_base).remote(probe_args, share_g))
+            base = ray.get(ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_expert_base)
+                           .remote(probe_args, share_g))
             accs = _grid_search("expert", _accuracy_trial, shares, "accuracy", sweep, sweep_dir / "tune",
                                 probe_args=probe_args, expert0=base)
             acc_target = cfg.utility_acc_ratio * accs[1.0]

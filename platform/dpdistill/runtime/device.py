@@ -6,11 +6,12 @@ without CUDA is one line and exit 2, not a failure after the budget was spent. `
 with :func:`resolve_device` and passes the ``torch.device`` down to the method, the evaluation and the SFDD
 clients, and :func:`record_device` writes the device actually used to status.json, the summary and MLflow.
 
-Where the check runs: the job's process (the driver). Today the methods run there, and Ray tasks and actors
-that take part (utility evaluation, SFDD clients) ask Ray for GPUs (:func:`ray_gpus`) and use the device the
-driver resolved. On a remote Ray cluster whose head has no GPU but whose workers do (a KubeRay head with the
-CPU image), ``device: cuda`` is therefore refused on the driver; once stages run as Ray tasks that request
-GPUs, the check belongs where they are placed.
+Where the check runs: the job's process (the driver). The methods run there, and Ray tasks and actors that
+take part (utility evaluation, SFDD clients) ask Ray for GPU shares (:func:`ray_gpus`) and use the device the
+driver resolved. A submitted job's driver is placed by the spec's ``resources`` (``resources.gpus: 1`` puts it on
+a GPU node, where the check passes); ``dpdistill submit`` refuses a CUDA job that reserves no GPU. The driver's
+reservation and its tasks' shares are separate Ray resources: on a one-GPU cluster reserve a fraction for the
+driver (``resources.gpus: 0.5``) or turn ``evaluation.parallel`` off, or the evaluation tasks wait for a GPU.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def check_device(name: str, where: str = "this machine") -> None:
 def ray_gpus(device: torch.device, sharing: int = 1) -> float:
     """The GPUs one Ray task or actor working on ``device`` asks for: none off CUDA, else a 1/``sharing`` share.
 
-    Without a GPU request Ray hides every GPU from the worker (CUDA_VISIBLE_DEVICES is empty there), so a
-    CUDA job's tasks must ask; ``sharing`` workers that run at once (evaluation seeds, client actors) share
-    one GPU, which small evaluation and matching networks fill far from fully.
+    The request is what places the worker on a GPU node and pins CUDA_VISIBLE_DEVICES to its share (Ray 2.60
+    leaves a worker that asks for none seeing every GPU of its node, so it would use GPUs nothing reserved, or
+    land on a CPU node); ``sharing`` workers that run at once (evaluation seeds, client actors) share one GPU,
+    which small evaluation and matching networks fill far from fully.
     """
     if device.type != "cuda":
         return 0.0

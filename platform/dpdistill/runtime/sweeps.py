@@ -20,7 +20,7 @@ metrics (``acc_*``) are refused: tuning on the test set makes every reported num
 Every trial of a private sweep is a private job on the same sensitive training split, and every trial's release
 stays on disk: the sweep spends all of them. So the sweep composes every trial's charges (read from the trials'
 ledger.json files, composed sequentially by PLD) into its own ``ledger.json`` in the sweep folder, and reports that
-total as the sweep's ε beside the per-trial ε (summary.json, the CLI, and an MLflow summary run). A sweep spec may
+total as the sweep's ε beside the per-trial ε (summary.json, the CLI, and the sweep's MLflow parent run). A sweep spec may
 cap it with ``budget: {epsilon: E, delta: D}``: each trial then runs at δ = D / num_samples, and the sweep is
 refused before any trial when its worst case — num_samples trials, each an arbitrary (ε_trial, D / num_samples)-DP
 mechanism, composed at D — exceeds E. Without ``budget`` the sweep's ε is reported, not limited. A job spec with
@@ -98,6 +98,8 @@ class SweepSpec(StrictModel):
     num_samples: int = Field(default=8, ge=1, le=10_000)
     max_concurrent: int = Field(default=2, ge=1)
     cpus_per_trial: float = Field(default=1, gt=0)
+    gpus_per_trial: float = Field(default=0, ge=0, description="GPUs (or a share) each trial reserves; a CUDA job "
+                                                               "needs some")
     seed: int = 0
     budget: SweepBudget | None = Field(
         default=None, description="cap on the sweep's composed ε over every trial; null: the total is reported only")
@@ -132,6 +134,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     base = apply_overrides(read_yaml(job_path), sweep.set)
     # Validate the base and one sample of every dimension's bounds now, not in trial 17 an hour later.
     base_spec = validate_spec(base, str(job_path))
+    if base_spec.device.startswith("cuda") and not sweep.gpus_per_trial:
+        raise SpecError(f"{path}: field 'gpus_per_trial': the job runs on '{base_spec.device}'; reserve a GPU (or a "
+                        "share, e.g. 0.5) per trial, or Ray places trials on nodes without one")
     if sweep.budget is not None:
         if base_spec.privacy.epsilon is None and "privacy.epsilon" not in sweep.search:
             raise SpecError(f"{path}: field 'budget': the job {sweep.job} is not private (no privacy.epsilon), so "
@@ -169,7 +174,10 @@ def _check_searched_fields_are_used(probes: dict[str, list[Any]], base: dict[str
     combos += [[f"{k}={json.dumps(v)}"] for k, v in flat]
     combos += [[f"{k}={json.dumps(v)}", f"{k2}={json.dumps(v2)}"] for k, v in flat for k2, v2 in flat if k2 != k]
     for overrides in combos:
-        spec = validate_spec(apply_overrides(base, overrides), str(path))
+        try:
+            spec = validate_spec(apply_overrides(base, overrides), str(path))
+        except SpecError:  # a corner pairing two bounds may be invalid; each bound alone was checked above
+            continue
         config_type = method_config_type(spec.kind, spec.method.name, str(path))
         if config_type is None or not hasattr(config_type, "overridden_options"):
             continue
@@ -195,6 +203,11 @@ def _check_metric_is_reported(metric: str, spec: Any, path: Path) -> None:
     from dpdistill.pipelines import get_pipeline
     from dpdistill.privacy.disclosure import COMMON, kind_of
 
+    if metric.startswith("val_") and not (spec.evaluation.enabled and spec.evaluation.validation):
+        raise SpecError(f"{path}: field 'metric': '{metric}' is measured by the evaluation on the validation split, "
+                        "which this job turns off (evaluation.enabled / evaluation.validation); turn it on")
+    if metric.startswith("synv_") and getattr(spec.evaluation, "selection", None) != "synv":
+        raise SpecError(f"{path}: field 'metric': '{metric}' is reported only with evaluation.selection: synv")
     module = importlib.import_module(type(get_pipeline(spec.kind)).__module__)
     declared = {**COMMON, **getattr(module, "DISCLOSURE", {})}
     exact = metric in declared
@@ -202,7 +215,7 @@ def _check_metric_is_reported(metric: str, spec: Any, path: Path) -> None:
         return
     known = sorted(k for k in declared if k.startswith(("val_", "synv_")) and "*" not in k)
     raise SpecError(f"{path}: field 'metric': a {spec.kind} job does not report '{metric}'; validation metrics it "
-                    f"reports: {', '.join(known) or 'none'} (synv_* metrics are not computed by any job yet)")
+                    f"reports: {', '.join(known) or 'none'}")
 
 
 @dataclass
@@ -264,7 +277,7 @@ def plan_privacy(sweep: SweepSpec, base: dict[str, Any], runs_dir: Path, *, char
         if not plan.worst_case <= sweep.budget.epsilon * (1.0 + BUDGET_REL_TOL):
             if remaining is not None:
                 raise BudgetExceeded(
-                    f"sweep '{sweep.name}': the {len(charged)} charge(s) its trials made so far plus {todo} more "
+                    f"sweep '{sweep.name}': what its {len(charged)} trial run(s) charged so far plus {todo} more "
                     f"trial(s) of ε ≤ {eps:g} at δ={trial_delta:.3g} compose to ε {plan.worst_case:.4g} at "
                     f"δ={sweep_delta:.3g} in the worst case, above the sweep budget {sweep.budget.epsilon:g} "
                     "(interrupted trials charged before their release and are rerun); nothing ran")
@@ -650,35 +663,73 @@ def resume_sweep(sweep_dir: Path, *, address: str | None = None, num_cpus: int |
     if not state_path.is_file():
         raise SpecError(f"{sweep_dir}: not a sweep folder ({STATE_FILE} is missing); give the folder a sweep "
                         "printed, e.g. runs/sweeps/<name>/<stamp>")
-    state = json.loads(state_path.read_text())
-    sweep = SweepSpec.model_validate(state["sweep"])
-    base = state["base"]
+    try:
+        state = json.loads(state_path.read_text())
+        sweep = SweepSpec.model_validate(state["sweep"])
+        base = state["base"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"{state_path}: unreadable sweep state ({str(e).splitlines()[0]})") from None
     summary_path = sweep_dir / "summary.json"
     if summary_path.is_file() and json.loads(summary_path.read_text()).get("status") == "completed":
         raise SpecError(f"{sweep_dir}: the sweep completed already; nothing to resume")
     tune_dir = sweep_dir / "tune" / sweep.name
     if not (tune_dir / "tuner.pkl").is_file():
         raise SpecError(f"{sweep_dir}: no Tune experiment state under tune/{sweep.name}; it cannot be resumed")
-    # The previous driver is gone (else we would not be here): no trial of it is running any more.
-    mark_stale_trials_interrupted(sweep_dir, "sweep driver ended")
-    finished = 0
-    for trial in (sweep_dir / "trials").glob("*"):
-        folders = run_folders(trial)
-        if folders and json.loads((folders[-1] / "status.json").read_text()).get("status") in ("completed", "failed"):
-            finished += 1
-    remaining = max(0, sweep.num_samples - finished)
-    charged = tuple(Composed(tuple(t.mechanisms)) for t in map(PrivacyLedger.load, trial_ledger_paths(sweep_dir))
-                    if t.mechanisms)
-    plan = plan_privacy(sweep, base, Path(state["runs_dir"]), charged=charged, remaining=remaining)
-    state["resumes"] = int(state.get("resumes", 0)) + 1
-    atomic_write_json(state_path, state)
-    tracking = SweepTracking(state["tracking_uri"], sweep.name, sweep_dir, state.get("parent_run_id"))
-    return _drive(sweep, base, sweep_dir, plan, tracking, address, num_cpus, restore=True)
+    with _driver_lock(sweep_dir, wait=False):  # refused while another driver runs this sweep; held to the end
+        # No other driver holds the sweep: none of its trials is running any more.
+        mark_stale_trials_interrupted(sweep_dir, "sweep driver ended")
+        # What Tune will not rerun is what it recorded as ended; a trial whose folder completed just before the
+        # signal but that Tune still lists as running is rerun (and charges again), so count from Tune's state.
+        remaining = max(0, sweep.num_samples - _ended_in_tune(tune_dir))
+        charged = tuple(Composed(tuple(t.mechanisms))
+                        for t in map(PrivacyLedger.load, trial_ledger_paths(sweep_dir)) if t.mechanisms)
+        plan = plan_privacy(sweep, base, Path(state["runs_dir"]), charged=charged, remaining=remaining)
+        state["resumes"] = int(state.get("resumes", 0)) + 1
+        atomic_write_json(state_path, state)
+        tracking = SweepTracking(state["tracking_uri"], sweep.name, sweep_dir, state.get("parent_run_id"))
+        return _drive_locked(sweep, base, sweep_dir, plan, tracking, address, num_cpus, restore=True)
+
+
+def _ended_in_tune(tune_dir: Path) -> int:
+    """How many trials Tune's newest saved experiment state records as ended (TERMINATED or ERROR)."""
+    states = sorted(tune_dir.glob("experiment_state*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return 0
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"]
+        return sum(json.loads(t[0] if isinstance(t[0], str) else json.dumps(t[0])).get("status")
+                   in ("TERMINATED", "ERROR") for t in trials)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise SpecError(f"{states[-1]}: unreadable Tune state ({str(e).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def _driver_lock(sweep_dir: Path, *, wait: bool) -> Iterator[None]:
+    """Hold the sweep's lock while a driver runs it, so a second --resume cannot rerun live trials."""
+    import fcntl
+
+    with open(sweep_dir / "sweep.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise SpecError(f"{sweep_dir}: another dpdistill process is running this sweep; wait for it or stop it "
+                            "(Ctrl-C / SIGTERM) before --resume") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _drive(sweep: SweepSpec, base: dict[str, Any], sweep_dir: Path, plan: SweepPrivacy, tracking: SweepTracking,
            address: str | None, num_cpus: int | None, *, restore: bool) -> dict[str, Any]:
     """Run (or resume) the trials, then write the sweep's ledger and summary whatever happened."""
+    with _driver_lock(sweep_dir, wait=False):
+        return _drive_locked(sweep, base, sweep_dir, plan, tracking, address, num_cpus, restore=restore)
+
+
+def _drive_locked(sweep: SweepSpec, base: dict[str, Any], sweep_dir: Path, plan: SweepPrivacy,
+                  tracking: SweepTracking, address: str | None, num_cpus: int | None, *,
+                  restore: bool) -> dict[str, Any]:
     from dpdistill.runtime.cluster import ray_session
 
     results = None
@@ -721,7 +772,9 @@ def _write_summary(sweep: SweepSpec, sweep_dir: Path, plan: SweepPrivacy, accoun
         "sweep_dir": str(sweep_dir), "mlflow_uri": tracking.uri, "mlflow_parent_run_id": tracking.parent_run_id,
     }
     if status == "interrupted":
-        summary["resume"] = f"dpdistill sweep --resume {sweep_dir}"
+        summary["resume"] = (f"dpdistill sweep --resume {sweep_dir}"
+                             if (sweep_dir / "tune" / sweep.name / "tuner.pkl").is_file()
+                             else "not resumable (stopped before Tune saved its state): start the sweep again")
     atomic_write_json(sweep_dir / "summary.json", summary)
     try:  # the privacy-utility view of the trials; a rendering failure must not change the sweep's outcome
         from dpdistill.runtime.report_html import write_sweep_report
@@ -758,7 +811,7 @@ def _fit(sweep: SweepSpec, base: dict[str, Any], sweep_dir: Path, tracking: Swee
 
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, runs_dir=str(sweep_dir / "trials"), extra=extra),
-        {"cpu": sweep.cpus_per_trial},
+        {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial},
     )
     if restore:
         # Unfinished trials restart from scratch (a trial is one job; its interrupted attempt keeps its folder
