@@ -135,7 +135,10 @@ def test_dpgeng_hands_the_source_to_every_private_stage(sensitive) -> None:
     cfg = CONFIGS["dpgeng"][1]
     fm = cfg.iterations * sensitive.num_classes
     assert source.counts["feature_matching/poisson_mask"] == fm and source.counts["feature_matching/gaussian"] == fm
-    assert source.counts["expert/generator"] == 2  # opacus' Poisson sampler and its noise generator
+    # Opacus' Poisson sampler and its (unused) noise generator, plus one generator per noise draw: the expert's
+    # DP-SGD noise goes through gaussian() (privacy/opacus_noise.py), one draw per parameter tensor per step.
+    assert source.counts["expert/gaussian"] > 0
+    assert source.counts["expert/generator"] == 2 + source.counts["expert/gaussian"]
     assert source.counts["generator/generator"] >= 1  # the DP-MERF generator's noise (synthesis draws it)
     # Nothing private was drawn from the root itself: each stage has its own child.
     assert not [k for k in source.counts if k.startswith("root/")]
@@ -155,7 +158,9 @@ def test_the_experts_opacus_sampling_and_noise_come_from_the_source(sensitive) -
 
     source = CountingRandomness()
     finetune(source)
-    assert source.counts["root/generator"] == 2  # opacus' Poisson sampler and its noise generator
+    n_tensors = sum(1 for p in expert.parameters() if p.requires_grad)
+    assert source.counts["root/gaussian"] == steps * n_tensors  # every DP-SGD step noises every tensor, via the source
+    assert source.counts["root/generator"] == 2 + source.counts["root/gaussian"]  # + opacus' sampler, noise generator
     # Secret: two fine-tunes from the same expert on the same data differ; a reproducible source repeats.
     assert not torch.equal(finetune(PrivacyRandomness.secret()), finetune(PrivacyRandomness.secret()))
     assert torch.equal(finetune(PrivacyRandomness.reproducible(3)), finetune(PrivacyRandomness.reproducible(3)))

@@ -87,6 +87,8 @@ def dp_finetune(net: nn.Module, sensitive: Any, plan: DPSGDPlan, ledger: Any, me
     """
     from opacus import PrivacyEngine
 
+    from dpdistill.privacy.opacus_noise import draw_noise_from
+
     noise = privacy_noise.resolve(noise)
     if not plan.sigma > 0:  # opacus would add zeros for σ = 0: refuse before anything is charged or trained
         raise PrivacyError(f"expert DP-SGD needs a noise multiplier > 0, got {plan.sigma!r}")
@@ -111,6 +113,8 @@ def dp_finetune(net: nn.Module, sensitive: Any, plan: DPSGDPlan, ledger: Any, me
             max_grad_norm=plan.clip, poisson_sampling=True,
             noise_generator=noise.generator(next(net.parameters()).device),
         )
+        # Its noise through the privacy source's guarded gaussian(), not opacus' own draw (zeros at σ = 0).
+        draw_noise_from(optimizer, noise)
         if abs(private_loader.sample_rate - plan.q) > 1e-12:
             raise RuntimeError(f"opacus samples at {private_loader.sample_rate}, the ledger was charged {plan.q}")
         if getattr(private_loader.batch_sampler, "generator", None) is not loader.generator:
