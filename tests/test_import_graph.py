@@ -64,8 +64,9 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Module -> the package modules it imports at module level.
 
     ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``. Importing a submodule
-    also runs its parent packages' ``__init__``; those implicit edges are left out, so a package ``__init__``
-    may re-export from its own submodules (the explicit imports still catch a submodule importing its package).
+    also runs its parent packages' ``__init__``: those implicit edges count too, except from a module inside
+    that parent, so a package ``__init__`` may re-export from its own submodules (the explicit imports still
+    catch a submodule importing its package).
     """
     paths = sorted(package.rglob("*.py"))
     modules = {module_name(p, package.parent): p for p in paths}
@@ -88,6 +89,14 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
                     sub = f"{stem}.{alias.name}"
                     targets.append(sub if sub in modules else stem)
             edges.update(t for t in targets if t in modules and t != name)
+        # Importing a.b.c first runs a/__init__ and a/b/__init__: edges to those parents too, except from inside
+        # the parent (a package's submodules are what its __init__ may re-export).
+        for target in list(edges):
+            parts = target.split(".")
+            for i in range(1, len(parts)):
+                parent = ".".join(parts[:i])
+                if parent in modules and parent != name and not name.startswith(parent + "."):
+                    edges.add(parent)
         graph[name] = edges
     return graph
 

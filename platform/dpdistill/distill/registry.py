@@ -87,7 +87,8 @@ def register(
                                                                   or hasattr(config, "__dataclass_fields__"))):
         raise TypeError(f"distill.register({name!r}): config must be a pydantic model or dataclass type")
     existing = _REGISTRY.get(key)
-    if existing is not None and existing.run.__qualname__ != run.__qualname__:
+    if existing is not None and (existing.run.__module__, existing.run.__qualname__) != (run.__module__,
+                                                                                         run.__qualname__):
         raise ValueError(f"distillation method {name!r} is already registered")
     declared = _METHODS.get(key)
     if declared is not None and declared != f"{run.__module__}:{run.__qualname__}":
