@@ -35,3 +35,9 @@ class BudgetExceeded(PrivacyError):
 
 class ClusterError(DpdistillError):
     """A Ray cluster cannot be reached or refused the connection."""
+
+
+class TrialsFailed(DpdistillError):
+    """Work a sweep depends on failed on the cluster (the trial's own error is in its Tune folder)."""
+
+    exit_code = 1

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from dpdistill.errors import SpecError
+from dpdistill.errors import SpecError, TrialsFailed
 from dpdistill.spec import StrictModel, apply_overrides, format_validation_error, read_yaml, validate_spec
 
 log = logging.getLogger("dpdistill.sweeps")
@@ -139,8 +139,42 @@ def _grid_search(name: str, trainable: Any, shares: list[float], metric: str, sw
     results = tuner.fit()
     errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error is not None]
     if errors:
-        raise RuntimeError(f"{len(errors)} {name} trial(s) failed; first: {errors[0]}")
+        raise TrialsFailed(f"{len(errors)} {name} trial(s) failed (Tune folder {storage / name}); first: {errors[0]}")
     return {float(r.config["share"]): float(r.metrics[metric]) for r in results}
+
+
+def _measure_and_choose(sweep: AllocationSweepSpec, cfg: Any, shares: list[float], hi: float,
+                        probe_args: dict[str, Any], sweep_dir: Path, address: str | None,
+                        num_cpus: int | None) -> tuple[dict[float, float], dict[float, float], float, float, float,
+                                                       float]:
+    """Phase 1 (generator FIDs) and phase 2 (expert accuracies) as Tune grids, and the shares they choose."""
+    from dpdistill.runtime.cluster import ray_session
+
+    with ray_session(address, num_cpus):
+        fids = _grid_search("generator", _fid_trial, shares, "fid", sweep, sweep_dir / "tune", probe_args=probe_args)
+        fid_target = cfg.utility_fid_ratio * fids[1.0]
+        share_g = smallest_good(fids, lambda v: v <= fid_target, hi)
+        accs: dict[float, float] = {}
+        acc_target = float("nan")
+        share_e = cfg.share_expert
+        if cfg.expert_guidance and cfg.expert_dp_epochs > 0:
+            import ray
+
+            base = ray.get(ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_expert_base)
+                           .remote(probe_args, share_g))
+            accs = _grid_search("expert", _accuracy_trial, shares, "accuracy", sweep, sweep_dir / "tune",
+                                probe_args=probe_args, expert0=base)
+            acc_target = cfg.utility_acc_ratio * accs[1.0]
+            share_e = smallest_good(accs, lambda v: v >= acc_target, hi)
+    return fids, accs, fid_target, acc_target, share_g, share_e
+
+
+def _fail_parent(tracking: Any) -> None:
+    if tracking.parent_run_id:
+        try:
+            tracking._client().set_terminated(tracking.parent_run_id, "FAILED")
+        except Exception as e:  # noqa: BLE001
+            log.warning("tracking: the allocation sweep's run could not be closed: %s", e)
 
 
 def run_allocation_sweep(sweep: AllocationSweepSpec, spec: Any, runs_dir: Path, *, address: str | None = None,
@@ -158,7 +192,6 @@ def run_allocation_sweep(sweep: AllocationSweepSpec, spec: Any, runs_dir: Path, 
     from dpdistill.distill.dpgeng.pipeline import tuning_sets
     from dpdistill.pipelines import get_pipeline
     from dpdistill.privacy.defaults import default_delta
-    from dpdistill.runtime.cluster import ray_session
     from dpdistill.runtime.device import resolve_device
     from dpdistill.runtime.runfolder import atomic_write_json, atomic_write_text, utc_stamp
     from dpdistill.runtime.sweeps import SweepTracking
@@ -191,22 +224,14 @@ def run_allocation_sweep(sweep: AllocationSweepSpec, spec: Any, runs_dir: Path, 
     tracking.open_parent({"dpdistill.sweep_kind": KIND, "dpdistill.tuned_on": cfg.utility_tuning})
     shares = [1.0, *_grid(cfg, sweep.grid)]
     lo, hi = share_bounds(cfg)
-    with ray_session(address, num_cpus):
-        fids = _grid_search("generator", _fid_trial, shares, "fid", sweep, sweep_dir / "tune", probe_args=probe_args)
-        fid_target = cfg.utility_fid_ratio * fids[1.0]
-        share_g = smallest_good(fids, lambda v: v <= fid_target, hi)
-        accs: dict[float, float] = {}
-        acc_target = float("nan")
-        share_e = cfg.share_expert
-        if cfg.expert_guidance and cfg.expert_dp_epochs > 0:
-            import ray
-
-            base = ray.get(ray.remote(num_cpus=sweep.cpus_per_trial, num_gpus=sweep.gpus_per_trial)(_expert_base)
-                           .remote(probe_args, share_g))
-            accs = _grid_search("expert", _accuracy_trial, shares, "accuracy", sweep, sweep_dir / "tune",
-                                probe_args=probe_args, expert0=base)
-            acc_target = cfg.utility_acc_ratio * accs[1.0]
-            share_e = smallest_good(accs, lambda v: v >= acc_target, hi)
+    try:
+        fids, accs, fid_target, acc_target, share_g, share_e = _measure_and_choose(
+            sweep, cfg, shares, hi, probe_args, sweep_dir, address, num_cpus)
+    except BaseException as e:  # a failed trial, Ctrl-C: the folder and the MLflow run say so
+        atomic_write_json(sweep_dir / "summary.json", {"sweep": sweep.name, "kind": KIND, "status": "failed",
+                                                         "error": " ".join(str(e).split())[:2000] or type(e).__name__})
+        _fail_parent(tracking)
+        raise
     share_g, share_e = cap_shares(cfg, share_g, share_e)
     job = yaml.safe_load(spec.to_yaml())
     job["method"].update({"allocation": "fixed", "share_generator": share_g, "share_expert": share_e})
