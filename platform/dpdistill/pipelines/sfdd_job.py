@@ -194,6 +194,11 @@ class SFDDPipeline:
         init = initial_set(cfg, p.info.num_classes, (p.train.channels, p.train.image_size, p.train.image_size),
                            spec.seed, mean=mean, std=std, public=p.public)
         curve: list[tuple[int, float]] = []
+        # Under LocalDP the clients withhold their compute time, and a round's end time would give away the
+        # slowest one's: per-round figures are kept back and logged once the rounds are over (MLflow and
+        # log.txt then carry no per-round timestamps).
+        withhold_time = cfg.defence == "localdp"
+        held: list[tuple[int, dict[str, float]]] = []
         with progress_steps(cfg.rounds, "SFDD", ctx.progress) as advance:
 
             def on_round(record: Any, syn: Any) -> None:
@@ -202,10 +207,13 @@ class SFDDPipeline:
                 if cfg.eval_every and ((record.round + 1) % cfg.eval_every == 0 or last):
                     metrics["acc"] = quick_accuracy(spec, p, syn, cfg.eval_epochs)
                     curve.append((record.round + 1, metrics["acc"]))
-                ctx.log_metrics(metrics, step=record.round)
-                timed = f", {record.seconds:.1f} s" if "round_seconds" in metrics else ""  # withheld: LocalDP
-                log.info("round %d: %d answered, %d dropped%s%s", record.round, len(record.answered),
-                         len(record.dropped), timed, f", acc {100 * metrics['acc']:.2f} %" if "acc" in metrics else "")
+                if withhold_time:
+                    held.append((record.round, metrics))
+                else:
+                    ctx.log_metrics(metrics, step=record.round)
+                    log.info("round %d: %d answered, %d dropped, %.1f s%s", record.round, len(record.answered),
+                             len(record.dropped), record.seconds,
+                             f", acc {100 * metrics['acc']:.2f} %" if "acc" in metrics else "")
                 advance(record.loss)
 
             # ctx.noise reaches the actors only when it is reproducible (NOT PRIVATE); a secret one is not sent
@@ -219,6 +227,10 @@ class SFDDPipeline:
                     result = run_sfdd(pool, init, cfg, seed=spec.seed, ledger=ctx.ledger, callback=on_round)
             finally:
                 pool.shutdown()
+                for step, metrics in held:  # LocalDP: after the rounds, with no per-round timing
+                    ctx.log_metrics(metrics, step=step)
+                if held:
+                    log.info("%d rounds logged after the rounds (LocalDP: no per-round timing)", len(held))
         images, labels = result.synthetic.export()
         torch.save({"images": images, "labels": labels, "num_classes": p.info.num_classes, "dataset": p.info.name,
                     "method": "sfdd", "clients": cfg.n_clients, "rounds": cfg.rounds}, art / "distilled.pt")
