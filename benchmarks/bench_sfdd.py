@@ -166,7 +166,7 @@ class Bench:
 
         from dpdistill import data
         from dpdistill.federated import ClientContext, LocalPool, SFDDConfig, run_sfdd
-        from dpdistill.federated.actors import ActorPool
+        from dpdistill.runtime.client_pool import ActorPool
 
         # The machine is shared: rounds of the three set-ups are interleaved and each keeps its fastest
         # (the one least slowed by other jobs), after one warm-up round each (partitions cached, workers up).
@@ -209,7 +209,7 @@ class Bench:
 
         from dpdistill import data
         from dpdistill.federated import ClientContext, SFDDConfig, run_sfdd
-        from dpdistill.federated.actors import ActorPool
+        from dpdistill.runtime.client_pool import ActorPool
 
         cfg = SFDDConfig(**{**self.base, "n_clients": 100, "rounds": 1, "outer_loop": 1, "inner_loop": 0})
         part = data.partition.iid(self.train.labels, 100, seed=self.args.seed, images=self.train.images)

@@ -227,7 +227,7 @@ def test_sfdd_clients_and_evaluations_get_the_resolved_device(tmp_path, monkeypa
     import dataclasses
 
     import dpdistill.evaluation.utility as utility
-    import dpdistill.federated.actors as actors
+    import dpdistill.runtime.client_pool as actors
     import dpdistill.runtime.cluster as cluster
     from dpdistill.federated import LocalPool
     from dpdistill.runner import run_job
@@ -328,11 +328,11 @@ def fake_ray(monkeypatch):
 
 @pytest.mark.parametrize("device, gpus, seen", [("cpu", 0.0, "cpu"), ("cuda:1", 0.5, "cuda")])
 def test_the_actor_pool_asks_ray_for_gpus_and_sends_the_workers_device(fake_ray, monkeypatch, device, gpus, seen):
-    import dpdistill.federated.actors as actors
+    import dpdistill.runtime.client_pool as actors
     from dpdistill import data
     from dpdistill.data.partition import make_partition
     from dpdistill.federated import ClientContext, SFDDConfig
-    from dpdistill.federated.actors import ActorPool
+    from dpdistill.runtime.client_pool import ActorPool
 
     monkeypatch.setattr(actors, "ClientWorker", lambda *args: object())  # no actor body in this process
 

@@ -48,7 +48,7 @@ def setup(train, **overrides):
 
 
 def actor_pool(train, part, ctx, size, noise=None):
-    from dpdistill.federated.actors import ActorPool
+    from dpdistill.runtime.client_pool import ActorPool
 
     # Half a CPU each, so a second pool fits beside the shared one on the 2-CPU cluster (else its actors
     # would wait for CPUs forever).

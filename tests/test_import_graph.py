@@ -197,3 +197,18 @@ def test_no_late_registration_imports():
         if "noqa: E402" in line or ("noqa:" in line and "E402" in line.split("noqa:", 1)[1])
     ]
     assert not offenders, "module-level imports after code (# noqa: E402): " + ", ".join(offenders)
+
+
+def test_ray_is_imported_only_in_runtime():
+    """Algorithms and pipelines are plain torch; Ray (imports at any depth, lazy ones too) lives in runtime/."""
+    outside = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] == "runtime":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                outside.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert outside == [], outside
+

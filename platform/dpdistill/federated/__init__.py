@@ -6,8 +6,8 @@
 >>> pool = LocalPool(train, part, ClientContext(cfg, mean, std))     # or ActorPool(...) under Ray
 >>> result = run_sfdd(pool, initial_set(cfg, 10, (1, 28, 28), 0, mean=mean, std=std), cfg, seed=0)
 
-Algorithms (client, strategy, defences, attacks) are plain torch; :mod:`~dpdistill.federated.actors` is the
-only module that touches Ray. Each client's randomness is its own secret source, created where the client runs
+Algorithms (client, strategy, defences, attacks) are plain torch; the Ray actor pool is
+:mod:`dpdistill.runtime.client_pool` (Ray stays in ``runtime/``). Each client's randomness is its own secret source, created where the client runs
 (see :mod:`~dpdistill.federated.client`); pass ``noise=PrivacyRandomness.reproducible(seed)`` to a pool only to
 debug (NOT PRIVATE).
 """

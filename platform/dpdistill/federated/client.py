@@ -200,7 +200,7 @@ class LocalPool:
 
     ``noise``: the clients' randomness. None (the default) or a secret source: each task gets fresh OS entropy.
     A reproducible source (debugging, NOT PRIVATE) gives each task the stream of (client, round, attempt), the
-    same streams an :class:`~dpdistill.federated.actors.ActorPool` of any size derives.
+    same streams an :class:`~dpdistill.runtime.client_pool.ActorPool` of any size derives.
     """
 
     size = 1

@@ -180,7 +180,7 @@ class SFDDPipeline:
         from dpdistill.evaluation.grids import save_class_grid
         from dpdistill.evaluation.selection import charge_selection
         from dpdistill.federated import ClientContext, initial_set, run_sfdd
-        from dpdistill.federated.actors import ActorPool
+        from dpdistill.runtime.client_pool import ActorPool
         from dpdistill.runtime.device import record_device, resolve_device
 
         spec, cfg, art = ctx.spec, p.config, ctx.run.artifacts

@@ -1,5 +1,7 @@
 """SFDD clients on Ray: a bounded pool of actors, each holding the partitions of the clients it serves.
 
+It lives in ``runtime/`` so the federated algorithms stay plain torch (Ray is confined to ``runtime/``).
+
 The training set goes into Ray's object store once (numpy, so actors map it without copying); each actor
 materialises a client's partition the first time it serves that client and keeps it (the per-client state),
 so 100 simulated clients run on as many actors as there are CPUs. Client ``k`` always goes to actor
