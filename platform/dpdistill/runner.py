@@ -120,6 +120,30 @@ def heartbeat(ctx_holder: list[RunContext], started: float, console: bool) -> It
             logging.getLogger("dpdistill").removeHandler(handler)
 
 
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[None]:
+    """With the spec's ``threads``: that many torch threads for the job, and $DPDISTILL_THREADS set so every
+    thread_limit and evaluation path (Ray tasks included) uses the same count; unset: nothing changes."""
+    import torch
+
+    from dpdistill.evaluation.training import THREADS_ENV
+
+    if threads is None:
+        yield
+        return
+    prior_env, prior_threads = os.environ.get(THREADS_ENV), torch.get_num_threads()
+    os.environ[THREADS_ENV] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prior_threads)
+        if prior_env is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = prior_env
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``ray job stop``, pod eviction, ``activeDeadlineSeconds``) seen during a run: handled as Ctrl-C."""
 
@@ -295,7 +319,8 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
         log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
         # Without a terminal there are no progress bars: say every 30 s that the run is alive, and where.
         quiet = not (progress and sys.stderr.isatty())
-        with heartbeat([ctx], started, console=quiet) if quiet else contextlib.nullcontext():
+        with (heartbeat([ctx], started, console=quiet) if quiet else contextlib.nullcontext(),
+              pinned_threads(spec.threads)):
             pipeline.execute(ctx, prepared)
         status = "completed"
     except KeyboardInterrupt as e:

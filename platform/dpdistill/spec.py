@@ -331,6 +331,10 @@ class JobSpec(StrictModel):
     description: str = ""
     seed: int = Field(default=0, ge=0)
     device: str = "cpu"
+    threads: int | None = Field(default=None, ge=1, le=1024, description=(
+        "torch intra-op threads for the whole job, in-process and in every evaluation Ray task (each reserves "
+        "that many CPUs); unset: the free cores, which depend on the machine's load, so figures may differ in "
+        "the last digits between runs"))
     data: DataSpec = Field(default_factory=DataSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     method: MethodSpec

@@ -23,27 +23,44 @@ Augment = Callable[..., torch.Tensor]
 Stat = float | Sequence[float] | torch.Tensor | None
 
 
+THREADS_ENV = "DPDISTILL_THREADS"  # set by the runner for a job whose spec pins ``threads``
+
+
+def resolve_threads(num_threads: int | None) -> int:
+    """The intra-op thread count a block should use: ``num_threads``, else the job's pinned count
+    (``$DPDISTILL_THREADS``, from the spec's ``threads``), else the default below.
+
+    Default (unpinned): the cores this process may use (torch's own default counts the host's cores, which in a
+    container or under Ray can exceed ours), and 1 when the machine is already oversubscribed (1-min load average
+    above those cores). OpenMP threads spin-wait, so two threads competing with other work ran a digits ConvNet
+    20x slower than one thread in our measurements, while on an idle 2-core machine two threads gain only
+    ~1.5-2x. The unpinned default depends on the machine's load, and float reductions on the thread count: pin
+    ``threads`` in the spec when results must repeat to the last digit.
+    """
+    if num_threads is not None:
+        return max(1, int(num_threads))
+    pinned = os.environ.get(THREADS_ENV)
+    if pinned:
+        return max(1, int(pinned))
+    previous = torch.get_num_threads()
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        available = os.cpu_count() or 1
+    threads = max(1, min(previous, available))
+    try:
+        if os.getloadavg()[0] > available:
+            threads = 1
+    except (AttributeError, OSError):  # no load average on this platform
+        pass
+    return threads
+
+
 @contextlib.contextmanager
 def thread_limit(num_threads: int | None) -> Iterator[int]:
-    """Run the block with ``num_threads`` intra-op threads (default: see below), then restore the previous count.
-
-    Default: the cores this process may use (torch's own default counts the host's cores, which in a container
-    or under Ray can exceed ours), and 1 when the machine is already oversubscribed (1-min load average above
-    those cores). OpenMP threads spin-wait, so two threads competing with other work ran a digits ConvNet 20x
-    slower than one thread in our measurements, while on an idle 2-core machine two threads gain only ~1.5-2x.
-    """
+    """Run the block with :func:`resolve_threads` intra-op threads, then restore the previous count."""
     previous = torch.get_num_threads()
-    if num_threads is None:
-        try:
-            available = len(os.sched_getaffinity(0))
-        except AttributeError:  # macOS / Windows
-            available = os.cpu_count() or 1
-        num_threads = max(1, min(previous, available))
-        try:
-            if os.getloadavg()[0] > available:
-                num_threads = 1
-        except (AttributeError, OSError):  # no load average on this platform
-            pass
+    num_threads = resolve_threads(num_threads)
     torch.set_num_threads(num_threads)
     try:
         yield num_threads

@@ -58,6 +58,7 @@ DISCLOSURE: dict[str, str] = {
     "description": PUBLIC,
     "seed": PUBLIC,
     "device": PUBLIC,
+    "threads": PUBLIC,
     "data.*": PUBLIC,
     "method.*": PUBLIC,
     "evaluation.*": PUBLIC,

@@ -17,7 +17,7 @@ import torch
 def _evaluate_one_seed(train_x, train_y, test_x, test_y, extra_sets, seed: int, kwargs: dict[str, Any]):
     from dpdistill.evaluation.utility import evaluate_utility
 
-    result = evaluate_utility(train_x, train_y, test_x, test_y, seeds=(seed,), progress=False, num_threads=1,
+    result = evaluate_utility(train_x, train_y, test_x, test_y, seeds=(seed,), progress=False,
                               extra_sets=extra_sets, **kwargs)
     return result.accuracies[0], {k: v[0] for k, v in result.extra.items()}
 
@@ -32,8 +32,19 @@ def evaluate_seeds(
     *, extra_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, use_ray: bool = True,
     progress: bool = True, **kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Accuracy (mean, std over seeds, population std as the DC papers) on test and on each extra set."""
+    """Accuracy (mean, std over seeds, population std as the DC papers) on test and on each extra set.
+
+    Threads: ``num_threads`` (or the job's pinned ``threads``, $DPDISTILL_THREADS) is used by both paths, each Ray
+    task reserving that many CPUs, so the two give the same figures to the last digit. Unpinned, each Ray task
+    uses one thread (parallel seeds) and the in-process loop the cores it finds free.
+    """
+    import os
+
+    from dpdistill.evaluation.training import THREADS_ENV
+
     extra_sets = extra_sets or {}
+    pinned = kwargs.pop("num_threads", None) or (int(os.environ[THREADS_ENV]) if os.environ.get(THREADS_ENV)
+                                                 else None)
     if use_ray:
         import ray
 
@@ -42,8 +53,8 @@ def evaluate_seeds(
         # A CUDA evaluation's tasks ask for a share of a GPU (Ray hides GPUs from tasks that do not) and name
         # the device as the worker sees it.
         device = torch.device(kwargs.get("device", "cpu"))
-        kwargs = {**kwargs, "device": worker_device(device)}
-        task = ray.remote(num_cpus=1, num_gpus=ray_gpus(device, len(seeds)))(_evaluate_one_seed)
+        kwargs = {**kwargs, "device": worker_device(device), "num_threads": pinned or 1}
+        task = ray.remote(num_cpus=pinned or 1, num_gpus=ray_gpus(device, len(seeds)))(_evaluate_one_seed)
         refs = [ray.put(t) for t in (train_x, train_y, test_x, test_y)]
         extra_ref = ray.put(extra_sets)
         per_seed = ray.get([task.remote(*refs, extra_ref, s, kwargs) for s in seeds])
@@ -53,6 +64,6 @@ def evaluate_seeds(
         from dpdistill.evaluation.utility import evaluate_utility
 
         r = evaluate_utility(train_x, train_y, test_x, test_y, seeds=seeds, progress=progress,
-                             extra_sets=extra_sets, **kwargs)
+                             extra_sets=extra_sets, num_threads=pinned, **kwargs)
         test_accs, extra = r.accuracies, r.extra
     return {"test": _summarise(test_accs), **{k: _summarise(v) for k, v in extra.items()}}
