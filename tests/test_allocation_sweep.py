@@ -91,3 +91,25 @@ def test_candidates_run_as_trials_and_the_job_gets_the_chosen_shares(tmp_path, r
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {summary["mlflow_parent_run_id"]}
     parent = client.get_run(summary["mlflow_parent_run_id"])
     assert parent.data.metrics["share_generator"] == pytest.approx(summary["share_generator"])
+
+
+def test_nothing_from_the_sensitive_split_reaches_the_trials(tmp_path):
+    """What the trials get (probe_inputs) holds the public tuning sets only: no sensitive image, no tensor of
+    the sensitive split's size."""
+    import torch
+
+    from dpdistill.pipelines import get_pipeline
+    from dpdistill.runtime.allocation_sweep import probe_inputs
+
+    sweep, spec = load_allocation_sweep(_sweep_file(tmp_path))
+    sensitive = get_pipeline(spec.kind).prepare(spec).train.images.flatten(1)
+    args, _ = probe_inputs(sweep, spec)
+    assert (args["tune"].name, args["held_out"].name) == ("glyphs/train", "glyphs/test")
+    tensors = [v for v in args.values() if isinstance(v, torch.Tensor)]
+    tensors += [s.images for s in (args["tune"], args["held_out"])] + [s.labels for s in (args["tune"],
+                                                                                          args["held_out"])]
+    for t in tensors:
+        assert len(t) != len(sensitive)
+        if t.dim() == 4:  # images: none equals a sensitive image
+            rows = t.flatten(1)
+            assert not any(bool((rows == row).all(1).any()) for row in sensitive[:500])

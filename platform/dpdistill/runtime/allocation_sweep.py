@@ -177,28 +177,21 @@ def _fail_parent(tracking: Any) -> None:
             log.warning("tracking: the allocation sweep's run could not be closed: %s", e)
 
 
-def run_allocation_sweep(sweep: AllocationSweepSpec, spec: Any, runs_dir: Path, *, address: str | None = None,
-                         tracking_uri: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
-    """Measure every candidate share as a parallel trial, choose the shares, write ``job.yaml`` with them fixed.
+def probe_inputs(sweep: AllocationSweepSpec, spec: Any) -> tuple[dict[str, Any], Any]:
+    """What every trial gets: the public tuning and scoring sets, the method config, ε, δ, the published
+    normalisation, a data-independent seed and the device; and the config. Nothing else crosses to Ray.
 
-    Returns the summary (also ``summary.json`` in the sweep folder): the chosen shares, each candidate's FID and
-    accuracy, the targets, and the command that runs the job.
+    The job's own input checks run here (the tuning set is public and fits the data; the device exists). The
+    sensitive split's records go no further than this function: only its size (δ) and shape leave it.
     """
     import torch
-    import yaml
 
     from dpdistill.distill.dm import as_generator
-    from dpdistill.distill.dpgeng.allocation import cap_shares, share_bounds
     from dpdistill.distill.dpgeng.pipeline import tuning_sets
     from dpdistill.pipelines import get_pipeline
     from dpdistill.privacy.defaults import default_delta
     from dpdistill.runtime.device import resolve_device
-    from dpdistill.runtime.runfolder import atomic_write_json, atomic_write_text, utc_stamp
-    from dpdistill.runtime.sweeps import SweepTracking
-    from dpdistill.runtime.tracking import resolve_tracking_uri
 
-    # The job's own input checks (the tuning set is public and fits the data; the device exists). The sensitive
-    # split's records go no further than this process: only its size (δ) and shape reach the trials.
     prepared = get_pipeline(spec.kind).prepare(spec)
     cfg = prepared.config
     real = prepared.train
@@ -211,10 +204,28 @@ def run_allocation_sweep(sweep: AllocationSweepSpec, spec: Any, runs_dir: Path, 
     # none still sees the node's GPUs in Ray 2.60, but nothing holds them for it).
     device = resolve_device(spec.device)
     trial_device = "cuda" if device.type == "cuda" and sweep.gpus_per_trial > 0 else "cpu"
-    probe_args = {"tune": tune_set, "held_out": held_out, "cfg": cfg, "epsilon": epsilon, "delta": delta,
-                  "mean": list(prepared.info.mean), "std": list(prepared.info.std), "seed": seed,
-                  "device": trial_device}
-    del prepared, real  # nothing sensitive is passed on
+    return {"tune": tune_set, "held_out": held_out, "cfg": cfg, "epsilon": epsilon, "delta": delta,
+            "mean": list(prepared.info.mean), "std": list(prepared.info.std), "seed": seed,
+            "device": trial_device}, cfg
+
+
+def run_allocation_sweep(sweep: AllocationSweepSpec, spec: Any, runs_dir: Path, *, address: str | None = None,
+                         tracking_uri: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """Measure every candidate share as a parallel trial, choose the shares, write ``job.yaml`` with them fixed.
+
+    Returns the summary (also ``summary.json`` in the sweep folder): the chosen shares, each candidate's FID and
+    accuracy, the targets, and the command that runs the job.
+    """
+    import yaml
+
+    from dpdistill.distill.dpgeng.allocation import cap_shares, share_bounds
+    from dpdistill.runtime.runfolder import atomic_write_json, atomic_write_text, utc_stamp
+    from dpdistill.runtime.sweeps import SweepTracking
+    from dpdistill.runtime.tracking import resolve_tracking_uri
+
+    # The job's own input checks (the tuning set is public and fits the data; the device exists). The sensitive
+    # split's records go no further than this process: only its size (δ) and shape reach the trials.
+    probe_args, cfg = probe_inputs(sweep, spec)
 
     runs_dir = Path(runs_dir).expanduser().resolve()
     sweep_dir = runs_dir / "sweeps" / sweep.name / utc_stamp()
