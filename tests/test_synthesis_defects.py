@@ -51,7 +51,9 @@ def test_dp_ntk_release_is_the_mean_over_all_records(digits):
     exact = fmap.class_sums(digits.images, digits.labels, 10) / counts[:, None]
     first_batch = fmap.class_sums(digits.images[:100], digits.labels[:100], 10) / counts[:, None]
     released = synth.released["means"]
-    assert torch.allclose(synth.released["counts"], counts, rtol=0.01)
+    # The noise is secret (a fresh draw each run), std ≈ 0.6 on counts of ~130 at this ε: 5 % is > 10σ, while
+    # the defect (only the first batch embedded) would give counts of ~10.
+    assert torch.allclose(synth.released["counts"], counts, rtol=0.05)
     assert (released - exact).norm() < 0.05 * exact.norm()
     assert (released - first_batch).norm() > 0.5 * exact.norm()
 
