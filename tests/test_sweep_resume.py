@@ -28,7 +28,7 @@ DPDISTILL = str(Path(sys.executable).parent / "dpdistill")
 # A private job whose trials take some seconds (so the signal lands inside one), with a charge made up front.
 JOB = {
     "name": "ndpdc-resume", "kind": "distill", "data": {"name": "digits"}, "privacy": {"epsilon": 1.0},
-    "method": {"name": "ndpdc", "ipc": 1, "iterations": 2000, "net_width": 8, "batch_real": 16},
+    "method": {"name": "ndpdc", "ipc": 1, "iterations": 1000, "net_width": 8, "batch_real": 16},
     "evaluation": {"seeds": 1, "epochs": 2, "model_options": {"width": 8}},
 }
 SWEEP = {
