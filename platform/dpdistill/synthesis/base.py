@@ -51,6 +51,7 @@ from dpdistill.privacy.disclosure import ACCOUNTING, PUBLIC
 from dpdistill.privacy.dp_ops import solve_free_sigma
 from dpdistill.privacy.ledger import BUDGET_REL_TOL
 from dpdistill.privacy.noise import PrivacyRandomness, resolve
+from dpdistill.privacy.plan import Plan
 
 FORMAT = "dpdistill.synthesizer/1"
 
@@ -124,13 +125,18 @@ calibrate_for_ledger = solve_free_sigma
 
 
 def check_config(config: Any) -> None:
-    """Every number in a method config must be finite and > 0 (sizes, rates, steps): one-line SpecError."""
+    """Every number in a method config must be finite and > 0 (sizes, rates, steps): one-line SpecError.
+
+    A field that may be zero (a weight decay, a dropout rate) says so in its metadata:
+    ``field(default=0.0, metadata={"zero_ok": True})``.
+    """
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if not math.isfinite(float(value)) or value <= 0:
-            raise SpecError(f"method option '{f.name}' must be > 0, got {value!r}")
+        zero_ok = bool(f.metadata.get("zero_ok"))
+        if not math.isfinite(float(value)) or value < 0 or (value == 0 and not zero_ok):
+            raise SpecError(f"method option '{f.name}' must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
 
 class Synthesizer(ABC):
@@ -171,6 +177,7 @@ class Synthesizer(ABC):
         self.fitted = False
         self.pretrained_on: str | None = None
         self.report: FitReport | None = None
+        self.last_plan: Plan | None = None  # the plan the last fit charged and ran (plan/execute methods)
         # Model weights are seeded from the synthesiser's (public) seed; privacy noise comes from self.noise.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -182,10 +189,26 @@ class Synthesizer(ABC):
     def build(self) -> nn.Module:
         """The conditional generator G(z, y) → images in [0, 1] (with a ``z_dim`` attribute)."""
 
-    @abstractmethod
+    # A method implements EITHER the plan → charge → execute contract (``plan`` and ``execute``: the driver
+    # charges the plan, then ``execute`` runs it anywhere — in process, on Ray Train workers — without the
+    # ledger), OR ``_fit`` (charges the ledger itself, in process, before each release).
+
+    def plan(self, n_records: int, ledger: PrivacyLedger, target_epsilon: float) -> Plan | None:
+        """Every release the fit will make, σ solved against ``ledger`` up to ``target_epsilon``; reads no data.
+
+        ``None`` (the default): the method charges inside :meth:`_fit` instead.
+        """
+        return None
+
+    def execute(self, plan: Plan, sensitive: Any, executor: Any, progress: bool,
+                callback: Callback | None) -> FitReport:
+        """Run a CHARGED plan on the sensitive set (on ``executor``, if the method can use one)."""
+        raise NotImplementedError(f"{self.name}: plan() returned a plan but execute() is not implemented")
+
     def _fit(self, sensitive: Any, ledger: PrivacyLedger, target_epsilon: float, progress: bool,
              callback: Callback | None) -> FitReport:
         """Train on the sensitive set, charging ``ledger`` before each release, up to ``target_epsilon``."""
+        raise NotImplementedError(f"{self.name}: implement plan()/execute() or _fit()")
 
     def _pretrain(self, public: Any, progress: bool) -> None:
         raise SpecError(f"{self.name}: public pretraining is not supported by this method")
@@ -227,11 +250,15 @@ class Synthesizer(ABC):
         self.pretrained_on = str(getattr(public, "name", "public"))
 
     def fit(self, sensitive: Any, ledger: PrivacyLedger, *, epsilon: float | None = None,
-            progress: bool = False, callback: Callback | None = None) -> FitReport:
+            progress: bool = False, callback: Callback | None = None, executor: Any = None,
+            plan: Plan | None = None) -> FitReport:
         """Fit on the sensitive set, spending the ledger up to a composed total of ``epsilon``.
 
         ``epsilon`` defaults to the ledger's budget. Every release is charged before it happens, so a
-        refused charge (BudgetExceeded) leaves nothing released.
+        refused charge (BudgetExceeded) leaves nothing released. A method with a :meth:`plan` has the whole
+        plan charged here, on the caller's (driver's) ledger, and then runs it on ``executor`` (None: in
+        process). ``plan``: a plan saved by an interrupted fit of this method, to resume: it runs as it was
+        planned, and is charged only if this ledger does not hold it already (never twice).
         """
         if not isinstance(ledger, PrivacyLedger):
             raise PrivacyError(f"{self.name}: fit needs a PrivacyLedger, got {type(ledger).__name__}")
@@ -247,7 +274,16 @@ class Synthesizer(ABC):
         started = time.perf_counter()
         # Intra-op threads capped at the usable cores, 1 on a loaded machine (OpenMP spin-waits otherwise).
         with thread_limit(None):
-            report = self._fit(sensitive, ledger, target, progress, callback)
+            if plan is not None and plan.method != self.name:
+                raise PrivacyError(f"{self.name}: cannot resume a plan made by {plan.method!r}")
+            plan = plan or self.plan(len(sensitive.images), ledger, target)
+            if plan is None:
+                report = self._fit(sensitive, ledger, target, progress, callback)
+            else:
+                if not plan.already_charged(ledger):
+                    plan.charge(ledger)
+                self.last_plan = plan
+                report = self.execute(plan, sensitive, executor, progress, callback)
         report.seconds = time.perf_counter() - started
         report.method = self.name
         report.epsilon = ledger.spent_epsilon()

@@ -36,6 +36,7 @@ from torch import nn
 from dpdistill.errors import SpecError
 from dpdistill.privacy import Gaussian, PrivacyLedger, calibrate_gaussian
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, RELEASED
+from dpdistill.privacy.plan import Plan, PlannedCharge
 from dpdistill.synthesis.base import Callback, FitReport, Synthesizer, calibrate_for_ledger, fit_disclosure
 from dpdistill.synthesis.features import RandomFourierFeatures, labelled_feature_sum
 from dpdistill.synthesis.generators import ConvCondGenerator
@@ -103,23 +104,28 @@ class MeanEmbeddingSynthesizer(Synthesizer):
         return {"means": means.cpu(), "counts": counts_hat.cpu(),
                 "class_weights": (counts_hat / counts_hat.sum()).cpu()}
 
-    def _fit(self, sensitive: Any, ledger: PrivacyLedger, target_epsilon: float, progress: bool,
-             callback: Callback | None) -> FitReport:
+    def plan(self, n_records: int, ledger: PrivacyLedger, target_epsilon: float) -> Plan:
+        """One Gaussian release of the per-class feature sums and counts, σ solved against the ledger."""
         c = self.config
         if not 0 < c.count_weight < 1:
             raise SpecError(f"{self.name}: count_weight must lie in (0, 1), got {c.count_weight}")
-        fmap = self.feature_map()
         guess = calibrate_gaussian(target_epsilon, ledger.delta) if not ledger.entries else 1.0
         sigma = calibrate_for_ledger(ledger, lambda s: Gaussian(s, 1.0), target_epsilon, guess)
+        return Plan(self.name, (PlannedCharge(
+            f"{self.name}/embedding", Gaussian(sigma, 1.0),
+            "per-class feature sums + counts, one record contributes a unit-norm vector"),), {"sigma": sigma})
+
+    def execute(self, plan: Plan, sensitive: Any, executor: Any, progress: bool,
+                callback: Callback | None) -> FitReport:
+        sigma = float(plan.params["sigma"])
+        fmap = self.feature_map()
         sums, counts = self._sums_and_counts(fmap, sensitive)
-        # Charge (and persist) before the noisy sums exist outside this function.
-        ledger.charge(f"{self.name}/embedding", Gaussian(sigma, 1.0),
-                      note="per-class feature sums + counts, one record contributes a unit-norm vector")
         self.released = self._release(sums, counts, sigma)
         del sums, counts
+        c = self.config
         self._train_generator(fmap, self.released["means"].to(self.device), c.iterations, progress, callback,
                               "fit")
-        return FitReport(self.name, 0.0, ledger.delta, {"sigma": sigma}, [], steps=c.iterations,
+        return FitReport(self.name, 0.0, 0.0, {"sigma": sigma}, [], steps=c.iterations,
                          extra={"release_mmd": self.release_mmd()})
 
     @torch.no_grad()

@@ -1,0 +1,97 @@
+"""The plan → charge → execute contract (privacy/plan.py, Synthesizer.fit): the driver charges the whole plan
+before the method touches a sensitive record, a plan the budget cannot pay records nothing, a resumed fit does
+not charge its plan twice, and a plan survives the trip to a worker as data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dpdistill import data
+from dpdistill.errors import BudgetExceeded, SpecError
+from dpdistill.privacy import Gaussian, PoissonGaussian, PrivacyLedger
+from dpdistill.privacy.noise import PrivacyRandomness
+from dpdistill.privacy.plan import Plan, PlannedCharge
+from dpdistill.synthesis import registry
+from dpdistill.synthesis.base import check_config
+
+
+def _plan(sigma: float = 2.0) -> Plan:
+    return Plan("toy", (PlannedCharge("toy/a", Gaussian(sigma, 1.0)),
+                        PlannedCharge("toy/b", PoissonGaussian(0.01, sigma, 100))), {"sigma": sigma, "steps": 100})
+
+
+def test_a_plan_that_does_not_fit_records_nothing() -> None:
+    ledger = PrivacyLedger(None, 1.0, 1e-5)
+    with pytest.raises(BudgetExceeded):
+        _plan(sigma=0.5).charge(ledger)  # the first part alone might fit; the whole plan does not
+    assert ledger.entries == []
+    total = _plan(sigma=8.0).charge(PrivacyLedger(None, 1.0, 1e-5))
+    assert 0 < total <= 1.0
+
+
+def test_already_charged_recognises_exactly_this_plan() -> None:
+    ledger = PrivacyLedger(None, 10.0, 1e-5)
+    plan = _plan(4.0)
+    assert not plan.already_charged(ledger)
+    plan.charge(ledger)
+    assert plan.already_charged(ledger)
+    assert not _plan(4.5).already_charged(ledger)  # another σ is another plan
+
+
+def test_plan_round_trips_as_data_with_a_stable_fingerprint() -> None:
+    plan = _plan(3.0)
+    back = Plan.from_dict(plan.to_dict())
+    assert back == plan and back.fingerprint() == plan.fingerprint()
+    assert _plan(3.0001).fingerprint() != plan.fingerprint()
+    with pytest.raises(Exception, match="plain JSON"):
+        Plan("toy", plan.charges, {"tensor": torch.zeros(1)})
+
+
+def test_fit_charges_the_plan_before_execute_reads_the_sensitive_set() -> None:
+    digits = data.load("digits", split="train")
+    cls = registry.get("dp-merf")
+    synth = cls(cls.config_type(iterations=5, num_features=200), channels=1, image_size=digits.images.shape[-1],
+                num_classes=10, seed=0, noise=PrivacyRandomness.reproducible(1))
+    ledger = PrivacyLedger(None, 2.0, 1e-5)
+    seen: list[int] = []
+    original = synth.execute
+
+    def execute(plan, sensitive, executor, progress, callback):  # noqa: ANN001, ANN202 - test spy
+        seen.append(len(ledger.entries))  # what the ledger held when the method first saw the data
+        return original(plan, sensitive, executor, progress, callback)
+
+    synth.execute = execute  # type: ignore[method-assign]
+    report = synth.fit(digits, ledger)
+    assert seen == [1], "execute ran before the plan was on the ledger"
+    assert [e["mechanism"] for e in ledger.entries] == [m.to_dict() for m in synth.last_plan.mechanisms]
+    assert report.epsilon == pytest.approx(ledger.spent_epsilon()) and report.epsilon <= 2.0
+    # A second fit on the same ledger plans against what is left (a new plan, one new charge); the composed
+    # total still keeps to the budget.
+    first = synth.last_plan
+    assert first.already_charged(ledger)
+    synth.fit(digits, ledger)
+    assert len(ledger.entries) == 2 and synth.last_plan != first
+    assert ledger.spent_epsilon() <= 2.0 * 1.001
+    # Resuming the first fit with its saved plan: runs it, charges nothing more (the ledger holds it).
+    synth.fit(digits, ledger, plan=Plan.from_dict(first.to_dict()))
+    assert len(ledger.entries) == 2 and synth.last_plan == first
+    # The same plan on a fresh ledger is charged once.
+    fresh = PrivacyLedger(None, 2.0, 1e-5)
+    synth.fit(digits, fresh, plan=first)
+    assert [e["mechanism"] for e in fresh.entries] == [m.to_dict() for m in first.mechanisms]
+
+
+def test_check_config_allows_zero_only_where_the_field_says_so() -> None:
+    @dataclasses.dataclass
+    class Config:
+        lr: float = 1e-3
+        weight_decay: float = dataclasses.field(default=0.0, metadata={"zero_ok": True})
+
+    check_config(Config())
+    with pytest.raises(SpecError, match="'lr' must be > 0"):
+        check_config(Config(lr=0.0))
+    with pytest.raises(SpecError, match="'weight_decay' must be >= 0"):
+        check_config(Config(weight_decay=-1.0))
