@@ -383,19 +383,28 @@ def aggregate(draws: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -
     order = {n: i for i, n in enumerate(configs)}
     rows = []
     for (name, shash), ds in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 1e9), kv[0])):
-        private = [d for d in ds if not d["not_private"]]
+        c = configs.get(name, {})
+        # A non-private reference (DM, DC: `reference: true` in configs.yaml) has no noise to draw: its runs are
+        # NOT PRIVATE by design and are the row's figure; a one-run row's spread is its evaluation seeds'.
+        reference = bool(c.get("reference"))
+        private = [d for d in ds if reference or not d["not_private"]]
         test = [d["test_acc_mean"] for d in private if d.get("test_acc_mean") is not None]
         val = [d["val_acc_mean"] for d in private if d.get("val_acc_mean") is not None]
         base = [d["baseline_generated_acc_mean"] for d in private if d.get("baseline_generated_acc_mean") is not None]
-        c = configs.get(name, {})
         t_mean, t_std = _mean_std(test)
-        v_mean, v_std = _mean_std(val)
+        if reference and len(private) == 1:
+            t_std = private[0].get("test_acc_std")
+            v_std = private[0].get("val_acc_std")
+        v_mean, v_std_draws = _mean_std(val)
+        if not (reference and len(private) == 1):
+            v_std = v_std_draws
         b_mean, b_std = _mean_std(base)
         eps = [d["ledger_epsilon"] for d in private if d.get("ledger_epsilon") is not None]
         rows.append({
             "config": name, "spec": ds[0]["spec"], "set": ds[0]["set"], "spec_hash": shash,
             "description": c.get("description", ""), "chosen_by": c.get("chosen_by", ""),
             "draws_target": c.get("draws"), "draws": len(private), "draws_not_private": len(ds) - len(private),
+            "reference": reference,
             "test_acc_mean": t_mean, "test_acc_std": t_std, "val_acc_mean": v_mean, "val_acc_std": v_std,
             "baseline_generated_acc_mean": b_mean, "baseline_generated_acc_std": b_std,
             "test_acc_by_draw": test, "val_acc_by_draw": val,
@@ -437,7 +446,9 @@ def render_md(doc: dict[str, Any], path: Path) -> None:
         "with secret privacy noise, one torch thread, `nice -n 10`, on a 2-core machine shared with other work:",
         "wall times are upper bounds. acc = the run's ConvNet test accuracy (mean over the job's evaluation seeds);",
         "a row's figure is the mean ± std (ddof 1) OVER NOISE DRAWS; val = the same models on the validation split.",
-        "Draws stamped NOT PRIVATE (reproducible noise) are listed but never averaged.",
+        "Draws stamped NOT PRIVATE (reproducible noise) are listed but never averaged. Rows marked (reference) are",
+        "non-private methods (no noise to draw): their runs are the figure, and a one-run row's ± is the spread",
+        "over the job's evaluation seeds.",
         "",
         f"updated {doc.get('updated', '')}",
         "",
@@ -449,7 +460,8 @@ def render_md(doc: dict[str, Any], path: Path) -> None:
         flag = " ⚠ seeded-noise code" if r["seeded_noise_code"] else ""
         eps = "" if r["ledger_epsilon_max"] is None else f"{r['ledger_epsilon_max']:.3f} / {r['ledger_delta']:.0e}"
         lines.append(
-            f"| `{r['config']}`{flag} | {r['draws']}/{r['draws_target']}"
+            f"| `{r['config']}`{flag}{' (reference, not private)' if r.get('reference') else ''}"
+            f" | {r['draws']}/{r['draws_target']}"
             + (f" (+{r['draws_not_private']} NOT PRIVATE)" if r["draws_not_private"] else "")
             + f" | {_pct(r['test_acc_mean'], r['test_acc_std'])} | {_pct(r['val_acc_mean'], r['val_acc_std'])}"
             f" | {', '.join(f'{100 * a:.2f}' for a in r['test_acc_by_draw'])}"
