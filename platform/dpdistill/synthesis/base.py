@@ -220,6 +220,14 @@ class Synthesizer(ABC):
     def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook, no-op by default
         """Restore what :meth:`extra_state` saved."""
 
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        """The generator tensors the release holds (default: all; a LoRA method: its adapters only)."""
+        return {k: v.detach().cpu() for k, v in self.generator_net.state_dict().items()}
+
+    def load_generator_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`generator_state` saved (after :meth:`load_extra_state`)."""
+        self.generator_net.load_state_dict(state)
+
     # -- the interface ----------------------------------------------------------------------------------
 
     def _check_set(self, images_set: Any, what: str) -> None:
@@ -341,7 +349,7 @@ class Synthesizer(ABC):
             "fitted": self.fitted,
             "pretrained_on": self.pretrained_on,
             "report": dataclasses.asdict(self.report) if self.report else None,
-            "generator": {k: v.detach().cpu() for k, v in self.generator_net.state_dict().items()},
+            "generator": self.generator_state(),
             "extra": self.extra_state(),
         }
 
@@ -358,19 +366,27 @@ class Synthesizer(ABC):
     def load(path: str | Path, device: str | torch.device = "cpu",
              noise: PrivacyRandomness | None = None) -> Synthesizer:
         """Rebuild a saved synthesiser of any registered method (``noise``: for a further fit; default secret)."""
-        from dpdistill.synthesis.registry import get
-
         path = Path(path)
         if not path.exists():
             raise DataError(f"{path}: no saved synthesiser there")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise DataError(f"{path}: not a dpdistill synthesiser file (expected format {FORMAT})")
+        return Synthesizer.from_state(state, device=device, noise=noise)
+
+    @staticmethod
+    def from_state(state: dict[str, Any], device: str | torch.device = "cpu",
+                   noise: PrivacyRandomness | None = None) -> Synthesizer:
+        """Rebuild a synthesiser from :meth:`state` (DP outputs only: it may travel to a worker)."""
+        from dpdistill.synthesis.registry import get
+
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise DataError(f"not a dpdistill synthesiser state (expected format {FORMAT})")
         cls = get(state["method"])
         synth = cls(cls.config_type(**state["config"]), seed=state["seed"], device=device, noise=noise,
                     **state["shape"])
-        synth.generator_net.load_state_dict(state["generator"])
         synth.load_extra_state(state["extra"])
+        synth.load_generator_state(state["generator"])
         synth.fitted = bool(state["fitted"])
         synth.pretrained_on = state["pretrained_on"]
         if state["report"] is not None:
