@@ -1,0 +1,257 @@
+"""Where DP-SGD runs: in this process, or sharded over Ray Train workers (``TorchTrainer``, gloo or nccl).
+
+The driver has charged the schedule to its ledger before :func:`fit_dp_sgd` is called; nothing here sees a
+ledger, and a resumed fit continues the charged schedule (it never asks for more steps than it holds).
+
+``ray-train``: the sensitive set is permuted with the privacy source and cut into ``num_workers`` contiguous
+shards on the driver; each shard travels as an object-store ref in ``train_loop_config`` (not Ray Data and not
+``prepare_data_loader``: both would change the sampling; each worker Poisson-samples its own shard at the GLOBAL
+rate q, which is exactly Poisson sampling of the whole set). Each worker gets its own child privacy source
+(``noise.spawn("worker-<rank>")``: independent secret streams) and runs
+:func:`dpdistill.training.dp_sgd.train_dp_sgd` with ``rank``/``world_size``; the clipped sums are all-reduced and
+rank 0 adds the step's noise once. Rank 0 writes a checkpoint (network, optimiser state, step, schedule) every
+``checkpoint_every`` steps through ``ray.train.report``; a worker that fails is restarted by Ray Train
+(``FailureConfig.max_failures``) and every worker resumes from ``ray.train.get_checkpoint()`` at its step, with
+a fresh child source for the rest of the run. Reports carry the step number only. The final state returns to
+the driver as the run's last checkpoint.
+
+Storage: ``storage_path`` (shared by every node of a multi-node cluster) holds the run ``run_name``; a fit with
+the same storage path and name resumes that run, as Ray Train V2 does. Without a storage path the run goes to a
+temporary folder removed afterwards (no resumption across calls). ``in-process`` with a storage path keeps one
+checkpoint file there and resumes from it the same way.
+
+Threads: each worker pins torch to the job's ``threads`` ($DPDISTILL_THREADS) or 1 and reserves that many CPUs;
+``use_gpu`` reserves one GPU per worker and trains on it (nccl).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpdistill.errors import PrivacyError, SpecError
+from dpdistill.privacy.noise import PrivacyRandomness
+from dpdistill.training.dp_sgd import DPObjective, DPSGDSchedule, train_dp_sgd
+
+log = logging.getLogger("dpdistill.dp_train")
+
+EXECUTORS = ("in-process", "ray-train")
+STATE_FILE = "state.pt"
+
+
+def _threads() -> int:
+    from dpdistill.evaluation.training import THREADS_ENV
+
+    value = os.environ.get(THREADS_ENV, "").strip()
+    return int(value) if value else 1
+
+
+def _check_resumable(saved: dict[str, Any], schedule: DPSGDSchedule, where: str) -> int:
+    """The step a checkpoint resumes from, after checking it belongs to this schedule."""
+    if saved.get("schedule") != schedule.to_dict():
+        raise PrivacyError(f"dp-sgd: the checkpoint in {where} was written for another schedule "
+                           f"({saved.get('schedule')}); refusing to resume it under {schedule.to_dict()}")
+    step = int(saved["step"])
+    if not 0 <= step <= schedule.steps:
+        raise PrivacyError(f"dp-sgd: the checkpoint in {where} is at step {step}, outside 0..{schedule.steps}")
+    return step
+
+
+def _progress_printer(enabled: bool, steps: int, rank: int = 0) -> Callable[[int, dict], None] | None:
+    if not enabled or rank != 0:
+        return None
+    every = max(1, steps // 20)
+
+    def show(step: int, info: dict) -> None:
+        if step % every == 0 or step == steps:
+            print(f"dp-sgd step {step}/{steps} ({info['elapsed_s']:.0f} s)", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _chain(*hooks: Callable[[int, dict], None] | None) -> Callable[[int, dict], None] | None:
+    live = [h for h in hooks if h is not None]
+    if not live:
+        return None
+
+    def call(step: int, info: dict) -> None:
+        for h in live:
+            h(step, info)
+
+    return call
+
+
+# ------------------------------------------------------------------------------------------------- in-process
+
+
+def _fit_in_process(objective: DPObjective, initial_state: dict | None, images: torch.Tensor, labels: torch.Tensor,
+                    schedule: DPSGDSchedule, noise: PrivacyRandomness, storage_path: Path | None, run_name: str,
+                    progress: bool, on_step: Callable[[int, dict], None] | None) -> dict[str, torch.Tensor]:
+    start, optimizer_state, on_checkpoint = 0, None, None
+    if storage_path is not None:
+        folder = Path(storage_path) / run_name
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / STATE_FILE
+        if file.is_file():
+            saved = torch.load(file, weights_only=True)
+            start = _check_resumable(saved, schedule, str(file))
+            initial_state, optimizer_state = saved["net"], saved["optimizer"]
+            # The interrupted run's draws are spent; the rest of the run gets a stream of its own.
+            noise = noise.spawn(f"resume-{start}")
+            if start == schedule.steps:
+                return saved["net"]
+
+        def on_checkpoint(step: int, state: dict) -> None:
+            tmp = file.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, file)  # atomic: a crash mid-write leaves the previous checkpoint
+
+    hook = _chain(on_step, _progress_printer(progress, schedule.steps))
+    final = train_dp_sgd(objective, initial_state, images, labels, schedule, noise, start_step=start,
+                         optimizer_state=optimizer_state, on_checkpoint=on_checkpoint, on_step=hook)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------- Ray Train
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: its shard, its privacy stream, DP-SGD with rank/world size, checkpoints on rank 0."""
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    schedule: DPSGDSchedule = config["schedule"]
+    noise: PrivacyRandomness = config["noise"][rank]
+    images, labels = ray.get(config["shards"][rank])
+    initial_state = ray.get(config["initial_state"]) if config["initial_state"] is not None else None
+    device = None
+    if config["use_gpu"]:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+
+    start, optimizer_state = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(Path(d) / STATE_FILE, weights_only=True)
+        start = _check_resumable(saved, schedule, "the Ray Train run's latest checkpoint")
+        initial_state, optimizer_state = saved["net"], saved["optimizer"]
+        noise = noise.spawn(f"resume-{start}")
+        if start == schedule.steps:
+            return  # the final state is already the run's latest checkpoint
+
+    reported = {"step": start}
+
+    def report(step: int, state: dict | None) -> None:
+        # Every worker reports (Ray Train synchronises on it); only rank 0 attaches the files.
+        reported["step"] = step
+        if rank != 0 or state is None:
+            ray.train.report({"step": step}, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d))
+
+    hook = _chain(config["on_step"], _progress_printer(config["progress"], schedule.steps, rank))
+    final = train_dp_sgd(config["objective"], initial_state, images, labels, schedule, noise, rank=rank,
+                         world_size=world, start_step=start, optimizer_state=optimizer_state, device=device,
+                         on_checkpoint=report, on_step=hook)
+    if reported["step"] != schedule.steps:  # the last step was not a checkpoint step: report the final state
+        state = {"step": schedule.steps, "net": final, "optimizer": {}, "schedule": schedule.to_dict()}
+        report(schedule.steps, state)
+
+
+def shard_indices(n: int, num_workers: int, noise: PrivacyRandomness) -> list[torch.Tensor]:
+    """``num_workers`` contiguous pieces of a private permutation of range(n) (which record is where is secret)."""
+    if num_workers > n:
+        raise SpecError(f"dp-sgd: {num_workers} workers for {n} records; use at most one worker per record")
+    return list(torch.tensor_split(noise.permutation(n), num_workers))
+
+
+def _fit_ray_train(objective: DPObjective, initial_state: dict | None, images: torch.Tensor, labels: torch.Tensor,
+                   schedule: DPSGDSchedule, noise: PrivacyRandomness, num_workers: int, use_gpu: bool,
+                   storage_path: Path | None, run_name: str, progress: bool, max_failures: int,
+                   on_step: Callable[[int, dict], None] | None) -> dict[str, torch.Tensor]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dpdistill.runtime.cluster import ray_session
+
+    threads = _threads()
+    scratch = None
+    if storage_path is None:
+        scratch = Path(tempfile.mkdtemp(prefix="dpsgd-"))
+    storage = Path(storage_path if storage_path is not None else scratch).resolve()
+    try:
+        with ray_session(num_cpus=max(num_workers * threads, os.cpu_count() or 1)):
+            shards = [ray.put((images[idx].contiguous(), labels[idx].contiguous()))
+                      for idx in shard_indices(len(images), num_workers, noise)]
+            config = {
+                "objective": objective, "schedule": schedule, "threads": threads, "use_gpu": use_gpu,
+                "shards": shards, "noise": [noise.spawn(f"worker-{r}") for r in range(num_workers)],
+                "initial_state": ray.put(initial_state) if initial_state is not None else None,
+                "on_step": on_step, "progress": progress,
+            }
+            trainer = TorchTrainer(
+                _train_worker, train_loop_config=config,
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                             resources_per_worker={"CPU": threads, **({"GPU": 1} if use_gpu else {})}),
+                run_config=RunConfig(name=run_name, storage_path=str(storage),
+                                     failure_config=FailureConfig(max_failures=max_failures),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            )
+            result = trainer.fit()
+            if result.checkpoint is None:
+                raise PrivacyError(f"dp-sgd: Ray Train run {run_name} ended without a final checkpoint")
+            with result.checkpoint.as_directory() as d:
+                saved = torch.load(Path(d) / STATE_FILE, weights_only=True)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if int(saved["step"]) != schedule.steps:
+        raise PrivacyError(f"dp-sgd: Ray Train run {run_name} ended at step {saved['step']} of {schedule.steps}")
+    return saved["net"]
+
+
+def fit_dp_sgd(objective: DPObjective, initial_state: dict[str, torch.Tensor] | None, images: torch.Tensor,
+               labels: torch.Tensor, schedule: DPSGDSchedule, noise: PrivacyRandomness, *, num_workers: int = 1,
+               use_gpu: bool = False, executor: str = "in-process", storage_path: Path | None = None,
+               run_name: str = "dp-sgd", progress: bool = False, max_failures: int = 2,
+               on_step: Callable[[int, dict], None] | None = None) -> dict[str, torch.Tensor]:
+    """Train ``objective`` with DP-SGD on the whole sensitive set under an already-charged ``schedule``.
+
+    ``executor``: ``in-process`` (this process, world size 1) or ``ray-train`` (``num_workers`` Ray Train
+    workers, ``use_gpu`` for one GPU each). ``max_failures``: how many worker failures Ray Train recovers from
+    (from the latest checkpoint). ``on_step(step, info)`` (picklable for ray-train) runs after every step on
+    every worker, with public information only (step, steps, rank, elapsed_s). Returns the final state_dict.
+    """
+    if executor not in EXECUTORS:
+        raise SpecError(f"dp-sgd: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if len(images) != schedule.n_records:
+        raise PrivacyError(f"dp-sgd: the schedule was planned for n_records={schedule.n_records} but the data "
+                           f"holds {len(images)} records")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise SpecError(f"dp-sgd: num_workers must be a positive integer, got {num_workers!r}")
+    if executor == "in-process":
+        if num_workers != 1 or use_gpu:
+            raise SpecError("dp-sgd: the in-process executor runs one worker on the objective's device; use "
+                            "executor: ray-train for num_workers > 1 or use_gpu")
+        return _fit_in_process(objective, initial_state, images, labels, schedule, noise, storage_path, run_name,
+                               progress, on_step)
+    return _fit_ray_train(objective, initial_state, images, labels, schedule, noise, num_workers, use_gpu,
+                          storage_path, run_name, progress, max_failures, on_step)

@@ -1,0 +1,382 @@
+"""DP-SGD for any network: Poisson sampling, per-record clipping, one Gaussian draw per step, on one or N workers.
+
+The engine trains whatever an objective (:class:`DPObjective`) builds, from a public schedule
+(:class:`DPSGDSchedule`: σ, q, steps, C, n) that the driver has already charged to its ledger; this module never
+sees a ledger. One step, on every worker (``rank`` of ``world_size``, each holding one shard of the sensitive
+set):
+
+1. Poisson-sample the worker's shard at the GLOBAL rate q, with the mask from the privacy source
+   (:meth:`PrivacyRandomness.poisson_mask`). Every record of the whole set is then in the batch independently
+   with probability q, whatever the sharding: the sampling the accountant's PoissonGaussian assumes.
+2. Per-record gradients of the trainable parameters (:meth:`DPObjective.trainable`); a record's K rows
+   (``multiplicity``: DPDM's several timesteps / noise draws per image) are averaged BEFORE clipping, so the K
+   rows together are one record's contribution.
+3. Clip each record's gradient to L2 norm C as ONE vector over all trainable parameters
+   (:func:`~dpdistill.privacy.dp_ops.clipped_per_example_sum`) and sum.
+4. ``all_reduce(SUM)`` of the clipped sums across workers (one flat vector, one collective per step); rank 0 adds
+   N(0, (σC)² I) to its part before the reduce, so the noise is in the total EXACTLY ONCE (as opacus'
+   distributed optimiser does). The draw is one :meth:`PrivacyRandomness.gaussian` call per step (the guarded
+   path: a non-positive std or an all-zero draw is refused, never a silent noiseless step).
+5. Divide by the expected global batch q·n (public; the realised batch size is not) and take the optimiser step.
+   Every worker applies the same averaged update, so the replicas stay identical (they start identical: rank
+   0's parameters and buffers are broadcast before the first step).
+
+Per-record gradients: opacus' ``GradSampleModule`` hooks (per-layer formulas for Linear, Conv, GroupNorm,
+LayerNorm, Embedding ..., its torch.func fallback for any other layer holding parameters). Not ``torch.func``
+vmap over records: an objective's losses draw their own randomness (diffusion timesteps and noise) from a
+``torch.Generator``, which vmap cannot batch, and the hooks let the objective call the network however it likes
+(several calls, keyword arguments, attribute access) in one ordinary batched forward. Layers that mix records
+(BatchNorm) are refused by opacus' validation.
+
+Privacy of what leaves: the returned state and the checkpoints hold the network (DP by the noisy updates) and
+the optimiser state (computed from the same noisy gradients). ``on_step`` receives step numbers and wall time
+only: no loss, no batch size, nothing computed from the data without noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpdistill.errors import PrivacyError, SpecError
+from dpdistill.privacy.dp_ops import clipped_per_example_sum
+from dpdistill.privacy.noise import PrivacyRandomness
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@runtime_checkable
+class DPObjective(Protocol):
+    """What DP-SGD trains: a network, the parameters it may change, and one loss per row.
+
+    Implementations are picklable (a dataclass instance): the object ships to Ray Train workers. The optional
+    attribute ``device`` (default ``"cpu"``) names where the network is trained.
+    """
+
+    def build(self) -> nn.Module:
+        """The network, with the same initialisation on every call (every worker builds its own)."""
+        ...
+
+    def trainable(self, net: nn.Module) -> list[nn.Parameter]:
+        """The parameters DP-SGD trains (LoRA: the adapters only); every other parameter stays bit-identical."""
+        ...
+
+    def losses(self, net: nn.Module, images: Tensor, labels: Tensor, multiplicity: int,
+               generator: torch.Generator) -> Tensor:
+        """One loss per ROW, shape [B*multiplicity]: record i's rows are i*K .. i*K+K-1 (K = multiplicity).
+
+        ``generator`` (from the privacy source, on the training device) drives any randomness.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class DPSGDSchedule:
+    """The public numbers of one DP-SGD run (they come from the charged plan).
+
+    ``q`` is the GLOBAL Poisson rate (each record of the whole set independently with probability q),
+    ``n_records`` the size of the whole sensitive set (the expected batch is q·n), ``clip`` the per-record
+    L2 bound C, ``sigma`` the noise multiplier (noise std σ·C on the summed gradient). ``max_physical_batch``
+    is how many rows one forward/backward holds (memory), not a privacy parameter.
+    """
+
+    sigma: float
+    q: float
+    steps: int
+    clip: float
+    n_records: int
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    multiplicity: int = 1
+    checkpoint_every: int = 0
+    max_physical_batch: int = 256
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any, integer: bool = False) -> None:
+            ok = isinstance(value, int) if integer else isinstance(value, int | float)
+            if isinstance(value, bool) or not ok or not value > 0 or value != value:
+                raise SpecError(f"dp-sgd schedule: {name} must be a {'positive integer' if integer else 'number > 0'}"
+                                f", got {value!r}")
+
+        positive("sigma", self.sigma)
+        positive("clip", self.clip)
+        positive("lr", self.lr)
+        positive("steps", self.steps, integer=True)
+        positive("n_records", self.n_records, integer=True)
+        positive("multiplicity", self.multiplicity, integer=True)
+        positive("max_physical_batch", self.max_physical_batch, integer=True)
+        if isinstance(self.q, bool) or not isinstance(self.q, int | float) or not 0 < self.q <= 1:
+            raise SpecError(f"dp-sgd schedule: q must lie in (0, 1], got {self.q!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SpecError(f"dp-sgd schedule: optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                            f"{self.optimizer!r}")
+        if isinstance(self.weight_decay, bool) or not self.weight_decay >= 0:
+            raise SpecError(f"dp-sgd schedule: weight_decay must be >= 0, got {self.weight_decay!r}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 0:
+            raise SpecError(f"dp-sgd schedule: checkpoint_every must be an integer >= 0, got "
+                            f"{self.checkpoint_every!r}")
+
+    @property
+    def expected_batch(self) -> float:
+        """q·n: the public denominator of every step's noisy mean (the realised batch size stays secret)."""
+        return self.q * self.n_records
+
+    @property
+    def noise_std(self) -> float:
+        """σ·C: the std of the noise on the summed clipped gradient."""
+        return self.sigma * self.clip
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def objective_device(objective: Any) -> torch.device:
+    """Where ``objective``'s network is trained: its ``device`` attribute, default cpu."""
+    return torch.device(getattr(objective, "device", "cpu") or "cpu")
+
+
+# ------------------------------------------------------------------------------------------ per-record gradients
+
+
+def attach_grad_sampler(net: nn.Module) -> Any:
+    """Opacus' per-sample-gradient hooks on ``net`` (loss reduction "sum": grad_sample[i] = ∂loss_i/∂θ).
+
+    The hooks sit on ``net``'s submodules, so calling ``net`` itself (not the wrapper) fills ``p.grad_sample``.
+    Call ``.remove_hooks()`` on the result when done.
+    """
+    from opacus import GradSampleModule
+
+    # Opacus' full backward hooks forbid modifying a hooked layer's output in place (ReLU(inplace=True) after a
+    # conv): switch in-place activations off; the result is the same, at the cost of one more tensor.
+    for module in net.modules():
+        if isinstance(getattr(module, "inplace", None), bool):
+            module.inplace = False
+    return GradSampleModule(net, batch_first=True, loss_reduction="sum", strict=True)
+
+
+def _per_record(gs: Tensor | list[Tensor] | None, param: Tensor, records: int, k: int) -> Tensor:
+    """One parameter's per-record gradient [records, *shape]: the mean of the record's K rows."""
+    if gs is None:  # the parameter took no part in the forward: its gradient is zero for every record
+        return torch.zeros((records, *param.shape), device=param.device, dtype=param.dtype)
+    if isinstance(gs, list):  # several backward passes accumulated (not done here, but opacus allows it)
+        gs = torch.stack(gs).sum(0)
+    if gs.shape[0] == records * k:
+        return gs.reshape(records, k, *param.shape).mean(1)
+    if gs.shape[0] == records:  # the network saw each record once and the K losses share that forward
+        return gs / k
+    raise PrivacyError(f"dp-sgd: per-sample gradients of {gs.shape[0]} rows for {records} records x "
+                       f"multiplicity {k}; an objective's network must take the records (or their K rows) "
+                       "along dimension 0")
+
+
+def clipped_gradient_sum(objective: DPObjective, net: nn.Module, params: list[nn.Parameter], images: Tensor,
+                         labels: Tensor, multiplicity: int, clip: float, generator: torch.Generator,
+                         max_physical_batch: int = 256) -> list[Tensor]:
+    """Σ over the records of clip_C(mean of the record's K row gradients), one tensor per parameter in ``params``.
+
+    ``net`` must carry opacus' hooks (:func:`attach_grad_sampler`). Records are processed in chunks of
+    ``max_physical_batch // multiplicity`` (a record's rows never split across chunks). No noise here: the
+    result is what the noise protects and must not leave the caller unnoised.
+    """
+    total = [torch.zeros_like(p) for p in params]
+    n = len(images)
+    if n == 0:
+        return total
+    per_chunk = max(1, max_physical_batch // multiplicity)
+    for start in range(0, n, per_chunk):
+        x, y = images[start:start + per_chunk], labels[start:start + per_chunk]
+        b = len(x)
+        for p in params:
+            p.grad_sample = None
+            p.grad = None
+        rows = objective.losses(net, x, y, multiplicity, generator)
+        if rows.ndim != 1 or rows.shape[0] != b * multiplicity:
+            raise PrivacyError(f"dp-sgd: the objective returned losses of shape {tuple(rows.shape)} for {b} "
+                               f"records x multiplicity {multiplicity}; expected [{b * multiplicity}] (one per row)")
+        with warnings.catch_warnings():
+            # The images never require grad, so torch notes that the first layer's full backward hook fires
+            # for its output only: exactly what opacus needs.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            rows.sum().backward()
+        per_record = [_per_record(getattr(p, "grad_sample", None), p, b, multiplicity) for p in params]
+        for acc, part in zip(total, clipped_per_example_sum(per_record, clip), strict=True):
+            acc += part
+    for p in params:
+        p.grad_sample = None
+        p.grad = None
+    return total
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+
+def make_optimizer(params: list[nn.Parameter], schedule: DPSGDSchedule) -> torch.optim.Optimizer:
+    """The schedule's optimiser over ``params`` (weight decay, if any, is L2 on the parameters: public)."""
+    if schedule.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    return torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+
+
+def _cpu_copy(state: Any) -> Any:
+    """A detached CPU copy of a (nested) state dict, safe to keep while training goes on."""
+    if isinstance(state, Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
+
+
+def _broadcast_from_rank0(net: nn.Module) -> None:
+    """Make every worker's parameters and buffers rank 0's (so replicas start identical whatever build() did)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in list(net.parameters()) + list(net.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def _check_shard_sizes(n_local: int, schedule: DPSGDSchedule, world_size: int, device: torch.device) -> None:
+    """The shards together must be the whole set the schedule was charged for (n_records)."""
+    total = n_local
+    if world_size > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([n_local], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        total = int(t.item())
+    if total != schedule.n_records:
+        raise PrivacyError(f"dp-sgd: the schedule was planned for n_records={schedule.n_records} but the "
+                           f"{'shards hold' if world_size > 1 else 'data holds'} {total} records")
+
+
+def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None, images: Tensor, labels: Tensor,
+                 schedule: DPSGDSchedule, noise: PrivacyRandomness, *, rank: int = 0, world_size: int = 1,
+                 start_step: int = 0, optimizer_state: dict[str, Any] | None = None,
+                 device: str | torch.device | None = None,
+                 on_checkpoint: Callable[[int, dict], None] | None = None,
+                 on_step: Callable[[int, dict], None] | None = None) -> dict[str, Tensor]:
+    """Train ``objective``'s network with DP-SGD on this worker's shard; returns the final state_dict (CPU).
+
+    ``images``/``labels`` are THIS worker's shard (all of the set when ``world_size`` is 1); with
+    ``world_size`` > 1 the default torch.distributed process group must be initialised (Ray Train does it).
+    ``initial_state`` (a state_dict, e.g. public pre-training) is loaded after ``build()``. Resuming:
+    ``start_step`` steps are already done and ``optimizer_state`` is the optimiser's state at that step (both
+    from a checkpoint). ``device`` overrides the objective's ``device`` (a Ray GPU worker's own device).
+
+    ``on_step(step, info)`` after every step (``step`` counts steps done; ``info``: step, steps, rank,
+    elapsed_s: nothing computed from the data). ``on_checkpoint(step, state)`` every ``checkpoint_every`` steps
+    on every rank, ``state`` = {"step", "net", "optimizer", "schedule"} (CPU copies).
+    """
+    noise = noise if isinstance(noise, PrivacyRandomness) else _refuse_noise(noise)
+    if not 0 <= start_step <= schedule.steps:
+        raise SpecError(f"dp-sgd: start_step must lie in [0, {schedule.steps}], got {start_step}")
+    if len(images) != len(labels):
+        raise SpecError(f"dp-sgd: {len(images)} images but {len(labels)} labels")
+    device = torch.device(device) if device is not None else objective_device(objective)
+    distributed = world_size > 1
+    _check_shard_sizes(len(images), schedule, world_size, device)
+
+    net = objective.build().to(device)
+    if initial_state is not None:
+        net.load_state_dict(initial_state)
+    net.train()
+    params = list(objective.trainable(net))
+    if not params:
+        raise SpecError("dp-sgd: the objective names no trainable parameters")
+    trainable_ids = {id(p) for p in params}
+    for p in net.parameters():  # everything else is frozen: no gradient, never in the optimiser
+        p.requires_grad_(id(p) in trainable_ids)
+    if distributed:
+        _broadcast_from_rank0(net)
+    optimizer = make_optimizer(params, schedule)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    images, labels = images.to(device), labels.to(device)
+    sampler = attach_grad_sampler(net)
+    numels = [p.numel() for p in params]
+    started = time.monotonic()
+    try:
+        for step in range(start_step, schedule.steps):
+            keep = noise.poisson_mask(len(images), schedule.q).to(device)
+            batch_x, batch_y = images[keep], labels[keep]
+            generator = noise.generator(device)
+            sums = clipped_gradient_sum(objective, net, params, batch_x, batch_y, schedule.multiplicity,
+                                        schedule.clip, generator, schedule.max_physical_batch)
+            flat = torch.cat([s.reshape(-1) for s in sums])
+            if rank == 0:  # the one draw of this step, from the guarded path; added before the reduce
+                flat = flat + noise.gaussian(flat.shape, schedule.noise_std, flat.device, flat.dtype)
+            if distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat = flat / schedule.expected_batch
+            for p, g in zip(params, flat.split(numels), strict=True):
+                p.grad = g.view_as(p).to(p.dtype)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if on_checkpoint is not None and schedule.checkpoint_every and done % schedule.checkpoint_every == 0:
+                on_checkpoint(done, {"step": done, "net": _cpu_copy(net.state_dict()),
+                                     "optimizer": _cpu_copy(optimizer.state_dict()),
+                                     "schedule": schedule.to_dict()})
+            if on_step is not None:
+                on_step(done, {"step": done, "steps": schedule.steps, "rank": rank,
+                               "elapsed_s": time.monotonic() - started})
+    finally:
+        sampler.remove_hooks()
+    return _cpu_copy(net.state_dict())
+
+
+def _refuse_noise(noise: Any) -> PrivacyRandomness:
+    raise PrivacyError(f"dp-sgd: noise must be a PrivacyRandomness, got {type(noise).__name__}")
+
+
+# ------------------------------------------------------------------------------------------- an objective
+
+
+@dataclass(frozen=True)
+class ClassifierObjective:
+    """A classifier from the model registry (``model``, e.g. convnet) trained with cross-entropy under DP-SGD.
+
+    The network is built from ``seed`` (public initialisation) without touching the global RNG. Used by the
+    Ray Train scaling benchmark and as the simplest real objective; ``norm`` must not mix records (the
+    registry's ``instance``/``group``/``layer`` are fine, ``batch`` is refused by opacus).
+    """
+
+    model: str = "convnet"
+    channels: int = 1
+    num_classes: int = 10
+    image_size: int = 28
+    options: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+    device: str = "cpu"
+
+    def build(self) -> nn.Module:
+        from dpdistill import models
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return models.get(self.model, channels=self.channels, num_classes=self.num_classes,
+                              image_size=self.image_size, **dict(self.options))
+
+    def trainable(self, net: nn.Module) -> list[nn.Parameter]:
+        return list(net.parameters())
+
+    def losses(self, net: nn.Module, images: Tensor, labels: Tensor, multiplicity: int,
+               generator: torch.Generator) -> Tensor:
+        x = images.repeat_interleave(multiplicity, 0) if multiplicity > 1 else images
+        y = labels.repeat_interleave(multiplicity, 0) if multiplicity > 1 else labels
+        return F.cross_entropy(net(x), y.long(), reduction="none")

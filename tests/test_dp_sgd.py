@@ -1,0 +1,272 @@
+"""The DP-SGD engine (training/dp_sgd.py) in one process: what it clips, what noise it adds, where the noise
+comes from, and what it leaves alone. No Ray here (tests/test_dp_train_ray.py runs it sharded)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpdistill.errors import PrivacyError
+from dpdistill.privacy.dp_ops import clip_tensor
+from dpdistill.privacy.noise import PrivacyRandomness
+from dpdistill.runtime.dp_train import fit_dp_sgd
+from dpdistill.training.dp_sgd import (
+    ClassifierObjective,
+    DPSGDSchedule,
+    attach_grad_sampler,
+    clipped_gradient_sum,
+    train_dp_sgd,
+)
+
+
+@dataclass(frozen=True)
+class Regression:
+    """A frozen first layer, a trainable second one; squared error to the one-hot label, row k scaled by
+    (1 + k * row_spread) so a record's K rows differ when row_spread > 0."""
+
+    d: int = 6
+    m: int = 3
+    row_spread: float = 0.0
+    seed: int = 0
+
+    def build(self) -> nn.Module:
+        g = torch.Generator().manual_seed(self.seed)
+        net = nn.Sequential(nn.Linear(self.d, self.d), nn.Tanh(), nn.Linear(self.d, self.m))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        return net
+
+    def trainable(self, net: nn.Module) -> list[nn.Parameter]:
+        return list(net[2].parameters())
+
+    def losses(self, net, images, labels, multiplicity, generator):
+        x = images.flatten(1).repeat_interleave(multiplicity, 0)
+        scale = 1 + self.row_spread * torch.arange(multiplicity, dtype=x.dtype).repeat(len(images))
+        target = F.one_hot(labels.long(), self.m).to(x.dtype).repeat_interleave(multiplicity, 0)
+        return 0.5 * (net(x * scale[:, None]) - target).pow(2).sum(1)
+
+
+@dataclass(frozen=True)
+class ZeroGradient:
+    """Per-sample gradients exactly zero (the loss multiplies the output by 0): the update is the noise alone."""
+
+    d: int = 100
+    m: int = 100
+
+    def build(self) -> nn.Module:
+        g = torch.Generator().manual_seed(0)
+        net = nn.Linear(self.d, self.m)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        return net
+
+    def trainable(self, net: nn.Module) -> list[nn.Parameter]:
+        return list(net.parameters())
+
+    def losses(self, net, images, labels, multiplicity, generator):
+        x = images.flatten(1).repeat_interleave(multiplicity, 0)
+        return (net(x) * 0.0).sum(1)
+
+
+def _data(n: int, d: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _sum(objective, images, labels, clip, k=1):
+    net = objective.build()
+    params = objective.trainable(net)
+    for p in net.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    sampler = attach_grad_sampler(net)
+    try:
+        return clipped_gradient_sum(objective, net, params, images, labels, k, clip, torch.Generator())
+    finally:
+        sampler.remove_hooks()
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def test_one_record_moves_the_clipped_sum_by_at_most_C():
+    """Sensitivity: adding a record whose gradient is huge in BOTH trainable tensors moves the sum by ≤ C, and
+    by about C (it is clipped, not dropped). Clipping each tensor separately would move it by √2·C; no
+    clipping by far more — either fails the first assertion."""
+    obj, clip = Regression(), 0.2
+    x, y = _data(20, obj.d)
+    huge_x = torch.full((1, obj.d), 50.0)
+    with_huge = _sum(obj, torch.cat([x, huge_x]), torch.cat([y, torch.tensor([0])]), clip)
+    without = _sum(obj, x, y, clip)
+    moved = float((_flat(with_huge) - _flat(without)).norm())
+    assert moved <= clip * (1 + 1e-5)
+    assert moved >= clip * 0.999
+    # Control: the huge record's own gradient is outside the ball in each tensor (weight and bias) alone.
+    alone = _sum(obj, huge_x, torch.tensor([0]), clip=1e9)
+    assert min(float(t.norm()) for t in alone) > 5 * clip
+
+
+def test_rows_of_a_record_are_averaged_before_clipping():
+    """The engine's clipped sum equals Σ_i clip_C(mean_k ∇loss_ik) computed row by row with plain autograd;
+    clipping each row before averaging gives a clearly different sum (the control)."""
+    obj, clip, k = Regression(row_spread=2.0), 0.3, 3
+    x, y = _data(5, obj.d)
+    engine = _flat(_sum(obj, x, y, clip, k))
+
+    net = obj.build()
+    params = obj.trainable(net)
+    mean_then_clip, clip_then_mean = torch.zeros_like(engine), torch.zeros_like(engine)
+    for i in range(len(x)):
+        rows = obj.losses(net, x[i:i + 1], y[i:i + 1], k, torch.Generator())
+        grads = [_flat(torch.autograd.grad(rows[j], params, retain_graph=True)) for j in range(k)]
+        mean_then_clip += clip_tensor(torch.stack(grads).mean(0), clip)
+        clip_then_mean += torch.stack([clip_tensor(g, clip) for g in grads]).mean(0)
+    torch.testing.assert_close(engine, mean_then_clip, rtol=1e-5, atol=1e-6)
+    assert float((clip_then_mean - mean_then_clip).norm()) > 0.05 * float(mean_then_clip.norm())
+
+
+def _schedule(**kw) -> DPSGDSchedule:
+    base = dict(sigma=1.0, q=0.25, steps=6, clip=0.5, n_records=40, lr=0.05, optimizer="sgd")
+    return DPSGDSchedule(**{**base, **kw})
+
+
+def test_multiplicity_of_identical_rows_gives_the_update_of_one_row():
+    """K identical rows per record average to that row's gradient: the same trained state as K = 1 under the
+    same (reproducible) noise. Summing the K rows instead would scale unclipped gradients by K. The clip is
+    large enough that some records are not clipped (so a sum would show)."""
+    obj = Regression()
+    x, y = _data(40, obj.d)
+    one = train_dp_sgd(obj, None, x, y, _schedule(clip=2.0), PrivacyRandomness.reproducible(3))
+    three = train_dp_sgd(obj, None, x, y, _schedule(clip=2.0, multiplicity=3), PrivacyRandomness.reproducible(3))
+    for name in one:
+        torch.testing.assert_close(one[name], three[name], rtol=1e-5, atol=1e-6)
+    start = obj.build().state_dict()
+    assert not torch.equal(one["2.weight"], start["2.weight"])  # it trained
+
+
+def test_noise_std_of_the_update_is_sigma_C_over_expected_batch():
+    """Zero per-sample gradients, SGD with lr 1: after T steps each coordinate moved by the sum of T noise
+    draws / (q·n), std √T·σ·C/(q·n). 10,100 coordinates: the empirical std is within 5 % (noise added once per
+    step; twice would be √2 too large, none zero)."""
+    obj = ZeroGradient()
+    sched = DPSGDSchedule(sigma=1.3, q=0.2, steps=8, clip=0.7, n_records=60, lr=1.0, optimizer="sgd")
+    x, y = _data(60, obj.d)
+    final = train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(11))
+    start = obj.build().state_dict()
+    moved = torch.cat([(final[k] - start[k]).reshape(-1) for k in start])
+    expected = math.sqrt(sched.steps) * sched.sigma * sched.clip / (sched.q * sched.n_records)
+    assert abs(float(moved.std()) / expected - 1) < 0.05
+    assert abs(float(moved.mean())) < 0.05 * expected
+
+
+def test_noise_comes_from_the_privacy_source():
+    """Two reproducible sources with the same seed give the same state; a different seed and a secret source
+    give different ones (the noise, the sampling and the objective's generator all come from the source)."""
+    obj = Regression()
+    x, y = _data(40, obj.d)
+
+    def run(noise):
+        return train_dp_sgd(obj, None, x, y, _schedule(), noise)["2.weight"]
+
+    a, b = run(PrivacyRandomness.reproducible(5)), run(PrivacyRandomness.reproducible(5))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, run(PrivacyRandomness.reproducible(6)))
+    assert not torch.allclose(a, run(PrivacyRandomness.secret()))
+    assert not torch.allclose(run(PrivacyRandomness.secret()), run(PrivacyRandomness.secret()))
+
+
+def test_one_gaussian_draw_per_step_through_the_guarded_path():
+    """Every step's noise is one PrivacyRandomness.gaussian call of std σ·C over all trainable coordinates."""
+    draws = []
+
+    class Counting(PrivacyRandomness):
+        def gaussian(self, shape, std, device="cpu", dtype=torch.float32):
+            draws.append((tuple(shape), std))
+            return super().gaussian(shape, std, device, dtype)
+
+    obj = Regression()
+    x, y = _data(40, obj.d)
+    sched = _schedule()
+    train_dp_sgd(obj, None, x, y, sched, Counting("reproducible", 1))
+    assert draws == [((obj.d * obj.m + obj.m,), sched.sigma * sched.clip)] * sched.steps
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_non_trainable_parameters_stay_bit_identical(optimizer):
+    """Only what trainable() names changes (weight decay too acts on the trainable parameters only)."""
+    obj = Regression()
+    x, y = _data(40, obj.d)
+    final = train_dp_sgd(obj, None, x, y, _schedule(optimizer=optimizer, weight_decay=0.1),
+                         PrivacyRandomness.reproducible(2))
+    start = obj.build().state_dict()
+    assert torch.equal(final["0.weight"], start["0.weight"]) and torch.equal(final["0.bias"], start["0.bias"])
+    assert not torch.equal(final["2.weight"], start["2.weight"])
+
+
+def test_checkpoints_resume_to_the_same_state(tmp_path):
+    """An in-process fit interrupted after a checkpoint and resumed ends at the uninterrupted fit's state
+    (reproducible noise; the resumed part draws from its own child stream, so compare with a run that
+    resumed at the same step). Also: a checkpoint of another schedule is refused."""
+    obj = Regression()
+    x, y = _data(40, obj.d)
+    sched = _schedule(optimizer="adam", steps=6, checkpoint_every=2)
+    seen: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(step, info):
+        seen.append(step)
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4), storage_path=tmp_path,
+                   run_name="a", on_step=stop_after_3)
+    resumed = fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4), storage_path=tmp_path,
+                         run_name="a", on_step=lambda step, info: seen.append(step))
+    assert seen == [1, 2, 3, 3, 4, 5, 6]  # resumed from the checkpoint at step 2: no step lost, none extra
+
+    # The same resumption done by hand from a fresh run's checkpoint gives the same state.
+    states = {}
+    train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4),
+                 on_checkpoint=lambda step, st: states.setdefault(step, st))
+    by_hand = train_dp_sgd(obj, states[2]["net"], x, y, sched, PrivacyRandomness.reproducible(4).spawn("resume-2"),
+                           start_step=2, optimizer_state=states[2]["optimizer"])
+    for name in by_hand:
+        torch.testing.assert_close(resumed[name], by_hand[name])
+    with pytest.raises(PrivacyError, match="another schedule"):
+        fit_dp_sgd(obj, None, x, y, _schedule(steps=8, checkpoint_every=2), PrivacyRandomness.reproducible(4),
+                   storage_path=tmp_path, run_name="a")
+
+
+def test_a_data_set_of_another_size_than_planned_is_refused():
+    obj = Regression()
+    x, y = _data(30, obj.d)
+    with pytest.raises(PrivacyError, match="n_records=40"):
+        train_dp_sgd(obj, None, x, y, _schedule(), PrivacyRandomness.reproducible(1))
+
+
+def test_a_convnet_classifier_trains():
+    """The registry's ConvNet (in-place ReLUs, GroupNorm) under opacus' hooks: the loss drops on an easy task
+    at a small σ (the engine is a working trainer, not only a noise adder)."""
+    obj = ClassifierObjective(model="convnet", channels=1, num_classes=2, image_size=8,
+                              options=(("width", 8), ("depth", 1)))
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (200,), generator=g)
+    x = torch.randn(200, 1, 8, 8, generator=g) * 0.3 + (y.float() * 2 - 1)[:, None, None, None]
+    sched = DPSGDSchedule(sigma=0.3, q=0.25, steps=30, clip=1.0, n_records=200, lr=0.01)
+    state = train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(0))
+    net = obj.build()
+    with torch.no_grad():
+        before = float(F.cross_entropy(net(x), y))
+        net.load_state_dict(state)
+        after = float(F.cross_entropy(net(x), y))
+    assert after < 0.5 * before
