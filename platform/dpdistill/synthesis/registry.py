@@ -20,8 +20,11 @@ _METHODS: dict[str, str | type[Synthesizer]] = {
     "dp-gan": "dpdistill.synthesis.dp_gan:DPGAN",
     "dp-kernel": "dpdistill.synthesis.dp_kernel:DPKernel",
     "dp-merf": "dpdistill.synthesis.dp_merf:DPMERF",
+    "dp-lora": "dpdistill.synthesis.dp_diffusion:DPLoRA",
     "dp-ntk": "dpdistill.synthesis.dp_ntk:DPNTK",
+    "dpdm": "dpdistill.synthesis.dp_diffusion:DPDM",
     "gs-wgan": "dpdistill.synthesis.gs_wgan:GSWGAN",
+    "pdp-diffusion": "dpdistill.synthesis.dp_diffusion:PDPDiffusion",
 }
 
 

@@ -1,0 +1,299 @@
+"""DP diffusion synthesisers: DPDM, PDP-Diffusion and DP-LoRA behind the synthesiser contract.
+
+All three train a class-conditional diffusers ``UNet2DModel`` (:mod:`dpdistill.synthesis.diffusion.unet`) on
+the DDPM ε-prediction loss with DP-SGD, and sample with DDIM and classifier-free guidance. They differ in what
+they start from and what DP-SGD trains:
+
+- ``dpdm`` (Dockhorn et al., DPDM): from scratch (a seeded random UNet), every parameter, with noise
+  multiplicity K — each record's gradient is the mean over K (timestep, noise) draws before clipping, which
+  lowers the gradient variance at no privacy cost (``multiplicity``, 1 by default on CPU; the paper uses 32).
+- ``pdp-diffusion`` (Ghalebikesabi et al.): non-private pre-training on a PUBLIC set (``pretrain``; e.g.
+  ``glyphs`` here, ImageNet-scale weights for a real deployment via ``base_checkpoint``), then DP-SGD
+  fine-tuning of every parameter on the sensitive set.
+- ``dp-lora`` (Tsai et al.): the same public base, frozen; only LoRA adapters (peft) are trained with DP-SGD,
+  and the release is the adapters plus a reference to the public base (its cache key or checkpoint path).
+
+(DP-LDM, the latent-diffusion variant, needs a public autoencoder stage this package does not have yet: it is
+not registered.)
+
+Contract: plan → charge → execute. :meth:`plan` solves σ for Poisson-sampled DP-SGD (q = batch_size / n,
+``iterations`` steps) against the ledger — no data read — and the driver charges it. :meth:`execute` runs the
+schedule through an executor: in process by default (:func:`dpdistill.training.dp_sgd.train_dp_sgd`), or any
+callable with the same first six arguments, e.g. Ray Train workers
+(:func:`dpdistill.runtime.dp_train.fit_dp_sgd`, chosen by the synthesize job's ``train_workers``). The noise
+of every step comes from the synthesiser's privacy source, added once per step whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dpdistill.errors import SpecError
+from dpdistill.privacy import PoissonGaussian, PrivacyLedger
+from dpdistill.privacy.disclosure import ACCOUNTING, PUBLIC
+from dpdistill.privacy.plan import Plan, PlannedCharge
+from dpdistill.synthesis.base import Callback, FitReport, Synthesizer, calibrate_for_ledger, fit_disclosure
+
+
+@dataclass
+class DiffusionConfig:
+    """Options of the diffusion synthesisers (defaults sized for 28×28 grey images on a few CPU cores)."""
+
+    # The UNet (public architecture): channels per resolution, attention per block and in the middle.
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    attention: list[bool] = field(default_factory=lambda: [False, False, False])
+    mid_attention: bool = True
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    # DP-SGD on the sensitive set: steps, expected batch (q = batch_size / n), per-record clip C, optimiser.
+    iterations: int = 300
+    batch_size: int = 256
+    clip: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = field(default=0.0, metadata={"zero_ok": True})
+    multiplicity: int = 1
+    max_physical_batch: int = 256
+    checkpoint_every: int = field(default=0, metadata={"zero_ok": True})
+    # The forward process and classifier-free guidance (label dropped to the null class while training).
+    train_timesteps: int = 1000
+    label_dropout: float = field(default=0.1, metadata={"zero_ok": True})
+    # Sampling: DDIM steps and guidance scale (1: conditional only; > 1 pushes towards the class).
+    sample_steps: int = 50
+    guidance_scale: float = field(default=2.0, metadata={"zero_ok": True})
+    sample_batch: int = 500
+    # Public pre-training (pretrain(public)): steps, learning rate, batch; or a local diffusers UNet directory.
+    pretrain_iterations: int = 3000
+    pretrain_lr: float = 2e-4
+    pretrain_batch: int = 64
+    base_checkpoint: str = ""
+
+
+@dataclass
+class LoRAConfig(DiffusionConfig):
+    """DP-LoRA: the diffusion options plus the adapters' rank and scale (only they are trained)."""
+
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lr: float = 2e-3
+
+
+class DiffusionSynthesizer(Synthesizer):
+    """The shared machinery; subclasses choose the start (scratch / public base) and what DP-SGD trains."""
+
+    config_type: ClassVar[type] = DiffusionConfig
+    uses_public_base: ClassVar[bool] = False
+    trains_adapters_only: ClassVar[bool] = False
+    disclosure = fit_disclosure(noise={"sigma": ACCOUNTING, "q": ACCOUNTING},
+                                extra={"trainable_parameters": PUBLIC})
+
+    # -- the network ------------------------------------------------------------------------------------
+
+    def unet_config(self) -> Any:
+        from dpdistill.synthesis.diffusion.unet import UNetConfig
+
+        c = self.config
+        return UNetConfig(image_size=self.image_size, channels=self.channels, num_classes=self.num_classes,
+                          block_out_channels=tuple(c.block_out_channels), layers_per_block=c.layers_per_block,
+                          attention=tuple(c.attention), mid_attention=c.mid_attention,
+                          norm_num_groups=c.norm_num_groups)
+
+    def schedule(self) -> Any:
+        from dpdistill.synthesis.diffusion.objective import NoiseSchedule
+
+        return NoiseSchedule(train_timesteps=self.config.train_timesteps)
+
+    def build(self) -> nn.Module:
+        from dpdistill.synthesis.diffusion.unet import build_unet
+
+        self.base_ref: dict[str, Any] | None = None  # where the public base came from (pretrain / checkpoint)
+        return build_unet(self.unet_config())
+
+    def objective(self, init_state: dict[str, torch.Tensor] | None) -> Any:
+        from dpdistill.synthesis.diffusion.lora import LoraSpec
+        from dpdistill.synthesis.diffusion.objective import DiffusionObjective
+
+        c = self.config
+        lora = LoraSpec(rank=c.lora_rank, alpha=c.lora_alpha) if self.trains_adapters_only else None
+        return DiffusionObjective(unet=self.unet_config(), train_timesteps=c.train_timesteps,
+                                  label_dropout=c.label_dropout, init_state=init_state, lora=lora,
+                                  device=str(self.device), seed=self.seed)
+
+    def _base_state(self) -> dict[str, torch.Tensor]:
+        """The weights DP-SGD starts from (CPU copies): the public base, or the seeded random init."""
+        net = self.generator_net
+        keep = {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if "lora_" not in k}
+        if hasattr(net, "peft_config"):  # already adapted: the base tensors sit under ".base_layer."
+            keep = {k.replace(".base_layer.", "."): v for k, v in keep.items()}
+        return keep
+
+    # -- public pre-training ----------------------------------------------------------------------------
+
+    def _pretrain(self, public: Any, progress: bool) -> None:
+        from dpdistill.synthesis.diffusion.pretrain import PretrainConfig, pretrain
+
+        if not self.uses_public_base:
+            raise SpecError(f"{self.name}: trains from scratch; public pre-training is pdp-diffusion's / "
+                            "dp-lora's start (use one of those)")
+        c = self.config
+        cfg = PretrainConfig(public_set=str(getattr(public, "name", "public")), steps=c.pretrain_iterations,
+                             lr=c.pretrain_lr, batch_size=c.pretrain_batch, label_dropout=c.label_dropout,
+                             seed=self.seed)
+        show = (lambda step, loss: print(f"{self.name} pretrain step {step}: loss {loss:.4f}")) if progress \
+            else None
+        done = pretrain(self.unet_config(), self.schedule(), cfg, device=str(self.device), public=public,
+                        progress=show)
+        self.generator_net.load_state_dict(done.state_dict())
+        self.base_ref = {"kind": "pretrain", "key": done.key, "public_set": cfg.public_set,
+                         "steps": cfg.steps, "trained_now": bool(done.trained)}
+
+    def _load_base_checkpoint(self) -> None:
+        from dpdistill.synthesis.diffusion.pretrain import load_checkpoint
+
+        path = self.config.base_checkpoint
+        net = load_checkpoint(path, expect=self.unet_config())
+        self.generator_net.load_state_dict(net.state_dict())
+        self.base_ref = {"kind": "checkpoint", "path": str(path)}
+        self.pretrained_on = f"checkpoint {path}"
+
+    # -- plan → charge → execute ------------------------------------------------------------------------
+
+    def plan(self, n_records: int, ledger: PrivacyLedger, target_epsilon: float) -> Plan:
+        """Poisson-sampled DP-SGD: q = batch_size / n, ``iterations`` steps, σ solved against the ledger."""
+        c = self.config
+        if c.batch_size >= n_records:
+            raise SpecError(f"{self.name}: batch_size {c.batch_size} must be below the {n_records} sensitive "
+                            "records (it is the EXPECTED Poisson batch)")
+        if len(c.block_out_channels) != len(c.attention):
+            raise SpecError(f"{self.name}: attention needs one true/false per block_out_channels entry")
+        q = c.batch_size / n_records
+        sigma = calibrate_for_ledger(ledger, lambda s: PoissonGaussian(q, s, c.iterations), target_epsilon, 1.0,
+                                     f"{self.name} sigma")
+        params = {"sigma": sigma, "q": q, "steps": c.iterations, "clip": c.clip, "n_records": n_records,
+                  "lr": c.lr, "optimizer": "adam", "weight_decay": c.weight_decay, "multiplicity": c.multiplicity,
+                  "checkpoint_every": c.checkpoint_every, "max_physical_batch": c.max_physical_batch}
+        note = (f"DP-SGD on the {'LoRA adapters' if self.trains_adapters_only else 'UNet'}: per-record gradient "
+                f"(mean of {c.multiplicity} noise draws) clipped to {c.clip:g}, Poisson rate {q:.4g}")
+        return Plan(self.name, (PlannedCharge(f"{self.name}/dp-sgd", PoissonGaussian(q, sigma, c.iterations),
+                                              note),), params)
+
+    def execute(self, plan: Plan, sensitive: Any, executor: Any, progress: bool,
+                callback: Callback | None) -> FitReport:
+        from dpdistill.training.dp_sgd import DPSGDSchedule, train_dp_sgd
+
+        if self.config.base_checkpoint and self.base_ref is None:
+            self._load_base_checkpoint()
+        if self.uses_public_base and self.base_ref is None:
+            warnings.warn(f"{self.name}: no public base (neither pretrain nor base_checkpoint): fine-tuning a "
+                          "random UNet, i.e. DPDM without its noise multiplicity", stacklevel=2)
+        schedule = DPSGDSchedule(**plan.params)
+        objective = self.objective(self._base_state())
+        run = executor if executor is not None else train_dp_sgd
+        state = run(objective, None, sensitive.images, sensitive.labels, schedule, self.noise)
+        net = objective.build()
+        net.load_state_dict(state)
+        self.generator_net = net
+        trainable = sum(p.numel() for p in objective.trainable(net))
+        return FitReport(self.name, 0.0, 0.0, {"sigma": float(plan.params["sigma"]), "q": float(plan.params["q"])},
+                         [], steps=int(plan.params["steps"]), extra={"trainable_parameters": float(trainable)})
+
+    # -- generation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor | None = None, *, n_per_class: int | None = None,
+                 seed: int | None = None, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """DDIM samples with classifier-free guidance, one per label (post-processing: no privacy cost)."""
+        from dpdistill.synthesis.diffusion.sampler import sample
+
+        if (labels is None) == (n_per_class is None):
+            raise SpecError(f"{self.name}: generate needs exactly one of labels or n_per_class")
+        if labels is None:
+            if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+                raise SpecError(f"{self.name}: n_per_class must be a positive integer, got {n_per_class!r}")
+            labels = torch.arange(self.num_classes).repeat_interleave(n_per_class)
+        labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+        c = self.config
+        images = sample(self.generator_net, self.schedule(), labels, steps=c.sample_steps,
+                        guidance_scale=c.guidance_scale, seed=self.seed + 1 if seed is None else int(seed),
+                        batch_size=batch_size or c.sample_batch, device=self.device, image_size=self.image_size)
+        return images, labels
+
+    # -- persistence ------------------------------------------------------------------------------------
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"base_ref": dict(self.base_ref) if self.base_ref else None}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.base_ref = state.get("base_ref")
+
+
+@dataclass
+class DPDMConfig(DiffusionConfig):
+    """DPDM: the diffusion options with noise multiplicity on (the paper: 32; 4 keeps a CPU step affordable)."""
+
+    multiplicity: int = 4
+
+
+class DPDM(DiffusionSynthesizer):
+    name = "dpdm"
+    config_type = DPDMConfig
+    paper_neighbouring = "add-or-remove-one"
+    privacy_note = ("DP-SGD on the UNet from scratch, Poisson sampling, per-record clip C after averaging the "
+                    "record's noise-multiplicity draws; add-or-remove sensitivity C")
+
+
+class PDPDiffusion(DiffusionSynthesizer):
+    name = "pdp-diffusion"
+    uses_public_base = True
+    paper_neighbouring = "add-or-remove-one"
+    privacy_note = ("public pre-training (free), then DP-SGD fine-tuning of every UNet parameter, Poisson "
+                    "sampling, per-record clip C; add-or-remove sensitivity C")
+
+
+class DPLoRA(DiffusionSynthesizer):
+    name = "dp-lora"
+    config_type = LoRAConfig
+    uses_public_base = True
+    trains_adapters_only = True
+    paper_neighbouring = "add-or-remove-one"
+    privacy_note = ("public base frozen; DP-SGD trains only LoRA adapters (peft), Poisson sampling, per-record "
+                    "clip C over the adapters; add-or-remove sensitivity C; the release is the adapters")
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        """The adapters only once fitted (the base is public and named by ``base_ref``); the base before."""
+        from dpdistill.synthesis.diffusion.lora import adapter_state
+
+        if not self.fitted:
+            return super().generator_state()
+        return adapter_state(self.generator_net)
+
+    def load_generator_state(self, state: dict[str, torch.Tensor]) -> None:
+        from dpdistill.synthesis.diffusion.lora import load_adapter_state
+
+        if not any("lora_" in k for k in state):
+            self.generator_net.load_state_dict(state)
+            return
+        base = self._restore_base()
+        self.generator_net = self.objective(base).build().eval()
+        load_adapter_state(self.generator_net, state)
+
+    def _restore_base(self) -> dict[str, torch.Tensor] | None:
+        """The public base the adapters were trained on, from the pre-training cache or the checkpoint."""
+        from dpdistill.synthesis.diffusion.pretrain import default_cache_root, load_checkpoint
+
+        ref = self.base_ref or {}
+        if ref.get("kind") == "checkpoint":
+            net = load_checkpoint(ref["path"], expect=self.unet_config())
+        elif ref.get("kind") == "pretrain":
+            where = default_cache_root() / "diffusion-pretrain" / str(ref["key"])[:32]
+            net = load_checkpoint(where, expect=self.unet_config())
+        else:  # adapters on the seeded random init (no public base was used)
+            return None
+        return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+__all__ = ["DPDM", "DPLoRA", "DPDMConfig", "DiffusionConfig", "DiffusionSynthesizer", "LoRAConfig", "PDPDiffusion"]
