@@ -87,6 +87,10 @@ class SynthesizeOptions:
     fidelity_public: str = "glyphs"
     inception_weights: str | None = None  # local Inception-v3 state dict (needed for "inception-v3")
     fidelity_samples: int = 10_000  # at most this many real and synthetic images in the fidelity metrics
+    # DP-SGD methods (the diffusion synthesisers): Ray Train workers of the fit, each holding one shard of the
+    # sensitive split and one GPU when device is cuda (1: in this process). The plan is charged here first.
+    train_workers: int = 1
+    generate_chunks: int = 1  # > 1: generate as this many parallel Ray tasks (runtime/generation.py)
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(SynthesizeOptions))
@@ -187,6 +191,15 @@ class SynthesizePipeline:
             if not job.inception_weights or not Path(job.inception_weights).is_file():
                 raise SpecError(f"field 'method.inception_weights': Inception-v3 weights file "
                                 f"'{job.inception_weights}' not found (or use fidelity_extractor: domain)")
+        if job.train_workers < 1 or job.generate_chunks < 1:
+            raise SpecError("field 'method.train_workers' / 'method.generate_chunks': must be >= 1")
+        if job.train_workers > 1 and not cls.runs_dp_sgd:
+            raise SpecError(f"field 'method.train_workers': {cls.name} does not train with DP-SGD through an "
+                            "executor; only the diffusion synthesisers shard their fit over Ray Train workers")
+        if getattr(cls, "uses_public_base", False) and not job.pretrain and not getattr(config, "base_checkpoint",
+                                                                                          ""):
+            raise SpecError(f"field 'method.pretrain': {cls.name} fine-tunes a public base; name a public set "
+                            "to pre-train on (e.g. glyphs) or a local diffusers checkpoint in method.base_checkpoint")
         train, val, test, info = load_splits(spec)
         # Build once here so a bad option (e.g. a zero width) fails before the run folder exists.
         cls(config, channels=train.channels, image_size=train.image_size, num_classes=info.num_classes,
@@ -224,10 +237,19 @@ class SynthesizePipeline:
 
         # A noisy-senv selection is paid out of the job's ε: charged now, the fit fills what is left.
         charge_selection(spec.evaluation, ctx.ledger)
-        with ctx.stage(f"fit ({synth.name})"):
-            report = synth.fit(p.train, ctx.ledger, progress=ctx.progress, callback=on_step)
-        with ctx.stage("generate"):
-            images, labels = synth.generate(n_per_class=p.job.n_per_class, seed=spec.seed)
+        with ctx.stage(f"fit ({synth.name})"), _ray_if(p.job.train_workers > 1, spec):
+            report = synth.fit(p.train, ctx.ledger, progress=ctx.progress, callback=on_step,
+                               executor=_dp_sgd_executor(p.job.train_workers, device, ctx))
+        if synth.last_plan is not None:  # what was charged, as data (public: σ, q, steps, clip, ...)
+            (art / "plan.json").write_text(json.dumps(synth.last_plan.to_dict(), indent=2) + "\n")
+        with ctx.stage("generate"), _ray_if(p.job.generate_chunks > 1, spec):
+            if p.job.generate_chunks > 1:
+                from dpdistill.runtime.generation import generate_parallel
+
+                images, labels = generate_parallel(synth, p.job.n_per_class, spec.seed,
+                                                   chunks=p.job.generate_chunks, threads=spec.threads or 1)
+            else:
+                images, labels = synth.generate(n_per_class=p.job.n_per_class, seed=spec.seed)
         synth.save(art / "synthesizer.pt")
         np.savez_compressed(
             art / "synthetic.npz", images=(images * 255).round().to(torch.uint8).numpy(),
@@ -263,6 +285,30 @@ class SynthesizePipeline:
         if spec.evaluation.enabled:
             report_utility(ctx, images, labels, p, trained_on=" trained on the synthetic set")
         return {}
+
+
+def _ray_if(needed: bool, spec: Any) -> Any:
+    """Ray for a stage that needs it (the job's cluster settings), else nothing."""
+    import contextlib
+
+    if not needed:
+        return contextlib.nullcontext()
+    from dpdistill.runtime.cluster import ray_session
+
+    return ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path)
+
+
+def _dp_sgd_executor(workers: int, device: torch.device, ctx: Any) -> Any:
+    """None (the method's in-process default) for one worker, else a Ray Train DP-SGD executor."""
+    if workers <= 1:
+        return None
+    import functools
+
+    from dpdistill.runtime.dp_train import fit_dp_sgd
+
+    return functools.partial(fit_dp_sgd, executor="ray-train", num_workers=workers,
+                             use_gpu=device.type == "cuda", storage_path=ctx.run.path / "train",
+                             progress=ctx.progress)
 
 
 def _per_class_grids(images: torch.Tensor, labels: torch.Tensor, num_classes: int, folder: Any,

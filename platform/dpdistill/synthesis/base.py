@@ -155,6 +155,9 @@ class Synthesizer(ABC):
     paper_neighbouring: ClassVar[str] = ADD_OR_REMOVE_ONE
     privacy_note: ClassVar[str] = ""
     disclosure: ClassVar[dict[str, str]] = FIT_DISCLOSURE
+    # Whether execute() trains through a DP-SGD executor (training.dp_sgd / runtime.dp_train), so a job may
+    # shard the fit over Ray Train workers.
+    runs_dp_sgd: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, *, channels: int, image_size: int, num_classes: int,
                  seed: int = 0, device: str | torch.device = "cpu",

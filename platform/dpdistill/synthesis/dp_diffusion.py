@@ -87,6 +87,7 @@ class DiffusionSynthesizer(Synthesizer):
 
     config_type: ClassVar[type] = DiffusionConfig
     uses_public_base: ClassVar[bool] = False
+    runs_dp_sgd: ClassVar[bool] = True
     trains_adapters_only: ClassVar[bool] = False
     disclosure = fit_disclosure(noise={"sigma": ACCOUNTING, "q": ACCOUNTING},
                                 extra={"trainable_parameters": PUBLIC})

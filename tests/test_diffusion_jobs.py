@@ -1,0 +1,85 @@
+"""The diffusion synthesisers as jobs (`kind: synthesize`): the charged plan is in the run folder and is exactly
+the ledger; a 2-worker Ray Train fit charges the same plan as a 1-worker one; a method that needs a public base
+is refused before any sensitive byte is read; DP-LoRA's release holds adapters only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dpdistill.errors import SpecError
+from dpdistill.spec import validate_spec
+
+TINY_UNET = {"block_out_channels": [16, 16], "attention": [False, False], "norm_num_groups": 8,
+             "iterations": 4, "batch_size": 64, "sample_steps": 3, "pretrain_iterations": 20,
+             "pretrain_batch": 32, "n_per_class": 5, "fidelity": False}
+
+
+def doc(method: str, **options) -> dict:
+    return {
+        "name": f"diff-{method}", "kind": "synthesize", "seed": 0, "data": {"name": "digits"},
+        "privacy": {"epsilon": 4.0, "reproducible_noise": False},
+        "method": {"name": method, **TINY_UNET, **options},
+        "evaluation": {"epochs": 2, "seeds": 1, "parallel": False, "model_options": {"width": 16}},
+        "tracking": {"enabled": False},
+        "ray": {"num_cpus": 2},
+    }
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPDISTILL_CACHE", str(tmp_path / "cache"))
+
+
+def _plan_and_ledger(run_dir):
+    plan = json.loads((run_dir / "artifacts" / "plan.json").read_text())
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    return plan, ledger
+
+
+def test_pdp_diffusion_job_records_the_charged_plan(tmp_path):
+    from dpdistill.runner import run_job
+
+    result = run_job(validate_spec(doc("pdp-diffusion", pretrain="glyphs")), tmp_path / "runs", progress=False)
+    assert result.status == "completed"
+    plan, ledger = _plan_and_ledger(result.run_dir)
+    assert [e["mechanism"] for e in ledger["entries"]] == [c["mechanism"] for c in plan["charges"]]
+    assert plan["params"]["steps"] == 4 and plan["params"]["q"] == pytest.approx(64 / plan["params"]["n_records"])
+    assert 4.0 * 0.99 <= ledger["composed"]["epsilon"] <= 4.0 * 1.001
+    fit = json.loads((result.run_dir / "artifacts" / "fit_report.json").read_text())
+    assert fit["steps"] == 4 and fit["noise"]["sigma"] == pytest.approx(plan["params"]["sigma"])
+
+
+def test_two_ray_train_workers_charge_the_same_plan_as_one(tmp_path):
+    from dpdistill.runner import run_job
+
+    one = run_job(validate_spec(doc("dpdm")), tmp_path / "one", progress=False)
+    two = run_job(validate_spec(doc("dpdm", train_workers=2)), tmp_path / "two", progress=False)
+    assert one.status == two.status == "completed"
+    (plan1, ledger1), (plan2, ledger2) = _plan_and_ledger(one.run_dir), _plan_and_ledger(two.run_dir)
+    assert plan1["charges"] == plan2["charges"] and plan1["params"] == plan2["params"]
+    assert [e["mechanism"] for e in ledger1["entries"]] == [e["mechanism"] for e in ledger2["entries"]]
+    assert ledger1["composed"]["epsilon"] == ledger2["composed"]["epsilon"]
+    # The sharded fit trained: its release differs from the 1-worker one (other noise, other batches).
+    a = torch.load(one.run_dir / "artifacts" / "synthesizer.pt", weights_only=True)["generator"]
+    b = torch.load(two.run_dir / "artifacts" / "synthesizer.pt", weights_only=True)["generator"]
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dp_lora_needs_a_public_base_and_releases_adapters_only(tmp_path):
+    from dpdistill.runner import run_job
+
+    with pytest.raises(SpecError, match="method.pretrain"):
+        run_job(validate_spec(doc("dp-lora")), tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").rglob("ledger.json"))
+    with pytest.raises(SpecError, match="train_workers"):
+        run_job(validate_spec({**doc("dp-merf", train_workers=2), "method": {"name": "dp-merf",
+                                                                            "train_workers": 2}}),
+                tmp_path / "refused2", progress=False)
+    result = run_job(validate_spec(doc("dp-lora", pretrain="glyphs")), tmp_path / "runs", progress=False)
+    assert result.status == "completed"
+    saved = torch.load(result.run_dir / "artifacts" / "synthesizer.pt", weights_only=True)
+    assert saved["generator"] and all("lora_" in k for k in saved["generator"])
+    assert saved["extra"]["base_ref"]["kind"] == "pretrain" and saved["extra"]["base_ref"]["public_set"]
