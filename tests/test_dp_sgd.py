@@ -182,6 +182,21 @@ def test_noise_comes_from_the_privacy_source():
     assert not torch.allclose(run(PrivacyRandomness.secret()), run(PrivacyRandomness.secret()))
 
 
+def test_the_poisson_sample_comes_from_the_privacy_source():
+    """At a negligible σ the trained state is a function of which records were sampled: two secret sources
+    give clearly different states (a sample from a seeded generator would give the same one), two
+    reproducible sources with one seed the same state."""
+    obj = Regression()
+    x, y = _data(40, obj.d)
+
+    def run(noise):
+        return train_dp_sgd(obj, None, x, y, _schedule(sigma=1e-6, lr=0.5), noise)["2.weight"]
+
+    assert torch.equal(run(PrivacyRandomness.reproducible(5)), run(PrivacyRandomness.reproducible(5)))
+    a, b = run(PrivacyRandomness.secret()), run(PrivacyRandomness.secret())
+    assert float((a - b).abs().max()) > 1e-3
+
+
 def test_one_gaussian_draw_per_step_through_the_guarded_path():
     """Every step's noise is one PrivacyRandomness.gaussian call of std σ·C over all trainable coordinates."""
     draws = []
@@ -270,3 +285,14 @@ def test_a_convnet_classifier_trains():
         net.load_state_dict(state)
         after = float(F.cross_entropy(net(x), y))
     assert after < 0.5 * before
+
+
+def test_on_step_gets_public_information_only():
+    """What a progress hook sees: step numbers, the rank and wall time; no loss, no batch size."""
+    obj = Regression()
+    x, y = _data(40, obj.d)
+    infos = []
+    train_dp_sgd(obj, None, x, y, _schedule(steps=3), PrivacyRandomness.reproducible(1),
+                 on_step=lambda step, info: infos.append((step, info)))
+    assert [s for s, _ in infos] == [1, 2, 3]
+    assert all(set(info) == {"step", "steps", "rank", "elapsed_s"} for _, info in infos)
