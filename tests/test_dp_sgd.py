@@ -296,3 +296,30 @@ def test_on_step_gets_public_information_only():
                  on_step=lambda step, info: infos.append((step, info)))
     assert [s for s, _ in infos] == [1, 2, 3]
     assert all(set(info) == {"step", "steps", "rank", "elapsed_s"} for _, info in infos)
+
+
+def test_a_finished_fit_called_again_returns_its_release(tmp_path):
+    """With a storage path the finished run is recorded (here 5 steps, checkpoints every 2): calling again
+    returns the same state and trains nothing, instead of redoing step 5 from the step-4 checkpoint (a
+    second, differently noised release of the same data)."""
+    obj = Regression()
+    x, y = _data(40, obj.d)
+    sched = _schedule(steps=5, checkpoint_every=2)
+    first = fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.secret(), storage_path=tmp_path, run_name="r")
+    steps: list[int] = []
+    again = fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.secret(), storage_path=tmp_path, run_name="r",
+                       on_step=lambda step, info: steps.append(step))
+    assert steps == []
+    for name in first:
+        assert torch.equal(first[name], again[name])
+
+
+def test_a_cuda_objective_on_cpu_workers_is_refused():
+    """Before any Ray call: Ray Train workers that reserve no GPU cannot train a cuda objective."""
+    from dpdistill.errors import SpecError
+
+    obj = ClassifierObjective(device="cuda")
+    x, y = torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)
+    sched = DPSGDSchedule(sigma=1.0, q=0.5, steps=1, clip=1.0, n_records=4)
+    with pytest.raises(SpecError, match="use_gpu"):
+        fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.secret(), executor="ray-train", num_workers=2)

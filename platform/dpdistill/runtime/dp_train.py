@@ -18,7 +18,9 @@ the driver as the run's last checkpoint.
 Storage: ``storage_path`` (shared by every node of a multi-node cluster) holds the run ``run_name``; a fit with
 the same storage path and name resumes that run, as Ray Train V2 does. Without a storage path the run goes to a
 temporary folder removed afterwards (no resumption across calls). ``in-process`` with a storage path keeps one
-checkpoint file there and resumes from it the same way.
+checkpoint file there and resumes from it the same way. Both record the finished run as its last checkpoint, so
+calling again with the same storage and name returns the same release rather than training (and releasing) a
+second model from the last checkpoint on.
 
 Threads: each worker pins torch to the job's ``threads`` ($DPDISTILL_THREADS) or 1 and reserves that many CPUs;
 ``use_gpu`` reserves one GPU per worker and trains on it (nccl).
@@ -39,7 +41,7 @@ import torch
 
 from dpdistill.errors import PrivacyError, SpecError
 from dpdistill.privacy.noise import PrivacyRandomness
-from dpdistill.training.dp_sgd import DPObjective, DPSGDSchedule, train_dp_sgd
+from dpdistill.training.dp_sgd import DPObjective, DPSGDSchedule, objective_device, train_dp_sgd
 
 log = logging.getLogger("dpdistill.dp_train")
 
@@ -117,6 +119,12 @@ def _fit_in_process(objective: DPObjective, initial_state: dict | None, images: 
     hook = _chain(on_step, _progress_printer(progress, schedule.steps))
     final = train_dp_sgd(objective, initial_state, images, labels, schedule, noise, start_step=start,
                          optimizer_state=optimizer_state, on_checkpoint=on_checkpoint, on_step=hook)
+    if on_checkpoint is not None and not (schedule.checkpoint_every
+                                          and schedule.steps % schedule.checkpoint_every == 0):
+        # The finished run is recorded too: calling again returns this release instead of redoing the steps
+        # after the last checkpoint (which would release a second, differently noised model).
+        on_checkpoint(schedule.steps, {"step": schedule.steps, "net": final, "optimizer": {},
+                                       "schedule": schedule.to_dict()})
     return final
 
 
@@ -247,6 +255,9 @@ def fit_dp_sgd(objective: DPObjective, initial_state: dict[str, torch.Tensor] | 
                            f"holds {len(images)} records")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise SpecError(f"dp-sgd: num_workers must be a positive integer, got {num_workers!r}")
+    if executor == "ray-train" and not use_gpu and objective_device(objective).type == "cuda":
+        raise SpecError("dp-sgd: the objective trains on cuda but the Ray Train workers reserve no GPU; pass "
+                        "use_gpu=True (one GPU per worker)")
     if executor == "in-process":
         if num_workers != 1 or use_gpu:
             raise SpecError("dp-sgd: the in-process executor runs one worker on the objective's device; use "
