@@ -1,0 +1,222 @@
+"""Non-private pre-training of the UNet on a PUBLIC image set, cached; and loading a user's local checkpoint.
+
+Pre-training reads only a registered public set (``glyphs`` by default: digits rendered from matplotlib's fonts,
+see ``data/glyphs.py``), so it costs no privacy. It minimises the same ε-prediction loss as DP fine-tuning
+(``objective.DiffusionObjective.losses``, one row per image) with Adam, a constant learning rate and gradient
+norm clipping at 1, on batches drawn by a generator seeded with ``seed``. When the public set has as many
+classes as the UNet (glyph digits and MNIST: 0-9) it trains class-conditionally with label dropout; otherwise
+every label is the null label (unconditional pre-training; the class rows are learned in fine-tuning).
+
+Cache. The key is the SHA-256 of: the public set's name and the SHA-256 of its images and labels as loaded,
+the UNet config, the noise schedule, steps, lr, batch size, label dropout, seed and :data:`ALGORITHM_VERSION`.
+The result is a diffusers ``save_pretrained`` directory ``<cache_root>/diffusion-pretrain/<key[:32]>`` (root
+default: ``$DPDISTILL_CACHE``, else ``~/.cache/dpdistill``, as the fidelity extractors use), with
+``dpdistill_pretrain.json`` beside it (the key's inputs and the loss curve). A call with the same key loads it
+instead of training. The directory is written under a temporary name and renamed, so a killed run leaves no
+half-written entry.
+
+Checkpoints. :func:`load_checkpoint` opens a user's local diffusers UNet directory; nothing is ever downloaded
+(anything that is not an existing directory, e.g. a hub id, is refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dpdistill.data.base import ImageSet
+from dpdistill.errors import DataError, SpecError
+from dpdistill.synthesis.diffusion.objective import DiffusionObjective, NoiseSchedule
+from dpdistill.synthesis.diffusion.unet import UNetConfig, contiguous_conv_inputs
+
+# Bump when the training algorithm below changes what a given key produces (old cache entries then miss).
+ALGORITHM_VERSION = "diffusion-pretrain-1"
+META_FILE = "dpdistill_pretrain.json"
+
+
+def default_cache_root() -> Path:
+    """$DPDISTILL_CACHE, else ~/.cache/dpdistill (shared with the other caches of the package)."""
+    return Path(os.environ.get("DPDISTILL_CACHE", Path.home() / ".cache" / "dpdistill"))
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """What pre-training does (public): the set, its length and optimiser, and the seed of its batches/init."""
+
+    public_set: str = "glyphs"
+    steps: int = 2000
+    lr: float = 2e-4
+    batch_size: int = 64
+    label_dropout: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or not 0 <= self.label_dropout <= 1:
+            raise SpecError("pretrain: steps >= 1, lr > 0, batch_size >= 1 and label_dropout in [0, 1]")
+
+
+@dataclass
+class Pretrained:
+    """A cached pre-trained UNet: its directory, cache key, whether this call trained it, and its loss curve."""
+
+    path: Path
+    key: str
+    trained: bool
+    losses: list[float] = field(default_factory=list)
+    conditional: bool = True
+
+    def load(self, device: str | torch.device = "cpu") -> Any:
+        """The UNet2DModel (eval mode, on ``device``)."""
+        return load_checkpoint(self.path).to(device)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """CPU tensors of the base UNet: what ``DiffusionObjective(init_state=...)`` takes."""
+        return {k: v.detach().cpu().clone() for k, v in load_checkpoint(self.path).state_dict().items()}
+
+
+def content_hash(data: ImageSet) -> str:
+    """SHA-256 of an image set's images (float32, contiguous) and labels (int64)."""
+    h = hashlib.sha256()
+    h.update(data.images.detach().cpu().contiguous().numpy().tobytes())
+    h.update(data.labels.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(unet: UNetConfig, schedule: NoiseSchedule, cfg: PretrainConfig, data_hash: str) -> tuple[str, dict]:
+    """(hex key, the JSON document hashed): everything that determines the pre-trained weights."""
+    doc = {"algorithm": ALGORITHM_VERSION, "public_set": cfg.public_set, "public_sha256": data_hash,
+           "unet": unet.to_dict(), "schedule": schedule.to_dict(), "steps": cfg.steps, "lr": cfg.lr,
+           "batch_size": cfg.batch_size, "label_dropout": cfg.label_dropout, "seed": cfg.seed}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest(), doc
+
+
+def load_public(name: str, unet: UNetConfig) -> ImageSet:
+    """The train split of public set ``name`` at the UNet's image size and channel count."""
+    from dpdistill.data import registry
+
+    data = registry.load(name, "train", image_size=unet.image_size)
+    if data.image_size != unet.image_size:
+        raise DataError(f"pretrain: public set '{name}' loads at {data.image_size}px, the UNet expects "
+                        f"{unet.image_size}px")
+    if data.channels != unet.channels:
+        if data.channels == 1:  # grey public set, colour model: the same glyph in every channel
+            data = ImageSet(data.images.repeat(1, unet.channels, 1, 1), data.labels, data.num_classes,
+                            data.name, data.class_names)
+        elif unet.channels == 1:
+            data = ImageSet(data.images.mean(1, keepdim=True), data.labels, data.num_classes, data.name,
+                            data.class_names)
+        else:
+            raise DataError(f"pretrain: public set '{name}' has {data.channels} channels, the UNet "
+                            f"{unet.channels}")
+    return data
+
+
+def pretrain(unet: UNetConfig, schedule: NoiseSchedule | None = None, cfg: PretrainConfig | None = None, *,
+             cache_root: str | os.PathLike[str] | None = None, device: str = "cpu",
+             public: ImageSet | None = None, progress: Callable[[int, float], None] | None = None) -> Pretrained:
+    """Pre-train the UNet on ``cfg.public_set`` (or load it from the cache when this exact run was done).
+
+    ``public`` overrides loading the registered set (it must be public data; its content is hashed into the key
+    under the name ``cfg.public_set``). ``progress(step, loss)`` is called every 100 steps while training.
+    """
+    schedule = schedule or NoiseSchedule()
+    cfg = cfg or PretrainConfig()
+    data = public if public is not None else load_public(cfg.public_set, unet)
+    key, doc = cache_key(unet, schedule, cfg, content_hash(data))
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    target = root / "diffusion-pretrain" / key[:32]
+    meta_path = target / META_FILE
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            return Pretrained(target, key, False, list(meta.get("losses", [])), bool(meta.get("conditional")))
+    conditional = data.num_classes == unet.num_classes
+    net, losses = _train(unet, schedule, cfg, data, conditional, device, progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:32]}-", dir=target.parent))
+    try:
+        net.to("cpu").save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps({"key": key, "inputs": doc, "conditional": conditional,
+                                                  "losses": losses}, indent=1))
+        if target.exists():  # a stale entry (other key prefix clash or an old version): replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Pretrained(target, key, True, losses, conditional)
+
+
+def _train(unet: UNetConfig, schedule: NoiseSchedule, cfg: PretrainConfig, data: ImageSet, conditional: bool,
+           device: str, progress: Callable[[int, float], None] | None) -> tuple[Any, list[float]]:
+    """The pre-training loop: (trained UNet2DModel, mean loss of every step)."""
+    objective = DiffusionObjective(unet=unet, train_timesteps=schedule.train_timesteps,
+                                   beta_schedule=schedule.beta_schedule, beta_start=schedule.beta_start,
+                                   beta_end=schedule.beta_end, label_dropout=cfg.label_dropout, device=device,
+                                   seed=cfg.seed)
+    net = objective.build()
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    # Public data, public seed: these generators may be plain seeded ones (nothing private is sampled).
+    batches = torch.Generator().manual_seed(cfg.seed)
+    draws = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    labels = data.labels if conditional else torch.full_like(data.labels, unet.null_label)
+    n, order, pos = len(data), torch.empty(0, dtype=torch.long), 0
+    losses: list[float] = []
+    for step in range(cfg.steps):
+        if pos + cfg.batch_size > len(order):  # a new shuffled epoch (the ragged tail is dropped)
+            order, pos = torch.randperm(n, generator=batches), 0
+        idx = order[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        loss = objective.losses(net, data.images[idx], labels[idx], 1, draws).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress is not None and (step + 1) % 100 == 0:
+            progress(step + 1, sum(losses[-100:]) / len(losses[-100:]))
+    return net.eval(), losses
+
+
+def load_checkpoint(path: str | os.PathLike[str], expect: UNetConfig | None = None) -> Any:
+    """A user's local diffusers UNet2DModel directory (``save_pretrained`` layout), in eval mode.
+
+    Refuses, with a one-line DataError, anything that is not an existing local directory (hub ids included:
+    nothing is downloaded), a directory without a UNet2DModel, and — when ``expect`` is given — a network
+    whose sample size, channels or class count (``num_classes`` + the null label) differ from it.
+    """
+    from diffusers import UNet2DModel
+
+    where = Path(os.fspath(path)).expanduser()
+    if not where.is_dir():
+        raise DataError(f"diffusion checkpoint '{path}' is not an existing local directory (nothing is downloaded; "
+                        "hub ids are refused)")
+    if not (where / "config.json").is_file():
+        raise DataError(f"diffusion checkpoint '{where}' has no config.json (expected a diffusers save_pretrained "
+                        "directory of a UNet2DModel)")
+    try:
+        net = UNet2DModel.from_pretrained(str(where), local_files_only=True)
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
+        raise DataError(f"diffusion checkpoint '{where}' could not be loaded as a UNet2DModel: {err}") from None
+    if expect is not None:
+        c = net.config
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        if int(size) != expect.model_size or int(c.in_channels) != expect.channels:
+            raise DataError(f"diffusion checkpoint '{where}' is {size}px with {c.in_channels} channels; the job "
+                            f"needs {expect.model_size}px with {expect.channels} channels")
+        if c.num_class_embeds != expect.num_classes + 1:
+            raise DataError(f"diffusion checkpoint '{where}' has {c.num_class_embeds} class embeddings; the job "
+                            f"needs {expect.num_classes + 1} ({expect.num_classes} classes + the null label)")
+    return contiguous_conv_inputs(net).eval()
