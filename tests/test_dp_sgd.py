@@ -323,3 +323,11 @@ def test_a_cuda_objective_on_cpu_workers_is_refused():
     sched = DPSGDSchedule(sigma=1.0, q=0.5, steps=1, clip=1.0, n_records=4)
     with pytest.raises(SpecError, match="use_gpu"):
         fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.secret(), executor="ray-train", num_workers=2)
+
+
+def test_a_rank_outside_the_world_is_refused():
+    """Rank 0 adds the noise: a single worker told it is rank 1 would train without any."""
+    obj = Regression()
+    x, y = _data(40, obj.d)
+    with pytest.raises(PrivacyError, match="rank 1 of world size 1"):
+        train_dp_sgd(obj, None, x, y, _schedule(), PrivacyRandomness.secret(), rank=1)

@@ -280,6 +280,8 @@ def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None
     on every rank, ``state`` = {"step", "net", "optimizer", "schedule"} (CPU copies).
     """
     noise = noise if isinstance(noise, PrivacyRandomness) else _refuse_noise(noise)
+    if not 0 <= rank < world_size:  # rank 0 adds the noise: a lone worker that is not rank 0 would add none
+        raise PrivacyError(f"dp-sgd: rank {rank} of world size {world_size}")
     if not 0 <= start_step <= schedule.steps:
         raise SpecError(f"dp-sgd: start_step must lie in [0, {schedule.steps}], got {start_step}")
     if len(images) != len(labels):
