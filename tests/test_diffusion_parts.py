@@ -6,6 +6,7 @@ Tiny networks throughout; the per-sample-gradient test is the one that guards DP
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from types import SimpleNamespace
 
@@ -82,12 +83,18 @@ def test_objective_one_loss_per_row_and_deterministic_under_its_generator():
     xt, t, y_rows, _ = obj.noising(x, y, 4, torch.Generator().manual_seed(7))
     assert xt.shape == (12, 1, 28, 28) and len(set(t[:4].tolist())) > 1
     assert (y_rows == TINY.null_label).any() and torch.equal(y_rows[y_rows != 10], y.repeat_interleave(4)[y_rows != 10])
-    # The network's init comes from the public seed, not the global RNG.
+    # The network's init comes from the public seed, not the global RNG, and survives pickling (Ray workers).
     torch.manual_seed(123)
     a = obj.build().state_dict()
     torch.manual_seed(456)
-    b = obj.build().state_dict()
+    b = pickle.loads(pickle.dumps(obj)).build().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # Partial fine-tuning (DP-LDM style): only the named parts are trainable, the rest is frozen.
+    partial = DiffusionObjective(unet=TINY, train_only=("attentions", "class_embedding"))
+    pnet = partial.build()
+    names = {n for n, p in pnet.named_parameters() if p.requires_grad}
+    assert names and all("attentions" in n or "class_embedding" in n for n in names)
+    assert len(partial.trainable(pnet)) == len(names)
 
 
 def _per_row_grads_match(obj: DiffusionObjective) -> None:

@@ -62,7 +62,7 @@ class NoiseSchedule:
         return DDPMScheduler(**self.scheduler_kwargs()).alphas_cumprod.clone()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: init_state holds tensors
 class DiffusionObjective:
     """DP-SGD objective for the class-conditional UNet (picklable: it ships to Ray Train workers).
 
