@@ -215,7 +215,8 @@ def test_pretrain_cache_hits_on_the_same_key_and_misses_when_the_config_changes(
     first = pretrain(TINY, None, cfg, cache_root=tmp_path, public=glyphs)
     second = pretrain(TINY, None, cfg, cache_root=tmp_path, public=glyphs)
     assert (first.trained, second.trained, len(calls)) == (True, False, 1)
-    assert second.path == first.path and second.losses == first.losses
+    assert second.path == first.path == pretrain_mod.entry_dir(first.key, tmp_path)
+    assert second.losses == first.losses
     assert (first.path / "config.json").is_file()
     pretrain(TINY, None, PretrainConfig(steps=4, batch_size=8), cache_root=tmp_path, public=glyphs)
     assert len(calls) == 2

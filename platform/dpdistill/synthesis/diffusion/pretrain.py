@@ -51,6 +51,12 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("DPDISTILL_CACHE", Path.home() / ".cache" / "dpdistill"))
 
 
+def entry_dir(key: str, cache_root: str | os.PathLike[str] | None = None) -> Path:
+    """Where the pre-trained UNet of cache key ``key`` lives (a release's reference to its public base)."""
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    return root / "diffusion-pretrain" / key[:32]
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """What pre-training does (public): the set, its length and optimiser, and the seed of its batches/init."""
@@ -140,8 +146,7 @@ def pretrain(unet: UNetConfig, schedule: NoiseSchedule | None = None, cfg: Pretr
     cfg = cfg or PretrainConfig()
     data = public if public is not None else load_public(cfg.public_set, unet)
     key, doc = cache_key(unet, schedule, cfg, content_hash(data))
-    root = Path(cache_root) if cache_root is not None else default_cache_root()
-    target = root / "diffusion-pretrain" / key[:32]
+    target = entry_dir(key, cache_root)
     meta_path = target / META_FILE
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
