@@ -53,19 +53,28 @@ def test_pdp_diffusion_job_records_the_charged_plan(tmp_path):
 
 
 def test_two_ray_train_workers_charge_the_same_plan_as_one(tmp_path):
+    """The 2-worker job's ledger is exactly the plan a 1-worker (in-process) fit makes: one Poisson-Gaussian over
+    the whole set, charged once on the driver, not once per worker or per shard."""
+    from dpdistill import data, synthesis
+    from dpdistill.privacy import PrivacyLedger
     from dpdistill.runner import run_job
 
-    one = run_job(validate_spec(doc("dpdm")), tmp_path / "one", progress=False)
     two = run_job(validate_spec(doc("dpdm", train_workers=2)), tmp_path / "two", progress=False)
-    assert one.status == two.status == "completed"
-    (plan1, ledger1), (plan2, ledger2) = _plan_and_ledger(one.run_dir), _plan_and_ledger(two.run_dir)
-    assert plan1["charges"] == plan2["charges"] and plan1["params"] == plan2["params"]
-    assert [e["mechanism"] for e in ledger1["entries"]] == [e["mechanism"] for e in ledger2["entries"]]
-    assert ledger1["composed"]["epsilon"] == ledger2["composed"]["epsilon"]
-    # The sharded fit trained: its release differs from the 1-worker one (other noise, other batches).
-    a = torch.load(one.run_dir / "artifacts" / "synthesizer.pt", weights_only=True)["generator"]
-    b = torch.load(two.run_dir / "artifacts" / "synthesizer.pt", weights_only=True)["generator"]
-    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert two.status == "completed"
+    plan2, ledger2 = _plan_and_ledger(two.run_dir)
+    train = data.load("digits", "train")
+    options = {k: v for k, v in TINY_UNET.items() if k not in ("n_per_class", "fidelity")}
+    one = synthesis.create("dpdm", channels=1, image_size=train.image_size, num_classes=10, seed=0, **options)
+    ledger1 = PrivacyLedger(None, 4.0, ledger2["delta"], n_records=len(train))  # the job's default δ
+    plan1 = one.plan(len(train), ledger1, 4.0)
+    plan1.charge(ledger1)
+    assert plan2["charges"] == plan1.to_dict()["charges"] and plan2["params"] == plan1.params
+    assert [e["mechanism"] for e in ledger2["entries"]] == [e["mechanism"] for e in ledger1.entries]
+    assert ledger2["composed"]["epsilon"] == pytest.approx(ledger1.spent_epsilon(), rel=1e-12)
+    # The sharded fit trained: the release moved away from the seeded initialisation.
+    released = torch.load(two.run_dir / "artifacts" / "synthesizer.pt", weights_only=True)["generator"]
+    initial = one.generator_net.state_dict()
+    assert released.keys() == initial.keys() and any(not torch.equal(released[k], initial[k]) for k in initial)
 
 
 def test_dp_lora_needs_a_public_base_and_releases_adapters_only(tmp_path):

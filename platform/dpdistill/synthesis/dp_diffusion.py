@@ -284,14 +284,13 @@ class DPLoRA(DiffusionSynthesizer):
 
     def _restore_base(self) -> dict[str, torch.Tensor] | None:
         """The public base the adapters were trained on, from the pre-training cache or the checkpoint."""
-        from dpdistill.synthesis.diffusion.pretrain import default_cache_root, load_checkpoint
+        from dpdistill.synthesis.diffusion.pretrain import entry_dir, load_checkpoint
 
         ref = self.base_ref or {}
         if ref.get("kind") == "checkpoint":
             net = load_checkpoint(ref["path"], expect=self.unet_config())
         elif ref.get("kind") == "pretrain":
-            where = default_cache_root() / "diffusion-pretrain" / str(ref["key"])[:32]
-            net = load_checkpoint(where, expect=self.unet_config())
+            net = load_checkpoint(entry_dir(str(ref["key"])), expect=self.unet_config())
         else:  # adapters on the seeded random init (no public base was used)
             return None
         return {k: v.detach().cpu() for k, v in net.state_dict().items()}
