@@ -71,7 +71,9 @@ def test_two_ray_train_workers_charge_the_same_plan_as_one(tmp_path):
     assert plan2["charges"] == plan1.to_dict()["charges"] and plan2["params"] == plan1.params
     assert [e["mechanism"] for e in ledger2["entries"]] == [e["mechanism"] for e in ledger1.entries]
     assert ledger2["composed"]["epsilon"] == pytest.approx(ledger1.spent_epsilon(), rel=1e-12)
-    # The sharded fit trained: the release moved away from the seeded initialisation.
+    # It really ran on Ray Train (a silent in-process fallback would leave no Ray Train checkpoint) ...
+    assert list((two.run_dir / "train" / "dp-sgd").glob("checkpoint_*/state.pt"))
+    # ... and trained: the release moved away from the seeded initialisation.
     released = torch.load(two.run_dir / "artifacts" / "synthesizer.pt", weights_only=True)["generator"]
     initial = one.generator_net.state_dict()
     assert released.keys() == initial.keys() and any(not torch.equal(released[k], initial[k]) for k in initial)
@@ -92,3 +94,60 @@ def test_dp_lora_needs_a_public_base_and_releases_adapters_only(tmp_path):
     saved = torch.load(result.run_dir / "artifacts" / "synthesizer.pt", weights_only=True)
     assert saved["generator"] and all("lora_" in k for k in saved["generator"])
     assert saved["extra"]["base_ref"]["kind"] == "pretrain" and saved["extra"]["base_ref"]["public_set"]
+
+
+def _tiny(method: str, **options):
+    from dpdistill import data, synthesis
+    from dpdistill.privacy.noise import PrivacyRandomness
+
+    train = data.load("digits", "train")
+    opts = {k: v for k, v in TINY_UNET.items() if k not in ("n_per_class", "fidelity")}
+    synth = synthesis.create(method, channels=1, image_size=train.image_size, num_classes=10, seed=0,
+                             noise=PrivacyRandomness.reproducible(3), **{**opts, **options})
+    return synth, train
+
+
+def test_a_bad_option_is_refused_before_the_budget_is_charged():
+    from dpdistill.privacy import PrivacyLedger
+
+    for bad in ({"label_dropout": 1.5}, {"sample_steps": 5000}, {"base_checkpoint": "/no/such/unet"}):
+        synth, train = _tiny("pdp-diffusion", **bad)
+        ledger = PrivacyLedger(None, 4.0, 1e-5)
+        with pytest.raises(Exception):  # noqa: B017 - SpecError or DataError, whichever the option raises
+            synth.fit(train, ledger)
+        assert ledger.entries == [], bad
+
+
+def test_a_dp_sgd_checkpoint_of_another_plan_is_never_resumed(tmp_path):
+    from dpdistill.privacy import PrivacyLedger
+    from dpdistill.privacy.noise import PrivacyRandomness
+    from dpdistill.runtime.dp_train import fit_dp_sgd
+    from dpdistill.training.dp_sgd import DPSGDSchedule
+
+    synth, train = _tiny("dpdm")
+    plan = synth.plan(len(train), PrivacyLedger(None, 4.0, 1e-5), 4.0)
+    schedule = DPSGDSchedule(**plan.params)
+    objective = synth.objective(None)
+    fit_dp_sgd(objective, None, train.images, train.labels, schedule, PrivacyRandomness.reproducible(1),
+               storage_path=tmp_path)
+    other = synth.plan(len(train), PrivacyLedger(None, 4.0, 1e-5), 4.0)  # same numbers, another plan
+    assert other.params["sigma"] == plan.params["sigma"] and other.plan_id != plan.plan_id
+    with pytest.raises(Exception, match="another schedule"):
+        fit_dp_sgd(objective, None, train.images, train.labels, DPSGDSchedule(**other.params),
+                   PrivacyRandomness.reproducible(1), storage_path=tmp_path)
+
+
+def test_a_dp_lora_release_travels_whole_to_a_worker_without_the_cache(tmp_path, monkeypatch):
+    from dpdistill import data
+    from dpdistill.privacy import PrivacyLedger
+    from dpdistill.synthesis.base import Synthesizer
+
+    synth, train = _tiny("dp-lora")
+    synth.pretrain(data.load("glyphs", "train", image_size=train.image_size))
+    synth.fit(train, PrivacyLedger(None, 4.0, 1e-5))
+    here, _ = synth.generate(n_per_class=2, seed=9)
+    monkeypatch.setenv("DPDISTILL_CACHE", str(tmp_path / "another-node"))  # the base is not in this cache
+    with pytest.raises(Exception, match="diffusion checkpoint"):
+        Synthesizer.from_state(synth.state())  # the saved release needs its public base
+    there = Synthesizer.from_state(synth.transport_state())
+    assert torch.equal(there.generate(n_per_class=2, seed=9)[0], here)

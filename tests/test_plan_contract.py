@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpdistill import data
-from dpdistill.errors import BudgetExceeded, SpecError
+from dpdistill.errors import BudgetExceeded, PrivacyError, SpecError
 from dpdistill.privacy import Gaussian, PoissonGaussian, PrivacyLedger
 from dpdistill.privacy.noise import PrivacyRandomness
 from dpdistill.privacy.plan import Plan, PlannedCharge
@@ -45,7 +45,6 @@ def test_plan_round_trips_as_data_with_a_stable_fingerprint() -> None:
     plan = _plan(3.0)
     back = Plan.from_dict(plan.to_dict())
     assert back == plan and back.fingerprint() == plan.fingerprint()
-    assert _plan(3.0001).fingerprint() != plan.fingerprint()
     with pytest.raises(Exception, match="plain JSON"):
         Plan("toy", plan.charges, {"tensor": torch.zeros(1)})
 
@@ -75,13 +74,36 @@ def test_fit_charges_the_plan_before_execute_reads_the_sensitive_set() -> None:
     synth.fit(digits, ledger)
     assert len(ledger.entries) == 2 and synth.last_plan != first
     assert ledger.spent_epsilon() <= 2.0 * 1.001
-    # Resuming the first fit with its saved plan: runs it, charges nothing more (the ledger holds it).
-    synth.fit(digits, ledger, plan=Plan.from_dict(first.to_dict()))
-    assert len(ledger.entries) == 2 and synth.last_plan == first
-    # The same plan on a fresh ledger is charged once.
+    # Executing a charged plan again would release a second noised result for one charge: refused, even as a
+    # copy that went through JSON, and nothing is charged or released.
+    released = synth.released["means"].clone()
+    with pytest.raises(PrivacyError, match="already on this ledger"):
+        synth.fit(digits, ledger, plan=Plan.from_dict(first.to_dict()))
+    assert len(ledger.entries) == 2 and torch.equal(synth.released["means"], released)
+    # A plan made elsewhere (not on this ledger) is charged once, then run.
     fresh = PrivacyLedger(None, 2.0, 1e-5)
     synth.fit(digits, fresh, plan=first)
     assert [e["mechanism"] for e in fresh.entries] == [m.to_dict() for m in first.mechanisms]
+
+
+def test_a_plan_whose_params_differ_from_its_charges_is_refused_before_the_charge() -> None:
+    digits = data.load("digits", split="train")
+    synth = registry.get("dp-merf")(registry.get("dp-merf").config_type(iterations=2, num_features=100),
+                                    channels=1, image_size=digits.image_size, num_classes=10, seed=0)
+    honest = synth.plan(len(digits), PrivacyLedger(None, 2.0, 1e-5), 2.0)
+    forged = Plan(honest.method, honest.charges, {**honest.params, "sigma": honest.params["sigma"] / 10})
+    ledger = PrivacyLedger(None, 2.0, 1e-5)
+    with pytest.raises(PrivacyError, match="charges"):
+        synth.fit(digits, ledger, plan=forged)
+    assert ledger.entries == [] and not synth.fitted
+
+
+def test_two_plans_with_the_same_numbers_are_two_plans() -> None:
+    a, b = _plan(3.0), _plan(3.0)
+    assert a.plan_id != b.plan_id and a.fingerprint() != b.fingerprint()
+    ledger = PrivacyLedger(None, 10.0, 1e-5)
+    a.charge(ledger)
+    assert a.already_charged(ledger) and not b.already_charged(ledger)
 
 
 def test_check_config_allows_zero_only_where_the_field_says_so() -> None:

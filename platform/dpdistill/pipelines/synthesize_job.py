@@ -52,6 +52,11 @@ DISCLOSURE: dict[str, str] = {
     "k": PUBLIC,
     # fit_report.json's additions to the FitReport
     "privacy_note": PUBLIC,
+    # plan.json: the charged plan (the mechanisms are what ledger.json holds; params are the public schedule)
+    "format": PUBLIC,
+    "plan_id": PUBLIC,
+    "charges": ACCOUNTING,
+    "params.*": ACCOUNTING,
     # MLflow params: the flattened spec (the job's public configuration)
     "name": PUBLIC,
     "kind": PUBLIC,
@@ -200,6 +205,10 @@ class SynthesizePipeline:
                                                                                           ""):
             raise SpecError(f"field 'method.pretrain': {cls.name} fine-tunes a public base; name a public set "
                             "to pre-train on (e.g. glyphs) or a local diffusers checkpoint in method.base_checkpoint")
+        if getattr(config, "base_checkpoint", "") and (job.pretrain or not getattr(cls, "uses_public_base", False)):
+            raise SpecError(f"field 'method.base_checkpoint': {cls.name} " + (
+                "cannot take both a base checkpoint and method.pretrain (choose one public base)" if job.pretrain
+                else "trains from scratch; a public base is pdp-diffusion's / dp-lora's start"))
         train, val, test, info = load_splits(spec)
         # Build once here so a bad option (e.g. a zero width) fails before the run folder exists.
         cls(config, channels=train.channels, image_size=train.image_size, num_classes=info.num_classes,

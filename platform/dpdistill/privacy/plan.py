@@ -10,15 +10,18 @@ The method contract is plan → charge → execute:
 3. ``execute``: the method runs the plan on the sensitive data, anywhere — in process, in a Ray task, on Ray
    Train workers. Workers receive the plan (plain numbers), never the ledger.
 
-Because the plan is data (``to_dict`` / ``from_dict``, a ``fingerprint``), a run that resumes after an
-interruption can show that its checkpoints belong to the plan already charged and must not charge it again
-(:meth:`Plan.already_charged`).
+Because the plan is data (``to_dict`` / ``from_dict``, a ``fingerprint`` over a random ``plan_id``), the ledger
+shows which plan each charge paid for (:meth:`Plan.already_charged`) and an executor's checkpoints name the plan
+they belong to, so a checkpoint of another run is never resumed as this one. A plan is executed once: executing
+a charged plan again would release a second, differently noised result for one charge (``Synthesizer.fit``
+refuses it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +30,11 @@ from dpdistill.privacy.ledger import BUDGET_REL_TOL
 from dpdistill.privacy.mechanisms import Composed, Mechanism, mechanism_from_dict
 
 PLAN_FORMAT = "dpdistill-plan/1"
+
+
+def new_plan_id() -> str:
+    """A fresh random plan id (not derived from the spec: runs with the same spec get different ids)."""
+    return secrets.token_hex(8)
 
 
 @dataclass(frozen=True)
@@ -47,11 +55,14 @@ class Plan:
 
     ``params`` hold public numbers and names only (σ, q, steps, clip, learning rate, ...): they are charged for
     through ``charges`` or carry no information about the sensitive records. ``method`` names who made it.
+    ``plan_id`` is random (:func:`new_plan_id`): two plans with the same numbers are still two plans, so the
+    ledger, checkpoints and the run folder can tell which one was charged and executed.
     """
 
     method: str
     charges: tuple[PlannedCharge, ...]
     params: dict[str, Any] = field(default_factory=dict)
+    plan_id: str = field(default_factory=lambda: new_plan_id())
 
     def __post_init__(self) -> None:
         if not self.charges:
@@ -100,7 +111,7 @@ class Plan:
     # -- as data -----------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": PLAN_FORMAT, "method": self.method,
+        return {"format": PLAN_FORMAT, "method": self.method, "plan_id": self.plan_id,
                 "charges": [c.to_dict() for c in self.charges], "params": dict(self.params)}
 
     @classmethod
@@ -109,7 +120,7 @@ class Plan:
             raise PrivacyError(f"not a dpdistill plan (format {d.get('format')!r}, expected {PLAN_FORMAT})")
         charges = tuple(PlannedCharge(c["component"], mechanism_from_dict(c["mechanism"]), c.get("note", ""))
                         for c in d["charges"])
-        return cls(d["method"], charges, dict(d.get("params", {})))
+        return cls(d["method"], charges, dict(d.get("params", {})), str(d["plan_id"]))
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON: ties checkpoints and ledger entries to exactly this plan."""

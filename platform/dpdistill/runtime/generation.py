@@ -61,7 +61,7 @@ def generate_parallel(synth: Any, n_per_class: int, seed: int, *, chunks: int, u
 
         from dpdistill.runtime.device import ray_gpus, worker_device
 
-        state_ref = ray.put(synth.state())
+        state_ref = ray.put(synth.transport_state())  # self-contained: tasks may run on any node
         task = ray.remote(num_cpus=threads, num_gpus=ray_gpus(device, len(pieces)))(_generate_chunk)
         outs = ray.get([task.remote(state_ref, labels, chunk_seed(seed, i), worker_device(device), threads)
                         for i, labels in enumerate(pieces)])

@@ -203,6 +203,10 @@ class Synthesizer(ABC):
         """
         return None
 
+    def check_plan(self, plan: Plan) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Before the charge: ``plan.params`` (what execute runs) must be what ``plan.charges`` pay for, and every
+        option execute needs must be valid, so a bad option never costs budget. Methods with a plan override it."""
+
     def execute(self, plan: Plan, sensitive: Any, executor: Any, progress: bool,
                 callback: Callback | None) -> FitReport:
         """Run a CHARGED plan on the sensitive set (on ``executor``, if the method can use one)."""
@@ -268,8 +272,10 @@ class Synthesizer(ABC):
         ``epsilon`` defaults to the ledger's budget. Every release is charged before it happens, so a
         refused charge (BudgetExceeded) leaves nothing released. A method with a :meth:`plan` has the whole
         plan charged here, on the caller's (driver's) ledger, and then runs it on ``executor`` (None: in
-        process). ``plan``: a plan saved by an interrupted fit of this method, to resume: it runs as it was
-        planned, and is charged only if this ledger does not hold it already (never twice).
+        process). ``plan``: a plan made earlier (e.g. on another driver); it is charged here and then run. A plan
+        this ledger already holds is refused: executing it again would release a second, differently noised
+        result for one charge (a worker failure inside one fit is resumed by the executor, from checkpoints
+        tied to the plan's id, without leaving this call).
         """
         if not isinstance(ledger, PrivacyLedger):
             raise PrivacyError(f"{self.name}: fit needs a PrivacyLedger, got {type(ledger).__name__}")
@@ -291,8 +297,11 @@ class Synthesizer(ABC):
             if plan is None:
                 report = self._fit(sensitive, ledger, target, progress, callback)
             else:
-                if not plan.already_charged(ledger):
-                    plan.charge(ledger)
+                if plan.already_charged(ledger):
+                    raise PrivacyError(f"{self.name}: plan {plan.fingerprint()[:12]} is already on this ledger; "
+                                       "executing it again would release a second result for one charge")
+                self.check_plan(plan)
+                plan.charge(ledger)
                 self.last_plan = plan
                 report = self.execute(plan, sensitive, executor, progress, callback)
         report.seconds = time.perf_counter() - started
@@ -355,6 +364,10 @@ class Synthesizer(ABC):
             "generator": self.generator_state(),
             "extra": self.extra_state(),
         }
+
+    def transport_state(self) -> dict[str, Any]:
+        """What a worker needs to generate from this release (default: :meth:`state`; DP outputs only)."""
+        return self.state()
 
     def save(self, path: str | Path) -> Path:
         """Write the synthesiser (generator weights, config, released statistics) to ``path``."""

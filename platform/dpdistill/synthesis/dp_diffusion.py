@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dpdistill.errors import SpecError
+from dpdistill.errors import PrivacyError, SpecError
 from dpdistill.privacy import PoissonGaussian, PrivacyLedger
 from dpdistill.privacy.disclosure import ACCOUNTING, PUBLIC
 from dpdistill.privacy.plan import Plan, PlannedCharge
@@ -64,7 +64,7 @@ class DiffusionConfig:
     label_dropout: float = field(default=0.1, metadata={"zero_ok": True})
     # Sampling: DDIM steps and guidance scale (1: conditional only; > 1 pushes towards the class).
     sample_steps: int = 50
-    guidance_scale: float = field(default=2.0, metadata={"zero_ok": True})
+    guidance_scale: float = 2.0
     sample_batch: int = 500
     # Public pre-training (pretrain(public)): steps, learning rate, batch; or a local diffusers UNet directory.
     pretrain_iterations: int = 3000
@@ -179,15 +179,32 @@ class DiffusionSynthesizer(Synthesizer):
                   "checkpoint_every": c.checkpoint_every, "max_physical_batch": c.max_physical_batch}
         note = (f"DP-SGD on the {'LoRA adapters' if self.trains_adapters_only else 'UNet'}: per-record gradient "
                 f"(mean of {c.multiplicity} noise draws) clipped to {c.clip:g}, Poisson rate {q:.4g}")
-        return Plan(self.name, (PlannedCharge(f"{self.name}/dp-sgd", PoissonGaussian(q, sigma, c.iterations),
+        plan = Plan(self.name, (PlannedCharge(f"{self.name}/dp-sgd", PoissonGaussian(q, sigma, c.iterations),
                                               note),), params)
+        plan.params["plan_id"] = plan.plan_id  # the executor's checkpoints belong to this plan only
+        return plan
+
+    def check_plan(self, plan: Plan) -> None:
+        """Before the charge: the schedule execute will run is exactly the charged mechanism, and every option
+        execute and generate need is valid (a bad option must not cost budget)."""
+        from dpdistill.synthesis.diffusion.sampler import ddim_scheduler
+        from dpdistill.training.dp_sgd import DPSGDSchedule
+
+        schedule = DPSGDSchedule(**plan.params)
+        charged = [c.mechanism for c in plan.charges]
+        if charged != [PoissonGaussian(schedule.q, schedule.sigma, schedule.steps)] or schedule.plan_id != plan.plan_id:
+            raise PrivacyError(f"{self.name}: the plan's schedule (q={schedule.q:g}, σ={schedule.sigma:g}, "
+                               f"T={schedule.steps}) is not what it charges ({'; '.join(m.describe() for m in charged)})")
+        objective = self.objective(None)  # validates the UNet, schedule, dropout and LoRA options
+        ddim_scheduler(objective.schedule, self.config.sample_steps)
+        if self.config.base_checkpoint and self.base_ref is None:
+            self._load_base_checkpoint()
 
     def execute(self, plan: Plan, sensitive: Any, executor: Any, progress: bool,
                 callback: Callback | None) -> FitReport:
         from dpdistill.training.dp_sgd import DPSGDSchedule, train_dp_sgd
 
-        if self.config.base_checkpoint and self.base_ref is None:
-            self._load_base_checkpoint()
+        self.check_plan(plan)
         if self.uses_public_base and self.base_ref is None:
             warnings.warn(f"{self.name}: no public base (neither pretrain nor base_checkpoint): fine-tuning a "
                           "random UNet, i.e. DPDM without its noise multiplicity", stacklevel=2)
@@ -272,9 +289,22 @@ class DPLoRA(DiffusionSynthesizer):
             return super().generator_state()
         return adapter_state(self.generator_net)
 
+    def transport_state(self) -> dict[str, Any]:
+        """For a generation task on any node: the adapted net whole (public base + adapters), not a cache key
+        only this machine can resolve. The saved release (:meth:`state`) stays adapters-only."""
+        state = self.state()
+        if self.fitted:
+            state["generator"] = {k: v.detach().cpu() for k, v in self.generator_net.state_dict().items()}
+            state["extra"] = {**state["extra"], "base_ref": {"kind": "inline"}}
+        return state
+
     def load_generator_state(self, state: dict[str, torch.Tensor]) -> None:
         from dpdistill.synthesis.diffusion.lora import load_adapter_state
 
+        if (self.base_ref or {}).get("kind") == "inline":  # a transport state: the whole adapted net
+            self.generator_net = self.objective(None).build().eval()
+            self.generator_net.load_state_dict(state)
+            return
         if not any("lora_" in k for k in state):
             self.generator_net.load_state_dict(state)
             return

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpdistill.errors import SpecError
+from dpdistill.errors import PrivacyError, SpecError
 from dpdistill.privacy import Gaussian, PrivacyLedger, calibrate_gaussian
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, RELEASED
 from dpdistill.privacy.plan import Plan, PlannedCharge
@@ -115,8 +115,16 @@ class MeanEmbeddingSynthesizer(Synthesizer):
             f"{self.name}/embedding", Gaussian(sigma, 1.0),
             "per-class feature sums + counts, one record contributes a unit-norm vector"),), {"sigma": sigma})
 
+    def check_plan(self, plan: Plan) -> None:
+        """The σ execute adds is the σ charged (one Gaussian of sensitivity 1)."""
+        charged = [c.mechanism for c in plan.charges]
+        if charged != [Gaussian(float(plan.params["sigma"]), 1.0)]:
+            raise PrivacyError(f"{self.name}: the plan runs σ={plan.params['sigma']!r} but charges "
+                               f"{'; '.join(m.describe() for m in charged)}")
+
     def execute(self, plan: Plan, sensitive: Any, executor: Any, progress: bool,
                 callback: Callback | None) -> FitReport:
+        self.check_plan(plan)
         sigma = float(plan.params["sigma"])
         fmap = self.feature_map()
         sums, counts = self._sums_and_counts(fmap, sensitive)

@@ -99,6 +99,9 @@ class DPSGDSchedule:
     multiplicity: int = 1
     checkpoint_every: int = 0
     max_physical_batch: int = 256
+    # The charged plan this schedule executes (its unique id): checkpoints carry the schedule, so a checkpoint
+    # of another plan — another run with the same numbers — is never resumed as this one.
+    plan_id: str = ""
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any, integer: bool = False) -> None:
