@@ -151,3 +151,26 @@ def test_a_dp_lora_release_travels_whole_to_a_worker_without_the_cache(tmp_path,
         Synthesizer.from_state(synth.state())  # the saved release needs its public base
     there = Synthesizer.from_state(synth.transport_state())
     assert torch.equal(there.generate(n_per_class=2, seed=9)[0], here)
+
+
+def test_dpgeng_runs_with_a_diffusion_generator(tmp_path):
+    """DP-GenG's stage a can be any registered synthesiser: with pdp-diffusion, the generator's plan is booked
+    under DP-GenG's generator component (a Poisson-Gaussian: its DP-SGD), beside the expert and matching."""
+    from dpdistill.runner import run_job
+
+    spec = {
+        "name": "dpgeng-diffusion-tiny", "kind": "distill", "seed": 0, "data": {"name": "digits"},
+        "privacy": {"epsilon": 10.0},
+        "method": {"name": "dpgeng", "ipc": 2, "factor": 1, "generator": "pdp-diffusion", "public": "glyphs",
+                   "generator_options": {k: v for k, v in TINY_UNET.items() if k not in ("n_per_class", "fidelity")},
+                   "generated_per_class": 10, "extractors": 1, "extractor_epochs": 0, "net_width": 8,
+                   "expert_pretrain_epochs": 1, "expert_dp_epochs": 0.5, "iterations": 3, "batch_real": 32},
+        "evaluation": {"epochs": 2, "seeds": 1, "parallel": False, "model_options": {"width": 8}},
+        "tracking": {"enabled": False},
+    }
+    result = run_job(validate_spec(spec), tmp_path / "runs", progress=False)
+    assert result.status == "completed"
+    ledger = json.loads((result.run_dir / "ledger.json").read_text())
+    generator = [e for e in ledger["entries"] if e["component"] == "dpgeng/generator"]
+    assert [e["mechanism"]["type"] for e in generator] == ["poisson_gaussian"]
+    assert generator[0]["mechanism"]["steps"] == TINY_UNET["iterations"]
