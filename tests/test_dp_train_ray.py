@@ -81,8 +81,15 @@ def cluster():
         for var in ("RAY_ADDRESS", "DPDISTILL_RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
             mp.delenv(var, raising=False)
         mp.setenv("RAY_AUTH_TOKEN", head.token)
+        mp.setenv("RAY_AUTH_MODE", "token")  # set here so the monkeypatch undoes it (ray_session would leave it)
         with ray_session(head.gcs) as resources:
             yield resources
+    # Ray caches the token it loaded: forget this head's, or the next module's local cluster (a new token) is
+    # refused with InvalidAuthToken.
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
