@@ -319,13 +319,8 @@ class Synthesizer(ABC):
         self.report = report
         return report
 
-    @torch.no_grad()
-    def generate(self, labels: torch.Tensor | None = None, *, n_per_class: int | None = None,
-                 seed: int | None = None, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-        """Labelled synthetic images in [0, 1]: for the given ``labels``, or ``n_per_class`` of every class.
-
-        Post-processing of the fitted generator (no privacy cost). ``seed`` fixes the latent draws.
-        """
+    def generation_labels(self, labels: torch.Tensor | None, n_per_class: int | None) -> torch.Tensor:
+        """The labels ``generate`` makes images for: the given ones, or ``n_per_class`` of every class (checked)."""
         if (labels is None) == (n_per_class is None):
             raise SpecError(f"{self.name}: generate needs exactly one of labels or n_per_class")
         if labels is None:
@@ -335,6 +330,16 @@ class Synthesizer(ABC):
         labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise SpecError(f"{self.name}: labels must lie in [0, {self.num_classes - 1}]")
+        return labels
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor | None = None, *, n_per_class: int | None = None,
+                 seed: int | None = None, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labelled synthetic images in [0, 1]: for the given ``labels``, or ``n_per_class`` of every class.
+
+        Post-processing of the fitted generator (no privacy cost). ``seed`` fixes the latent draws.
+        """
+        labels = self.generation_labels(labels, n_per_class)
         g = torch.Generator().manual_seed(self.seed + 1 if seed is None else seed)
         net = self.generator_net
         was_training = net.training

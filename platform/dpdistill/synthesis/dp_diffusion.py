@@ -227,13 +227,7 @@ class DiffusionSynthesizer(Synthesizer):
         """DDIM samples with classifier-free guidance, one per label (post-processing: no privacy cost)."""
         from dpdistill.synthesis.diffusion.sampler import sample
 
-        if (labels is None) == (n_per_class is None):
-            raise SpecError(f"{self.name}: generate needs exactly one of labels or n_per_class")
-        if labels is None:
-            if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
-                raise SpecError(f"{self.name}: n_per_class must be a positive integer, got {n_per_class!r}")
-            labels = torch.arange(self.num_classes).repeat_interleave(n_per_class)
-        labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+        labels = self.generation_labels(labels, n_per_class)
         c = self.config
         images = sample(self.generator_net, self.schedule(), labels, steps=c.sample_steps,
                         guidance_scale=c.guidance_scale, seed=self.seed + 1 if seed is None else int(seed),
