@@ -28,9 +28,18 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports. All sockets stay bound until every port is picked: ports picked one
+    at a time and released in between can repeat, and Ray refuses a node whose components share a port (a
+    CI run failed that way)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 @dataclass
@@ -86,11 +95,11 @@ def ray_head(env: dict[str, str] | None = None, start_params: Sequence[str] = ("
     # Short: Ray's unix socket paths under the temp dir must stay below 108 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     log = temp_dir / "head.log"
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port, client_port, *node_ports = free_ports(3 + _NODE_PORTS)
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--ray-client-server-port={free_port()}",
-        f"--temp-dir={temp_dir}", *_node_flags(), *start_params,
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--ray-client-server-port={client_port}",
+        f"--temp-dir={temp_dir}", *_node_flags(node_ports), *start_params,
     ]
     proc = _start(cmd, _node_env(token, env), log)
     head = RayHead(proc, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, temp_dir, log)
@@ -107,13 +116,18 @@ def ray_head(env: dict[str, str] | None = None, start_params: Sequence[str] = ("
         stop_head(head)
 
 
-def _node_flags() -> list[str]:
-    """Loopback and freshly picked ports for every listener a node opens (nothing shared with other clusters)."""
+_NODE_PORTS = 6
+
+
+def _node_flags(ports: Sequence[int]) -> list[str]:
+    """Loopback and the given distinct, freshly picked ports (``_NODE_PORTS`` of them, from ``free_ports``) for
+    every listener a node opens: nothing shared with other clusters or between the node's own components."""
+    agent, agent_grpc, env_agent, metrics, node_manager, object_manager = ports
     return [
         "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
     ]
 
 
@@ -144,7 +158,8 @@ def ray_worker(head: RayHead, env: dict[str, str] | None = None, start_params: S
     """Start a worker node that joins ``head`` (same token), as a worker group's pod does; stop it afterwards."""
     log = head.temp_dir / f"worker-{free_port()}.log"
     before = len(alive_nodes(head.gcs, head.token))
-    cmd = [str(VENV_BIN / "ray"), "start", f"--address={head.gcs}", *_node_flags(), *start_params]
+    cmd = [str(VENV_BIN / "ray"), "start", f"--address={head.gcs}", *_node_flags(free_ports(_NODE_PORTS)),
+           *start_params]
     proc = _start(cmd, _node_env(head.token, env), log)
     worker = RayHead(proc, head.gcs, head.dashboard, head.token, head.temp_dir, log)
     try:

@@ -76,7 +76,8 @@ def test_issue_example_pld_figure_and_gdp_flag():
     assert report.prv == pytest.approx(report.pld, abs=0.02)
 
 
-@settings(max_examples=200, deadline=None, database=None)
+# 60 random cases per run (database=None: a fresh draw each CI run), about 8 s; 200 took 28 s.
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     q=st.floats(1e-3, 1.0),
     sigma=st.floats(0.5, 5.0),
