@@ -292,3 +292,46 @@ def test_concurrent_processes_lose_no_charge(tmp_path):
     assert len(ledger.entries) == 15
     assert [e["index"] for e in ledger.entries] == list(range(15))
     assert ledger.spent_epsilon() == pytest.approx(epsilon(Composed(ledger.mechanisms), DELTA), rel=1e-9)
+
+
+def test_charge_many_records_all_or_nothing(tmp_path):
+    """A set whose first part fits but whose whole does not records nothing (charging part by part would have
+    recorded the first); a set that fits lands in one file write."""
+    path = tmp_path / "ledger.json"
+    step = PoissonGaussian(0.01, 1.0, 1000)
+    ledger = PrivacyLedger(path, epsilon_budget=epsilon(step, DELTA) * 1.05, delta=DELTA)  # one fits, two do not
+    with pytest.raises(BudgetExceeded, match="nothing recorded"):
+        ledger.charge_many([("plan/a", step, ""), ("plan/b", step, "")])
+    assert not path.exists() and ledger.entries == [] and ledger.spent_epsilon() == 0.0
+    roomy = PrivacyLedger(tmp_path / "roomy.json", epsilon_budget=10.0, delta=DELTA)
+    writes = []
+    original = roomy._write
+    roomy._write = lambda: (writes.append(1), original())[1]
+    total = roomy.charge_many([(c, m, "n") for c, m in CHARGES[:3]])
+    assert len(writes) == 1 and [e["component"] for e in roomy.entries] == [c for c, _ in CHARGES[:3]]
+    assert total == roomy.spent_epsilon() == pytest.approx(epsilon(Composed([m for _, m in CHARGES[:3]]), DELTA))
+    with pytest.raises(PrivacyError, match="no charges"):
+        roomy.charge_many([])
+
+
+_PLAN_WORKER = """
+import sys
+from dpdistill.privacy import PoissonGaussian, PrivacyLedger
+ledger = PrivacyLedger(sys.argv[1], epsilon_budget=50.0, delta=1e-5)
+for i in range(6):
+    ledger.charge_many([(sys.argv[2], PoissonGaussian(0.01, 2.0, 50 + i), "part 1"),
+                        (sys.argv[2], PoissonGaussian(0.01, 2.0, 60 + i), "part 2")])
+"""
+
+
+def test_another_writers_charge_never_lands_between_a_sets_parts(tmp_path):
+    """Three processes charge two-part sets at once: every set's parts are adjacent in the file (charged one
+    part at a time, another writer's charge could land between them)."""
+    path = tmp_path / "ledger.json"
+    procs = [subprocess.Popen([sys.executable, "-c", _PLAN_WORKER, str(path), f"w{k}"]) for k in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    entries = PrivacyLedger.load(path).entries
+    assert len(entries) == 36
+    for first, second in zip(entries[::2], entries[1::2], strict=True):
+        assert (first["note"], second["note"]) == ("part 1", "part 2")
+        assert first["component"] == second["component"]

@@ -20,8 +20,9 @@ both are valid upper bounds, the finer one is tighter.
 Several writers. ``charge`` holds an exclusive ``flock`` on the ledger's folder from reading the file to
 writing it, and first adopts any charges another process (or another ledger object) added to the file since this
 one last wrote it. So concurrent charges to one ledger file serialise, each is checked against everything
-recorded before it, and none is lost. (flock is advisory and local: a ledger on a network file system shared by
-several hosts still needs one writer per file.)
+recorded before it, and none is lost. ``charge_many`` records a set of charges (a method's whole plan) the same
+way in one step: all or nothing, with no other writer's charge between its parts. (flock is advisory and local: a
+ledger on a network file system shared by several hosts still needs one writer per file.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -246,11 +247,24 @@ class PrivacyLedger:
         Raises BudgetExceeded (nothing recorded, file untouched) if the composed ε would exceed the budget.
         Call it before the release: the charge is on disk when this returns.
         """
-        if not isinstance(component, str) or not component.strip():
-            raise PrivacyError(f"component must be a non-empty name, got {component!r}")
+        return self.charge_many([(component, mechanism, note)])
+
+    def charge_many(self, charges: Sequence[tuple[str, Mechanism, str]]) -> float:
+        """Record several releases ``(component, mechanism, note)`` as one step; returns the total ε after.
+
+        All or nothing, under one lock and one file write: another writer can neither slip a charge between
+        them nor see some of them, and if the whole set does not fit the budget (or the write fails) nothing is
+        recorded. A multi-release plan (:meth:`dpdistill.privacy.plan.Plan.charge`) is charged this way.
+        """
+        charges = list(charges)
+        if not charges:
+            raise PrivacyError("charge_many: no charges given")
+        for component, _, _ in charges:
+            if not isinstance(component, str) or not component.strip():
+                raise PrivacyError(f"component must be a non-empty name, got {component!r}")
         with self._file_lock():
             self._adopt_charges_on_disk()
-            return self._charge_locked(component, mechanism, note)
+            return self._charge_locked(charges)
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -288,7 +302,20 @@ class PrivacyLedger:
         if len(on_disk) > len(mine):
             self._resume(self.path)
 
-    def _charge_locked(self, component: str, mechanism: Mechanism, note: str) -> float:
+    def _charge_locked(self, charges: list[tuple[str, Mechanism, str]]) -> float:
+        previous = (self._entries, self._mechanisms, self._total, self._pld, self._pld_interval)
+        try:
+            for component, mechanism, note in charges:
+                self._append(component, mechanism, note)
+            self._write()
+        except BaseException:
+            # Not on disk means not charged: the caller must not release, and memory must match the file.
+            self._entries, self._mechanisms, self._total, self._pld, self._pld_interval = previous
+            raise
+        return self._total
+
+    def _append(self, component: str, mechanism: Mechanism, note: str) -> None:
+        """Add one charge in memory (the caller writes the file, or restores the state if anything fails)."""
         pld, interval = self._with(mechanism)
         total = pld_analysis.epsilon_for_delta(pld, self.delta)
         alone = pld_analysis.pld_epsilon(mechanism, self.delta, self.neighbouring)
@@ -309,17 +336,9 @@ class PrivacyLedger:
             "epsilon_total_after": total,
             "recorded_at": _now(),
         }
-        previous = (self._entries, self._mechanisms, self._total, self._pld, self._pld_interval)
         self._entries = [*self._entries, entry]
         self._mechanisms = [*self._mechanisms, mechanism]
         self._total, self._pld, self._pld_interval = total, pld, interval
-        try:
-            self._write()
-        except BaseException:
-            # Not on disk means not charged: the caller must not release, and memory must match the file.
-            self._entries, self._mechanisms, self._total, self._pld, self._pld_interval = previous
-            raise
-        return total
 
     # -- reading ---------------------------------------------------------------------------------------
 

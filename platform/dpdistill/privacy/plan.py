@@ -84,18 +84,17 @@ class Plan:
     def charge(self, ledger: Any) -> float:
         """Charge every planned release to ``ledger`` (the driver's); returns the total ε after.
 
-        The whole plan is checked against the budget first, so a plan that does not fit records nothing
-        (BudgetExceeded from the first charge's check). Call it before ``execute``.
+        All or nothing: the plan's charges go to the ledger in one locked step (``ledger.charge_many``), so a
+        plan that does not fit records nothing and no other writer's charge lands between its parts. The budget
+        is checked here first only for a message that names the whole plan. Call it before ``execute``.
         """
         total = self.would_total(ledger)
         if not total <= ledger.epsilon_budget * (1.0 + BUDGET_REL_TOL):
             raise BudgetExceeded(
                 f"{self.method}: the plan ({'; '.join(m.describe() for m in self.mechanisms)}) would bring ε to "
                 f"{total:.4g} > budget {ledger.epsilon_budget:g}; nothing recorded")
-        after = ledger.spent_epsilon()
-        for c in self.charges:
-            after = ledger.charge(c.component, c.mechanism, f"{c.note} [{self._tag()}]".lstrip())
-        return after
+        return ledger.charge_many([(c.component, c.mechanism, f"{c.note} [{self._tag()}]".lstrip())
+                                   for c in self.charges])
 
     def _tag(self) -> str:
         return f"plan {self.fingerprint()[:16]}"

@@ -82,7 +82,11 @@ class ComponentLedger(PrivacyLedger):
         self._component = component
 
     def charge(self, component: str, mechanism: Any, note: str = "") -> float:
-        return self._inner.charge(self._component, mechanism, note=f"{component}: {note}" if note else component)
+        return self.charge_many([(component, mechanism, note)])
+
+    def charge_many(self, charges: Any) -> float:
+        return self._inner.charge_many([(self._component, mechanism, f"{component}: {note}" if note else component)
+                                        for component, mechanism, note in charges])
 
 
 class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
