@@ -178,3 +178,16 @@ def test_dpgeng_runs_with_a_diffusion_generator(tmp_path):
     generator = [e for e in ledger["entries"] if e["component"] == "dpgeng/generator"]
     assert [e["mechanism"]["type"] for e in generator] == ["poisson_gaussian"]
     assert generator[0]["mechanism"]["steps"] == TINY_UNET["iterations"]
+
+
+def test_more_ray_train_workers_than_the_cluster_can_place_is_refused_before_any_charge(tmp_path):
+    """3 workers of 1 CPU each on a 2-CPU cluster: Ray Train would wait forever after the plan was charged;
+    the job refuses first, naming the field, with an empty ledger."""
+    from dpdistill.runner import run_job
+
+    with pytest.raises(SpecError, match=r"'method.train_workers': 3 Ray Train workers need 3 CPU .* has 2 CPU"):
+        run_job(validate_spec(doc("dpdm", train_workers=3)), tmp_path / "runs", progress=False)
+    for ledger_file in (tmp_path / "runs").glob("*/*/ledger.json"):
+        assert json.loads(ledger_file.read_text())["entries"] == []
+    (status,) = (tmp_path / "runs").glob("*/*/status.json")
+    assert json.loads(status.read_text())["status"] == "failed"

@@ -244,11 +244,16 @@ class SynthesizePipeline:
         def on_step(step: int, values: dict[str, float]) -> None:
             ctx.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
-        # A noisy-senv selection is paid out of the job's ε: charged now, the fit fills what is left.
-        charge_selection(spec.evaluation, ctx.ledger)
-        with ctx.stage(f"fit ({synth.name})"), _ray_if(p.job.train_workers > 1, spec):
-            report = synth.fit(p.train, ctx.ledger, progress=ctx.progress, callback=on_step,
-                               executor=_dp_sgd_executor(p.job.train_workers, device, ctx))
+        with _ray_if(p.job.train_workers > 1, spec) as resources:
+            if p.job.train_workers > 1:  # before anything is charged: Ray Train would wait forever
+                from dpdistill.runtime.dp_train import check_train_capacity
+
+                check_train_capacity(resources, p.job.train_workers, device.type == "cuda")
+            # A noisy-senv selection is paid out of the job's ε: charged now, the fit fills what is left.
+            charge_selection(spec.evaluation, ctx.ledger)
+            with ctx.stage(f"fit ({synth.name})"):
+                report = synth.fit(p.train, ctx.ledger, progress=ctx.progress, callback=on_step,
+                                   executor=_dp_sgd_executor(p.job.train_workers, device, ctx))
         if synth.last_plan is not None:  # what was charged, as data (public: σ, q, steps, clip, ...)
             (art / "plan.json").write_text(json.dumps(synth.last_plan.to_dict(), indent=2) + "\n")
         with ctx.stage("generate"), _ray_if(p.job.generate_chunks > 1, spec):
