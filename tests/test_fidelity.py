@@ -79,7 +79,8 @@ def test_evaluate_fidelity_names_the_extractor_and_orders_sets():
     assert good.extractor == noise.extractor == ex.name and "digits" in ex.name
     assert good.fid < noise.fid
     assert good.precision > noise.precision and good.recall > noise.recall
-    assert good.n_real == 300 and set(good.as_metrics()) == {"fid", "is_mean", "is_std", "precision", "recall"}
+    assert good.n_real == 300 and set(good.as_metrics()) == {"fid", "fld", "is_mean", "is_std", "precision",
+                                                         "recall"}
 
 
 def test_domain_extractor_is_trained_once_and_cached(tmp_path, monkeypatch):
