@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,13 @@ import torch
 
 from dpdistill.errors import PrivacyError, SpecError
 from dpdistill.privacy.noise import PrivacyRandomness
-from dpdistill.training.dp_sgd import DPObjective, DPSGDSchedule, objective_device, train_dp_sgd
+from dpdistill.training.dp_sgd import (
+    DPObjective,
+    DPSGDSchedule,
+    objective_device,
+    progress_printer,
+    train_dp_sgd,
+)
 
 log = logging.getLogger("dpdistill.dp_train")
 
@@ -88,15 +93,7 @@ def _check_resumable(saved: dict[str, Any], schedule: DPSGDSchedule, where: str)
 
 
 def _progress_printer(enabled: bool, steps: int, rank: int = 0) -> Callable[[int, dict], None] | None:
-    if not enabled or rank != 0:
-        return None
-    every = max(1, steps // 20)
-
-    def show(step: int, info: dict) -> None:
-        if step % every == 0 or step == steps:
-            print(f"dp-sgd step {step}/{steps} ({info['elapsed_s']:.0f} s)", file=sys.stderr, flush=True)
-
-    return show
+    return progress_printer(steps) if enabled and rank == 0 else None
 
 
 def _chain(*hooks: Callable[[int, dict], None] | None) -> Callable[[int, dict], None] | None:

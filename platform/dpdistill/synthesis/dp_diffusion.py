@@ -202,7 +202,7 @@ class DiffusionSynthesizer(Synthesizer):
 
     def execute(self, plan: Plan, sensitive: Any, executor: Any, progress: bool,
                 callback: Callback | None) -> FitReport:
-        from dpdistill.training.dp_sgd import DPSGDSchedule, train_dp_sgd
+        from dpdistill.training.dp_sgd import DPSGDSchedule, progress_printer, train_dp_sgd
 
         self.check_plan(plan)
         if self.uses_public_base and self.base_ref is None:
@@ -210,8 +210,11 @@ class DiffusionSynthesizer(Synthesizer):
                           "random UNet, i.e. DPDM without its noise multiplicity", stacklevel=2)
         schedule = DPSGDSchedule(**plan.params)
         objective = self.objective(self._base_state())
-        run = executor if executor is not None else train_dp_sgd
-        state = run(objective, None, sensitive.images, sensitive.labels, schedule, self.noise)
+        if executor is not None:  # e.g. Ray Train workers (the job passes its own progress setting)
+            state = executor(objective, None, sensitive.images, sensitive.labels, schedule, self.noise)
+        else:
+            state = train_dp_sgd(objective, None, sensitive.images, sensitive.labels, schedule, self.noise,
+                                 on_step=progress_printer(schedule.steps) if progress else None)
         net = objective.build()
         net.load_state_dict(state)
         self.generator_net = net

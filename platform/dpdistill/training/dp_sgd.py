@@ -36,6 +36,7 @@ only: no loss, no batch size, nothing computed from the data without noise.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -262,6 +263,18 @@ def _check_shard_sizes(n_local: int, schedule: DPSGDSchedule, world_size: int, d
     if total != schedule.n_records:
         raise PrivacyError(f"dp-sgd: the schedule was planned for n_records={schedule.n_records} but the "
                            f"{'shards hold' if world_size > 1 else 'data holds'} {total} records")
+
+
+def progress_printer(steps: int) -> Callable[[int, dict], None]:
+    """An ``on_step`` hook printing "dp-sgd step k/steps (t s)" to stderr about 20 times over a fit (public
+    information only: the step count and wall time)."""
+    every = max(1, steps // 20)
+
+    def show(step: int, info: dict) -> None:
+        if step % every == 0 or step == steps:
+            print(f"dp-sgd step {step}/{steps} ({info['elapsed_s']:.0f} s)", file=sys.stderr, flush=True)
+
+    return show
 
 
 def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None, images: Tensor, labels: Tensor,
