@@ -40,6 +40,7 @@ DISCLOSURE: dict[str, str] = {
     **EVALUATION_DISCLOSURE,  # the evaluation protocol's selection and per-model rows
     # fidelity: the release against the real TEST split (never the sensitive training split)
     "fid": EVALUATION,
+    "fld": EVALUATION,  # its bandwidths are fitted on half the real test split, the other half is scored
     "is_mean": EVALUATION,
     "is_std": EVALUATION,
     "precision": EVALUATION,
@@ -294,7 +295,7 @@ class SynthesizePipeline:
                                         seed=spec.seed)
             ctx.log_metrics(fid.as_metrics())
             (art / "fidelity.json").write_text(json.dumps(fid.as_dict(), indent=2) + "\n")
-            ctx.add_summary("fidelity", f"FID {fid.fid:.2f}, IS {fid.inception_score:.2f}, precision "
+            ctx.add_summary("fidelity", f"FID {fid.fid:.2f}, FLD {fid.fld:.2f}, IS {fid.inception_score:.2f}, precision "
                             f"{fid.precision:.3f}, recall {fid.recall:.3f} (extractor {fid.extractor}; vs real test)")
         if spec.evaluation.enabled:
             report_utility(ctx, images, labels, p, trained_on=" trained on the synthetic set")

@@ -32,6 +32,7 @@ class CompareRow:
     acc_std: float | None
     val_acc: float | None
     fid: float | None
+    fld: float | None
     status: str
     not_private: str | None
 
@@ -54,6 +55,7 @@ def load_row(run_dir: str | Path) -> CompareRow:
     return CompareRow(run_dir=run.path, name=run.name, method=run.method, epsilon=run.epsilon, delta=run.delta,
                       acc_mean=_float(m.get("acc_mean")), acc_std=_float(m.get("acc_std")),
                       val_acc=_float(m.get("val_acc_mean")), fid=_float(m.get("fid")),
+                      fld=_float(m.get("fld")),
                       status=str(run.status.get("status", "?")), not_private=run.not_private)
 
 
@@ -67,7 +69,7 @@ def _pct(v: float | None) -> str:
 
 
 def cells(row: CompareRow) -> list[str]:
-    """The row as the table's text cells: run, method, ε, δ, acc_mean ± std (%), val acc (%), FID, status."""
+    """The row as the table's text cells: run, method, ε, δ, acc_mean ± std (%), val acc (%), FID, FLD, status."""
     if row.epsilon is None:
         eps = "none"
     else:
@@ -76,10 +78,11 @@ def cells(row: CompareRow) -> list[str]:
         eps += " NOT PRIVATE"
     acc = "—" if row.acc_mean is None else _pct(row.acc_mean) + ("" if row.acc_std is None else f" ± {_pct(row.acc_std)}")
     delta = "—" if row.delta is None else f"{row.delta:.2e}"
-    return [row.label, row.method, eps, delta, acc, _pct(row.val_acc), fmt_number(row.fid), row.status]
+    return [row.label, row.method, eps, delta, acc, _pct(row.val_acc), fmt_number(row.fid), fmt_number(row.fld),
+            row.status]
 
 
-HEADERS = ("run", "method", "ε", "δ", "acc % (mean ± std)", "val acc %", "FID", "status")
+HEADERS = ("run", "method", "ε", "δ", "acc % (mean ± std)", "val acc %", "FID", "FLD", "status")
 
 
 def compare_table(rows: list[CompareRow]) -> Any:
