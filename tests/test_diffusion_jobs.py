@@ -39,11 +39,14 @@ def _plan_and_ledger(run_dir):
     return plan, ledger
 
 
-def test_pdp_diffusion_job_records_the_charged_plan(tmp_path):
+def test_pdp_diffusion_job_records_the_charged_plan(tmp_path, capfd):
     from dpdistill.runner import run_job
 
-    result = run_job(validate_spec(doc("pdp-diffusion", pretrain="glyphs")), tmp_path / "runs", progress=False)
+    result = run_job(validate_spec(doc("pdp-diffusion", pretrain="glyphs")), tmp_path / "runs", progress=True)
     assert result.status == "completed"
+    # The in-process fit shows its progress (public: step count and wall time), as a Ray Train fit does.
+    err = capfd.readouterr().err
+    assert "dp-sgd step 1/4" in err and "dp-sgd step 4/4" in err, err[-2000:]
     plan, ledger = _plan_and_ledger(result.run_dir)
     assert [e["mechanism"] for e in ledger["entries"]] == [c["mechanism"] for c in plan["charges"]]
     assert plan["params"]["steps"] == 4 and plan["params"]["q"] == pytest.approx(64 / plan["params"]["n_records"])
@@ -192,17 +195,3 @@ def test_more_ray_train_workers_than_the_cluster_can_place_is_refused_before_any
     (status,) = (tmp_path / "runs").glob("*/*/status.json")
     assert json.loads(status.read_text())["status"] == "failed"
 
-
-def test_an_in_process_diffusion_fit_shows_its_progress(capfd):
-    """progress=True prints the DP-SGD steps (public: step count and wall time) on the in-process path too."""
-    from dpdistill import data, synthesis
-    from dpdistill.privacy import PrivacyLedger
-    from dpdistill.privacy.noise import PrivacyRandomness
-
-    train = data.load("digits", "train")
-    options = {k: v for k, v in TINY_UNET.items() if k not in ("n_per_class", "fidelity")}
-    synth = synthesis.create("dpdm", channels=1, image_size=train.image_size, num_classes=10, seed=0,
-                             noise=PrivacyRandomness.secret(), **options)
-    synth.fit(train, PrivacyLedger(None, 4.0, 1e-5, n_records=len(train)), progress=True)
-    err = capfd.readouterr().err
-    assert "dp-sgd step 4/4" in err and "dp-sgd step 1/4" in err, err[-2000:]
