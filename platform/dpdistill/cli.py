@@ -235,7 +235,7 @@ def compare(
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="also write accuracy and FID against epsilon to FILE.png or FILE.svg")] = None,
 ) -> None:
-    """Print runs side by side (method, epsilon, delta, accuracy, FID, status; NOT PRIVATE flagged)."""
+    """Print runs side by side (method, epsilon, delta, accuracy, FID, FLD, status; NOT PRIVATE flagged)."""
     from dpdistill.runtime.compare import check_plot_path, compare_table, load_rows, plot_rows
 
     if plot is not None:
