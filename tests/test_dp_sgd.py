@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dp_objectives import ZeroGradient
 from dpdistill.errors import PrivacyError
 from dpdistill.privacy.dp_ops import clip_tensor
 from dpdistill.privacy.noise import PrivacyRandomness
@@ -50,29 +51,6 @@ class Regression:
         scale = 1 + self.row_spread * torch.arange(multiplicity, dtype=x.dtype).repeat(len(images))
         target = F.one_hot(labels.long(), self.m).to(x.dtype).repeat_interleave(multiplicity, 0)
         return 0.5 * (net(x * scale[:, None]) - target).pow(2).sum(1)
-
-
-@dataclass(frozen=True)
-class ZeroGradient:
-    """Per-sample gradients exactly zero (the loss multiplies the output by 0): the update is the noise alone."""
-
-    d: int = 100
-    m: int = 100
-
-    def build(self) -> nn.Module:
-        g = torch.Generator().manual_seed(0)
-        net = nn.Linear(self.d, self.m)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-        return net
-
-    def trainable(self, net: nn.Module) -> list[nn.Parameter]:
-        return list(net.parameters())
-
-    def losses(self, net, images, labels, multiplicity, generator):
-        x = images.flatten(1).repeat_interleave(multiplicity, 0)
-        return (net(x) * 0.0).sum(1)
 
 
 def _data(n: int, d: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

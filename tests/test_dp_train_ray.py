@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
+import dp_objectives
+from dp_objectives import ZeroGradient
 from dpdistill.privacy.noise import PrivacyRandomness
 from dpdistill.runtime.dp_train import fit_dp_sgd, shard_indices
 from dpdistill.training.dp_sgd import DPSGDSchedule
@@ -25,32 +26,6 @@ from ray_head import ray_head
 N, D = 400, 100
 SCHEDULE = DPSGDSchedule(sigma=1.3, q=0.8, steps=6, clip=0.7, n_records=N, lr=1.0, optimizer="sgd",
                          max_physical_batch=512, checkpoint_every=2)
-
-
-@dataclass(frozen=True)
-class CountingZeroGradient:
-    """Per-sample gradients exactly zero, so the update is the noise alone; every losses() call appends the
-    number of records it got to ``log_dir``/rows-<pid>.txt (a test hook: never logged by the platform)."""
-
-    log_dir: str
-    d: int = D
-    m: int = 100
-
-    def build(self) -> nn.Module:
-        g = torch.Generator().manual_seed(0)
-        net = nn.Linear(self.d, self.m)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-        return net
-
-    def trainable(self, net: nn.Module) -> list[nn.Parameter]:
-        return list(net.parameters())
-
-    def losses(self, net, images, labels, multiplicity, generator):
-        with open(Path(self.log_dir) / f"rows-{os.getpid()}.txt", "a") as f:
-            f.write(f"{len(images)}\n")
-        return (net(images.flatten(1).repeat_interleave(multiplicity, 0)) * 0.0).sum(1)
 
 
 @dataclass(frozen=True)
@@ -76,8 +51,9 @@ def cluster():
 
     from dpdistill.runtime.cluster import ray_session
 
-    # The workers cannot import this test module: its objectives travel by value.
+    # The workers cannot import the tests folder: this module's hook and the shared objective travel by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(dp_objectives)
     with ray_head(start_params=("--num-cpus=2",)) as head, pytest.MonkeyPatch.context() as mp:
         for var in ("RAY_ADDRESS", "DPDISTILL_RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
             mp.delenv(var, raising=False)
@@ -115,7 +91,7 @@ def _crashed_fit(tmp_path_factory) -> CrashedFit:
         work = tmp_path_factory.mktemp("crash")
         hook = CrashOnceAfter(str(work / "steps.log"), str(work / "crashed"), at=3)
         images, labels = _data()
-        state = fit_dp_sgd(CountingZeroGradient(str(work)), None, images, labels, SCHEDULE,
+        state = fit_dp_sgd(ZeroGradient(d=D, log_dir=str(work)), None, images, labels, SCHEDULE,
                            PrivacyRandomness.reproducible(7), num_workers=2, executor="ray-train",
                            storage_path=work / "train", run_name="crash", max_failures=1, on_step=hook)
         assert (work / "crashed").exists()
@@ -143,7 +119,7 @@ def test_noise_is_added_once_per_step(cluster, tmp_path_factory):
     within 5 % over 10,100 coordinates. Noise on every worker would be √2 too large, none zero, and the crashed
     step's noise kept as well as its redo √(7/6) = 1.08 too large."""
     state = _crashed_fit(tmp_path_factory).state
-    start = CountingZeroGradient("").build().state_dict()
+    start = ZeroGradient(d=D).build().state_dict()
     moved = torch.cat([(state[k] - start[k]).reshape(-1) for k in start])
     expected = math.sqrt(SCHEDULE.steps) * SCHEDULE.noise_std / SCHEDULE.expected_batch
     assert abs(float(moved.std()) / expected - 1) < 0.05, (float(moved.std()), expected)
@@ -165,7 +141,7 @@ def test_two_workers_sample_the_global_rate(cluster, tmp_path_factory):
 
 
 def test_ray_train_returns_what_an_in_process_fit_returns(cluster, tmp_path_factory, tmp_path):
-    one = fit_dp_sgd(CountingZeroGradient(str(tmp_path)), None, *_data(), SCHEDULE,
+    one = fit_dp_sgd(ZeroGradient(d=D, log_dir=str(tmp_path)), None, *_data(), SCHEDULE,
                      PrivacyRandomness.reproducible(7), executor="in-process")
     two = _crashed_fit(tmp_path_factory).state
     assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
