@@ -20,6 +20,19 @@ Class sizes n_c set the rates and are treated as public, as the NDPDC, PSG and D
 DP-SGD treats the split size). The whole matching stage is charged once, before its first release
 (:func:`charge_matching`); σ is solved from what the ledger leaves unless the config fixes it.
 
+Decoupled matching (``matching: decoupled``; the idea of Dosser, "Improving Noise Efficiency in
+Privacy-preserving Dataset Distillation"). Instead of a fresh noisy statistic per step, a fixed bank of K
+matching networks (public: random networks from the seed, or networks trained on DP outputs) and A fixed DSA
+parameter sets (public, drawn from the seed) define one feature map per record: the concatenation over the
+bank of its features averaged over the A augmentations (:class:`MatchingBank`). Each record's whole
+concatenated vector is clipped to L2 norm C (one clip for all K networks, so a record moves its class's sum by
+at most C however large K is), every class's clipped sum is released ONCE with N(0, (σC)² I) and divided by the
+class size (public, as above), and the synthetic set is then optimised against those released means for any
+number of steps: post-processing, no further charge. The charge is one Gaussian release, parallel over the
+classes (:func:`decoupled_mechanism`, :func:`charge_decoupled`), σ from the same solver. The synthetic side goes
+through the same map (same bank, same A augmentations, same clip), so target and synthetic statistic are one
+function of the images. Real images are read only inside :func:`release_targets`, before the loop.
+
 Randomness. The Poisson masks and the noise come from a :class:`~dpdistill.privacy.noise.PrivacyRandomness`
 (secret: OS entropy), never from the seed: a public mask would void the subsampling amplification and public
 noise could be subtracted. The DSA parameters shared by the real and synthetic sides come from the seeded
@@ -29,18 +42,19 @@ generator: they are drawn whatever the data, and the clipped sum's sensitivity i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from dpdistill.distill.augment import DSA, siamese_pair
+from dpdistill.distill.augment import DSA, DSAParams, siamese_pair
 from dpdistill.distill.dm import Matching, start_matching
 from dpdistill.distill.loop import RunArgs
 from dpdistill.distill.losses import feature_mean_distance
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
-from dpdistill.errors import SpecError
-from dpdistill.privacy import Parallel, PoissonGaussian
+from dpdistill.errors import DataError, SpecError
+from dpdistill.privacy import Gaussian, Parallel, PoissonGaussian
 from dpdistill.privacy.dp_ops import PoissonClassSampler, clip_rows, clipped_sum, noisy_mean, solve_free_sigma
 from dpdistill.privacy.noise import PrivacyRandomness
 
@@ -50,6 +64,13 @@ PARALLEL_ARGUMENT = (
     "charge uses the largest per-class sampling rate, which bounds every class"
 )
 CLASS_SIZES_NOTE = "class sizes of the sensitive split are treated as public (they set the per-class rates)"
+DECOUPLED_ARGUMENT = (
+    "per-class partitions of the sensitive training split: each record has exactly one label and enters only its "
+    "own class's clipped sum, so adding or removing it changes one class's noisy sum, by at most C"
+)
+DECOUPLED_CLASS_SIZES_NOTE = ("class sizes of the sensitive split are treated as public (each class's noisy sum "
+                              "is divided by its size)")
+MatchingMode = Literal["per-iteration", "decoupled"]
 
 
 def feature_matching_mechanism(q: float, sigma: float, steps: int, classes: int) -> Parallel:
@@ -111,6 +132,27 @@ def start_private(method: str, component: str, real: Any, cfg: Any, seed: int | 
     return m, PrivateSide(sampler, args.noise, cfg.clip, sigma)
 
 
+def start_decoupled(method: str, component: str, real: Any, cfg: Any, seed: int | torch.Generator,
+                    **options: Any) -> tuple[Matching, MatchingBank, torch.Tensor | None]:
+    """Set up a decoupled private matcher (NDPDC): its :class:`~dpdistill.distill.dm.Matching`, a bank of
+    ``cfg.bank_size`` fresh random networks from the seed, the release charged as ``component`` and made.
+
+    Returns the matching, the bank and the released per-class targets (None, and nothing charged, when
+    ``cfg.iterations`` is 0: nothing would use them). ``cfg.sigma`` None: σ solved from what the ledger leaves.
+    """
+    args = RunArgs.private(method, **options)
+    m = start_matching(real, cfg, seed, args)
+    bank = MatchingBank([m.fresh_net() for _ in range(cfg.bank_size)], m.normalize, m.dsa, cfg.augmentations, m.g,
+                        method)
+    sigma, targets = cfg.sigma, None
+    if cfg.iterations > 0:
+        sigma = charge_decoupled(args.ledger, component, real.num_classes, cfg.sigma, cfg.clip, cfg.bank_size,
+                                 len(bank.params))
+        targets = release_targets(bank, real, cfg.clip, sigma, args.noise)
+    m.syn.sigma = sigma  # type: ignore[attr-defined]  # what the run used, for reports
+    return m, bank, targets
+
+
 def dp_feature_matching_loss(
     net: nn.Module,
     syn: SyntheticSet,
@@ -155,3 +197,110 @@ def net_feature_dim(net: nn.Module, x: torch.Tensor) -> int:
         return int(dim)
     with torch.no_grad():
         return int(net.embed(x[:1]).shape[1])
+
+
+# ------------------------------------------------------------------------------------------ decoupled matching
+
+
+class DecoupledMatchingOptions(BaseModel):
+    """The choice between per-iteration and decoupled DP matching, and the augmentations a decoupled release
+    averages per record (a mixin of the NDPDC and DP-GenG configs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    matching: MatchingMode = Field(
+        "per-iteration", description="'per-iteration': a fresh noisy real statistic every step, each charged; "
+        "'decoupled': per-class noisy means under a fixed network bank released once, then free iterations")
+    augmentations: int = Field(4, ge=1, description="decoupled only: fixed DSA draws averaged per record (real "
+                               "and synthetic alike); 1 without DSA")
+
+
+def decoupled_mechanism(sigma: float, clip: float, classes: int) -> Parallel:
+    """A decoupled matching release as one charge: one Gaussian release of a sum of sensitivity ``clip`` (noise
+    std σ·C), parallel over ``classes``."""
+    return Parallel(Gaussian(sigma * clip, clip), classes, DECOUPLED_ARGUMENT)
+
+
+def charge_decoupled(ledger: Any, component: str, classes: int, sigma: float | None, clip: float,
+                     bank_size: int, augmentations: int, note: str = "") -> float:
+    """Charge the single decoupled release (every class, every bank network) to ``ledger``; returns the σ used.
+
+    ``sigma`` None: the σ that fills what the ledger leaves (:func:`~dpdistill.privacy.dp_ops.solve_free_sigma`,
+    the one solver). Charged before anything is computed from the sensitive records.
+    """
+
+    def make(s: float) -> Parallel:
+        return decoupled_mechanism(s, clip, classes)
+
+    sigma = sigma if sigma is not None else solve_free_sigma(ledger, make)
+    ledger.charge(component, make(sigma),
+                  note=f"decoupled: one release of the clipped concatenated features under a bank of "
+                       f"{bank_size} networks, {augmentations} augmentations averaged per record; clip C={clip:g}; "
+                       f"{DECOUPLED_CLASS_SIZES_NOTE}{note}")
+    return sigma
+
+
+class MatchingBank:
+    """A fixed bank of matching networks and augmentations: the feature map of decoupled matching.
+
+    ``features(x)`` is, for every image of ``x``, the concatenation over the bank's networks of its embedding
+    averaged over the bank's fixed DSA parameter sets (normalised first, as the per-iteration path does). Every
+    parameter set is shared by every image (Siamese, n = 1), so an image's vector depends on that image and the
+    public bank only, never on which other images share its batch: the premise of the per-record clip.
+    """
+
+    def __init__(self, nets: list[nn.Module], normalize: Normalizer, dsa: DSA | None, augmentations: int,
+                 generator: torch.Generator, what: str = "decoupled matching") -> None:
+        if not nets:
+            raise SpecError(f"{what}: the matching bank needs at least one network")
+        for net in nets:
+            check_per_record_network(net, what)
+        self.nets = nets
+        self.normalize = normalize
+        self.dsa = dsa
+        # Drawn from the seeded generator: data-independent, so public (as the per-iteration DSA draws are).
+        self.params: list[DSAParams | None] = ([dsa.sample(1, generator) for _ in range(augmentations)]
+                                               if dsa is not None else [None])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The bank's feature vectors [N, ΣD] of pixel-space images ``x`` (differentiable w.r.t. ``x``)."""
+        xn = self.normalize(x)
+        views = [xn if p is None or self.dsa is None else self.dsa.apply(xn, p) for p in self.params]
+        return torch.cat([torch.stack([net.embed(v) for v in views]).mean(dim=0) for net in self.nets], dim=1)
+
+    def clipped_sum(self, images: torch.Tensor, clip: float, chunk: int = 512) -> torch.Tensor:
+        """Σ_i clip_C(features(x_i)) over pixel-space ``images``, no gradient: the query a release noises.
+
+        Each record's WHOLE concatenated vector is clipped once, so one record moves the sum by at most C.
+        """
+        device = self.normalize.mean.device
+        with torch.no_grad():
+            parts = [clipped_sum(self.features(images[s:s + chunk].to(device)), clip)
+                     for s in range(0, len(images), chunk)]
+        return torch.stack(parts).sum(dim=0)
+
+
+def release_targets(bank: MatchingBank, real: Any, clip: float, sigma: float, noise: PrivacyRandomness,
+                    chunk: int = 512) -> torch.Tensor:
+    """The decoupled release [classes, ΣD]: per class, (Σ clip_C(features) + N(0, (σC)² I)) / n_c.
+
+    The only place decoupled matching reads the sensitive records, and it returns their noisy means alone.
+    The caller must have charged the release (:func:`charge_decoupled`). n_c, the class size, is public
+    (see :data:`DECOUPLED_CLASS_SIZES_NOTE`).
+    """
+    targets = []
+    for c, idx in enumerate(real.per_class_indices()):
+        if len(idx) == 0:
+            raise DataError(f"{getattr(real, 'name', 'dataset')}: class {c} has no records to match against")
+        total = bank.clipped_sum(real.images[idx], clip, chunk)
+        targets.append(noisy_mean(total, clip, sigma, float(len(idx)), noise))
+    return torch.stack(targets)
+
+
+def decoupled_matching_loss(bank: MatchingBank, syn: SyntheticSet, targets: torch.Tensor,
+                            clip: float) -> torch.Tensor:
+    """Sum over classes of ||released mean - mean clip_C(features(syn))||²: a function of the released targets
+    and the synthetic images alone (post-processing), differentiable w.r.t. ``syn.images``."""
+    per_class = [syn.class_images(c) for c in range(syn.num_classes)]
+    f_syn = clip_rows(bank.features(torch.cat(per_class)), clip).split([len(x) for x in per_class])
+    return torch.stack([feature_mean_distance(t.unsqueeze(0), s) for t, s in zip(targets, f_syn, strict=True)]).sum()

@@ -7,7 +7,9 @@
                    optionally only among the images the extractors classify most confidently (init_filter);
     c. extract   — K ConvNets trained on the generated set, one drawn per distillation iteration;
     d. expert    — a ConvNet trained on the generated set, fine-tuned on the sensitive split with DP-SGD;
-    e. match     — DP feature matching against the sensitive split (per-class Poisson, clip C, noise σ_F·C);
+    e. match     — DP feature matching against the sensitive split (per-class Poisson, clip C, noise σ_F·C),
+                   or with ``matching: decoupled`` the per-class noisy means of the clipped concatenated
+                   features under all K extractors released once, then matched for free;
     f. guide     — expert guidance: KL to the mean soft label of generated references + λ·CE;
     g. allocate  — fixed shares (generator, expert) with σ_F solved from what remains, or utility-driven
                    shares tuned first with scratch ledgers (:func:`~.allocation.utility_allocation`: the
@@ -16,9 +18,10 @@
 
 Stages (e) and (f) are the distillation loop; with both off the result is the DP-Init set. Budget: the
 ledger is charged by (a) inside ``Synthesizer.fit``, by (d) before its first DP-SGD step, and by (e) once for
-all its steps before the loop; (b), (c) and (f) read only DP outputs. Every charge of (a) is booked as
-``dpgeng/generator`` (:class:`ComponentLedger`), so the run's metrics give ε per stage. ``ipc`` counts STORED images per class
-(the papers' storage budget): with factor f the released set decodes into ipc·f² training images per class.
+all its steps before the loop (decoupled: once, for its single release, also before the loop); (b), (c) and
+(f) read only DP outputs. Every charge of (a) is booked as ``dpgeng/generator`` (:class:`ComponentLedger`), so
+the run's metrics give ε per stage. ``ipc`` counts STORED images per class (the papers' storage budget): with
+factor f the released set decodes into ipc·f² training images per class.
 
 Randomness: everything that touches the sensitive split with randomness draws from ``noise`` (a
 :class:`~dpdistill.privacy.noise.PrivacyRandomness`, secret unless the caller passes a reproducible, NOT
@@ -49,7 +52,15 @@ from dpdistill.distill.dpgeng.guidance import ExpertGuidance
 from dpdistill.distill.dpgeng.init_kmeans import confident_subset, dp_init, random_init
 from dpdistill.distill.loop import PrivateRunOptions, RunArgs, image_lr_schedule, image_step
 from dpdistill.distill.options import CheckedNetworkOptions, PrivateMatchingOptions
-from dpdistill.distill.private_matching import charge_matching, dp_feature_matching_loss
+from dpdistill.distill.private_matching import (
+    DecoupledMatchingOptions,
+    MatchingBank,
+    charge_decoupled,
+    charge_matching,
+    decoupled_matching_loss,
+    dp_feature_matching_loss,
+    release_targets,
+)
 from dpdistill.distill.registry import register
 from dpdistill.distill.synthetic import SyntheticSet, private_normalizer
 from dpdistill.errors import DataError, SpecError
@@ -89,7 +100,7 @@ class ComponentLedger(PrivacyLedger):
                                         for component, mechanism, note in charges])
 
 
-class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
+class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetworkOptions):
     """DP-GenG options, grouped by stage; defaults are sized for MNIST on a few CPU cores."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -123,8 +134,10 @@ class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
     # (e) DP feature matching
     feature_matching: bool = True
     iterations: int = Field(1000, ge=0, description="distillation iterations (FM and/or EG steps)")
-    batch_real: int = Field(256, ge=1, description="expected Poisson batch per class")
-    # clip (C) and sigma (σ_F; None: solved from what the budget leaves) come from PrivateMatchingOptions.
+    batch_real: int = Field(256, ge=1, description="per-iteration matching: expected Poisson batch per class")
+    # clip (C) and sigma (σ_F; None: solved from what the budget leaves) come from PrivateMatchingOptions;
+    # matching ('per-iteration' | 'decoupled', the bank being the K extractors) and augmentations from
+    # DecoupledMatchingOptions.
     lr_img: float = Field(100.0, gt=0, description="image learning rate (normalised units)")
     momentum: float = Field(0.5, ge=0, lt=1)
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -153,12 +166,16 @@ class DPGenGConfig(PrivateMatchingOptions, CheckedNetworkOptions):
     def overridden_options(self) -> dict[str, str]:
         """Options this configuration ignores, with why: a sweep must not search them (its trials would be
         identical while their specs record different values)."""
+        if self.matching == "decoupled":
+            ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled"}
+        else:
+            ignored = {"augmentations": "it only shapes matching 'decoupled' and matching is 'per-iteration'"}
         if self.allocation == "utility":
             why = "allocation 'utility' chooses the shares itself"
-            return {"share_generator": why, "share_expert": why}
+            return {**ignored, "share_generator": why, "share_expert": why}
         why = "they only tune allocation 'utility' and allocation is 'fixed'"
-        return {k: why for k in ("utility_tuning", "utility_fid_ratio", "utility_acc_ratio", "utility_steps",
-                                 "utility_max_total")}
+        return {**ignored, **{k: why for k in ("utility_tuning", "utility_fid_ratio", "utility_acc_ratio",
+                                               "utility_steps", "utility_max_total")}}
 
     @model_validator(mode="after")
     def _shares(self) -> DPGenGConfig:
@@ -360,22 +377,31 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
         guidance = ExpertGuidance(expert, generated, normalize, cfg.eg_refs, cfg.eg_ce_weight, cfg.eg_temperature)
         done("expert")
 
-    # (e) DP feature matching: charged once, for every step, before the loop
-    sampler, sigma_f = None, cfg.sigma
-    if cfg.uses_matching:
+    # (e) DP feature matching: charged once, for every step, before the loop. Decoupled: the K extractors
+    # (DP outputs: public) are the bank, and its one release is charged and made here, before the loop.
+    sampler, sigma_f, bank, targets = None, cfg.sigma, None, None
+    dsa = make_dsa(cfg.dsa_strategy, cfg.dsa_mode)
+    fm_noise = noise.spawn("feature_matching")
+    if cfg.uses_matching and cfg.matching == "decoupled":
+        bank = MatchingBank(extractors, normalize, dsa, cfg.augmentations, g, "dpgeng")
+        sigma_f = charge_decoupled(ledger, FM_COMPONENT, real.num_classes, sigma_f, cfg.clip, len(extractors),
+                                   len(bank.params), tuned_note)
+        targets = release_targets(bank, real, cfg.clip, sigma_f, fm_noise)
+        report["sigma"]["feature_matching"] = sigma_f
+    elif cfg.uses_matching:
         sampler = PoissonClassSampler(real, cfg.batch_real, device)
         sigma_f = charge_matching(ledger, FM_COMPONENT, sampler, cfg.iterations, sigma_f, cfg.clip, tuned_note)
         report["sigma"]["feature_matching"] = sigma_f
 
     # (e) + (f): the distillation loop
     if cfg.uses_matching or cfg.uses_expert:
-        dsa = make_dsa(cfg.dsa_strategy, cfg.dsa_mode)
         opt = torch.optim.SGD([syn.images], lr=cfg.lr_img, momentum=cfg.momentum)
         schedule = image_lr_schedule(opt, cfg.lr_schedule, cfg.iterations)
-        fm_noise = noise.spawn("feature_matching")
 
         def step(_: int) -> float:
             loss = syn.images.new_zeros(())
+            if bank is not None and targets is not None:
+                loss = loss + decoupled_matching_loss(bank, syn, targets, cfg.clip)
             if sampler is not None:
                 net = extractors[int(torch.randint(len(extractors), (1,), generator=g))]
                 loss = loss + dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma_f,

@@ -1,0 +1,224 @@
+"""Decoupled DP matching (``matching: decoupled``, NDPDC and DP-GenG): one charged release, then free iterations.
+
+- The ledger holds ONE feature-matching release whatever the iteration count (per-iteration: one step per
+  iteration), and the privacy source draws one Gaussian per class, no Poisson mask.
+- One record moves a class's clipped bank sum by at most C, a huge one included: the whole concatenated vector
+  over the bank is clipped once (clipping per network would let it move the sum by √K·C).
+- The release noise has std σC for the solved σ, drawn through the guarded path.
+- After the release, the optimisation never reads the sensitive images again (a spy on the data set).
+- A real job through the runner completes within its ε.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import conformance_suite as suite
+from dpdistill import data, models
+from dpdistill.distill.augment import make_dsa
+from dpdistill.distill.dpgeng import DPGenGConfig, run_dpgeng
+from dpdistill.distill.ndpdc import NDPDCConfig, run_ndpdc
+from dpdistill.distill.private_matching import (
+    MatchingBank,
+    charge_decoupled,
+    decoupled_mechanism,
+    release_targets,
+)
+from dpdistill.distill.synthetic import private_normalizer
+from dpdistill.privacy import PrivacyLedger, epsilon
+from dpdistill.privacy.noise import REPRODUCIBLE, PrivacyRandomness
+from dpdistill.runner import run_job
+from dpdistill.spec import validate_spec
+
+MEAN, STD = [0.3053], [0.3760]
+DELTA = 1e-5
+TINY_NDPDC = dict(ipc=1, net_width=8, net_depth=2, batch_real=16, bank_size=3, augmentations=2, clip=0.8)
+TINY_DPGENG = dict(ipc=1, factor=1, generated_per_class=20, extractors=2, extractor_epochs=1, net_width=8,
+                   net_depth=2, expert_guidance=False, batch_real=16, augmentations=2)
+
+
+class CountingNoise(PrivacyRandomness):
+    """A reproducible (NOT PRIVATE, test-only) privacy source that logs every Gaussian draw and Poisson mask."""
+
+    def __init__(self, seed: int = 11) -> None:
+        super().__init__(REPRODUCIBLE, seed)
+        self.draws: list[tuple[tuple[int, ...], float]] = []
+        self.masks = 0
+
+    def gaussian(self, shape: Any, std: float, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        self.draws.append((tuple(shape), float(std)))
+        return super().gaussian(shape, std, device, dtype)
+
+    def poisson_mask(self, n: int, q: float) -> torch.Tensor:
+        self.masks += 1
+        return super().poisson_mask(n, q)
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.ImageSet:
+    return data.load("digits", "train")
+
+
+@pytest.fixture(scope="module")
+def public() -> data.ImageSet:
+    """Stands in for DP-GenG's generated set (no cost on the ledger): 200 images of the digits test split."""
+    return data.load("digits", "test").subset(torch.arange(200))
+
+
+def _entries(ledger: PrivacyLedger) -> list[tuple[str, dict[str, Any], str]]:
+    return [(e["component"], e["mechanism"], e["note"]) for e in ledger.entries]
+
+
+def _ndpdc(real: Any, iterations: int, matching: str, **extra: Any) -> tuple[Any, PrivacyLedger, CountingNoise]:
+    ledger = PrivacyLedger(None, 1.0, DELTA)
+    noise = CountingNoise()
+    cfg = NDPDCConfig(**{**TINY_NDPDC, "iterations": iterations, "matching": matching})
+    syn = run_ndpdc(real, cfg, seed=0, ledger=ledger, noise=noise, mean=MEAN, std=STD, progress=False, **extra)
+    return syn, ledger, noise
+
+
+# ------------------------------------------------------------------------------------------------ the ledger
+
+
+def test_ndpdc_decoupled_charges_one_release_whatever_the_iteration_count(digits) -> None:
+    few_syn, few, few_noise = _ndpdc(digits, 5, "decoupled")
+    many_syn, many, many_noise = _ndpdc(digits, 50, "decoupled")
+    assert _entries(few) == _entries(many)  # 5 or 50 iterations: the same single release
+    ((component, mech, note),) = _entries(few)
+    assert component == "ndpdc/feature_matching" and mech["type"] == "parallel" and mech["partitions"] == 10
+    assert mech["mechanism"]["type"] == "gaussian" and mech["mechanism"]["count"] == 1
+    assert "class sizes" in note and "3 networks" in note
+    assert few.spent_epsilon() == pytest.approx(1.0, rel=0.01) == many.spent_epsilon()
+    # One noise draw per class, no private sampling, however many steps follow.
+    assert len(few_noise.draws) == len(many_noise.draws) == digits.num_classes
+    assert few_noise.masks == many_noise.masks == 0
+    assert few_syn.sigma == many_syn.sigma
+    # What the conformance suite reads off the ledger entry (releases, noise std) is what was drawn.
+    assert suite.gaussian_releases(mech) == len(few_noise.draws)
+    assert suite.noise_std_rule(mech) == ("exact", pytest.approx(few_syn.sigma * TINY_NDPDC["clip"]))
+    assert [std for _, std in few_noise.draws] == pytest.approx([few_syn.sigma * TINY_NDPDC["clip"]] * 10)
+    # Per-iteration, by contrast, charges (and draws) once per iteration: the comparison can fail.
+    _, per5, per_noise = _ndpdc(digits, 5, "per-iteration")
+    ((_, per_mech, _),) = _entries(per5)
+    assert per_mech["mechanism"]["steps"] == 5 and len(per_noise.draws) == 5 * digits.num_classes
+    _, per7, _ = _ndpdc(digits, 7, "per-iteration")
+    assert _entries(per5) != _entries(per7)
+
+
+def test_dpgeng_decoupled_charges_one_release_over_its_extractor_bank(digits, public) -> None:
+    ledgers, reports = [], []
+    for iterations in (2, 9):
+        ledger = PrivacyLedger(None, 2.0, 1e-4)
+        cfg = DPGenGConfig(**{**TINY_DPGENG, "iterations": iterations, "matching": "decoupled"})
+        syn = run_dpgeng(digits, cfg, seed=0, ledger=ledger, mean=MEAN, std=STD, progress=False, generated=public)
+        ledgers.append(ledger)
+        reports.append(syn.report)
+    assert _entries(ledgers[0]) == _entries(ledgers[1])
+    ((component, mech, note),) = _entries(ledgers[0])
+    assert component == "dpgeng/feature_matching" and mech["mechanism"]["type"] == "gaussian"
+    assert "2 networks" in note and "2 augmentations" in note
+    assert ledgers[0].spent_epsilon() == pytest.approx(2.0, rel=0.01)
+    assert reports[0]["sigma"]["feature_matching"] == reports[1]["sigma"]["feature_matching"]
+    assert reports[1]["stages"][-1] == "distill"
+
+
+# ------------------------------------------------------------------------------------------------ sensitivity
+
+
+@pytest.mark.parametrize("clip", [0.3, 2.0])
+def test_one_record_moves_the_class_sum_of_the_bank_by_at_most_c(digits, clip: float) -> None:
+    """The query a decoupled release noises: Σ clip_C(concatenated bank features); add/remove one record."""
+    torch.manual_seed(0)
+    # No normalisation layer: the embedding grows with the input, so the outlier's features are huge.
+    nets = [models.get("convnet", channels=1, num_classes=10, image_size=8, width=16, depth=2, norm="none")
+            for _ in range(4)]
+    normalize = private_normalizer(MEAN, STD, 1, "cpu")
+    bank = MatchingBank(nets, normalize, make_dsa("color_crop_cutout_flip_scale_rotate"), 3,
+                        torch.Generator().manual_seed(1))
+    x = digits.images[digits.per_class_indices()[5][:30]]
+    huge = 1000 * torch.ones(1, 1, 8, 8)
+    # chunk=7: removing a record shifts the chunk boundaries of all later records, which must not matter.
+    base = bank.clipped_sum(x, clip, chunk=7)
+    for neighbour in (x[1:], torch.cat([x[:12], x[13:]]), torch.cat([x, huge]), torch.cat([huge, x])):
+        moved = (bank.clipped_sum(neighbour, clip, chunk=7) - base).norm()
+        assert float(moved) <= clip * (1 + 1e-5)
+    # The outlier is far outside the ball under every network: clipping each network's block on its own would
+    # let it move the sum by ~√4·C = 2C, and no clipping by far more, so the bound above can fail.
+    with torch.no_grad():
+        feats = bank.features(huge)
+    blocks = feats.split([n.feature_dim for n in nets], dim=1)
+    assert all(float(b.norm()) > 10 * clip for b in blocks)
+    added = (bank.clipped_sum(torch.cat([x, huge]), clip, chunk=7) - base).norm()
+    assert float(added) == pytest.approx(clip, rel=1e-4)  # clipped to exactly C, not √K·C
+
+
+# ------------------------------------------------------------------------------------------------ the noise
+
+
+def test_the_release_draws_std_sigma_c_once_per_class_through_the_privacy_source(digits) -> None:
+    nets = [models.get("convnet", channels=1, num_classes=10, image_size=8, width=64, depth=2) for _ in range(3)]
+    normalize = private_normalizer(MEAN, STD, 1, "cpu")
+    bank = MatchingBank(nets, normalize, make_dsa("crop_flip"), 2, torch.Generator().manual_seed(2))
+    clip = 0.5
+    ledger = PrivacyLedger(None, 1.0, DELTA)
+    sigma = charge_decoupled(ledger, "test/matching", digits.num_classes, None, clip, len(nets), 2)
+    # The σ the one solver returned is the one charged, and it spends the budget.
+    assert ledger.entries[0]["mechanism"] == decoupled_mechanism(sigma, clip, 10).to_dict()
+    assert epsilon(decoupled_mechanism(sigma, clip, 10), DELTA) == pytest.approx(1.0, rel=0.01)
+    noise = CountingNoise()
+    released = release_targets(bank, digits, clip, sigma, noise)
+    dim = sum(n.feature_dim for n in nets)
+    assert released.shape == (10, dim)
+    assert noise.draws == [((dim,), pytest.approx(sigma * clip))] * 10 and noise.masks == 0
+    # The released means minus the noiseless ones, times the (public) class size, is the noise: std σC.
+    counts = digits.class_counts().float()
+    exact = torch.stack([bank.clipped_sum(digits.images[idx], clip) for idx in digits.per_class_indices()])
+    residual = released * counts.unsqueeze(1) - exact
+    assert float(residual.std()) == pytest.approx(sigma * clip, rel=0.1)
+
+
+# ------------------------------------------------------------------------------------------------ the data
+
+
+class SpyImageSet(data.ImageSet):
+    """An ImageSet that counts how often its images are read."""
+
+    reads = 0
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "images":
+            type(self).reads += 1
+        return super().__getattribute__(name)
+
+
+def test_after_the_release_the_loop_never_reads_the_sensitive_images(digits) -> None:
+    spy = SpyImageSet(digits.images, digits.labels, digits.num_classes, "digits-spy")
+    seen: list[int] = []
+    _ndpdc(spy, 6, "decoupled", callback=lambda it, loss: seen.append(SpyImageSet.reads))
+    # The release read them before the first step; no step reads them again (a loop that recomputed a
+    # statistic of the real images, noisy or not, would, and the set of counts would grow).
+    assert seen[0] > 0 and len(seen) == 6 and len(set(seen)) == 1
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+
+
+def test_a_decoupled_ndpdc_job_completes_within_its_epsilon(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = validate_spec({
+        "name": "decoupled-ndpdc", "kind": "distill", "data": {"name": "digits"},
+        "method": {"name": "ndpdc", **TINY_NDPDC, "iterations": 20, "matching": "decoupled"},
+        "privacy": {"epsilon": 1.0},
+        "evaluation": {"seeds": 1, "epochs": 2, "parallel": False, "model_options": {"width": 8}},
+    }, "<test>")
+    result = run_job(spec, tmp_path / "runs", progress=False)
+    assert result.status == "completed"
+    ledger = PrivacyLedger.load(result.run_dir / "ledger.json")
+    ((component, mech, _),) = _entries(ledger)
+    assert component == "ndpdc/feature_matching" and mech["mechanism"]["type"] == "gaussian"
+    assert ledger.spent_epsilon() <= 1.0 * (1 + 1e-6)
+    assert ledger.spent_epsilon() == pytest.approx(1.0, rel=0.01)
