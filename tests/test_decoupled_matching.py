@@ -29,6 +29,7 @@ from dpdistill.distill.private_matching import (
     release_targets,
 )
 from dpdistill.distill.synthetic import private_normalizer
+from dpdistill.errors import SpecError
 from dpdistill.privacy import PrivacyLedger, epsilon
 from dpdistill.privacy.noise import REPRODUCIBLE, PrivacyRandomness
 from dpdistill.runner import run_job
@@ -126,11 +127,28 @@ def test_dpgeng_decoupled_charges_one_release_over_its_extractor_bank(digits, pu
     assert reports[1]["stages"][-1] == "distill"
 
 
+def test_dpgeng_decoupled_projection_is_learned_on_generated_data_and_checked_before_any_charge(digits,
+                                                                                               public) -> None:
+    ledger = PrivacyLedger(None, 2.0, 1e-4)
+    cfg = DPGenGConfig(**{**TINY_DPGENG, "iterations": 3, "matching": "decoupled", "projection_dim": 6})
+    run_dpgeng(digits, cfg, seed=0, ledger=ledger, mean=MEAN, std=STD, progress=False, generated=public)
+    ((component, mech, note),) = _entries(ledger)
+    assert "projected onto 6 directions learned on the DP-generated set" in note
+    assert ledger.spent_epsilon() == pytest.approx(2.0, rel=0.01)
+    # 2 extractors of width 8, depth 2 on 8x8 images: 2 x 32 features; 64 would not reduce anything.
+    ledger = PrivacyLedger(None, 2.0, 1e-4)
+    with pytest.raises(SpecError, match="projection_dim"):
+        run_dpgeng(digits, cfg.model_copy(update={"projection_dim": 64}), seed=0, ledger=ledger, progress=False,
+                   generated=public)
+    assert ledger.entries == []
+
+
 # ------------------------------------------------------------------------------------------------ sensitivity
 
 
-@pytest.mark.parametrize("clip", [0.3, 2.0])
-def test_one_record_moves_the_class_sum_of_the_bank_by_at_most_c(digits, clip: float) -> None:
+@pytest.mark.parametrize("clip, projected", [(0.3, False), (2.0, False), (0.3, True)])
+def test_one_record_moves_the_class_sum_of_the_bank_by_at_most_c(digits, public, clip: float,
+                                                                 projected: bool) -> None:
     """The query a decoupled release noises: Σ clip_C(concatenated bank features); add/remove one record."""
     torch.manual_seed(0)
     # No normalisation layer: the embedding grows with the input, so the outlier's features are huge.
@@ -139,6 +157,10 @@ def test_one_record_moves_the_class_sum_of_the_bank_by_at_most_c(digits, clip: f
     normalize = private_normalizer(MEAN, STD, 1, "cpu")
     bank = MatchingBank(nets, normalize, make_dsa("color_crop_cutout_flip_scale_rotate"), 3,
                         torch.Generator().manual_seed(1))
+    if projected:  # a subspace learned on public images: the clip applies to the projection
+        bank.fit_projection(public.images, 10)
+        assert bank.features(digits.images[:5]).shape == (5, 10)
+        assert torch.allclose(bank.projection.T @ bank.projection, torch.eye(10), atol=1e-4)
     x = digits.images[digits.per_class_indices()[5][:30]]
     huge = 1000 * torch.ones(1, 1, 8, 8)
     # chunk=7: removing a record shifts the chunk boundaries of all later records, which must not matter.
@@ -150,8 +172,10 @@ def test_one_record_moves_the_class_sum_of_the_bank_by_at_most_c(digits, clip: f
     # let it move the sum by ~√4·C = 2C, and no clipping by far more, so the bound above can fail.
     with torch.no_grad():
         feats = bank.features(huge)
-    blocks = feats.split([n.feature_dim for n in nets], dim=1)
-    assert all(float(b.norm()) > 10 * clip for b in blocks)
+    if not projected:
+        blocks = feats.split([n.feature_dim for n in nets], dim=1)
+        assert all(float(b.norm()) > 10 * clip for b in blocks)
+    assert float(feats.norm()) > 10 * clip
     added = (bank.clipped_sum(torch.cat([x, huge]), clip, chunk=7) - base).norm()
     assert float(added) == pytest.approx(clip, rel=1e-4)  # clipped to exactly C, not √K·C
 

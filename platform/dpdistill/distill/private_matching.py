@@ -31,7 +31,9 @@ class size (public, as above), and the synthetic set is then optimised against t
 number of steps: post-processing, no further charge. The charge is one Gaussian release, parallel over the
 classes (:func:`decoupled_mechanism`, :func:`charge_decoupled`), σ from the same solver. The synthetic side goes
 through the same map (same bank, same A augmentations, same clip), so target and synthetic statistic are one
-function of the images. Real images are read only inside :func:`release_targets`, before the loop.
+function of the images. Real images are read only inside :func:`release_targets`, before the loop. Where
+public or DP-generated images exist (DP-GenG), the bank features can first be projected onto a subspace learned
+from them (:meth:`MatchingBank.fit_projection`): fewer noised coordinates, the same sensitivity C.
 
 Randomness. The Poisson masks and the noise come from a :class:`~dpdistill.privacy.noise.PrivacyRandomness`
 (secret: OS entropy), never from the seed: a public mask would void the subsampling amplification and public
@@ -247,6 +249,10 @@ class MatchingBank:
     averaged over the bank's fixed DSA parameter sets (normalised first, as the per-iteration path does). Every
     parameter set is shared by every image (Siamese, n = 1), so an image's vector depends on that image and the
     public bank only, never on which other images share its batch: the premise of the per-record clip.
+
+    Optionally (:meth:`fit_projection`) the vector is projected onto a d-dimensional subspace learned from
+    public or DP-generated images: the clip then applies to the projection (same sensitivity C) and the
+    release noises d coordinates instead of ΣD.
     """
 
     def __init__(self, nets: list[nn.Module], normalize: Normalizer, dsa: DSA | None, augmentations: int,
@@ -261,12 +267,38 @@ class MatchingBank:
         # Drawn from the seeded generator: data-independent, so public (as the per-iteration DSA draws are).
         self.params: list[DSAParams | None] = ([dsa.sample(1, generator) for _ in range(augmentations)]
                                                if dsa is not None else [None])
+        self.projection: torch.Tensor | None = None  # [ΣD, d], orthonormal columns; None: no projection
+
+    @property
+    def raw_dim(self) -> int:
+        """ΣD: the size of the concatenated bank features before any projection."""
+        return sum(int(net.feature_dim) for net in self.nets)
+
+    def fit_projection(self, public_images: torch.Tensor, dim: int, chunk: int = 512) -> None:
+        """Project the bank's features onto their top-``dim`` principal directions on ``public_images``.
+
+        ``public_images`` must be public or DP output (DP-GenG: its generated set), never the sensitive split:
+        the subspace is not charged. The directions are the leading eigenvectors of the UNcentred second
+        moment, so the span keeps the mean directions that class means are made of. SpecError when ``dim``
+        does not reduce anything.
+        """
+        if not 1 <= dim < self.raw_dim:
+            raise SpecError(f"projection_dim: expected 1 <= d < {self.raw_dim} (the bank's feature size), got {dim}")
+        self.projection = None
+        device = self.normalize.mean.device
+        with torch.no_grad():
+            feats = torch.cat([self.features(public_images[s:s + chunk].to(device))
+                               for s in range(0, len(public_images), chunk)]).double()
+            _, vectors = torch.linalg.eigh(feats.T @ feats)  # ascending eigenvalues
+        self.projection = vectors[:, -dim:].flip(1).to(torch.float32)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The bank's feature vectors [N, ΣD] of pixel-space images ``x`` (differentiable w.r.t. ``x``)."""
+        """The bank's feature vectors [N, ΣD] (or [N, d], projected) of pixel-space images ``x``
+        (differentiable w.r.t. ``x``)."""
         xn = self.normalize(x)
         views = [xn if p is None or self.dsa is None else self.dsa.apply(xn, p) for p in self.params]
-        return torch.cat([torch.stack([net.embed(v) for v in views]).mean(dim=0) for net in self.nets], dim=1)
+        f = torch.cat([torch.stack([net.embed(v) for v in views]).mean(dim=0) for net in self.nets], dim=1)
+        return f if self.projection is None else f @ self.projection
 
     def clipped_sum(self, images: torch.Tensor, clip: float, chunk: int = 512) -> torch.Tensor:
         """Σ_i clip_C(features(x_i)) over pixel-space ``images``, no gradient: the query a release noises.
@@ -282,7 +314,7 @@ class MatchingBank:
 
 def release_targets(bank: MatchingBank, real: Any, clip: float, sigma: float, noise: PrivacyRandomness,
                     chunk: int = 512) -> torch.Tensor:
-    """The decoupled release [classes, ΣD]: per class, (Σ clip_C(features) + N(0, (σC)² I)) / n_c.
+    """The decoupled release [classes, ΣD or d]: per class, (Σ clip_C(features) + N(0, (σC)² I)) / n_c.
 
     The only place decoupled matching reads the sensitive records, and it returns their noisy means alone.
     The caller must have charged the release (:func:`charge_decoupled`). n_c, the class size, is public

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ConfigDict, Field, model_validator
 
+from dpdistill import models
 from dpdistill.distill.augment import DEFAULT_STRATEGY, make_dsa
 from dpdistill.distill.dm import as_generator
 from dpdistill.distill.dpgeng.allocation import utility_allocation
@@ -138,6 +139,9 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
     # clip (C) and sigma (σ_F; None: solved from what the budget leaves) come from PrivateMatchingOptions;
     # matching ('per-iteration' | 'decoupled', the bank being the K extractors) and augmentations from
     # DecoupledMatchingOptions.
+    projection_dim: int | None = Field(None, ge=1, description="decoupled only: project the extractors' "
+                                       "concatenated features onto their top d principal directions on the "
+                                       "generated set before clipping and noising (None: no projection)")
     lr_img: float = Field(100.0, gt=0, description="image learning rate (normalised units)")
     momentum: float = Field(0.5, ge=0, lt=1)
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -169,7 +173,8 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
         if self.matching == "decoupled":
             ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled"}
         else:
-            ignored = {"augmentations": "it only shapes matching 'decoupled' and matching is 'per-iteration'"}
+            why = "it only shapes matching 'decoupled' and matching is 'per-iteration'"
+            ignored = {"augmentations": why, "projection_dim": why}
         if self.allocation == "utility":
             why = "allocation 'utility' chooses the shares itself"
             return {**ignored, "share_generator": why, "share_expert": why}
@@ -252,6 +257,19 @@ def tuning_sets(real: Any, source: str, seed: int) -> tuple[Any, Any]:
     return tune, held_out
 
 
+def _check_projection(cfg: DPGenGConfig, real: Any) -> None:
+    """Refuse a decoupled ``projection_dim`` that would not reduce the extractors' concatenated features."""
+    if cfg.projection_dim is None or cfg.matching != "decoupled" or not cfg.uses_matching:
+        return
+    with torch.device("meta"):  # shapes only: no weights drawn, no RNG consumed
+        dim = cfg.extractors * int(models.get(cfg.net, channels=real.channels, num_classes=real.num_classes,
+                                               image_size=real.image_size,
+                                               **{k: v for k, v in cfg.net_spec().items() if k != "net"}).feature_dim)
+    if cfg.projection_dim >= dim:
+        raise SpecError(f"method.projection_dim: {cfg.projection_dim} does not reduce the {cfg.extractors} "
+                        f"extractors' concatenated features ({dim} dimensions); choose fewer")
+
+
 def _check_generated(generated: Any, real: Any) -> None:
     if tuple(generated.images.shape[1:]) != tuple(real.images.shape[1:]):
         raise DataError(f"generated images are {tuple(generated.images.shape[1:])}, the sensitive ones "
@@ -287,6 +305,7 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
     normalize = private_normalizer(stats_mean, stats_std, channels, device)
     eps = ledger.epsilon_budget
     report: dict[str, Any] = {"stages": [], "seconds": {}, "sigma": {}}
+    _check_projection(cfg, real)  # before anything is charged
     clock = time.perf_counter()
 
     def done(stage: str) -> None:
@@ -384,8 +403,12 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
     fm_noise = noise.spawn("feature_matching")
     if cfg.uses_matching and cfg.matching == "decoupled":
         bank = MatchingBank(extractors, normalize, dsa, cfg.augmentations, g, "dpgeng")
+        projected = ""
+        if cfg.projection_dim is not None:
+            bank.fit_projection(generated.images, cfg.projection_dim)  # DP output only: free
+            projected = f"; projected onto {cfg.projection_dim} directions learned on the DP-generated set"
         sigma_f = charge_decoupled(ledger, FM_COMPONENT, real.num_classes, sigma_f, cfg.clip, len(extractors),
-                                   len(bank.params), tuned_note)
+                                   len(bank.params), projected + tuned_note)
         targets = release_targets(bank, real, cfg.clip, sigma_f, fm_noise)
         report["sigma"]["feature_matching"] = sigma_f
     elif cfg.uses_matching:
