@@ -3,7 +3,8 @@
 - The ledger holds ONE feature-matching release whatever the iteration count (per-iteration: one step per
   iteration), and the privacy source draws one Gaussian per class, no Poisson mask.
 - One record moves a class's clipped bank sum by at most C, a huge one included: the whole concatenated vector
-  over the bank is clipped once (clipping per network would let it move the sum by √K·C).
+  over the bank is clipped once (clipping per network would let it move the sum by √K·C), projected or not;
+  DP-GenG's projection is learned on its generated set, and one that reduces nothing is refused before any charge.
 - The release noise has std σC for the solved σ, drawn through the guarded path.
 - After the release, the optimisation never reads the sensitive images again (a spy on the data set).
 - A real job through the runner completes within its ε.
