@@ -188,8 +188,12 @@ def test_more_ray_train_workers_than_the_cluster_can_place_is_refused_before_any
     the job refuses first, naming the field, with an empty ledger."""
     from dpdistill.runner import run_job
 
-    with pytest.raises(SpecError, match=r"'method.train_workers': 3 Ray Train workers need 3 CPU .* has 2 CPU"):
+    with pytest.raises(SpecError, match=r"'method.train_workers': 3 Ray Train workers need 1 CPU each .* hold 2"):
         run_job(validate_spec(doc("dpdm", train_workers=3)), tmp_path / "runs", progress=False)
+    # More workers than records: refused in prepare, before the run folder exists.
+    with pytest.raises(SpecError, match=r"'method.train_workers': 100000 workers for \d+ sensitive records"):
+        run_job(validate_spec(doc("dpdm", train_workers=100_000)), tmp_path / "early", progress=False)
+    assert not (tmp_path / "early").exists()
     for ledger_file in (tmp_path / "runs").glob("*/*/ledger.json"):
         assert json.loads(ledger_file.read_text())["entries"] == []
     (status,) = (tmp_path / "runs").glob("*/*/status.json")

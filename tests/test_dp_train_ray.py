@@ -1,7 +1,7 @@
 """DP-SGD sharded over Ray Train workers (runtime/dp_train.py, gloo on CPU) against a real Ray head on loopback
 with token auth on: the noise is added once per step (not once per worker, not zero), the global expected batch
-is q·n, a worker failure after a checkpoint resumes from it without losing or repeating steps, and a Ray Train
-fit returns what an in-process one does. One head and one (crashed and resumed) 2-worker fit for the module:
+is q·n, a worker failure after a checkpoint resumes from it without losing or repeating steps, a Ray Train fit returns
+a state of the in-process fit's layout, and capacity is counted per node. One head and one (crashed and resumed) 2-worker fit for the module:
 each Ray Train fit costs ~20 s of start-up."""
 
 from __future__ import annotations
@@ -140,11 +140,11 @@ def test_two_workers_sample_the_global_rate(cluster, tmp_path_factory):
     assert abs(mean / (SCHEDULE.q * N) - 1) < 0.05, mean
 
 
-def test_ray_train_returns_what_an_in_process_fit_returns(cluster, tmp_path_factory, tmp_path):
+def test_ray_train_returns_the_state_layout_of_an_in_process_fit(cluster, tmp_path_factory, tmp_path):
     one = fit_dp_sgd(ZeroGradient(d=D, log_dir=str(tmp_path)), None, *_data(), SCHEDULE,
                      PrivacyRandomness.reproducible(7), executor="in-process")
     two = _crashed_fit(tmp_path_factory).state
-    assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
+    assert {k: (v.shape, v.dtype) for k, v in one.items()} == {k: (v.shape, v.dtype) for k, v in two.items()}
 
 
 def test_shards_partition_the_records():
@@ -153,3 +153,23 @@ def test_shards_partition_the_records():
     pieces = shard_indices(10, 3, PrivacyRandomness.reproducible(0))
     assert sorted(torch.cat(pieces).tolist()) == list(range(10))
     assert [len(p) for p in pieces] == [4, 3, 3]
+
+
+def test_capacity_is_counted_per_node(monkeypatch):
+    """A worker needs its threads' CPUs and (on cuda) a GPU on ONE node: cluster totals are not enough."""
+    from dpdistill.errors import SpecError
+    from dpdistill.runtime.dp_train import check_train_capacity
+
+    check_train_capacity([{"CPU": 2.0}], 2, False)
+    with pytest.raises(SpecError, match=r"'method.train_workers': 3 Ray Train workers need 1 CPU each .* hold 2"):
+        check_train_capacity([{"CPU": 2.0}], 3, False)
+    with pytest.raises(SpecError, match="and 1 GPU each"):
+        check_train_capacity([{"CPU": 8.0}], 2, True)
+    check_train_capacity([{"CPU": 8.0, "GPU": 2.0}], 2, True)
+    monkeypatch.setenv("DPDISTILL_THREADS", "4")
+    # 10 CPUs in all and 2 GPUs, but the GPU node has 2 CPUs: no 4-thread GPU worker fits anywhere.
+    with pytest.raises(SpecError, match="hold 0"):
+        check_train_capacity([{"CPU": 2.0, "GPU": 2.0}, {"CPU": 8.0}], 1, True)
+    check_train_capacity([{"CPU": 8.0}, {"CPU": 4.0}], 3, False)
+    with pytest.raises(SpecError, match="hold 2"):  # 12 CPUs in all, but a 4-CPU worker fits once per node
+        check_train_capacity([{"CPU": 6.0}, {"CPU": 6.0}], 3, False)

@@ -39,6 +39,15 @@ def test_already_charged_recognises_exactly_this_plan() -> None:
     plan.charge(ledger)
     assert plan.already_charged(ledger)
     assert not _plan(4.5).already_charged(ledger)  # another σ is another plan
+    # Through DP-GenG's ComponentLedger, which books the charges under its own component name.
+    from dpdistill.distill.dpgeng.pipeline import ComponentLedger
+
+    inner = PrivacyLedger(None, 10.0, 1e-5)
+    wrapped = ComponentLedger(inner, "dpgeng/generator")
+    other = _plan(4.0)
+    other.charge(wrapped)
+    assert {e["component"] for e in inner.entries} == {"dpgeng/generator"}
+    assert other.already_charged(wrapped) and other.already_charged(inner)
 
 
 def test_plan_round_trips_as_data_with_a_stable_fingerprint() -> None:

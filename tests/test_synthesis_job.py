@@ -104,6 +104,8 @@ def test_spec_errors_before_any_run_folder(tmp_path):
     with pytest.raises(SpecError, match="inception_weights"):
         run_job(validate_spec(digits_doc(fidelity_extractor="inception-v3", inception_weights="/no/such.pt")),
                 tmp_path / "runs", progress=False)
+    with pytest.raises(SpecError, match="'method.fidelity_samples': must be >= 4"):
+        run_job(validate_spec(digits_doc(fidelity=True, fidelity_samples=3)), tmp_path / "runs", progress=False)
     no_budget = digits_doc()
     no_budget["privacy"] = {}
     with pytest.raises(SpecError, match="privacy.epsilon"):

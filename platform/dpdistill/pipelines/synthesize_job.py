@@ -197,6 +197,8 @@ class SynthesizePipeline:
             if not job.inception_weights or not Path(job.inception_weights).is_file():
                 raise SpecError(f"field 'method.inception_weights': Inception-v3 weights file "
                                 f"'{job.inception_weights}' not found (or use fidelity_extractor: domain)")
+        if job.fidelity and job.fidelity_samples < 4:  # FLD halves the real sample; k-NN needs a few points
+            raise SpecError(f"field 'method.fidelity_samples': must be >= 4, got {job.fidelity_samples}")
         if job.train_workers < 1 or job.generate_chunks < 1:
             raise SpecError("field 'method.train_workers' / 'method.generate_chunks': must be >= 1")
         if job.train_workers > 1 and not cls.runs_dp_sgd:
@@ -211,6 +213,9 @@ class SynthesizePipeline:
                 "cannot take both a base checkpoint and method.pretrain (choose one public base)" if job.pretrain
                 else "trains from scratch; a public base is pdp-diffusion's / dp-lora's start"))
         train, val, test, info = load_splits(spec)
+        if job.train_workers > len(train):  # every worker needs a shard of at least one record
+            raise SpecError(f"field 'method.train_workers': {job.train_workers} workers for {len(train)} "
+                            "sensitive records; use at most one worker per record")
         # Build once here so a bad option (e.g. a zero width) fails before the run folder exists.
         cls(config, channels=train.channels, image_size=train.image_size, num_classes=info.num_classes,
             seed=spec.seed)
@@ -245,11 +250,11 @@ class SynthesizePipeline:
         def on_step(step: int, values: dict[str, float]) -> None:
             ctx.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
-        with _ray_if(p.job.train_workers > 1, spec) as resources:
+        with _ray_if(p.job.train_workers > 1, spec):
             if p.job.train_workers > 1:  # before anything is charged: Ray Train would wait forever
-                from dpdistill.runtime.dp_train import check_train_capacity
+                from dpdistill.runtime.dp_train import check_train_capacity, cluster_nodes
 
-                check_train_capacity(resources, p.job.train_workers, device.type == "cuda")
+                check_train_capacity(cluster_nodes(), p.job.train_workers, device.type == "cuda")
             # A noisy-senv selection is paid out of the job's ε: charged now, the fit fills what is left.
             charge_selection(spec.evaluation, ctx.ledger)
             with ctx.stage(f"fit ({synth.name})"):

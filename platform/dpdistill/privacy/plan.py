@@ -101,11 +101,11 @@ class Plan:
 
     def already_charged(self, ledger: Any) -> bool:
         """Whether ``ledger`` already holds this plan's charges (a resumed run: do not charge twice)."""
+        # By the plan's tag (its fingerprint, random plan id included) and mechanisms, not component names: a
+        # wrapping ledger (DP-GenG's ComponentLedger) books the charges under its own component.
         tag = f"[{self._tag()}]"
-        mine = [(c.component, c.mechanism.to_dict()) for c in self.charges]
-        entries = [(e["component"], e["mechanism"]) for e in ledger.entries
-                   if str(e.get("note", "")).endswith(tag)]
-        return entries == mine
+        entries = [e["mechanism"] for e in ledger.entries if str(e.get("note", "")).endswith(tag)]
+        return entries == [c.mechanism.to_dict() for c in self.charges]
 
     # -- as data -----------------------------------------------------------------------------------------
 

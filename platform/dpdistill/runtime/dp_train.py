@@ -61,24 +61,35 @@ def _threads() -> int:
     return int(value) if value else 1
 
 
-def check_train_capacity(resources: dict[str, float], num_workers: int, use_gpu: bool,
+def cluster_nodes() -> list[dict[str, float]]:
+    """The total resources of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_train_capacity(nodes: list[dict[str, float]], num_workers: int, use_gpu: bool,
                          field: str = "method.train_workers") -> None:
     """Refuse (one-line SpecError naming ``field``) a Ray Train fit the cluster cannot place: each worker
-    reserves ``threads`` CPUs and, with ``use_gpu``, one GPU. Ray Train would otherwise wait for them forever,
-    after the plan was charged; call this with the cluster's total resources BEFORE charging.
+    reserves ``threads`` CPUs and, with ``use_gpu``, one GPU, all on ONE node. Ray Train would otherwise wait
+    for them forever, after the plan was charged; call this with :func:`cluster_nodes` BEFORE charging.
 
-    Totals, not what is free now: a busy cluster frees resources, a too-small one never does. (An autoscaling
-    cluster that could grow to fit is refused too: keep that many workers up while the fit runs.)
+    Each node's totals, not what is free now: a busy cluster frees resources, a too-small one never does; and
+    a worker cannot span nodes (8 CPUs on a CPU node and 2 GPUs on a 2-CPU node hold no 4-CPU GPU worker). An
+    autoscaling cluster that could grow to fit is refused too: keep that many workers up while the fit runs.
     """
     threads = _threads()
-    need = {"CPU": float(num_workers * threads), **({"GPU": float(num_workers)} if use_gpu else {})}
-    short = {k: v for k, v in need.items() if float(resources.get(k, 0.0)) < v}
-    if short:
-        have = ", ".join(f"{float(resources.get(k, 0.0)):g} {k}" for k in need)
-        want = ", ".join(f"{v:g} {k}" for k, v in need.items())
-        raise SpecError(f"field '{field}': {num_workers} Ray Train workers need {want} ({threads} CPU"
-                        f"{' and 1 GPU' if use_gpu else ''} each) but the Ray cluster has {have} in all; "
-                        f"use fewer workers or a larger cluster")
+
+    def holds(node: dict[str, float]) -> int:
+        fit = int(float(node.get("CPU", 0.0)) // threads)
+        return min(fit, int(float(node.get("GPU", 0.0)))) if use_gpu else fit
+
+    placeable = sum(holds(n) for n in nodes)
+    if placeable < num_workers:
+        shown = "; ".join(", ".join(f"{float(n.get(k, 0.0)):g} {k}" for k in ("CPU", "GPU")) for n in nodes)
+        raise SpecError(f"field '{field}': {num_workers} Ray Train workers need {threads} CPU"
+                        f"{' and 1 GPU' if use_gpu else ''} each on one node, but the Ray cluster's nodes "
+                        f"({shown or 'none'}) hold {placeable}; use fewer workers or a larger cluster")
 
 
 def _check_resumable(saved: dict[str, Any], schedule: DPSGDSchedule, where: str) -> int:
@@ -222,9 +233,9 @@ def _fit_ray_train(objective: DPObjective, initial_state: dict | None, images: t
         scratch = Path(tempfile.mkdtemp(prefix="dpsgd-"))
     storage = Path(storage_path if storage_path is not None else scratch).resolve()
     try:
-        with ray_session(num_cpus=max(num_workers * threads, os.cpu_count() or 1)) as resources:
+        with ray_session(num_cpus=max(num_workers * threads, os.cpu_count() or 1)):
             # The caller should have checked before charging; a fit that cannot be placed must not hang.
-            check_train_capacity(resources, num_workers, use_gpu, field="dp-sgd num_workers")
+            check_train_capacity(cluster_nodes(), num_workers, use_gpu, field="dp-sgd num_workers")
             shards = [ray.put((images[idx].contiguous(), labels[idx].contiguous()))
                       for idx in shard_indices(len(images), num_workers, noise)]
             config = {
