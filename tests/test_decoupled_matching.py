@@ -258,3 +258,25 @@ def test_a_decoupled_ndpdc_job_completes_within_its_epsilon(tmp_path: Path, monk
     assert component == "ndpdc/feature_matching" and mech["mechanism"]["type"] == "gaussian"
     assert ledger.spent_epsilon() <= 1.0 * (1 + 1e-6)
     assert ledger.spent_epsilon() == pytest.approx(1.0, rel=0.01)
+
+
+@pytest.mark.parametrize("method", ["ndpdc", "dpgeng-decoupled", "dpgeng-per-iteration"])
+def test_an_empty_class_is_refused_before_anything_is_charged(digits, public, method: str) -> None:
+    """Without class 9 there is nothing to match it against: refused with an empty ledger (the release, and
+    DP-GenG's expert charge before it, used to be paid first)."""
+    from dpdistill.errors import DataError
+
+    without_9 = digits.subset((digits.labels != 9).nonzero().flatten())
+    assert without_9.num_classes == 10
+    ledger = PrivacyLedger(None, 2.0, 1e-4)
+    with pytest.raises(DataError, match="class 9 has no records"):
+        if method == "ndpdc":
+            cfg = NDPDCConfig(**{**TINY_NDPDC, "iterations": 3, "matching": "decoupled"})
+            run_ndpdc(without_9, cfg, seed=0, ledger=ledger, noise=CountingNoise(), mean=MEAN, std=STD,
+                      progress=False)
+        else:
+            matching = method.removeprefix("dpgeng-")
+            cfg = DPGenGConfig(**{**TINY_DPGENG, "iterations": 3, "matching": matching})
+            run_dpgeng(without_9, cfg, seed=0, ledger=ledger, mean=MEAN, std=STD, progress=False,
+                       generated=public)
+    assert ledger.entries == []

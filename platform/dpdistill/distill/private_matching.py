@@ -134,6 +134,14 @@ def start_private(method: str, component: str, real: Any, cfg: Any, seed: int | 
     return m, PrivateSide(sampler, args.noise, cfg.clip, sigma)
 
 
+def check_classes_present(real: Any) -> None:
+    """Refuse a sensitive set with an empty class (nothing to match it against) BEFORE anything is charged:
+    the releases would otherwise be paid for and then fail. Reads the class sizes only (public, see above)."""
+    for c, idx in enumerate(real.per_class_indices()):
+        if len(idx) == 0:
+            raise DataError(f"{getattr(real, 'name', 'dataset')}: class {c} has no records to match against")
+
+
 def start_decoupled(method: str, component: str, real: Any, cfg: Any, seed: int | torch.Generator,
                     **options: Any) -> tuple[Matching, MatchingBank, torch.Tensor | None]:
     """Set up a decoupled private matcher (NDPDC): its :class:`~dpdistill.distill.dm.Matching`, a bank of
@@ -148,6 +156,7 @@ def start_decoupled(method: str, component: str, real: Any, cfg: Any, seed: int 
                         method)
     sigma, targets = cfg.sigma, None
     if cfg.iterations > 0:
+        check_classes_present(real)
         sigma = charge_decoupled(args.ledger, component, real.num_classes, cfg.sigma, cfg.clip, cfg.bank_size,
                                  len(bank.params))
         targets = release_targets(bank, real, cfg.clip, sigma, args.noise)

@@ -58,6 +58,7 @@ from dpdistill.distill.private_matching import (
     MatchingBank,
     charge_decoupled,
     charge_matching,
+    check_classes_present,
     decoupled_matching_loss,
     dp_feature_matching_loss,
     release_targets,
@@ -306,6 +307,8 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
     eps = ledger.epsilon_budget
     report: dict[str, Any] = {"stages": [], "seconds": {}, "sigma": {}}
     _check_projection(cfg, real)  # before anything is charged
+    if cfg.uses_matching:
+        check_classes_present(real)  # before the generator's and the expert's charges, not at stage (e)
     clock = time.perf_counter()
 
     def done(stage: str) -> None:
