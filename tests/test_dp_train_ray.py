@@ -1,8 +1,8 @@
 """DP-SGD sharded over Ray Train workers (runtime/dp_train.py, gloo on CPU) against a real Ray head on loopback
 with token auth on: the noise is added once per step (not once per worker, not zero), the global expected batch
-is q·n, a worker failure after a checkpoint resumes from it without losing or repeating steps, a Ray Train fit returns
-a state of the in-process fit's layout, and capacity is counted per node. One head and one (crashed and resumed) 2-worker fit for the module:
-each Ray Train fit costs ~20 s of start-up."""
+is q·n, a worker failure after a checkpoint resumes from it without losing or repeating steps, a Ray Train fit
+returns a state of the in-process fit's layout, and capacity is counted per node. One head and one (crashed and
+resumed) 2-worker fit for the module: each Ray Train fit costs ~20 s of start-up."""
 
 from __future__ import annotations
 

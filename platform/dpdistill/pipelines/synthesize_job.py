@@ -3,7 +3,7 @@ and evaluate its fidelity and utility.
 
 Stages: load (prepare) → pretrain on public data (optional, free) → fit (charges the ledger before each
 release) → generate (post-processing) → release (synthetic.npz, class grids, the fitted synthesiser) →
-fidelity (FID / IS / precision-recall against the real TEST split, extractor named) → utility (fresh
+fidelity (FID / IS / precision-recall / FLD against the real TEST split, extractor named) → utility (fresh
 classifiers trained on the synthetic set, tested on the real test split: the foundation's protocol).
 
 The spec's method block holds the method's own options (see ``synthesis.get(name).config_type``) plus the job
