@@ -280,3 +280,15 @@ def test_an_empty_class_is_refused_before_anything_is_charged(digits, public, me
             run_dpgeng(without_9, cfg, seed=0, ledger=ledger, mean=MEAN, std=STD, progress=False,
                        generated=public)
     assert ledger.entries == []
+
+
+def test_options_a_configuration_ignores_are_named_for_sweeps() -> None:
+    """A sweep must not search an option the configuration ignores (its trials would be identical)."""
+    per = NDPDCConfig(**{**TINY_NDPDC, "matching": "per-iteration"}).overridden_options()
+    assert {"bank_size", "augmentations"} <= set(per) and "batch_real" not in per
+    dec = NDPDCConfig(**{**TINY_NDPDC, "matching": "decoupled"}).overridden_options()
+    assert "batch_real" in dec and "bank_size" not in dec
+    no_dsa = NDPDCConfig(**{**TINY_NDPDC, "matching": "decoupled", "dsa_strategy": "none"}).overridden_options()
+    assert "augmentations" in no_dsa
+    gen = DPGenGConfig(**{**TINY_DPGENG, "matching": "decoupled", "dsa_strategy": "none"}).overridden_options()
+    assert {"augmentations", "batch_real"} <= set(gen) and "projection_dim" not in gen

@@ -64,7 +64,10 @@ class NDPDCConfig(PrivateMatchingOptions, DecoupledMatchingOptions, MatchingConf
     def overridden_options(self) -> dict[str, str]:
         """Options this configuration ignores, with why (a sweep must not search them)."""
         if self.matching == "decoupled":
-            return {"batch_real": "matching 'decoupled' releases every record's features once, unsampled"}
+            ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled"}
+            if self.dsa_strategy == "none":
+                ignored["augmentations"] = "dsa_strategy is 'none': there is nothing to draw"
+            return ignored
         why = "they only shape matching 'decoupled' and matching is 'per-iteration'"
         return {"bank_size": why, "augmentations": why}
 

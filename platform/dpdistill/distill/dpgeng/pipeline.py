@@ -173,6 +173,8 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
         identical while their specs record different values)."""
         if self.matching == "decoupled":
             ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled"}
+            if self.dsa_strategy == "none":
+                ignored["augmentations"] = "dsa_strategy is 'none': there is nothing to draw"
         else:
             why = "it only shapes matching 'decoupled' and matching is 'per-iteration'"
             ignored = {"augmentations": why, "projection_dim": why}
