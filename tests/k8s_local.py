@@ -66,6 +66,7 @@ def mlflow_server(workdir: Path, allowed_hosts: bool = True, timeout: float = 12
     port = free_port()
     log = workdir / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {e["name"]: e["value"] for e in mlflow_container().get("env", []) if "value" in e}  # the pod's env
     with open(log, "wb") as out:
         proc = subprocess.Popen(mlflow_server_command(workdir, port, allowed_hosts), env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from k8s_local import mlflow_server, request
+from ray_head import _session_members
 
 IN_CLUSTER_HOST = "dpdistill-mlflow:5000"
 
@@ -93,3 +94,19 @@ def test_artifacts_go_through_the_server_to_the_claim(servers, tmp_path_factory)
     base = next(p for p in tmp_path_factory.getbasetemp().glob("manifest*"))
     (stored,) = (base / "artifacts").rglob("ledger.json")
     assert json.loads(stored.read_text()) == {"epsilon": 1.0}
+
+
+def test_the_server_runs_no_job_runner(servers):
+    """The manifest turns MLflow's GenAI job runner off: no huey consumer among the server's processes (MLflow 3
+    starts six by default, each a Python process in the pod's 2-CPU limit)."""
+    import k8s_local
+
+    proc, _ = k8s_local._servers[servers["manifest"]]
+    commands = []
+    for pid in _session_members(proc.pid):
+        try:
+            commands.append(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    assert any("uvicorn" in c or "mlflow" in c for c in commands), commands
+    assert not [c for c in commands if "huey" in c], commands
