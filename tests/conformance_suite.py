@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import tempfile
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -76,23 +77,48 @@ TUNING: dict[str, dict[str, Any]] = {
 # ------------------------------------------------------------------------------------------------ methods
 
 
+# Options that switch a method to another mechanism (not a size): a method whose config has one is also a case
+# for each of its other values (read from the field's Literal type), so each mechanism gets every check.
+VARIANT_OPTIONS = ("matching",)  # per-iteration | decoupled private matching (NDPDC, DP-GenG)
+
+
 @dataclass(frozen=True)
 class Method:
-    """One registered method: its registry (``synthesis`` or ``distill``), name, and whether it is private."""
+    """One registered method: its registry (``synthesis`` or ``distill``), name, whether it is private, and the
+    mechanism-switching options of this case (``variant``; empty for the method's defaults)."""
 
     kind: str
     name: str
     private: bool
+    variant: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.name + "".join(f"[{k}={v}]" for k, v in self.variant)
 
     @property
     def id(self) -> str:
-        return f"{self.kind}:{self.name}"
+        return f"{self.kind}:{self.label}"
 
 
 def methods() -> list[Method]:
-    """Every method the registries hold right now (a distiller's module is imported to read its privacy)."""
+    """Every method the registries hold right now (a distiller's module is imported to read its privacy), and
+    each one's variants (:data:`VARIANT_OPTIONS`)."""
     out = [Method("synthesis", name, True) for name in synthesis.names()]  # every synthesiser is DP
     out += [Method("distill", name, distill.get(name).private) for name in distill.names()]
+    return out + [variant for m in out for variant in variants(m)]
+
+
+def variants(method: Method) -> list[Method]:
+    """The method once per non-default value of each mechanism-switching option its config has."""
+    config = synthesis.get(method.name).config_type if method.kind == "synthesis" else distill.get(method.name).config
+    fields = getattr(config, "model_fields", {})
+    out = []
+    for name in VARIANT_OPTIONS:
+        if name not in fields or typing.get_origin(fields[name].annotation) is not typing.Literal:
+            continue
+        out += [dataclasses.replace(method, variant=((name, value),))
+                for value in typing.get_args(fields[name].annotation) if value != fields[name].default]
     return out
 
 
@@ -120,7 +146,7 @@ def options(method: Method, profile: str = "tiny") -> dict[str, Any]:
         out["generator_options"] = {**options(inner, "tiny"), **(extra if profile == "utility" else {})}
     if profile == "utility":
         out.update({k: v for k, v in TUNING.get(method.name, {}).items() if k in fields})
-    return out
+    return out | dict(method.variant)
 
 
 # ------------------------------------------------------------------------------------- counting randomness
