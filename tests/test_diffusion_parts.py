@@ -232,6 +232,35 @@ def test_pretrain_cache_hits_on_the_same_key_and_misses_when_the_config_changes(
     assert all(torch.equal(built[k], state[k]) for k in state)
 
 
+def test_concurrent_callers_of_one_key_train_it_once(tmp_path, monkeypatch):
+    """Two callers of the same key at once (Ray tasks on one node, parallel test workers): one trains, the other
+    waits for it and loads its entry; without the key's lock both would train and replace the directory."""
+    import threading
+    import time
+
+    glyphs = render(num_per_class=4, seed=1)
+    calls = []
+    real_train = pretrain_mod._train
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        time.sleep(1.0)  # the other caller arrives while this one trains
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_mod, "_train", slow)
+    cfg = PretrainConfig(steps=3, batch_size=8)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(pretrain(TINY, None, cfg, cache_root=tmp_path,
+                                                                       public=glyphs))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(r.trained for r in results) == [False, True]
+    assert results[0].path == results[1].path and results[0].losses == results[1].losses
+    assert results[0].state_dict().keys() == results[1].state_dict().keys()
+
+
 def test_load_checkpoint_refuses_missing_dirs_hub_ids_and_mismatches(tmp_path):
     with pytest.raises(DataError, match="not an existing local directory"):
         load_checkpoint(tmp_path / "missing")

@@ -15,7 +15,8 @@ The result is a diffusers ``save_pretrained`` directory ``<cache_root>/diffusion
 default: ``$DPDISTILL_CACHE``, else ``~/.cache/dpdistill``, as the fidelity extractors use), with
 ``dpdistill_pretrain.json`` beside it (the key's inputs and the loss curve). A call with the same key loads it
 instead of training. The directory is written under a temporary name and renamed, so a killed run leaves no
-half-written entry.
+half-written entry; a lock file per key makes concurrent callers of the same key train it once (the others wait
+and load it).
 
 Checkpoints. :func:`load_checkpoint` opens a user's local diffusers UNet directory; nothing is ever downloaded
 (anything that is not an existing directory, e.g. a hub id, is refused).
@@ -23,6 +24,7 @@ Checkpoints. :func:`load_checkpoint` opens a user's local diffusers UNet directo
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -149,14 +151,37 @@ def pretrain(unet: UNetConfig, schedule: NoiseSchedule | None = None, cfg: Pretr
     data = public if public is not None else load_public(cfg.public_set, unet)
     key, doc = cache_key(unet, schedule, cfg, content_hash(data))
     target = entry_dir(key, cache_root)
+    cached = _cached(target, key)
+    if cached is not None:
+        return cached
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One process trains a key at a time: others asking for the same key meanwhile (Ray tasks on one node, two
+    # jobs sharing the cache) wait for the lock and load its entry instead of training it again and replacing
+    # the directory under a reader.
+    with open(target.parent / f".{key[:32]}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = _cached(target, key)
+        if cached is not None:
+            return cached
+        return _train_and_publish(unet, schedule, cfg, data, device, progress, key, doc, target)
+
+
+def _cached(target: Path, key: str) -> Pretrained | None:
+    """The cache entry at ``target`` when it holds ``key``, else None."""
     meta_path = target / META_FILE
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
             return Pretrained(target, key, False, list(meta.get("losses", [])), bool(meta.get("conditional")))
+    return None
+
+
+def _train_and_publish(unet: UNetConfig, schedule: NoiseSchedule, cfg: PretrainConfig, data: ImageSet,
+                       device: str, progress: Callable[[int, float], None] | None, key: str, doc: dict[str, Any],
+                       target: Path) -> Pretrained:
+    """Train, then publish the entry under ``target`` by an atomic rename (the caller holds the key's lock)."""
     conditional = data.num_classes == unet.num_classes
     net, losses = _train(unet, schedule, cfg, data, conditional, device, progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:32]}-", dir=target.parent))
     try:
         net.to("cpu").save_pretrained(tmp)
