@@ -35,6 +35,7 @@ utility tuning's split of the sensitive set into halves (a split that does not l
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Literal
@@ -74,6 +75,9 @@ from dpdistill.privacy.noise import PrivacyRandomness
 
 if TYPE_CHECKING:
     from typing import Unpack
+
+log = logging.getLogger(__name__)
+
 FM_COMPONENT = "dpgeng/feature_matching"
 GEN_COMPONENT = "dpgeng/generator"
 
@@ -318,6 +322,10 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
         now = time.perf_counter()
         report["stages"].append(stage)
         report["seconds"][stage] = now - clock
+        # Into the run's log.txt beside the runner's heartbeat, so an hours-long run says where it is (timings
+        # and the ledger's spent ε only: nothing computed from the data).
+        log.info("dpgeng: stage %s done in %.1f s (ledger ε spent %.4g)", stage, now - clock,
+                 ledger.spent_epsilon())
         clock = now
 
     # (g) utility-driven allocation: shares measured with scratch ledgers, before anything is charged here
