@@ -47,6 +47,7 @@ TINY: dict[str, Any] = {
     "critic_width": 8, "num_discriminators": 4, "critic_iterations": 1, "pretrain_d_iterations": 2,
     "pretrain_iterations": 2, "batch_size": 32,
     "block_out_channels": [16, 16], "attention": [False, False], "sample_steps": 2,  # diffusion UNets
+    "ae_block_out_channels": [16, 16], "ae_pretrain_iterations": 2,  # DP-LDM's autoencoder
     # distillers
     "ipc": 1, "factor": 1, "batch_real": 16, "net_width": 8, "net_depth": 2, "outer_loop": 1, "inner_loop": 1,
     "batch_train": 32, "generated_per_class": 20, "extractors": 2, "extractor_epochs": 1,

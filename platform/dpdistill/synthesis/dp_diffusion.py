@@ -1,8 +1,8 @@
-"""DP diffusion synthesisers: DPDM, PDP-Diffusion and DP-LoRA behind the synthesiser contract.
+"""DP diffusion synthesisers: DPDM, PDP-Diffusion, DP-LDM and DP-LoRA behind the synthesiser contract.
 
-All three train a class-conditional diffusers ``UNet2DModel`` (:mod:`dpdistill.synthesis.diffusion.unet`) on
+All four train a class-conditional diffusers ``UNet2DModel`` (:mod:`dpdistill.synthesis.diffusion.unet`) on
 the DDPM ε-prediction loss with DP-SGD, and sample with DDIM and classifier-free guidance. They differ in what
-they start from and what DP-SGD trains:
+they start from, what DP-SGD trains, and (DP-LDM) the space the UNet works in:
 
 - ``dpdm`` (Dockhorn et al., DPDM): from scratch (a seeded random UNet), every parameter, with noise
   multiplicity K — each record's gradient is the mean over K (timestep, noise) draws before clipping, which
@@ -12,9 +12,14 @@ they start from and what DP-SGD trains:
   fine-tuning of every parameter on the sensitive set.
 - ``dp-lora`` (Tsai et al.): the same public base, frozen; only LoRA adapters (peft) are trained with DP-SGD,
   and the release is the adapters plus a reference to the public base (its cache key or checkpoint path).
-
-(DP-LDM, the latent-diffusion variant, needs a public autoencoder stage this package does not have yet: it is
-not registered.)
+- ``dp-ldm`` (Lyu et al., on Rombach et al.'s latent diffusion): a diffusers ``AutoencoderKL`` pre-trained on the
+  PUBLIC set (:mod:`dpdistill.synthesis.diffusion.autoencoder`, cached by its own key) and a latent UNet
+  pre-trained on the public set's latents (scaled by a factor computed on those public latents; its cache key
+  includes the autoencoder's). DP-SGD then fine-tunes ONLY the latent UNet's class embedding and attention blocks
+  (q/k/v/out and their norms) on the sensitive images encoded by the frozen public encoder — a fixed public map
+  applied to each record on its own, so each record still contributes one clipped gradient. Samples are DDIM
+  latents decoded by the frozen decoder. The release is the fine-tuned parameters plus the cache keys of the
+  public autoencoder and base UNet.
 
 Contract: plan → charge → execute. :meth:`plan` solves σ for Poisson-sampled DP-SGD (q = batch_size / n,
 ``iterations`` steps) against the ledger — no data read — and the driver charges it. :meth:`execute` runs the
@@ -89,6 +94,7 @@ class DiffusionSynthesizer(Synthesizer):
     uses_public_base: ClassVar[bool] = False
     runs_dp_sgd: ClassVar[bool] = True
     trains_adapters_only: ClassVar[bool] = False
+    dp_sgd_target: ClassVar[str] = "UNet"  # what DP-SGD trains, in the plan's note
     disclosure = fit_disclosure(noise={"sigma": ACCOUNTING, "q": ACCOUNTING},
                                 extra={"trainable_parameters": PUBLIC})
 
@@ -177,7 +183,7 @@ class DiffusionSynthesizer(Synthesizer):
         params = {"sigma": sigma, "q": q, "steps": c.iterations, "clip": c.clip, "n_records": n_records,
                   "lr": c.lr, "optimizer": "adam", "weight_decay": c.weight_decay, "multiplicity": c.multiplicity,
                   "checkpoint_every": c.checkpoint_every, "max_physical_batch": c.max_physical_batch}
-        note = (f"DP-SGD on the {'LoRA adapters' if self.trains_adapters_only else 'UNet'}: per-record gradient "
+        note = (f"DP-SGD on the {'LoRA adapters' if self.trains_adapters_only else self.dp_sgd_target}: per-record gradient "
                 f"(mean of {c.multiplicity} noise draws) clipped to {c.clip:g}, Poisson rate {q:.4g}")
         plan = Plan(self.name, (PlannedCharge(f"{self.name}/dp-sgd", PoissonGaussian(q, sigma, c.iterations),
                                               note),), params)
@@ -210,10 +216,11 @@ class DiffusionSynthesizer(Synthesizer):
                           "random UNet, i.e. DPDM without its noise multiplicity", stacklevel=2)
         schedule = DPSGDSchedule(**plan.params)
         objective = self.objective(self._base_state())
+        inputs = self.training_inputs(sensitive.images)
         if executor is not None:  # e.g. Ray Train workers (the job passes its own progress setting)
-            state = executor(objective, None, sensitive.images, sensitive.labels, schedule, self.noise)
+            state = executor(objective, None, inputs, sensitive.labels, schedule, self.noise)
         else:
-            state = train_dp_sgd(objective, None, sensitive.images, sensitive.labels, schedule, self.noise,
+            state = train_dp_sgd(objective, None, inputs, sensitive.labels, schedule, self.noise,
                                  on_step=progress_printer(schedule.steps) if progress else None)
         net = objective.build()
         net.load_state_dict(state)
@@ -221,6 +228,10 @@ class DiffusionSynthesizer(Synthesizer):
         trainable = sum(p.numel() for p in objective.trainable(net))
         return FitReport(self.name, 0.0, 0.0, {"sigma": float(plan.params["sigma"]), "q": float(plan.params["q"])},
                          [], steps=int(plan.params["steps"]), extra={"trainable_parameters": float(trainable)})
+
+    def training_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What the objective's rows are made of, one per record: the images themselves (DP-LDM: their latents)."""
+        return images
 
     # -- generation -------------------------------------------------------------------------------------
 
@@ -323,4 +334,230 @@ class DPLoRA(DiffusionSynthesizer):
         return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
-__all__ = ["DPDM", "DPLoRA", "DPDMConfig", "DiffusionConfig", "DiffusionSynthesizer", "LoRAConfig", "PDPDiffusion"]
+
+@dataclass
+class LDMConfig(DiffusionConfig):
+    """DP-LDM: the diffusion options for the LATENT UNet, plus the public autoencoder's architecture and
+    pre-training (``ae_*``). What DP-SGD fine-tunes is fixed: the class embedding and the attention blocks.
+
+    Defaults: a 3-block autoencoder (28×28 → 7×7 latents with 4 channels) and a latent UNet of two blocks on
+    8×8 (the latents padded by one) with attention in its 4×4 block and its middle block.
+    """
+
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
+    attention: list[bool] = field(default_factory=lambda: [False, True])
+    mid_attention: bool = True
+    norm_num_groups: int = 16
+    # The public autoencoder (AutoencoderKL) and its non-private pre-training on the public set.
+    ae_block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    ae_latent_channels: int = 4
+    ae_layers_per_block: int = 1
+    ae_norm_num_groups: int = 16
+    ae_pretrain_iterations: int = 1000
+    ae_lr: float = 1e-3
+    ae_batch: int = 64
+    ae_kl_weight: float = field(default=1e-3, metadata={"zero_ok": True})
+
+
+class DPLDM(DiffusionSynthesizer):
+    """DP-LDM: public autoencoder + public latent UNet; DP-SGD on the latent UNet's conditioning and attention."""
+
+    name = "dp-ldm"
+    config_type = LDMConfig
+    uses_public_base = True
+    paper_neighbouring = "add-or-remove-one"
+    privacy_note = ("public autoencoder and latent UNet pre-trained on public data (free); DP-SGD fine-tunes only "
+                    "the latent UNet's class embedding and attention blocks on the sensitive images' latents (a "
+                    "fixed public encoder applied to each record), Poisson sampling, per-record clip C; "
+                    "add-or-remove sensitivity C; the release is those parameters plus references to the public "
+                    "autoencoder and base UNet")
+    # DP-LDM's fine-tuned subset ("the attention modules and the conditioning embedder"): parameter-name
+    # substrings of diffusers' UNet2DModel (``class_embedding.weight``, ``…attentions.N.{group_norm, to_q, to_k,
+    # to_v, to_out.0}.*``).
+    train_only: ClassVar[tuple[str, ...]] = ("class_embedding", "attentions")
+    dp_sgd_target = "latent UNet's class embedding and attention"
+    disclosure = fit_disclosure(noise={"sigma": ACCOUNTING, "q": ACCOUNTING},
+                                extra={"trainable_parameters": PUBLIC, "latent_scaling_factor": PUBLIC})
+
+    # -- the networks -----------------------------------------------------------------------------------
+
+    def ae_config(self) -> Any:
+        from dpdistill.synthesis.diffusion.autoencoder import AutoencoderConfig
+
+        c = self.config
+        return AutoencoderConfig(image_size=self.image_size, channels=self.channels,
+                                 block_out_channels=tuple(c.ae_block_out_channels),
+                                 latent_channels=c.ae_latent_channels, layers_per_block=c.ae_layers_per_block,
+                                 norm_num_groups=c.ae_norm_num_groups)
+
+    def unet_config(self) -> Any:
+        """The latent UNet: on the autoencoder's latents (their side and channel count), class-conditional."""
+        from dpdistill.synthesis.diffusion.unet import UNetConfig
+
+        c, ae = self.config, self.ae_config()
+        return UNetConfig(image_size=ae.latent_size, channels=ae.latent_channels, num_classes=self.num_classes,
+                          block_out_channels=tuple(c.block_out_channels), layers_per_block=c.layers_per_block,
+                          attention=tuple(c.attention), mid_attention=c.mid_attention,
+                          norm_num_groups=c.norm_num_groups)
+
+    def build(self) -> nn.Module:
+        """The latent UNet (returned) and the frozen autoencoder (``self.autoencoder``), both seeded."""
+        from dpdistill.synthesis.diffusion.autoencoder import build_autoencoder
+
+        c = self.config
+        if c.base_checkpoint:
+            raise SpecError(f"{self.name}: base_checkpoint is not supported (a latent UNet needs the public "
+                            "autoencoder whose latents it was trained on); pre-train both with method.pretrain")
+        if not (c.mid_attention or any(c.attention)):
+            raise SpecError(f"{self.name}: fine-tunes the latent UNet's attention blocks; set mid_attention or an "
+                            "attention block")
+        self.autoencoder = self._frozen(build_autoencoder(self.ae_config()))
+        self.ae_ref: dict[str, Any] | None = None  # where the public autoencoder came from
+        self.latent_scale = 1.0  # the public latents' scaling factor (1 until pre-training computes it)
+        return super().build()
+
+    def _frozen(self, ae: nn.Module) -> nn.Module:
+        for p in ae.parameters():
+            p.requires_grad_(False)
+        return ae.to(self.device).eval()
+
+    def objective(self, init_state: dict[str, torch.Tensor] | None) -> Any:
+        from dpdistill.synthesis.diffusion.objective import DiffusionObjective
+
+        c = self.config
+        return DiffusionObjective(unet=self.unet_config(), train_timesteps=c.train_timesteps,
+                                  label_dropout=c.label_dropout, init_state=init_state, train_only=self.train_only,
+                                  device=str(self.device), seed=self.seed, latent=True)
+
+    def training_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The sensitive images' scaled latents by the frozen PUBLIC encoder (posterior means: each a fixed
+        function of its own record), computed once before DP-SGD, so every executor (and every Ray Train
+        worker's shard) trains on the same latents. They never leave the fit unnoised."""
+        from dpdistill.synthesis.diffusion.autoencoder import encode
+
+        return encode(self.autoencoder, images, self.ae_config(), self.latent_scale)
+
+    # -- public pre-training ----------------------------------------------------------------------------
+
+    def _pretrain(self, public: Any, progress: bool) -> None:
+        """The autoencoder on the public images, then the latent UNet on their latents (both cached)."""
+        from dpdistill.data.base import ImageSet
+        from dpdistill.synthesis.diffusion.autoencoder import (
+            AutoencoderTrainConfig,
+            encode,
+            pretrain_autoencoder,
+        )
+        from dpdistill.synthesis.diffusion.pretrain import PretrainConfig, pretrain
+
+        c = self.config
+        name = str(getattr(public, "name", "public"))
+
+        def show(stage: str) -> Any:
+            return (lambda step, loss: print(f"{self.name} {stage} step {step}: loss {loss:.4f}")) if progress \
+                else None
+
+        ae_cfg = self.ae_config()
+        train_cfg = AutoencoderTrainConfig(public_set=name, steps=c.ae_pretrain_iterations, lr=c.ae_lr,
+                                           batch_size=c.ae_batch, kl_weight=c.ae_kl_weight, seed=self.seed)
+        ae = pretrain_autoencoder(ae_cfg, train_cfg, public, device=str(self.device),
+                                  progress=show("autoencoder pretrain"))
+        self.autoencoder = self._frozen(ae.load())
+        self.latent_scale = float(ae.scaling_factor)  # computed on the PUBLIC latents when the entry was made
+        self.ae_ref = {"kind": "pretrain", "key": ae.key, "public_set": name, "steps": train_cfg.steps,
+                       "trained_now": bool(ae.trained)}
+        latents = ImageSet(encode(self.autoencoder, public.images, ae_cfg, self.latent_scale), public.labels,
+                           public.num_classes, f"{name}-latents")
+        cfg = PretrainConfig(public_set=name, steps=c.pretrain_iterations, lr=c.pretrain_lr,
+                             batch_size=c.pretrain_batch, label_dropout=c.label_dropout, seed=self.seed,
+                             autoencoder_key=ae.key)
+        done = pretrain(self.unet_config(), self.schedule(), cfg, device=str(self.device), public=latents,
+                        progress=show("latent UNet pretrain"))
+        self.generator_net.load_state_dict(done.state_dict())
+        self.base_ref = {"kind": "pretrain", "key": done.key, "public_set": name, "steps": cfg.steps,
+                         "trained_now": bool(done.trained)}
+
+    def execute(self, plan: Any, sensitive: Any, executor: Any, progress: bool,
+                callback: Callback | None) -> FitReport:
+        report = super().execute(plan, sensitive, executor, progress, callback)
+        report.extra["latent_scaling_factor"] = float(self.latent_scale)  # public: from the public set only
+        return report
+
+    # -- generation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor | None = None, *, n_per_class: int | None = None,
+                 seed: int | None = None, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """DDIM latents with classifier-free guidance, decoded by the public decoder (post-processing)."""
+        from dpdistill.synthesis.diffusion.autoencoder import decode
+        from dpdistill.synthesis.diffusion.sampler import sample
+
+        labels = self.generation_labels(labels, n_per_class)
+        c, ae = self.config, self.ae_config()
+        batch = batch_size or c.sample_batch
+        latents = sample(self.generator_net, self.schedule(), labels, steps=c.sample_steps,
+                         guidance_scale=c.guidance_scale, seed=self.seed + 1 if seed is None else int(seed),
+                         batch_size=batch, device=self.device, image_size=ae.latent_size, latent=True)
+        return decode(self.autoencoder, latents, ae, self.latent_scale, batch_size=batch), labels
+
+    # -- persistence ------------------------------------------------------------------------------------
+
+    def trainable_names(self) -> list[str]:
+        """The latent UNet's parameters DP-SGD fine-tunes (what a fitted release holds), in module order."""
+        chosen = {id(p) for p in self.objective(None).trainable(self.generator_net)}
+        return [n for n, p in self.generator_net.named_parameters() if id(p) in chosen]
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        """The fine-tuned subset only once fitted (the rest is the public base, named by ``base_ref``)."""
+        if not self.fitted:
+            return super().generator_state()
+        keep = set(self.trainable_names())
+        return {k: v.detach().cpu().clone() for k, v in self.generator_net.state_dict().items() if k in keep}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "ae_ref": dict(self.ae_ref) if self.ae_ref else None,
+                "latent_scale": float(self.latent_scale)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """The references (and the public autoencoder they name, from the cache or inline) and the latent scale."""
+        from dpdistill.synthesis.diffusion.autoencoder import entry_dir, load_autoencoder
+
+        super().load_extra_state(state)
+        self.ae_ref = state.get("ae_ref")
+        self.latent_scale = float(state.get("latent_scale", 1.0))
+        ref = self.ae_ref or {}
+        if ref.get("kind") == "pretrain":
+            self.autoencoder = self._frozen(load_autoencoder(entry_dir(str(ref["key"])), expect=self.ae_config()))
+        elif ref.get("kind") == "inline":  # a transport state: the autoencoder's weights travel with it
+            self.autoencoder.load_state_dict(state["autoencoder_state"])
+        # else: the seeded init this synthesiser was built with (no public autoencoder was pre-trained)
+
+    def load_generator_state(self, state: dict[str, torch.Tensor]) -> None:
+        from dpdistill.errors import DataError
+        from dpdistill.synthesis.diffusion.pretrain import entry_dir, load_checkpoint
+
+        if set(state) == set(self.generator_net.state_dict()):  # the whole UNet (unfitted, or a transport state)
+            self.generator_net.load_state_dict(state)
+            return
+        ref = self.base_ref or {}
+        if ref.get("kind") == "pretrain":
+            base = load_checkpoint(entry_dir(str(ref["key"])), expect=self.unet_config())
+            self.generator_net.load_state_dict(base.state_dict())
+        # else: the seeded random init this synthesiser was built with (no public base was used)
+        if set(state) != set(self.trainable_names()):
+            raise DataError(f"{self.name}: the release holds other tensors than the fine-tuned class embedding "
+                            "and attention parameters of this configuration")
+        self.generator_net.load_state_dict(state, strict=False)
+
+    def transport_state(self) -> dict[str, Any]:
+        """For a generation task on any node: the latent UNet whole and the autoencoder's weights inline, not
+        cache keys only this machine can resolve. The saved release (:meth:`state`) keeps the references."""
+        state = self.state()
+        state["generator"] = {k: v.detach().cpu() for k, v in self.generator_net.state_dict().items()}
+        state["extra"] = {**state["extra"], "base_ref": {"kind": "inline"},
+                          "ae_ref": {"kind": "inline", "was": state["extra"].get("ae_ref")},
+                          "autoencoder_state": {k: v.detach().cpu() for k, v in self.autoencoder.state_dict().items()}}
+        return state
+
+
+__all__ = ["DPDM", "DPLDM", "DPLoRA", "DPDMConfig", "DiffusionConfig", "DiffusionSynthesizer", "LDMConfig",
+           "LoRAConfig", "PDPDiffusion"]

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 _METHODS: dict[str, str | type[Synthesizer]] = {
     "dp-gan": "dpdistill.synthesis.dp_gan:DPGAN",
     "dp-kernel": "dpdistill.synthesis.dp_kernel:DPKernel",
+    "dp-ldm": "dpdistill.synthesis.dp_diffusion:DPLDM",
     "dp-merf": "dpdistill.synthesis.dp_merf:DPMERF",
     "dp-lora": "dpdistill.synthesis.dp_diffusion:DPLoRA",
     "dp-ntk": "dpdistill.synthesis.dp_ntk:DPNTK",

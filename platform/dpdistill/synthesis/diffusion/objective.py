@@ -3,9 +3,10 @@
 One loss per ROW: each record is repeated K times (DPDM's noise multiplicity) and every row gets its own
 timestep t ~ U{0, …, T-1}, its own Gaussian noise ε and its own label-dropout coin, so the engine can average a
 record's K row gradients before clipping. Row loss = mean over pixels of (ε_θ(x_t, t, y) − ε)² with
-x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε and x_0 the image scaled to [-1, 1] (and padded, see ``unet``). Every random draw
-comes from the ``generator`` argument (the privacy source's on DP-SGD steps); the network's initialisation
-comes from the public ``seed``.
+x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε and x_0 the image scaled to [-1, 1] (and padded, see ``unet``), or, for a latent
+UNet (``latent``, DP-LDM), the record's autoencoder latent as given (padded only). Every random draw comes from
+the ``generator`` argument (the privacy source's on DP-SGD steps); the network's initialisation comes from the
+public ``seed``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from torch import Tensor, nn
 
 from dpdistill.errors import SpecError
 from dpdistill.synthesis.diffusion.lora import LoraSpec, apply_lora
-from dpdistill.synthesis.diffusion.unet import UNetConfig, build_unet, contiguous_conv_inputs, to_model
+from dpdistill.synthesis.diffusion.unet import (
+    UNetConfig,
+    build_unet,
+    contiguous_conv_inputs,
+    pad_to_model,
+    to_model,
+)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -70,6 +77,8 @@ class DiffusionObjective:
     applied; ``lora`` then trains only the adapters; otherwise ``train_only`` (substrings of parameter names,
     e.g. ``("attentions", "class_embedding")`` for DP-LDM-style partial fine-tuning) or, when empty, every
     parameter is trained. ``label_dropout`` is the probability a row's label is replaced by the null label.
+    ``latent``: the "images" are autoencoder latents (DP-LDM, encoded before DP-SGD by a fixed public encoder),
+    used as x_0 without the [0, 1] → [-1, 1] map.
     """
 
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -83,6 +92,7 @@ class DiffusionObjective:
     train_only: tuple[str, ...] = ()
     device: str = "cpu"
     seed: int = 0
+    latent: bool = False
 
     def __post_init__(self) -> None:
         _ = self.schedule  # constructing it validates the schedule fields
@@ -147,7 +157,7 @@ class DiffusionObjective:
         """
         k = int(multiplicity)
         device = images.device
-        x0 = to_model(images, self.unet)
+        x0 = pad_to_model(images, self.unet) if self.latent else to_model(images, self.unet)
         y = labels.to(dtype=torch.long)
         if k > 1:
             x0 = x0.repeat_interleave(k, 0)

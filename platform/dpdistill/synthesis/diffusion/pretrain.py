@@ -8,6 +8,8 @@ moving average of the iterates (``ema_decay``, warmed up as diffusers' EMAModel 
 (1 + step) / (10 + step)), which samples markedly better than the last iterate of a short run. When the public set has as many
 classes as the UNet (glyph digits and MNIST: 0-9) it trains class-conditionally with label dropout; otherwise
 every label is the null label (unconditional pre-training; the class rows are learned in fine-tuning).
+A LATENT UNet (DP-LDM) is pre-trained the same way on the public set's autoencoder latents (``public`` holds them,
+``autoencoder_key`` names the public autoencoder that made them and enters the cache key).
 
 Cache. The key is the SHA-256 of: the public set's name and the SHA-256 of its images and labels as loaded,
 the UNet config, the noise schedule, steps, lr, batch size, label dropout, seed and :data:`ALGORITHM_VERSION`.
@@ -72,6 +74,9 @@ class PretrainConfig:
     label_dropout: float = 0.1
     seed: int = 0
     ema_decay: float = 0.999  # 0: keep the last iterate
+    # DP-LDM: the cache key of the public autoencoder whose latents ``public`` holds ("" for pixel space). Only
+    # keyed when set, so the keys of pixel-space entries are unchanged.
+    autoencoder_key: str = ""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or not 0 <= self.label_dropout <= 1:
@@ -113,6 +118,8 @@ def cache_key(unet: UNetConfig, schedule: NoiseSchedule, cfg: PretrainConfig, da
            "unet": unet.to_dict(), "schedule": schedule.to_dict(), "steps": cfg.steps, "lr": cfg.lr,
            "batch_size": cfg.batch_size, "label_dropout": cfg.label_dropout, "seed": cfg.seed,
            "ema_decay": cfg.ema_decay}
+    if cfg.autoencoder_key:
+        doc["autoencoder_key"] = cfg.autoencoder_key
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest(), doc
 
@@ -148,6 +155,8 @@ def pretrain(unet: UNetConfig, schedule: NoiseSchedule | None = None, cfg: Pretr
     """
     schedule = schedule or NoiseSchedule()
     cfg = cfg or PretrainConfig()
+    if cfg.autoencoder_key and public is None:
+        raise SpecError("pretrain: a latent UNet is pre-trained on the latents passed as public=")
     data = public if public is not None else load_public(cfg.public_set, unet)
     key, doc = cache_key(unet, schedule, cfg, content_hash(data))
     target = entry_dir(key, cache_root)
@@ -202,7 +211,7 @@ def _train(unet: UNetConfig, schedule: NoiseSchedule, cfg: PretrainConfig, data:
     objective = DiffusionObjective(unet=unet, train_timesteps=schedule.train_timesteps,
                                    beta_schedule=schedule.beta_schedule, beta_start=schedule.beta_start,
                                    beta_end=schedule.beta_end, label_dropout=cfg.label_dropout, device=device,
-                                   seed=cfg.seed)
+                                   seed=cfg.seed, latent=bool(cfg.autoencoder_key))
     net = objective.build()
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)

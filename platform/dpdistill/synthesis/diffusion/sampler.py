@@ -6,7 +6,8 @@ step runs the conditional and the null-label passes as one batch of 2B and combi
 null pass). Timesteps use diffusers' "trailing" spacing, so the first step starts at t = T-1 (pure noise) even
 with few steps. All noise is drawn on the CPU from one generator seeded with ``seed`` (the initial noise of all
 N images up front, then any η > 0 step noise batch by batch): the same seed, labels and batch size give the same
-images on any device.
+images on any device. A latent UNet (DP-LDM: ``latent=True``) is sampled without clipping the predicted x̂_0 to
+[-1, 1] (its latents have unit variance, not a bounded range) and returns latents, for the autoencoder to decode.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ def ddim_scheduler(schedule: NoiseSchedule | dict[str, Any], steps: int) -> Any:
 
 def sample(net: nn.Module, schedule: NoiseSchedule | dict[str, Any], labels: Tensor | list[int], *,
            steps: int = 50, guidance_scale: float = 2.0, eta: float = 0.0, seed: int = 0, batch_size: int = 500,
-           device: str | torch.device = "cpu", image_size: int | None = None) -> Tensor:
+           device: str | torch.device = "cpu", image_size: int | None = None, latent: bool = False) -> Tensor:
     """Generate one image per label: float32 [N, C, image_size, image_size] in [0, 1] on the CPU.
 
     ``net`` is the class-conditional UNet2DModel (LoRA-adapted or not) whose last class index is the null
     label; ``image_size`` (default: the net's sample size) is the original size the padded output is
     centre-cropped back to (see ``unet``). The net is used in eval mode and left in the mode it came in.
+    ``latent``: the net denoises autoencoder latents: no x̂_0 clipping, and the cropped latents are returned as
+    they are (float32, CPU), not mapped to [0, 1].
     """
     labels = torch.as_tensor(labels, dtype=torch.long).flatten().cpu()
     cfg = net.config
@@ -55,6 +58,9 @@ def sample(net: nn.Module, schedule: NoiseSchedule | dict[str, Any], labels: Ten
         raise SpecError(f"sampler: image_size {out_size} exceeds the network's sample size {side}")
     channels = int(cfg.in_channels)
     device = torch.device(device)
+    if latent:
+        schedule = {**(schedule.scheduler_kwargs() if isinstance(schedule, NoiseSchedule) else dict(schedule)),
+                    "clip_sample": False}
     scheduler = ddim_scheduler(schedule, steps)
     generator = torch.Generator().manual_seed(int(seed))
     noise = torch.randn((len(labels), channels, side, side), generator=generator)
@@ -78,7 +84,7 @@ def sample(net: nn.Module, schedule: NoiseSchedule | dict[str, Any], labels: Ten
                     var_noise = torch.randn(x.shape, generator=generator).to(device) if eta > 0 else None
                     x = scheduler.step(eps, t, x, eta=eta, variance_noise=var_noise).prev_sample
                 x = x[..., lo:lo + out_size, lo:lo + out_size]
-                outputs.append(((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu())
+                outputs.append(x.float().cpu() if latent else ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu())
     finally:
         net.train(was_training)
     if not outputs:

@@ -197,8 +197,13 @@ def parameter_count(net: torch.nn.Module, trainable_only: bool = False) -> int:
 
 def to_model(images: Tensor, cfg: UNetConfig) -> Tensor:
     """Images [N, C, image_size, image_size] in [0, 1] → the network's input space: [-1, 1], padded to size."""
-    x = images * 2.0 - 1.0
-    pad = cfg.model_size - images.shape[-1]
+    return pad_to_model(images * 2.0 - 1.0, cfg)
+
+
+def pad_to_model(x: Tensor, cfg: UNetConfig) -> Tensor:
+    """Pad [N, C, image_size, image_size] symmetrically by edge replication to the network's side (values kept:
+    the input space of a latent UNet, whose inputs are autoencoder latents, not images)."""
+    pad = cfg.model_size - x.shape[-1]
     if pad:
         lo = pad // 2
         x = F.pad(x, (lo, pad - lo, lo, pad - lo), mode="replicate")
