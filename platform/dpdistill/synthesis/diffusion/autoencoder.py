@@ -60,10 +60,10 @@ class AutoencoderConfig:
 
     image_size: int = 28
     channels: int = 1
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
     latent_channels: int = 4
     layers_per_block: int = 1
-    norm_num_groups: int = 16
+    norm_num_groups: int = 8
     mid_attention: bool = True
 
     def __post_init__(self) -> None:
@@ -124,7 +124,7 @@ class AutoencoderTrainConfig:
     """What autoencoder pre-training does (public): the set, its length and optimiser, the KL weight, the seed."""
 
     public_set: str = "glyphs"
-    steps: int = 1000
+    steps: int = 500
     lr: float = 1e-3
     batch_size: int = 64
     kl_weight: float = 1e-3
