@@ -89,6 +89,18 @@ def test_only_the_conditioning_and_attention_parameters_change(fitted):
     assert fitted["report"].extra["trainable_parameters"] == trainable < total
 
 
+def test_a_latent_unet_without_attention_or_from_a_unet_checkpoint_is_refused(tmp_path):
+    """DP-LDM fine-tunes attention: a UNet without any is refused at construction (before a job reads data), and
+    so is a pixel-space UNet checkpoint (the latent UNet must come with the autoencoder its latents are from)."""
+    from dpdistill.errors import SpecError
+
+    with pytest.raises(SpecError, match="attention"):
+        make(attention=[False, False], mid_attention=False)
+    with pytest.raises(SpecError, match="base_checkpoint"):
+        make(base_checkpoint=str(tmp_path))
+    assert make(attention=[False, False], mid_attention=True).trainable_names()
+
+
 def test_the_pretrainings_are_cached_by_key(tmp_path, monkeypatch):
     from dpdistill.synthesis.diffusion import pretrain as unet_pretrain
     from dpdistill.synthesis.diffusion.objective import NoiseSchedule
