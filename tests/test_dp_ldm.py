@@ -138,6 +138,9 @@ def test_the_latent_scale_comes_from_the_public_set_only(fitted):
 
     public_scale = latent_scaling_factor(fitted["synth"].autoencoder, glyphs(), fitted["synth"].ae_config())
     assert fitted["synth"].latent_scale == pytest.approx(public_scale, rel=1e-5)
+    # The sampler's x̂_0 clip is the public latents' range too (their 99.9th percentile of |z|).
+    public = encode(fitted["synth"].autoencoder, glyphs().images, fitted["synth"].ae_config(), public_scale).abs()
+    assert fitted["synth"].latent_clip == pytest.approx(float(public.flatten().quantile(0.999)), rel=1e-3)
     # A sensitive set at a tenth of the contrast: its own factor would be far from the public one.
     train = digits()
     dim = ImageSet(train.images * 0.1, train.labels, train.num_classes, "dim-digits")
@@ -153,6 +156,7 @@ def test_the_latent_scale_comes_from_the_public_set_only(fitted):
 
     report = synth.fit(dim, PrivacyLedger(None, 4.0, 1e-5), executor=executor)
     assert synth.latent_scale == report.extra["latent_scaling_factor"] == fitted["synth"].latent_scale
+    assert synth.latent_clip == fitted["synth"].latent_clip
     # DP-SGD trained on the frozen public encoder's latents of the sensitive images, scaled by the PUBLIC factor.
     expected = encode(synth.autoencoder, dim.images, synth.ae_config(), fitted["synth"].latent_scale)
     assert torch.equal(seen["inputs"], expected)

@@ -18,7 +18,7 @@ they start from, what DP-SGD trains, and (DP-LDM) the space the UNet works in:
   includes the autoencoder's). DP-SGD then fine-tunes ONLY the latent UNet's class embedding and attention blocks
   (q/k/v/out and their norms) on the sensitive images encoded by the frozen public encoder — a fixed public map
   applied to each record on its own, so each record still contributes one clipped gradient. Samples are DDIM
-  latents decoded by the frozen decoder. The release is the fine-tuned parameters plus the cache keys of the
+  latents (x̂_0 clipped to the public latents' range) decoded by the frozen decoder. The release is the fine-tuned parameters plus the cache keys of the
   public autoencoder and base UNet.
 
 Contract: plan → charge → execute. :meth:`plan` solves σ for Poisson-sampled DP-SGD (q = batch_size / n,
@@ -417,6 +417,9 @@ class DPLDM(DiffusionSynthesizer):
         self.autoencoder = self._frozen(build_autoencoder(self.ae_config()))
         self.ae_ref: dict[str, Any] | None = None  # where the public autoencoder came from
         self.latent_scale = 1.0  # the public latents' scaling factor (1 until pre-training computes it)
+        # DDIM clips x̂_0 to ±latent_clip (the sampler says why it must clip): the 99.9th percentile of the PUBLIC
+        # scaled latents' |values| once pre-trained (images' [-1, 1] is their range); 3 (unit variance) before.
+        self.latent_clip = 3.0
         return super().build()
 
     def _frozen(self, ae: nn.Module) -> nn.Module:
@@ -470,6 +473,8 @@ class DPLDM(DiffusionSynthesizer):
                        "trained_now": bool(ae.trained)}
         latents = ImageSet(encode(self.autoencoder, public.images, ae_cfg, self.latent_scale), public.labels,
                            public.num_classes, f"{name}-latents")
+        magnitudes = latents.images.abs().flatten()
+        self.latent_clip = float(magnitudes.kthvalue(max(1, int(0.999 * len(magnitudes)))).values)
         cfg = PretrainConfig(public_set=name, steps=c.pretrain_iterations, lr=c.pretrain_lr,
                              batch_size=c.pretrain_batch, label_dropout=c.label_dropout, seed=self.seed,
                              autoencoder_key=ae.key)
@@ -499,7 +504,8 @@ class DPLDM(DiffusionSynthesizer):
         batch = batch_size or c.sample_batch
         latents = sample(self.generator_net, self.schedule(), labels, steps=c.sample_steps,
                          guidance_scale=c.guidance_scale, seed=self.seed + 1 if seed is None else int(seed),
-                         batch_size=batch, device=self.device, image_size=ae.latent_size, latent=True)
+                         batch_size=batch, device=self.device, image_size=ae.latent_size, latent=True,
+                         clip_range=self.latent_clip)
         return decode(self.autoencoder, latents, ae, self.latent_scale, batch_size=batch), labels
 
     # -- persistence ------------------------------------------------------------------------------------
@@ -518,7 +524,7 @@ class DPLDM(DiffusionSynthesizer):
 
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "ae_ref": dict(self.ae_ref) if self.ae_ref else None,
-                "latent_scale": float(self.latent_scale)}
+                "latent_scale": float(self.latent_scale), "latent_clip": float(self.latent_clip)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """The references (and the public autoencoder they name, from the cache or inline) and the latent scale."""
@@ -527,6 +533,7 @@ class DPLDM(DiffusionSynthesizer):
         super().load_extra_state(state)
         self.ae_ref = state.get("ae_ref")
         self.latent_scale = float(state.get("latent_scale", 1.0))
+        self.latent_clip = float(state.get("latent_clip", 3.0))
         ref = self.ae_ref or {}
         if ref.get("kind") == "pretrain":
             self.autoencoder = self._frozen(load_autoencoder(entry_dir(str(ref["key"])), expect=self.ae_config()))

@@ -6,8 +6,11 @@ step runs the conditional and the null-label passes as one batch of 2B and combi
 null pass). Timesteps use diffusers' "trailing" spacing, so the first step starts at t = T-1 (pure noise) even
 with few steps. All noise is drawn on the CPU from one generator seeded with ``seed`` (the initial noise of all
 N images up front, then any η > 0 step noise batch by batch): the same seed, labels and batch size give the same
-images on any device. A latent UNet (DP-LDM: ``latent=True``) is sampled without clipping the predicted x̂_0 to
-[-1, 1] (its latents have unit variance, not a bounded range) and returns latents, for the autoencoder to decode.
+images on any device. A latent UNet (DP-LDM: ``latent=True``) returns latents, for the autoencoder to decode, and
+clips the predicted x̂_0 to ±``clip_range`` (its latents have unit variance, not the range [-1, 1]; the caller
+knows their public range). Some x̂_0 clipping is needed at the start: with the cosine schedule ᾱ_{T-1} ≈ 2e-9, so
+x̂_0 = (x − √(1−ᾱ)·ε̂)/√ᾱ magnifies any ε̂ error by ~2e4 (unclipped DDIM latents of a pre-trained latent UNet had
+std ~3000 here).
 """
 
 from __future__ import annotations
@@ -36,14 +39,16 @@ def ddim_scheduler(schedule: NoiseSchedule | dict[str, Any], steps: int) -> Any:
 
 def sample(net: nn.Module, schedule: NoiseSchedule | dict[str, Any], labels: Tensor | list[int], *,
            steps: int = 50, guidance_scale: float = 2.0, eta: float = 0.0, seed: int = 0, batch_size: int = 500,
-           device: str | torch.device = "cpu", image_size: int | None = None, latent: bool = False) -> Tensor:
+           device: str | torch.device = "cpu", image_size: int | None = None, latent: bool = False,
+           clip_range: float | None = None) -> Tensor:
     """Generate one image per label: float32 [N, C, image_size, image_size] in [0, 1] on the CPU.
 
     ``net`` is the class-conditional UNet2DModel (LoRA-adapted or not) whose last class index is the null
     label; ``image_size`` (default: the net's sample size) is the original size the padded output is
     centre-cropped back to (see ``unet``). The net is used in eval mode and left in the mode it came in.
-    ``latent``: the net denoises autoencoder latents: no x̂_0 clipping, and the cropped latents are returned as
-    they are (float32, CPU), not mapped to [0, 1].
+    ``latent``: the net denoises autoencoder latents: the cropped latents are returned as they are (float32,
+    CPU), not mapped to [0, 1]. ``clip_range``: clip x̂_0 to ±clip_range at each step (default: the schedule's
+    own setting, [-1, 1], for images; no clipping for latents).
     """
     labels = torch.as_tensor(labels, dtype=torch.long).flatten().cpu()
     cfg = net.config
@@ -58,9 +63,13 @@ def sample(net: nn.Module, schedule: NoiseSchedule | dict[str, Any], labels: Ten
         raise SpecError(f"sampler: image_size {out_size} exceeds the network's sample size {side}")
     channels = int(cfg.in_channels)
     device = torch.device(device)
-    if latent:
+    if latent or clip_range is not None:
         schedule = {**(schedule.scheduler_kwargs() if isinstance(schedule, NoiseSchedule) else dict(schedule)),
-                    "clip_sample": False}
+                    "clip_sample": clip_range is not None}
+        if clip_range is not None:
+            if not clip_range > 0:
+                raise SpecError(f"sampler: clip_range must be > 0, got {clip_range}")
+            schedule["clip_sample_range"] = float(clip_range)
     scheduler = ddim_scheduler(schedule, steps)
     generator = torch.Generator().manual_seed(int(seed))
     noise = torch.randn((len(labels), channels, side, side), generator=generator)
