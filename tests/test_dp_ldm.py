@@ -181,9 +181,17 @@ def test_the_release_is_the_fine_tuned_subset_and_cache_keys(fitted, tmp_path, m
     assert torch.equal(there.generate(n_per_class=2, seed=9)[0], here)
 
 
-def test_generation_is_images_in_range_and_deterministic_in_the_seed(fitted):
+def test_generation_is_images_in_range_and_deterministic_in_the_seed(fitted, monkeypatch):
+    from dpdistill.synthesis.diffusion import autoencoder
+
     synth = fitted["synth"]
+    decoded: list[torch.Tensor] = []
+    real_decode = autoencoder.decode
+    monkeypatch.setattr(autoencoder, "decode", lambda ae, z, *a, **k: decoded.append(z) or real_decode(ae, z, *a, **k))
     images, labels = synth.generate(n_per_class=3, seed=5)
+    # DDIM's last step returns its x̂_0, clipped to the public latents' range (unclipped, the cosine schedule's
+    # final ᾱ ≈ 2e-9 blows latents up by orders of magnitude).
+    assert len(decoded) == 1 and float(decoded[0].abs().max()) <= synth.latent_clip + 1e-5
     assert images.shape == (30, 1, 8, 8) and images.dtype == torch.float32
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     assert torch.equal(labels, torch.arange(10).repeat_interleave(3))
