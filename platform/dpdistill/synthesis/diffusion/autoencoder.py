@@ -30,12 +30,9 @@ name and renamed, one process per key at a time (a lock file per key).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,11 +40,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from dpdistill.data.base import ImageSet
 from dpdistill.errors import DataError, SpecError
-from dpdistill.synthesis.diffusion.pretrain import content_hash, default_cache_root
+from dpdistill.synthesis.diffusion.pretrain import cached_entry, content_hash, default_cache_root
+from dpdistill.synthesis.diffusion.unet import from_model, pad_to_model
 
 # Bump when the training algorithm below changes what a given key produces (old cache entries then miss).
 ALGORITHM_VERSION = "diffusion-autoencoder-1"
@@ -166,22 +163,14 @@ def cache_key(ae: AutoencoderConfig, cfg: AutoencoderTrainConfig, data_hash: str
 
 
 def to_input(images: Tensor, cfg: AutoencoderConfig) -> Tensor:
-    """Images in [0, 1] → the encoder's input: [-1, 1], padded by edge replication to ``cfg.model_size``."""
-    x = images * 2.0 - 1.0
-    pad = cfg.model_size - images.shape[-1]
-    if pad:
-        lo = pad // 2
-        x = F.pad(x, (lo, pad - lo, lo, pad - lo), mode="replicate")
-    return x
+    """Images in [0, 1] → the encoder's input: [-1, 1], padded by edge replication to ``cfg.model_size`` (the
+    UNet's input mapping: both read only the config's sides)."""
+    return pad_to_model(images * 2.0 - 1.0, cfg)
 
 
 def from_output(x: Tensor, cfg: AutoencoderConfig) -> Tensor:
-    """The decoder's output → images in [0, 1] at ``cfg.image_size`` (centre crop, clamped)."""
-    pad = x.shape[-1] - cfg.image_size
-    if pad:
-        lo = pad // 2
-        x = x[..., lo:lo + cfg.image_size, lo:lo + cfg.image_size]
-    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    """The decoder's output → images in [0, 1] at ``cfg.image_size`` (centre crop, clamped; the UNet's inverse)."""
+    return from_model(x.float(), cfg)
 
 
 @torch.no_grad()
@@ -242,31 +231,17 @@ def pretrain_autoencoder(ae: AutoencoderConfig, cfg: AutoencoderTrainConfig, pub
         raise DataError(f"autoencoder pretrain: public images are {tuple(public.images.shape[1:])}, the "
                         f"autoencoder expects {(ae.channels, ae.image_size, ae.image_size)}")
     key, doc = cache_key(ae, cfg, content_hash(public))
-    target = entry_dir(key, cache_root)
-    cached = _cached(target, key)
-    if cached is not None:
-        return cached
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # One process trains a key at a time (as pretrain does): the others wait and load its entry.
-    with open(target.parent / f".{key[:32]}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        cached = _cached(target, key)
-        if cached is not None:
-            return cached
+
+    def make(tmp: Path) -> PretrainedAutoencoder:
         net, losses = _train(ae, cfg, public, device, progress)
         scale = latent_scaling_factor(net, public, ae)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:32]}-", dir=target.parent))
-        try:
-            net.to("cpu").save_pretrained(tmp)
-            (tmp / META_FILE).write_text(json.dumps({"key": key, "inputs": doc, "scaling_factor": scale,
-                                                      "losses": losses}, indent=1))
-            if target.exists():  # a stale entry (a key prefix clash or an old version): replace it
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return PretrainedAutoencoder(target, key, True, scale, losses)
+        net.to("cpu").save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps({"key": key, "inputs": doc, "scaling_factor": scale,
+                                                  "losses": losses}, indent=1))
+        return PretrainedAutoencoder(entry_dir(key, cache_root), key, True, scale, losses)
+
+    # Made once per key, under the key's lock, published by an atomic rename (as the UNet's pre-training).
+    return cached_entry(entry_dir(key, cache_root), key, _cached, make)
 
 
 def _cached(target: Path, key: str) -> PretrainedAutoencoder | None:

@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -48,6 +48,7 @@ from dpdistill.synthesis.diffusion.unet import UNetConfig, contiguous_conv_input
 # Bump when the training algorithm below changes what a given key produces (old cache entries then miss).
 ALGORITHM_VERSION = "diffusion-pretrain-1"
 META_FILE = "dpdistill_pretrain.json"
+T = TypeVar("T")
 
 
 def default_cache_root() -> Path:
@@ -159,20 +160,46 @@ def pretrain(unet: UNetConfig, schedule: NoiseSchedule | None = None, cfg: Pretr
         raise SpecError("pretrain: a latent UNet is pre-trained on the latents passed as public=")
     data = public if public is not None else load_public(cfg.public_set, unet)
     key, doc = cache_key(unet, schedule, cfg, content_hash(data))
-    target = entry_dir(key, cache_root)
-    cached = _cached(target, key)
-    if cached is not None:
-        return cached
+    conditional = data.num_classes == unet.num_classes
+
+    def make(tmp: Path) -> Pretrained:
+        net, losses = _train(unet, schedule, cfg, data, conditional, device, progress)
+        net.to("cpu").save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps({"key": key, "inputs": doc, "conditional": conditional,
+                                                  "losses": losses}, indent=1))
+        return Pretrained(entry_dir(key, cache_root), key, True, losses, conditional)
+
+    return cached_entry(entry_dir(key, cache_root), key, _cached, make)
+
+
+def cached_entry(target: Path, key: str, load: Callable[[Path, str], T | None], make: Callable[[Path], T]) -> T:
+    """A cache entry directory made once per key: ``load(target, key)`` when ``target`` holds ``key``; else
+    ``make(tmp)`` writes the entry into a temporary directory beside ``target``, which is renamed onto it.
+
+    One process makes a key at a time: others asking for the same key meanwhile (Ray tasks on one node, two jobs
+    sharing the cache, parallel test workers) wait for the key's lock file and load the entry instead of making
+    it again and replacing the directory under a reader. A killed maker leaves only its temporary directory's
+    removal undone, never a half-written entry.
+    """
+    found = load(target, key)
+    if found is not None:
+        return found
     target.parent.mkdir(parents=True, exist_ok=True)
-    # One process trains a key at a time: others asking for the same key meanwhile (Ray tasks on one node, two
-    # jobs sharing the cache) wait for the lock and load its entry instead of training it again and replacing
-    # the directory under a reader.
     with open(target.parent / f".{key[:32]}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        cached = _cached(target, key)
-        if cached is not None:
-            return cached
-        return _train_and_publish(unet, schedule, cfg, data, device, progress, key, doc, target)
+        found = load(target, key)
+        if found is not None:
+            return found
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:32]}-", dir=target.parent))
+        try:
+            made = make(tmp)
+            if target.exists():  # a stale entry (a key prefix clash or an old version): replace it
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return made
 
 
 def _cached(target: Path, key: str) -> Pretrained | None:
@@ -183,26 +210,6 @@ def _cached(target: Path, key: str) -> Pretrained | None:
         if meta.get("key") == key:
             return Pretrained(target, key, False, list(meta.get("losses", [])), bool(meta.get("conditional")))
     return None
-
-
-def _train_and_publish(unet: UNetConfig, schedule: NoiseSchedule, cfg: PretrainConfig, data: ImageSet,
-                       device: str, progress: Callable[[int, float], None] | None, key: str, doc: dict[str, Any],
-                       target: Path) -> Pretrained:
-    """Train, then publish the entry under ``target`` by an atomic rename (the caller holds the key's lock)."""
-    conditional = data.num_classes == unet.num_classes
-    net, losses = _train(unet, schedule, cfg, data, conditional, device, progress)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:32]}-", dir=target.parent))
-    try:
-        net.to("cpu").save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps({"key": key, "inputs": doc, "conditional": conditional,
-                                                  "losses": losses}, indent=1))
-        if target.exists():  # a stale entry (other key prefix clash or an old version): replace it
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return Pretrained(target, key, True, losses, conditional)
 
 
 def _train(unet: UNetConfig, schedule: NoiseSchedule, cfg: PretrainConfig, data: ImageSet, conditional: bool,
