@@ -21,12 +21,17 @@ set):
    Every worker applies the same averaged update, so the replicas stay identical (they start identical: rank
    0's parameters and buffers are broadcast before the first step).
 
-Per-record gradients: opacus' ``GradSampleModule`` hooks (per-layer formulas for Linear, Conv, GroupNorm,
-LayerNorm, Embedding ..., its torch.func fallback for any other layer holding parameters). Not ``torch.func``
-vmap over records: an objective's losses draw their own randomness (diffusion timesteps and noise) from a
-``torch.Generator``, which vmap cannot batch, and the hooks let the objective call the network however it likes
-(several calls, keyword arguments, attribute access) in one ordinary batched forward. Layers that mix records
-(BatchNorm) are refused by opacus' validation.
+Per-record gradients (step 2-3): one of three backends of :mod:`dpdistill.training.per_record`, chosen per
+model by the schedule's public ``grad_sample_mode`` (``auto`` | ``hooks`` | ``ghost`` | ``functorch``; never by
+the data): opacus' ``GradSampleModule`` hooks (any layer opacus knows; per-record gradients materialised),
+ghost clipping (per-record norms without per-record gradients, then one weighted backward; Linear, Conv2d,
+GroupNorm, LayerNorm and Embedding only) or ``torch.func`` vmap over records (objectives that draw their
+randomness outside the loss: ``draw_rows`` / ``row_losses``). All three compute the same clipped sum (tests/
+test_dp_sgd_backends.py); ``auto`` takes ghost where the model allows it, else hooks (the fastest measured,
+benchmarks/bench_dp_step.py; :func:`resolve_grad_sample_mode` gives the choice for a plan to record). The
+hooks and ghost let the objective call the network however it likes (several calls, keyword arguments,
+attribute access) in one ordinary batched forward. Layers that mix records (BatchNorm) are refused by opacus'
+validation (hooks) or are not ghost-clippable.
 
 Privacy of what leaves: the returned state and the checkpoints hold the network (DP by the noisy updates) and
 the optimiser state (computed from the same noisy gradients). ``on_step`` receives step numbers and wall time
@@ -38,7 +43,6 @@ from __future__ import annotations
 import copy
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -48,8 +52,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpdistill.errors import PrivacyError, SpecError
-from dpdistill.privacy.dp_ops import clipped_per_example_sum
 from dpdistill.privacy.noise import PrivacyRandomness
+from dpdistill.training.per_record import (
+    GRAD_SAMPLE_MODES,
+    HooksBackend,
+    choose_backend,
+    hooks_clipped_sum,
+    open_backend,
+)
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -86,7 +96,9 @@ class DPSGDSchedule:
     ``q`` is the GLOBAL Poisson rate (each record of the whole set independently with probability q),
     ``n_records`` the size of the whole sensitive set (the expected batch is q·n), ``clip`` the per-record
     L2 bound C, ``sigma`` the noise multiplier (noise std σ·C on the summed gradient). ``max_physical_batch``
-    is how many rows one forward/backward holds (memory), not a privacy parameter.
+    is how many rows one forward/backward holds (memory), not a privacy parameter. ``grad_sample_mode`` picks
+    how per-record clipped gradients are computed (:mod:`dpdistill.training.per_record`: ``auto``, ``hooks``,
+    ``ghost``, ``functorch``): speed only, the clipped sum is the same; public (a function of the model).
     """
 
     sigma: float
@@ -103,6 +115,7 @@ class DPSGDSchedule:
     # The charged plan this schedule executes (its unique id): checkpoints carry the schedule, so a checkpoint
     # of another plan — another run with the same numbers — is never resumed as this one.
     plan_id: str = ""
+    grad_sample_mode: str = "auto"
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any, integer: bool = False) -> None:
@@ -125,6 +138,9 @@ class DPSGDSchedule:
                             f"{self.optimizer!r}")
         if isinstance(self.weight_decay, bool) or not self.weight_decay >= 0:
             raise SpecError(f"dp-sgd schedule: weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise SpecError(f"dp-sgd schedule: grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
+                            f"got {self.grad_sample_mode!r}")
         if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
                 or self.checkpoint_every < 0:
             raise SpecError(f"dp-sgd schedule: checkpoint_every must be an integer >= 0, got "
@@ -158,37 +174,27 @@ def attach_grad_sampler(net: nn.Module) -> Any:
     The hooks sit on ``net``'s submodules, so calling ``net`` itself (not the wrapper) fills ``p.grad_sample``.
     Call ``.remove_hooks()`` on the result when done.
     """
-    from opacus import GradSampleModule
-
-    # Opacus' full backward hooks forbid modifying a hooked layer's output in place (ReLU(inplace=True) after a
-    # conv): switch in-place activations off; the result is the same, at the cost of one more tensor.
-    for module in net.modules():
-        if isinstance(getattr(module, "inplace", None), bool):
-            module.inplace = False
-    return GradSampleModule(net, batch_first=True, loss_reduction="sum", strict=True)
+    return HooksBackend(net, []).sampler
 
 
-def _per_record(gs: Tensor | list[Tensor] | None, param: Tensor, records: int, k: int) -> Tensor:
-    """One parameter's per-record gradient [records, *shape]: the mean of the record's K rows."""
-    if gs is None:  # the parameter took no part in the forward: its gradient is zero for every record
-        return torch.zeros((records, *param.shape), device=param.device, dtype=param.dtype)
-    if isinstance(gs, list):  # several backward passes accumulated (not done here, but opacus allows it)
-        gs = torch.stack(gs).sum(0)
-    if gs.shape[0] == records * k:
-        return gs.reshape(records, k, *param.shape).mean(1)
-    if gs.shape[0] == records:  # the network saw each record once and the K losses share that forward
-        return gs / k
-    raise PrivacyError(f"dp-sgd: per-sample gradients of {gs.shape[0]} rows for {records} records x "
-                       f"multiplicity {k}; an objective's network must take the records (or their K rows) "
-                       "along dimension 0")
+def resolve_grad_sample_mode(objective: DPObjective, mode: str = "auto") -> str:
+    """The per-record backend ``mode`` means for ``objective``'s network (hooks | ghost | functorch).
+
+    Public: it depends on the architecture and the trainable parameters only (the network is built, no data is
+    read), so a plan may record it. SpecError when an explicit mode cannot serve the model.
+    """
+    net = objective.build()
+    params = list(objective.trainable(net))
+    return choose_backend(mode, objective, net, params)
 
 
 def clipped_gradient_sum(objective: DPObjective, net: nn.Module, params: list[nn.Parameter], images: Tensor,
                          labels: Tensor, multiplicity: int, clip: float, generator: torch.Generator,
-                         max_physical_batch: int = 256) -> list[Tensor]:
+                         max_physical_batch: int = 256, backend: Any = None) -> list[Tensor]:
     """Σ over the records of clip_C(mean of the record's K row gradients), one tensor per parameter in ``params``.
 
-    ``net`` must carry opacus' hooks (:func:`attach_grad_sampler`). Records are processed in chunks of
+    ``backend``: an open :mod:`~dpdistill.training.per_record` backend (:func:`open_backend`); None: opacus'
+    hooks, which ``net`` must then carry (:func:`attach_grad_sampler`). Records are processed in chunks of
     ``max_physical_batch // multiplicity`` (a record's rows never split across chunks). No noise here: the
     result is what the noise protects and must not leave the caller unnoised.
     """
@@ -199,22 +205,12 @@ def clipped_gradient_sum(objective: DPObjective, net: nn.Module, params: list[nn
     per_chunk = max(1, max_physical_batch // multiplicity)
     for start in range(0, n, per_chunk):
         x, y = images[start:start + per_chunk], labels[start:start + per_chunk]
-        b = len(x)
-        for p in params:
-            p.grad_sample = None
-            p.grad = None
-        rows = objective.losses(net, x, y, multiplicity, generator)
-        if rows.ndim != 1 or rows.shape[0] != b * multiplicity:
-            raise PrivacyError(f"dp-sgd: the objective returned losses of shape {tuple(rows.shape)} for {b} "
-                               f"records x multiplicity {multiplicity}; expected [{b * multiplicity}] (one per row)")
-        with warnings.catch_warnings():
-            # The images never require grad, so torch notes that the first layer's full backward hook fires
-            # for its output only: exactly what opacus needs.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            rows.sum().backward()
-        per_record = [_per_record(getattr(p, "grad_sample", None), p, b, multiplicity) for p in params]
-        for acc, part in zip(total, clipped_per_example_sum(per_record, clip), strict=True):
-            acc += part
+        if backend is None:
+            part = hooks_clipped_sum(objective, net, params, x, y, multiplicity, clip, generator)
+        else:
+            part = backend.clipped_sum(objective, net, params, x, y, multiplicity, clip, generator)
+        for acc, p in zip(total, part, strict=True):
+            acc += p
     for p in params:
         p.grad_sample = None
         p.grad = None
@@ -323,7 +319,8 @@ def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None
         optimizer.load_state_dict(optimizer_state)
 
     images, labels = images.to(device), labels.to(device)
-    sampler = attach_grad_sampler(net)
+    # Public: a function of the architecture and the trainable parameters (resolve_grad_sample_mode).
+    backend = open_backend(choose_backend(schedule.grad_sample_mode, objective, net, params), net, params)
     numels = [p.numel() for p in params]
     started = time.monotonic()
     try:
@@ -332,7 +329,7 @@ def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None
             batch_x, batch_y = images[keep], labels[keep]
             generator = noise.generator(device)
             sums = clipped_gradient_sum(objective, net, params, batch_x, batch_y, schedule.multiplicity,
-                                        schedule.clip, generator, schedule.max_physical_batch)
+                                        schedule.clip, generator, schedule.max_physical_batch, backend)
             flat = torch.cat([s.reshape(-1) for s in sums])
             if rank == 0:  # the one draw of this step, from the guarded path; added before the reduce
                 flat = flat + noise.gaussian(flat.shape, schedule.noise_std, flat.device, flat.dtype)
@@ -354,7 +351,7 @@ def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None
                 on_step(done, {"step": done, "steps": schedule.steps, "rank": rank,
                                "elapsed_s": time.monotonic() - started})
     finally:
-        sampler.remove_hooks()
+        backend.close()
     return _cpu_copy(net.state_dict())
 
 
@@ -395,6 +392,15 @@ class ClassifierObjective:
 
     def losses(self, net: nn.Module, images: Tensor, labels: Tensor, multiplicity: int,
                generator: torch.Generator) -> Tensor:
+        return self.row_losses(net, *self.draw_rows(images, labels, multiplicity, generator))
+
+    def draw_rows(self, images: Tensor, labels: Tensor, multiplicity: int,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The rows (each record repeated K times; no randomness here), for the functorch backend."""
         x = images.repeat_interleave(multiplicity, 0) if multiplicity > 1 else images
         y = labels.repeat_interleave(multiplicity, 0) if multiplicity > 1 else labels
-        return F.cross_entropy(net(x), y.long(), reduction="none")
+        return x, y.long()
+
+    def row_losses(self, net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy per row (deterministic)."""
+        return F.cross_entropy(net(x), y, reduction="none")

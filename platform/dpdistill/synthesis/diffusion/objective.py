@@ -145,7 +145,16 @@ class DiffusionObjective:
                generator: torch.Generator) -> Tensor:
         """ε-prediction MSE per row, shape [B*K]; record i's rows are i*K … i*K+K-1."""
         device = next(net.parameters()).device
-        xt, t, y, noise = self.noising(images.to(device), labels.to(device), multiplicity, generator)
+        return self.row_losses(net, *self.draw_rows(images.to(device), labels.to(device), multiplicity, generator))
+
+    def draw_rows(self, images: Tensor, labels: Tensor, multiplicity: int,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every random draw of the rows (:meth:`noising`) outside the loss, so DP-SGD's functorch backend can
+        vmap :meth:`row_losses` over records (``losses`` is exactly row_losses of draw_rows)."""
+        return self.noising(images, labels.to(images.device), multiplicity, generator)
+
+    def row_losses(self, net: nn.Module, xt: Tensor, t: Tensor, y: Tensor, noise: Tensor) -> Tensor:
+        """ε-prediction MSE of each row (deterministic given the drawn rows)."""
         pred = net(xt, t, class_labels=y).sample
         return (pred - noise).pow(2).flatten(1).mean(1)
 

@@ -1,0 +1,434 @@
+"""Per-record clipped-gradient sums for DP-SGD: three interchangeable backends, one contract, chosen per model.
+
+Every backend computes, for one chunk of records, Σ_i clip_C(g_i) with g_i = (1/K) Σ_k ∇θ loss_ik (record i's K
+rows averaged BEFORE clipping, the whole vector over all trainable parameters clipped as one), and nothing else:
+no noise, no sampling (the engine, :mod:`dpdistill.training.dp_sgd`, does those). They differ in how they get
+the per-record norms:
+
+- ``hooks``: opacus' ``GradSampleModule`` materialises every record's gradient (``p.grad_sample``), then
+  :func:`~dpdistill.privacy.dp_ops.clipped_per_example_sum`. Any layer opacus knows (and its torch.func
+  fallback for others).
+- ``ghost`` (fast gradient clipping, two backward passes): the forward records each trainable layer's input
+  and output; a first backward computes only the gradients w.r.t. those outputs (no parameter gradients);
+  per-record squared norms follow per layer without keeping any per-record gradient: for Linear / Conv2d
+  (unfolded) either the Gram trick ||Σ_p g_p a_pᵀ||² = Σ_{p,p'} (a_p·a_p')(g_p·g_p') or the record's
+  gradient built and reduced on the spot, whichever costs fewer multiply-adds for that layer's shape; exact
+  per-row gradients for GroupNorm / LayerNorm (small); the Gram trick with an index-equality mask for
+  Embedding. A record's K rows (and a layer called several times) are extra positions p of the record, so
+  the norm is that of the MEAN of the K rows' gradients, exactly as ``hooks``. The second backward of
+  Σ_i (min(1, C/‖g_i‖)/K)·Σ_k loss_ik leaves the clipped sum in ``p.grad``. Supported: exactly nn.Linear,
+  nn.Conv2d (zero padding, groups 1), nn.GroupNorm, nn.LayerNorm, nn.Embedding (no max_norm, no
+  scale_grad_by_freq, no sparse); a model whose trainable parameters sit in anything else (or one parameter in
+  two modules) is not ghost-clippable: :func:`ghost_support` says why, and ``ghost`` refuses it.
+- ``functorch``: ``torch.func.vmap(grad(...))`` over records, each record's K rows one vmapped call. Needs the
+  objective's randomness drawn OUTSIDE the vmapped function: the objective must offer ``draw_rows(images,
+  labels, multiplicity, generator)`` (every random draw, returning per-row tensors with B·K rows) and
+  ``row_losses(net, *rows)`` (deterministic, one loss per row), with ``losses`` = ``row_losses(net,
+  *draw_rows(...))``. vmap's randomness="error" refuses an objective that still draws inside.
+
+``auto`` (the default of :class:`~dpdistill.training.dp_sgd.DPSGDSchedule`) is a function of the model's
+architecture and K only (public: never of the data): ``ghost`` when :func:`ghost_support` accepts the model,
+else ``hooks``. Why (benchmarks/bench_dp_step.py, 2 threads, this project's 2-core machine, see
+benchmarks/results/dp_step.md): on both measured models ghost was the fastest private step (ConvNet-3 width 32
+instance norm, batch 512: hooks ≈ 2.3×, ghost ≈ 1.9×, functorch ≈ 2.6× the non-private step; the pdp-diffusion
+MNIST UNet, batch 256, K = 1: hooks ≈ 2.5×, ghost ≈ 1.9×, functorch ≈ 3×). functorch is never chosen by auto:
+it was slowest on both and materialises every record's full gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpdistill.errors import PrivacyError, SpecError
+from dpdistill.privacy.dp_ops import clip_factors, clipped_per_example_sum
+
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
+BACKENDS = ("hooks", "ghost", "functorch")
+
+_GHOST_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+
+
+# --------------------------------------------------------------------------------------------- support / choice
+
+
+def _owners(net: nn.Module, params: Sequence[nn.Parameter]) -> tuple[list[nn.Module], str | None]:
+    """The modules that directly own a trainable parameter; a reason string when a parameter is shared."""
+    wanted = {id(p) for p in params}
+    owners: list[nn.Module] = []
+    seen: dict[int, str] = {}
+    for name, module in net.named_modules(remove_duplicate=False):
+        own = [(n, p) for n, p in module._parameters.items() if p is not None and id(p) in wanted]
+        if not own:
+            continue
+        for n, p in own:
+            if id(p) in seen and seen[id(p)] != f"{name}.{n}":
+                return owners, f"parameter {seen[id(p)]} is also {name}.{n} (tied weights)"
+            seen[id(p)] = f"{name}.{n}"
+        if module not in owners:
+            owners.append(module)
+    missing = wanted - set(seen)
+    if missing:
+        return owners, f"{len(missing)} trainable parameter(s) are not owned by any submodule of the network"
+    return owners, None
+
+
+def ghost_support(net: nn.Module, params: Sequence[nn.Parameter]) -> str | None:
+    """None when ghost clipping computes exact per-record norms for ``net``'s ``params``; else why not."""
+    owners, problem = _owners(net, params)
+    if problem:
+        return problem
+    for module in owners:
+        kind = type(module)
+        if kind not in _GHOST_TYPES:  # exact types: a subclass may change forward (LoRA-compatible layers ...)
+            return f"{kind.__name__} holds trainable parameters (ghost clipping knows {_type_names()})"
+        if kind is nn.Conv2d and (module.groups != 1 or module.padding_mode != "zeros"
+                                  or isinstance(module.padding, str)):
+            return "a Conv2d with groups != 1, a non-zero padding mode or string padding"
+        if kind is nn.Embedding and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
+            return "an Embedding with max_norm, scale_grad_by_freq or sparse gradients"
+        if kind in (nn.GroupNorm, nn.LayerNorm) and not _affine(module):
+            return f"a {kind.__name__} without affine parameters but with trainable ones"
+    return None
+
+
+def _affine(module: nn.Module) -> bool:
+    return bool(getattr(module, "affine", False) or getattr(module, "elementwise_affine", False))
+
+
+def _type_names() -> str:
+    return ", ".join(t.__name__ for t in _GHOST_TYPES)
+
+
+def functorch_support(objective: Any) -> str | None:
+    """None when ``objective`` draws its randomness outside the loss (``draw_rows`` / ``row_losses``)."""
+    if callable(getattr(objective, "draw_rows", None)) and callable(getattr(objective, "row_losses", None)):
+        return None
+    return (f"{type(objective).__name__} has no draw_rows/row_losses (its randomness cannot be drawn outside "
+            "the vmapped loss)")
+
+
+def choose_backend(mode: str, objective: Any, net: nn.Module, params: Sequence[nn.Parameter]) -> str:
+    """The backend ``mode`` means for this model (public: architecture only); SpecError when it cannot serve it.
+
+    ``auto``: ``ghost`` when the model is ghost-clippable, else ``hooks`` (the module docstring says why).
+    """
+    if mode not in GRAD_SAMPLE_MODES:
+        raise SpecError(f"dp-sgd: grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "ghost" if ghost_support(net, params) is None else "hooks"
+    if mode == "ghost":
+        reason = ghost_support(net, params)
+        if reason:
+            raise SpecError(f"dp-sgd: grad_sample_mode ghost cannot clip this model exactly: {reason}; use hooks "
+                            "or auto")
+    if mode == "functorch":
+        reason = functorch_support(objective)
+        if reason:
+            raise SpecError(f"dp-sgd: grad_sample_mode functorch: {reason}; use hooks, ghost or auto")
+    return mode
+
+
+def open_backend(name: str, net: nn.Module, params: Sequence[nn.Parameter]) -> Any:
+    """The backend ``name`` attached to ``net`` (call ``.close()`` when done)."""
+    if name == "hooks":
+        return HooksBackend(net, params)
+    if name == "ghost":
+        return GhostBackend(net, params)
+    if name == "functorch":
+        return FunctorchBackend(net, params)
+    raise SpecError(f"dp-sgd: unknown per-record backend {name!r}")
+
+
+def _no_inplace(net: nn.Module) -> None:
+    # Hooks on a layer's output (opacus' and ghost's) need that output left as it is: in-place activations off
+    # (same values, one more tensor).
+    for module in net.modules():
+        if isinstance(getattr(module, "inplace", None), bool):
+            module.inplace = False
+
+
+def _check_rows(rows: Tensor, b: int, k: int) -> None:
+    if rows.ndim != 1 or rows.shape[0] != b * k:
+        raise PrivacyError(f"dp-sgd: the objective returned losses of shape {tuple(rows.shape)} for {b} "
+                           f"records x multiplicity {k}; expected [{b * k}] (one per row)")
+
+
+# --------------------------------------------------------------------------------------------------- hooks
+
+
+def _per_record(gs: Tensor | list[Tensor] | None, param: Tensor, records: int, k: int) -> Tensor:
+    """One parameter's per-record gradient [records, *shape]: the mean of the record's K rows."""
+    if gs is None:  # the parameter took no part in the forward: its gradient is zero for every record
+        return torch.zeros((records, *param.shape), device=param.device, dtype=param.dtype)
+    if isinstance(gs, list):  # several backward passes accumulated (not done here, but opacus allows it)
+        gs = torch.stack(gs).sum(0)
+    if gs.shape[0] == records * k:
+        return gs.reshape(records, k, *param.shape).mean(1)
+    if gs.shape[0] == records:  # the network saw each record once and the K losses share that forward
+        return gs / k
+    raise PrivacyError(f"dp-sgd: per-sample gradients of {gs.shape[0]} rows for {records} records x "
+                       f"multiplicity {k}; an objective's network must take the records (or their K rows) "
+                       "along dimension 0")
+
+
+class HooksBackend:
+    """Opacus' per-sample gradients (``GradSampleModule`` hooks, loss reduction "sum"), then clip and sum."""
+
+    name = "hooks"
+
+    def __init__(self, net: nn.Module, params: Sequence[nn.Parameter]) -> None:
+        from opacus import GradSampleModule
+
+        _no_inplace(net)
+        self.sampler = GradSampleModule(net, batch_first=True, loss_reduction="sum", strict=True)
+
+    def clipped_sum(self, objective: Any, net: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor,
+                    k: int, clip: float, generator: torch.Generator) -> list[Tensor]:
+        return hooks_clipped_sum(objective, net, params, x, y, k, clip, generator)
+
+    def close(self) -> None:
+        self.sampler.remove_hooks()
+
+
+def hooks_clipped_sum(objective: Any, net: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor, k: int,
+                      clip: float, generator: torch.Generator) -> list[Tensor]:
+    """One chunk through opacus' hooks (``net`` must carry them)."""
+    b = len(x)
+    for p in params:
+        p.grad_sample = None
+        p.grad = None
+    rows = objective.losses(net, x, y, k, generator)
+    _check_rows(rows, b, k)
+    with warnings.catch_warnings():
+        # The images never require grad, so torch notes that the first layer's full backward hook fires
+        # for its output only: exactly what opacus needs.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        rows.sum().backward()
+    per_record = [_per_record(getattr(p, "grad_sample", None), p, b, k) for p in params]
+    for p in params:
+        p.grad_sample = None
+        p.grad = None
+    return clipped_per_example_sum(per_record, clip)
+
+
+# --------------------------------------------------------------------------------------------------- ghost
+
+
+def _positions(t: Tensor, b: int, k: int, what: str) -> Tensor:
+    """A layer call's per-row tensor [n, ..., d] as the records' positions [b, P, d] (K rows = more positions)."""
+    n = t.shape[0]
+    if n not in (b * k, b):
+        raise PrivacyError(f"dp-sgd ghost: a {what} saw {n} rows for {b} records x multiplicity {k}; an "
+                           "objective's network must take the records (or their K rows) along dimension 0")
+    return t.reshape(b, -1, t.shape[-1])
+
+
+def _per_row_to_record(t: Tensor, b: int, k: int, what: str) -> Tensor:
+    """Per-row gradients [n, ...] summed over each record's rows: [b, ...]."""
+    n = t.shape[0]
+    if n == b * k:
+        return t.reshape(b, k, *t.shape[1:]).sum(1)
+    if n == b:
+        return t
+    raise PrivacyError(f"dp-sgd ghost: a {what} saw {n} rows for {b} records x multiplicity {k}")
+
+
+def _weight_norm2(a: Tensor, g: Tensor) -> Tensor:
+    """||Σ_p g_p a_pᵀ||² per record for a [b, P, i], g [b, P, o]: Gram trick or direct, the cheaper."""
+    _, positions, d_in = a.shape
+    d_out = g.shape[-1]
+    if positions * positions * (d_in + d_out) < positions * d_in * d_out + d_in * d_out:
+        gram_a = torch.bmm(a, a.transpose(1, 2))
+        gram_g = torch.bmm(g, g.transpose(1, 2))
+        return (gram_a * gram_g).sum((1, 2))
+    return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+
+
+class GhostBackend:
+    """Fast gradient clipping: per-record norms from layer inputs and output gradients, then one weighted backward."""
+
+    name = "ghost"
+
+    def __init__(self, net: nn.Module, params: Sequence[nn.Parameter]) -> None:
+        reason = ghost_support(net, params)
+        if reason:
+            raise SpecError(f"dp-sgd: ghost clipping cannot serve this model: {reason}")
+        _no_inplace(net)
+        self.layers, _ = _owners(net, params)
+        self.trainable = {id(p) for p in params}
+        self.calls: dict[nn.Module, list[tuple[Tensor, Tensor, int, int]]] = {}
+        self.recording = False
+        self.handles = [m.register_forward_hook(self._capture) for m in self.layers]
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.recording:
+            if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
+                raise PrivacyError(f"dp-sgd ghost: {type(module).__name__} was called without a tensor input/output")
+            # The versions: an in-place change of either tensor after this call would make the norms wrong.
+            self.calls.setdefault(module, []).append((args[0].detach(), output, args[0]._version, output._version))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.calls = {}
+
+    def clipped_sum(self, objective: Any, net: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor,
+                    k: int, clip: float, generator: torch.Generator) -> list[Tensor]:
+        b = len(x)
+        self.calls = {}
+        self.recording = True
+        try:
+            rows = objective.losses(net, x, y, k, generator)
+        finally:
+            self.recording = False
+        _check_rows(rows, b, k)
+        try:
+            calls = [(m, a, out) for m, seen in self.calls.items() for a, out, _, _ in seen]
+            for m, seen in self.calls.items():
+                if any(a._version != va or out._version != vo for a, out, va, vo in seen):
+                    raise PrivacyError(f"dp-sgd ghost: the input or output of a {type(m).__name__} was modified in "
+                                       "place after the layer ran; its per-record norms would be wrong (use hooks)")
+            outputs = [out for _, _, out in calls]
+            grads = torch.autograd.grad(rows.sum(), outputs, retain_graph=True, allow_unused=True) \
+                if outputs else ()
+            norm2 = torch.zeros(b, device=rows.device, dtype=torch.float32)
+            by_module: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
+            for (m, a, _out), g in zip(calls, grads, strict=True):
+                if g is not None:
+                    by_module.setdefault(m, []).append((a, g))
+            for m, seen in by_module.items():
+                norm2 += self._norm2(m, seen, b, k).float()
+            scale = clip_factors(norm2.sqrt(), clip)
+            weights = (scale / k).to(rows.dtype)
+            if rows.shape[0] == b * k:
+                weights = weights.repeat_interleave(k)
+            for p in params:
+                p.grad = None
+            # Σ_i (c_i / K) Σ_k loss_ik: its gradient is Σ_i c_i g_i, the clipped sum.
+            torch.autograd.backward((rows * weights.detach()).sum(), inputs=list(params))
+            out = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            for p in params:
+                p.grad = None
+            return out
+        finally:
+            self.calls = {}
+
+    def _norm2(self, m: nn.Module, seen: list[tuple[Tensor, Tensor]], b: int, k: int) -> Tensor:
+        """Σ over m's trainable parameters of ||record i's mean gradient||², shape [b]."""
+        name = type(m).__name__
+        trains = {n: p is not None and id(p) in self.trainable for n, p in m._parameters.items()}
+        total = torch.zeros(b, device=seen[0][1].device, dtype=seen[0][1].dtype)
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            acts, outs = [], []
+            for a, g in seen:
+                if isinstance(m, nn.Conv2d):
+                    cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+                    a2 = cols.transpose(1, 2)  # [n, L, C_in·kh·kw]
+                    g2 = g.flatten(2).transpose(1, 2)  # [n, L, C_out]
+                else:
+                    a2, g2 = a, g
+                acts.append(_positions(a2, b, k, name))
+                outs.append(_positions(g2, b, k, name) / k)
+            a_all, g_all = torch.cat(acts, 1), torch.cat(outs, 1)
+            if trains.get("weight"):
+                total += _weight_norm2(a_all, g_all)
+            if trains.get("bias"):
+                total += g_all.sum(1).pow(2).sum(1)
+            return total
+        if isinstance(m, nn.Embedding):
+            idx = torch.cat([_positions(a.unsqueeze(-1), b, k, name).squeeze(-1) for a, _ in seen], 1)
+            g_all = torch.cat([_positions(g, b, k, name) / k for _, g in seen], 1)
+            if m.padding_idx is not None:  # the padding row never gets a gradient
+                g_all = g_all * (idx != m.padding_idx).unsqueeze(-1).to(g_all.dtype)
+            same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g_all.dtype)
+            total += (same * torch.bmm(g_all, g_all.transpose(1, 2))).sum((1, 2))
+            return total
+        # GroupNorm / LayerNorm: exact per-row gradients (C or normalized_shape numbers per row: small)
+        w_sum: Tensor | None = None
+        b_sum: Tensor | None = None
+        for a, g in seen:
+            if isinstance(m, nn.GroupNorm):
+                xhat = F.group_norm(a, m.num_groups, eps=m.eps)
+                dims = tuple(range(2, a.ndim))
+                gw, gb = (g * xhat).sum(dims), g.sum(dims)
+            else:
+                xhat = F.layer_norm(a, m.normalized_shape, eps=m.eps)
+                lead = tuple(range(1, a.ndim - len(m.normalized_shape)))
+                gw, gb = (g * xhat).sum(lead), g.sum(lead)
+            gw, gb = _per_row_to_record(gw, b, k, name), _per_row_to_record(gb, b, k, name)
+            w_sum = gw if w_sum is None else w_sum + gw
+            b_sum = gb if b_sum is None else b_sum + gb
+        if trains.get("weight"):
+            total += (w_sum / k).flatten(1).pow(2).sum(1)
+        if trains.get("bias"):
+            total += (b_sum / k).flatten(1).pow(2).sum(1)
+        return total
+
+
+# ----------------------------------------------------------------------------------------------- functorch
+
+
+class _RowLosses(nn.Module):
+    """``objective.row_losses(net, *rows)`` as a module, so torch.func.functional_call can swap net's parameters."""
+
+    def __init__(self, net: nn.Module, fn: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.net = net
+        self.fn = fn
+
+    def forward(self, *rows: Tensor) -> Tensor:
+        return self.fn(self.net, *rows)
+
+
+class FunctorchBackend:
+    """``torch.func.vmap(grad(mean of a record's K row losses))``: every record's full gradient, then clip and sum."""
+
+    name = "functorch"
+
+    def __init__(self, net: nn.Module, params: Sequence[nn.Parameter]) -> None:
+        ids = {id(p): i for i, p in enumerate(params)}
+        self.names: list[str] = []
+        order: dict[str, int] = {}
+        for name, p in net.named_parameters():
+            if id(p) in ids:
+                self.names.append(name)
+                order[name] = ids[id(p)]
+        if len(self.names) != len(params):
+            raise SpecError("dp-sgd functorch: a trainable parameter is not a (unique) parameter of the network")
+        self.order = order
+
+    def close(self) -> None:
+        pass
+
+    def clipped_sum(self, objective: Any, net: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor,
+                    k: int, clip: float, generator: torch.Generator) -> list[Tensor]:
+        from torch.func import functional_call, grad, vmap
+
+        reason = functorch_support(objective)
+        if reason:
+            raise SpecError(f"dp-sgd functorch: {reason}")
+        b = len(x)
+        rows = objective.draw_rows(x, y, k, generator)
+        for r in rows:
+            if r.shape[0] != b * k:
+                raise PrivacyError(f"dp-sgd functorch: draw_rows gave a tensor of {r.shape[0]} rows for {b} "
+                                   f"records x multiplicity {k}; every one must have one row per (record, k)")
+        grouped = tuple(r.reshape(b, k, *r.shape[1:]) for r in rows)
+        wrapper = _RowLosses(net, objective.row_losses)
+        trained = {f"net.{n}": params[self.order[n]].detach() for n in self.names}
+
+        def record_loss(theta: dict[str, Tensor], *record_rows: Tensor) -> Tensor:
+            losses = functional_call(wrapper, theta, record_rows, strict=False)
+            return losses.mean()  # the mean of the K rows: the record's gradient before clipping
+
+        per_record = vmap(grad(record_loss), in_dims=(None, *([0] * len(grouped))), randomness="error")(
+            trained, *grouped)
+        ordered = [per_record[f"net.{n}"] for n in sorted(self.names, key=self.order.__getitem__)]
+        return clipped_per_example_sum(ordered, clip)
