@@ -50,6 +50,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from dpdistill.distill import embedding
 from dpdistill.distill.augment import DSA, DSAParams, siamese_pair
 from dpdistill.distill.dm import Matching, start_matching
 from dpdistill.distill.loop import RunArgs
@@ -175,7 +176,7 @@ def dp_feature_matching_loss(
     *,
     noise: PrivacyRandomness,
     generator: torch.Generator,
-    chunk: int = 512,
+    chunk: int = embedding.CHUNK,
 ) -> torch.Tensor:
     """One DP feature-matching step over every class: sum over classes of ||noisy real mean - mean clip(f(syn))||².
 
@@ -192,12 +193,12 @@ def dp_feature_matching_loss(
         xr, xs = siamese_pair(dsa, xr, xs, generator)
         with torch.no_grad():
             total = torch.zeros(net_feature_dim(net, xs), device=xs.device)
-            for start in range(0, len(xr), chunk):
-                total += clipped_sum(net.embed(xr[start:start + chunk]), clip)
+            for features in embedding.embed_chunks(net, xr, chunk):
+                total += clipped_sum(features, clip)
             targets.append(noisy_mean(total, clip, sigma, sampler.expected_size(c), noise))
         syns.append(xs)
         sizes.append(len(xs))
-    f_syn = clip_rows(net.embed(torch.cat(syns)), clip).split(sizes)
+    f_syn = clip_rows(embedding.embed(net, torch.cat(syns)), clip).split(sizes)
     return torch.stack([feature_mean_distance(t.unsqueeze(0), s) for t, s in zip(targets, f_syn, strict=True)]).sum()
 
 
@@ -270,7 +271,7 @@ class MatchingBank:
             raise SpecError(f"{what}: the matching bank needs at least one network")
         for net in nets:
             check_per_record_network(net, what)
-        self.nets = nets
+        self.nets = [embedding.prepare(net) for net in nets]
         self.normalize = normalize
         self.dsa = dsa
         # Drawn from the seeded generator: data-independent, so public (as the per-iteration DSA draws are).
@@ -306,10 +307,10 @@ class MatchingBank:
         (differentiable w.r.t. ``x``)."""
         xn = self.normalize(x)
         views = [xn if p is None or self.dsa is None else self.dsa.apply(xn, p) for p in self.params]
-        f = torch.cat([torch.stack([net.embed(v) for v in views]).mean(dim=0) for net in self.nets], dim=1)
+        f = torch.cat([torch.stack([embedding.embed(net, v) for v in views]).mean(dim=0) for net in self.nets], dim=1)
         return f if self.projection is None else f @ self.projection
 
-    def clipped_sum(self, images: torch.Tensor, clip: float, chunk: int = 512) -> torch.Tensor:
+    def clipped_sum(self, images: torch.Tensor, clip: float, chunk: int = embedding.CHUNK) -> torch.Tensor:
         """Σ_i clip_C(features(x_i)) over pixel-space ``images``, no gradient: the query a release noises.
 
         Each record's WHOLE concatenated vector is clipped once, so one record moves the sum by at most C.
@@ -322,7 +323,7 @@ class MatchingBank:
 
 
 def release_targets(bank: MatchingBank, real: Any, clip: float, sigma: float, noise: PrivacyRandomness,
-                    chunk: int = 512) -> torch.Tensor:
+                    chunk: int = embedding.CHUNK) -> torch.Tensor:
     """The decoupled release [classes, ΣD or d]: per class, (Σ clip_C(features) + N(0, (σC)² I)) / n_c.
 
     The only place decoupled matching reads the sensitive records, and it returns their noisy means alone.

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dpdistill import models
+from dpdistill.distill import embedding
 from dpdistill.evaluation.training import train_classifier
 
 
@@ -29,11 +30,12 @@ def build_network(spec: dict[str, Any], data: Any, seed: int, device: str | torc
 
 
 def freeze(net: nn.Module) -> nn.Module:
-    """Eval mode, no parameter gradients (the network only ever feeds gradients to the images)."""
+    """Eval mode, no parameter gradients (the network only ever feeds gradients to the images), channels-last
+    weights (:func:`dpdistill.distill.embedding.prepare`: the matching forwards run faster on CPU)."""
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    return net
+    return embedding.prepare(net)
 
 
 def train_extractors(

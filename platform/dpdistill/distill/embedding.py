@@ -1,0 +1,65 @@
+"""Fast embeddings for the matching distillers: channels-last networks and cache-sized chunks on the real side.
+
+Every matcher (DM, NDPDC, DP feature matching, DP-GenG) spends most of an iteration embedding a large real
+batch (DM's reference setting: 10 classes x 256 images through a width-128 ConvNet) with no gradient. Measured on
+a 2-core AVX-512 machine (benchmarks/bench_speed.py), two changes make that forward ~3-4x faster without
+changing what is computed:
+
+- **channels-last** memory format: oneDNN's convolutions run ~3x faster on NHWC than on NCHW tensors on CPU.
+  :func:`prepare` converts a network's 4-d weights once; the inputs follow.
+- **chunks of ~32 images** for the no-grad real side: a width-128 feature map of 2,560 images at 32x32 is 1.3 GB,
+  so every elementwise op (norm, activation, pooling) streams main memory; a 32-image chunk stays in cache.
+  Chunking is exact only for networks whose layers treat records independently: a network with batch norm in
+  training mode (its statistics mix the batch) is embedded in one pass, as the reference does.
+
+Results equal the plain ``net.embed(x)`` up to float rounding (~1e-6; tests/test_distill_embedding.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CHUNK = 32  # images per no-grad forward (cache-sized for width-128 ConvNets on 28-32 px images)
+_CL = torch.channels_last
+
+
+def prepare(net: nn.Module) -> nn.Module:
+    """``net`` with its 4-d parameters in channels-last format (in place; returned for chaining)."""
+    return net.to(memory_format=_CL)
+
+
+def mixes_records(net: nn.Module) -> bool:
+    """Whether a forward of ``net`` couples the records of a batch (batch norm using batch statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+               for m in net.modules())
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last layout when it is a 4-d image batch (unchanged otherwise)."""
+    return x.contiguous(memory_format=_CL) if x.dim() == 4 else x
+
+
+def embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``net.embed(x)`` on a channels-last input (differentiable: the synthetic side)."""
+    return net.embed(channels_last(x))  # type: ignore[operator]
+
+
+def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK) -> list[torch.Tensor]:
+    """``net.embed`` of ``x`` in consecutive chunks (no gradient): one feature tensor per chunk, in order.
+
+    A network that mixes records (:func:`mixes_records`) gets the whole batch as one chunk, so its batch
+    statistics are those of the whole batch, as without chunking.
+    """
+    if len(x) == 0:
+        return []
+    if mixes_records(net):
+        chunk = len(x)
+    with torch.no_grad():
+        return [net.embed(channels_last(part)) for part in x.split(chunk)]  # type: ignore[operator]
+
+
+def embed_no_grad(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """``net.embed(x)`` without gradient, computed chunk by chunk (:func:`embed_chunks`), as one tensor."""
+    parts = embed_chunks(net, x, chunk)
+    return torch.cat(parts) if parts else x.new_zeros((0, 0))
