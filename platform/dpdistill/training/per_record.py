@@ -220,34 +220,59 @@ def hooks_clipped_sum(objective: Any, net: nn.Module, params: list[nn.Parameter]
 # --------------------------------------------------------------------------------------------------- ghost
 
 
-def _positions(t: Tensor, b: int, k: int, what: str) -> Tensor:
-    """A layer call's per-row tensor [n, ..., d] as the records' positions [b, P, d] (K rows = more positions)."""
-    n = t.shape[0]
-    if n not in (b * k, b):
-        raise PrivacyError(f"dp-sgd ghost: a {what} saw {n} rows for {b} records x multiplicity {k}; an "
-                           "objective's network must take the records (or their K rows) along dimension 0")
-    return t.reshape(b, -1, t.shape[-1])
-
-
 def _per_row_to_record(t: Tensor, b: int, k: int, what: str) -> Tensor:
-    """Per-row gradients [n, ...] summed over each record's rows: [b, ...]."""
+    """Per-row tensors [n, ...] summed over each record's rows: [b, ...] (n = b·K, or b when the network saw
+    each record once and the K losses share that forward)."""
     n = t.shape[0]
     if n == b * k:
-        return t.reshape(b, k, *t.shape[1:]).sum(1)
+        return t.reshape(b, k, *t.shape[1:]).sum(1) if k > 1 else t
     if n == b:
         return t
-    raise PrivacyError(f"dp-sgd ghost: a {what} saw {n} rows for {b} records x multiplicity {k}")
+    raise PrivacyError(f"dp-sgd ghost: a {what} saw {n} rows for {b} records x multiplicity {k}; an objective's "
+                       "network must take the records (or their K rows) along dimension 0")
 
 
-def _weight_norm2(a: Tensor, g: Tensor) -> Tensor:
-    """||Σ_p g_p a_pᵀ||² per record for a [b, P, i], g [b, P, o]: Gram trick or direct, the cheaper."""
-    _, positions, d_in = a.shape
-    d_out = g.shape[-1]
-    if positions * positions * (d_in + d_out) < positions * d_in * d_out + d_in * d_out:
-        gram_a = torch.bmm(a, a.transpose(1, 2))
-        gram_g = torch.bmm(g, g.transpose(1, 2))
-        return (gram_a * gram_g).sum((1, 2))
-    return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+def _record_positions(t: Tensor, b: int, k: int, what: str) -> Tensor:
+    """A call's [n, d, P] as the records' [b, d, P'] (a record's K rows are more positions of it)."""
+    n, d, positions = t.shape
+    if n == b * k and k > 1:
+        return t.reshape(b, k, d, positions).permute(0, 2, 1, 3).reshape(b, d, k * positions)
+    _per_row_to_record(t[:, :1, :1], b, k, what)  # the row-count check only
+    return t
+
+
+def _linear_norm2(calls: list[tuple[Tensor, Tensor]], b: int, k: int, weight: bool, bias: bool,
+                  what: str) -> Tensor:
+    """Σ of ||record i's mean weight gradient||² (and bias), from every call's (activations [n, d_in, P],
+    output gradients [n, d_out, P]). The Gram trick Σ_{p,p'} (a_p·a_p')(g_p·g_p') over the record's positions,
+    or the per-row gradients g aᵀ built and summed over the record's rows, whichever takes fewer multiply-adds."""
+    d_in, d_out = calls[0][0].shape[1], calls[0][1].shape[1]
+    total = torch.zeros(b, device=calls[0][1].device, dtype=calls[0][1].dtype)
+    if weight:
+        rows_per_record = sum((k if a.shape[0] == b * k else 1) * a.shape[2] for a, _ in calls)
+        gram_cost = rows_per_record * rows_per_record * (d_in + d_out)
+        direct_cost = sum((k if a.shape[0] == b * k else 1) * a.shape[2] for a, _ in calls) * d_in * d_out \
+            + len(calls) * d_in * d_out
+        if gram_cost < direct_cost:
+            acts = torch.cat([_record_positions(a, b, k, what) for a, _ in calls], 2)
+            grads = torch.cat([_record_positions(g, b, k, what) for _, g in calls], 2)
+            gram_a = torch.bmm(acts.transpose(1, 2), acts)
+            gram_g = torch.bmm(grads.transpose(1, 2), grads)
+            total += (gram_a * gram_g).sum((1, 2)) / (k * k)
+        else:
+            w: Tensor | None = None
+            for a, g in calls:
+                per_row = torch.bmm(g, a.transpose(1, 2))  # [n, d_out, d_in]: each row's weight gradient
+                part = _per_row_to_record(per_row, b, k, what)
+                w = part if w is None else w + part
+            total += (w / k).pow(2).sum((1, 2))
+    if bias:
+        s: Tensor | None = None
+        for _, g in calls:
+            part = _per_row_to_record(g.sum(2), b, k, what)
+            s = part if s is None else s + part
+        total += (s / k).pow(2).sum(1)
+    return total
 
 
 class GhostBackend:
@@ -326,25 +351,19 @@ class GhostBackend:
         trains = {n: p is not None and id(p) in self.trainable for n, p in m._parameters.items()}
         total = torch.zeros(b, device=seen[0][1].device, dtype=seen[0][1].dtype)
         if isinstance(m, nn.Linear | nn.Conv2d):
-            acts, outs = [], []
+            calls = []
             for a, g in seen:
-                if isinstance(m, nn.Conv2d):
+                if isinstance(m, nn.Conv2d):  # [n, C_in·kh·kw, L] and [n, C_out, L]: views, no copies
                     cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-                    a2 = cols.transpose(1, 2)  # [n, L, C_in·kh·kw]
-                    g2 = g.flatten(2).transpose(1, 2)  # [n, L, C_out]
-                else:
-                    a2, g2 = a, g
-                acts.append(_positions(a2, b, k, name))
-                outs.append(_positions(g2, b, k, name) / k)
-            a_all, g_all = torch.cat(acts, 1), torch.cat(outs, 1)
-            if trains.get("weight"):
-                total += _weight_norm2(a_all, g_all)
-            if trains.get("bias"):
-                total += g_all.sum(1).pow(2).sum(1)
-            return total
+                    calls.append((cols, g.flatten(2)))
+                else:  # [n, ..., d] -> [n, d, T]
+                    calls.append((a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2),
+                                  g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)))
+            return _linear_norm2(calls, b, k, bool(trains.get("weight")), bool(trains.get("bias")), name)
         if isinstance(m, nn.Embedding):
-            idx = torch.cat([_positions(a.unsqueeze(-1), b, k, name).squeeze(-1) for a, _ in seen], 1)
-            g_all = torch.cat([_positions(g, b, k, name) / k for _, g in seen], 1)
+            idx = torch.cat([_record_positions(a.reshape(a.shape[0], 1, -1), b, k, name)[:, 0] for a, _ in seen], 1)
+            g_all = torch.cat([_record_positions(g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2), b, k, name)
+                               .transpose(1, 2) / k for _, g in seen], 1)
             if m.padding_idx is not None:  # the padding row never gets a gradient
                 g_all = g_all * (idx != m.padding_idx).unsqueeze(-1).to(g_all.dtype)
             same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g_all.dtype)
