@@ -17,6 +17,7 @@ import torch
 from dpdistill import models
 from dpdistill.errors import DataError, SpecError
 from dpdistill.evaluation.training import (
+    MICRO_BATCH,
     Augment,
     Stat,
     accuracy,
@@ -24,6 +25,7 @@ from dpdistill.evaluation.training import (
     thread_limit,
     train_classifier,
 )
+from dpdistill.evaluation.workers import SeedJob, fit_and_score, plan_workers, train_in_workers
 
 __all__ = ["UtilityResult", "accuracy", "evaluate_utility", "train_classifier"]
 
@@ -110,6 +112,8 @@ def evaluate_utility(
     eval_batch_size: int = 1024,
     num_threads: int | None = None,
     extra_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    workers: int | None = None,
+    micro_batch: int | None = MICRO_BATCH,
 ) -> UtilityResult:
     """Train one fresh ``model`` per seed on the train set and return its test accuracy, mean ± std over seeds.
 
@@ -121,11 +125,23 @@ def evaluate_utility(
     ``train_labels`` may be soft labels [N, num_classes]. Intra-op threads are capped at the usable cores
     (or ``num_threads``) for the duration of the call and restored afterwards. ``extra_sets`` (e.g. the
     validation split) are scored by the same trained models, so one training gives test and validation accuracy.
+
+    ``workers``: how many seeds train side by side, each in its own spawned process (see
+    :mod:`dpdistill.evaluation.workers`); 1 is the in-process loop, one seed after the other; None chooses (more
+    than one only on CPU, for several seeds with enough work, as many as the cores allow at the pinned thread
+    count, or one thread each; ``$DPDISTILL_EVAL_WORKERS`` overrides). A seed's model is the same whichever path
+    trains it when the thread count is the same (pinned ``threads``). ``micro_batch``: see
+    :func:`~dpdistill.evaluation.training.train_classifier` (None: whole batches, as before).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise SpecError(f"evaluate_utility: num_classes must be an integer >= 2, got {num_classes!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise SpecError(f"evaluate_utility: epochs must be a positive integer, got {epochs!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise SpecError(f"evaluate_utility: workers must be a positive integer or None, got {workers!r}")
+    if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)
+                                    or micro_batch < 1):
+        raise SpecError(f"evaluate_utility: micro_batch must be a positive integer or None, got {micro_batch!r}")
     if batch_size < 1 or eval_batch_size < 1:
         raise SpecError(
             f"evaluate_utility: batch sizes must be positive, got {batch_size}, {eval_batch_size}"
@@ -151,7 +167,6 @@ def evaluate_utility(
     for set_name, (x_extra, y_extra) in extra_sets.items():
         _check_images(f"extra_sets[{set_name}]", x_extra)
         _check_labels(f"extra_sets[{set_name}]", y_extra, len(x_extra), num_classes, soft_ok=False)
-    extra: dict[str, list[float]] = {k: [] for k in extra_sets}
     channels, image_size = train_images.shape[1], train_images.shape[2]
     for stat_name, stat in (("mean", mean), ("std", std)):
         if stat is not None and torch.as_tensor(stat).numel() not in (1, channels):
@@ -168,45 +183,35 @@ def evaluate_utility(
     # Fail on a bad model spec before any training starts (building one draws weights: keep the caller's RNG).
     with torch.random.fork_rng(devices=rng_devices):
         models.get(model, channels=channels, num_classes=num_classes, image_size=image_size, **kwargs)
-    accuracies: list[float] = []
+    job = SeedJob(
+        train_images=train_images, train_labels=train_labels, test_images=test_images, test_labels=test_labels,
+        extra_sets={k: (x, y.long()) for k, (x, y) in extra_sets.items()}, num_classes=num_classes, model=model,
+        model_kwargs=kwargs, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, augment=augment, mean=mean, std=std, device=device,
+        eval_batch_size=eval_batch_size, micro_batch=micro_batch,
+    )
+    n_workers, worker_threads = plan_workers(job, seeds, workers, num_threads)
     bar = None
     if _show_progress(progress):
         from rich.progress import Progress
 
         bar = Progress(transient=True)
-    with thread_limit(num_threads) as threads, bar if bar is not None else contextlib.nullcontext():
+    with bar if bar is not None else contextlib.nullcontext():
         task = bar.add_task(f"utility {model}", total=len(seeds) * epochs) if bar is not None else None
-        for seed in seeds:
-            with torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(seed)
-                net = models.get(
-                    model, channels=channels, num_classes=num_classes, image_size=image_size, **kwargs
-                )
-                generator = torch.Generator().manual_seed(seed)
-                train_classifier(
-                    net,
-                    train_images,
-                    train_labels,
-                    epochs=epochs,
-                    batch_size=batch_size,
-                    lr=lr,
-                    momentum=momentum,
-                    weight_decay=weight_decay,
-                    augment=augment,
-                    mean=mean,
-                    std=std,
-                    device=device,
-                    generator=generator,
-                    on_epoch=(lambda _e: bar.advance(task)) if bar is not None else None,
-                    num_threads=threads,
-                )
-            accuracies.append(
-                accuracy(net, test_images, test_labels, eval_batch_size, mean=mean, std=std, device=device)
+        if n_workers > 1:
+            per_seed = train_in_workers(
+                job, seeds, n_workers, worker_threads,
+                on_done=(lambda: bar.advance(task, epochs)) if bar is not None else None,
             )
-            for set_name, (x_extra, y_extra) in extra_sets.items():
-                extra[set_name].append(
-                    accuracy(net, x_extra, y_extra.long(), eval_batch_size, mean=mean, std=std, device=device)
-                )
+        else:
+            with thread_limit(num_threads) as threads:
+                per_seed = [
+                    fit_and_score(job, seed, threads,
+                                  on_epoch=(lambda _e: bar.advance(task)) if bar is not None else None)
+                    for seed in seeds
+                ]
+    accuracies = [test_acc for test_acc, _ in per_seed]
+    extra: dict[str, list[float]] = {k: [scores[k] for _, scores in per_seed] for k in extra_sets}
     acc = torch.tensor(accuracies, dtype=torch.float64)
     return UtilityResult(
         mean=float(acc.mean()),
