@@ -241,38 +241,68 @@ def _record_positions(t: Tensor, b: int, k: int, what: str) -> Tensor:
     return t
 
 
-def _linear_norm2(calls: list[tuple[Tensor, Tensor]], b: int, k: int, weight: bool, bias: bool,
-                  what: str) -> Tensor:
-    """Σ of ||record i's mean weight gradient||² (and bias), from every call's (activations [n, d_in, P],
-    output gradients [n, d_out, P]). The Gram trick Σ_{p,p'} (a_p·a_p')(g_p·g_p') over the record's positions,
-    or the per-row gradients g aᵀ built and summed over the record's rows, whichever takes fewer multiply-adds."""
+Finish = Callable[[Tensor], dict[str, Tensor]]
+
+
+def _row_coefficients(coef: Tensor, n: int, b: int, k: int) -> Tensor:
+    """Per-record coefficients [b] as per-row ones [n] (a record's K rows share the record's)."""
+    return coef.repeat_interleave(k) if n == b * k and k > 1 else coef
+
+
+def _linear_layer(calls: list[tuple[Tensor, Tensor]], b: int, k: int, weight: bool, bias: bool,
+                  what: str) -> tuple[Tensor, Finish]:
+    """A Linear / Conv2d: Σ over its parameters of ||record i's gradient sum over its rows||² and the clipped sum.
+
+    ``calls``: (activations [n, d_in, P], output gradients [n, d_out, P]) per call. The weight's norms by the
+    Gram trick Σ_{p,p'} (a_p·a_p')(g_p·g_p') over the record's positions (its K rows' and calls' positions
+    together), or from the per-row gradients g aᵀ summed over the record's rows, whichever takes fewer
+    multiply-adds. The clipped sum (``finish(coef)``, coef [b] = clip factor / K) is Σ_i coef_i · (record i's
+    gradient sum): from the kept per-record gradients (direct), or one contraction Σ_{n,p} coef_n g_np a_npᵀ
+    (Gram); either way no second backward pass.
+    """
     d_in, d_out = calls[0][0].shape[1], calls[0][1].shape[1]
     total = torch.zeros(b, device=calls[0][1].device, dtype=calls[0][1].dtype)
+    kept: dict[str, Tensor] = {}
+    gram = False
     if weight:
         rows_per_record = sum((k if a.shape[0] == b * k else 1) * a.shape[2] for a, _ in calls)
         gram_cost = rows_per_record * rows_per_record * (d_in + d_out)
-        direct_cost = sum((k if a.shape[0] == b * k else 1) * a.shape[2] for a, _ in calls) * d_in * d_out \
-            + len(calls) * d_in * d_out
-        if gram_cost < direct_cost:
+        direct_cost = rows_per_record * d_in * d_out + len(calls) * d_in * d_out
+        gram = gram_cost < direct_cost
+        if gram:
             acts = torch.cat([_record_positions(a, b, k, what) for a, _ in calls], 2)
             grads = torch.cat([_record_positions(g, b, k, what) for _, g in calls], 2)
             gram_a = torch.bmm(acts.transpose(1, 2), acts)
             gram_g = torch.bmm(grads.transpose(1, 2), grads)
-            total += (gram_a * gram_g).sum((1, 2)) / (k * k)
+            total += (gram_a * gram_g).sum((1, 2))
         else:
             w: Tensor | None = None
             for a, g in calls:
                 per_row = torch.bmm(g, a.transpose(1, 2))  # [n, d_out, d_in]: each row's weight gradient
                 part = _per_row_to_record(per_row, b, k, what)
                 w = part if w is None else w + part
-            total += (w / k).pow(2).sum((1, 2))
+            kept["weight"] = w
+            total += w.pow(2).sum((1, 2))
     if bias:
         s: Tensor | None = None
         for _, g in calls:
             part = _per_row_to_record(g.sum(2), b, k, what)
             s = part if s is None else s + part
-        total += (s / k).pow(2).sum(1)
-    return total
+        kept["bias"] = s
+        total += s.pow(2).sum(1)
+
+    def finish(coef: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        if weight and gram:
+            out["weight"] = sum(torch.einsum("nop,ndp->od", g * _row_coefficients(coef, g.shape[0], b, k)
+                                             .to(g.dtype).view(-1, 1, 1), a) for a, g in calls)
+        elif weight:
+            out["weight"] = torch.einsum("b,bod->od", coef.to(kept["weight"].dtype), kept["weight"])
+        if bias:
+            out["bias"] = coef.to(kept["bias"].dtype) @ kept["bias"]
+        return out
+
+    return total / (k * k), finish
 
 
 class GhostBackend:
@@ -321,54 +351,46 @@ class GhostBackend:
                     raise PrivacyError(f"dp-sgd ghost: the input or output of a {type(m).__name__} was modified in "
                                        "place after the layer ran; its per-record norms would be wrong (use hooks)")
             outputs = [out for _, _, out in calls]
-            grads = torch.autograd.grad(rows.sum(), outputs, retain_graph=True, allow_unused=True) \
-                if outputs else ()
+            # Only the gradients w.r.t. the layers' outputs: no parameter gradient, no second pass.
+            grads = torch.autograd.grad(rows.sum(), outputs, allow_unused=True) if outputs else ()
             norm2 = torch.zeros(b, device=rows.device, dtype=torch.float32)
             by_module: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
             for (m, a, _out), g in zip(calls, grads, strict=True):
                 if g is not None:
                     by_module.setdefault(m, []).append((a, g))
+            finishers = []
             for m, seen in by_module.items():
-                norm2 += self._norm2(m, seen, b, k).float()
-            scale = clip_factors(norm2.sqrt(), clip)
-            weights = (scale / k).to(rows.dtype)
-            if rows.shape[0] == b * k:
-                weights = weights.repeat_interleave(k)
-            for p in params:
-                p.grad = None
-            # Σ_i (c_i / K) Σ_k loss_ik: its gradient is Σ_i c_i g_i, the clipped sum.
-            torch.autograd.backward((rows * weights.detach()).sum(), inputs=list(params))
-            out = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            for p in params:
-                p.grad = None
-            return out
+                part, finish = self._layer(m, seen, b, k)
+                norm2 += part.float()
+                finishers.append((m, finish))
+            # Record i's clipped mean gradient is clip_i · (Σ_k g_ik) / K: one coefficient per record.
+            coef = clip_factors(norm2.sqrt(), clip) / k
+            result: dict[int, Tensor] = {}
+            for m, finish in finishers:
+                for pname, grad in finish(coef).items():
+                    result[id(m._parameters[pname])] = grad
+            return [result[id(p)].reshape(p.shape).to(p.dtype) if id(p) in result else torch.zeros_like(p)
+                    for p in params]
         finally:
             self.calls = {}
 
-    def _norm2(self, m: nn.Module, seen: list[tuple[Tensor, Tensor]], b: int, k: int) -> Tensor:
-        """Σ over m's trainable parameters of ||record i's mean gradient||², shape [b]."""
+    def _layer(self, m: nn.Module, seen: list[tuple[Tensor, Tensor]], b: int, k: int) -> tuple[Tensor, Finish]:
+        """Σ over m's trainable parameters of ||record i's mean gradient||² [b], and how to finish its clipped sum."""
         name = type(m).__name__
-        trains = {n: p is not None and id(p) in self.trainable for n, p in m._parameters.items()}
-        total = torch.zeros(b, device=seen[0][1].device, dtype=seen[0][1].dtype)
+        weight = m._parameters.get("weight") is not None and id(m._parameters["weight"]) in self.trainable
+        bias = m._parameters.get("bias") is not None and id(m._parameters["bias"]) in self.trainable
         if isinstance(m, nn.Linear | nn.Conv2d):
             calls = []
             for a, g in seen:
-                if isinstance(m, nn.Conv2d):  # [n, C_in·kh·kw, L] and [n, C_out, L]: views, no copies
+                if isinstance(m, nn.Conv2d):  # [n, C_in·kh·kw, L] and [n, C_out, L]: no copies of g
                     cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
                     calls.append((cols, g.flatten(2)))
                 else:  # [n, ..., d] -> [n, d, T]
                     calls.append((a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2),
                                   g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)))
-            return _linear_norm2(calls, b, k, bool(trains.get("weight")), bool(trains.get("bias")), name)
+            return _linear_layer(calls, b, k, weight, bias, name)
         if isinstance(m, nn.Embedding):
-            idx = torch.cat([_record_positions(a.reshape(a.shape[0], 1, -1), b, k, name)[:, 0] for a, _ in seen], 1)
-            g_all = torch.cat([_record_positions(g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2), b, k, name)
-                               .transpose(1, 2) / k for _, g in seen], 1)
-            if m.padding_idx is not None:  # the padding row never gets a gradient
-                g_all = g_all * (idx != m.padding_idx).unsqueeze(-1).to(g_all.dtype)
-            same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g_all.dtype)
-            total += (same * torch.bmm(g_all, g_all.transpose(1, 2))).sum((1, 2))
-            return total
+            return self._embedding(m, seen, b, k, weight)
         # GroupNorm / LayerNorm: exact per-row gradients (C or normalized_shape numbers per row: small)
         w_sum: Tensor | None = None
         b_sum: Tensor | None = None
@@ -384,11 +406,50 @@ class GhostBackend:
             gw, gb = _per_row_to_record(gw, b, k, name), _per_row_to_record(gb, b, k, name)
             w_sum = gw if w_sum is None else w_sum + gw
             b_sum = gb if b_sum is None else b_sum + gb
-        if trains.get("weight"):
-            total += (w_sum / k).flatten(1).pow(2).sum(1)
-        if trains.get("bias"):
-            total += (b_sum / k).flatten(1).pow(2).sum(1)
-        return total
+        total = torch.zeros(b, device=seen[0][1].device, dtype=seen[0][1].dtype)
+        if weight:
+            total += w_sum.flatten(1).pow(2).sum(1)
+        if bias:
+            total += b_sum.flatten(1).pow(2).sum(1)
+
+        def finish(coef: Tensor) -> dict[str, Tensor]:
+            out = {}
+            if weight:
+                out["weight"] = torch.einsum("b,b...->...", coef.to(w_sum.dtype), w_sum)
+            if bias:
+                out["bias"] = torch.einsum("b,b...->...", coef.to(b_sum.dtype), b_sum)
+            return out
+
+        return total / (k * k), finish
+
+    @staticmethod
+    def _embedding(m: nn.Embedding, seen: list[tuple[Tensor, Tensor]], b: int, k: int,
+                   weight: bool) -> tuple[Tensor, Finish]:
+        """An Embedding: ||Σ_p e_{idx_p} g_pᵀ||² = Σ_{p,p'} [idx_p = idx_p'] (g_p·g_p') over the record's positions."""
+        name = "Embedding"
+        flat = []  # per call: indices [n, P], output gradients [n, P, d] (the padding row's masked out)
+        for a, g in seen:
+            idx = a.reshape(a.shape[0], -1)
+            gr = g.reshape(g.shape[0], -1, g.shape[-1])
+            if m.padding_idx is not None:  # the padding row never gets a gradient
+                gr = gr * (idx != m.padding_idx).unsqueeze(-1).to(gr.dtype)
+            flat.append((idx, gr))
+        idx_all = torch.cat([_record_positions(i.unsqueeze(1), b, k, name)[:, 0] for i, _ in flat], 1)
+        g_all = torch.cat([_record_positions(gr.transpose(1, 2), b, k, name).transpose(1, 2) for _, gr in flat], 1)
+        same = (idx_all.unsqueeze(2) == idx_all.unsqueeze(1)).to(g_all.dtype)
+        total = (same * torch.bmm(g_all, g_all.transpose(1, 2))).sum((1, 2)) if weight \
+            else torch.zeros(b, device=g_all.device, dtype=g_all.dtype)
+
+        def finish(coef: Tensor) -> dict[str, Tensor]:
+            if not weight:
+                return {}
+            out = torch.zeros_like(m.weight)
+            for idx, gr in flat:
+                c = _row_coefficients(coef, idx.shape[0], b, k).to(gr.dtype).view(-1, 1, 1)
+                out.index_add_(0, idx.reshape(-1), (gr * c).reshape(-1, gr.shape[-1]))
+            return {"weight": out}
+
+        return total / (k * k), finish
 
 
 # ----------------------------------------------------------------------------------------------- functorch
