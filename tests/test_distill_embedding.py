@@ -52,3 +52,22 @@ def test_prepare_puts_conv_weights_in_channels_last() -> None:
     net = embedding.prepare(_net("instance"))
     conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_checkpointed_chunks_give_the_plain_gradient() -> None:
+    # The synthetic side runs chunk by chunk with activation checkpointing: the loss and the images' gradient
+    # must be those of one plain forward (a chunk dropped, doubled or recomputed differently would change both).
+    plain = _net("instance", seed=3)
+    fast = embedding.prepare(_net("instance", seed=3))
+    x = torch.randn(45, 1, 28, 28)
+    weights = torch.randn(45, 1)
+    grads = []
+    for net, run in ((plain, lambda n, v: n.embed(v)), (fast, lambda n, v: embedding.embed(n, v, chunk=16)),
+                     (plain, lambda n, v: n(v)), (fast, lambda n, v: embedding.logits(n, v, chunk=16))):
+        xg = x.clone().requires_grad_(True)
+        out = run(net, xg)
+        (out.square() * weights).sum().backward()
+        grads.append(xg.grad)
+    scale = float(grads[0].abs().max())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4 * scale)
+    torch.testing.assert_close(grads[3], grads[2], rtol=1e-3, atol=1e-4 * float(grads[2].abs().max()))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpdistill.distill import embedding
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 
 
@@ -47,7 +48,7 @@ class ExpertGuidance:
     def loss(self, syn: SyntheticSet, generator: torch.Generator) -> torch.Tensor:
         """KL(expert(x) ‖ mean reference soft label) + λ·CE(expert(x), label), averaged over the decoded images."""
         x, y = syn.decoded()
-        logits = self.expert(self.normalize(x))
+        logits = embedding.logits(self.expert, self.normalize(x))
         log_p = F.log_softmax(logits / self.temperature, dim=1)
         target = self.reference_targets(y, generator).clamp_min(1e-8)
         kl = (log_p.exp() * (log_p - target.log())).sum(dim=1).mean()
