@@ -244,49 +244,114 @@ def _record_positions(t: Tensor, b: int, k: int, what: str) -> Tensor:
 Finish = Callable[[Tensor], dict[str, Tensor]]
 
 
+def _unfold(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``F.unfold(x, ...)`` for ``conv``'s geometry, [n, C_in·kh·kw, L], by zero padding and one strided copy.
+
+    Same values as F.unfold (tests/test_dp_sgd_backends.py checks it); on CPU torch's im2col was the bulk of
+    ghost's time on the UNet (about 5× slower than this copy, measured with torch 2.14 on this machine).
+    """
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    x = (F.pad(x, (pw, pw, ph, ph)) if ph or pw else x).contiguous()
+    n, c, height, width = x.shape
+    oh = (height - dh * (kh - 1) - 1) // sh + 1
+    ow = (width - dw * (kw - 1) - 1) // sw + 1
+    s_n, s_c, s_h, s_w = x.stride()
+    view = x.as_strided((n, c, kh, kw, oh, ow), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw))
+    return view.reshape(n, c * kh * kw, oh * ow)
+
+
 def _row_coefficients(coef: Tensor, n: int, b: int, k: int) -> Tensor:
     """Per-record coefficients [b] as per-row ones [n] (a record's K rows share the record's)."""
     return coef.repeat_interleave(k) if n == b * k and k > 1 else coef
 
 
-def _linear_layer(calls: list[tuple[Tensor, Tensor]], b: int, k: int, weight: bool, bias: bool,
+def _conv_per_row(x: Tensor, g: Tensor, conv: nn.Conv2d) -> Tensor:
+    """Each row's weight gradient [n, C_out, C_in·kh·kw] of a stride-1 ``conv`` without unfolding its input.
+
+    For one kernel offset (i, j) the inputs the output positions read are, in the zero-padded input flattened
+    over (H, W), one contiguous run of oh·W values per channel: a strided VIEW [n, C_in, oh·W] (W the padded
+    width; its W − ow extra columns per row meet zero columns appended to g). So each offset is one batched
+    matmul of g [n, C_out, oh·W] with that view: the per-row gradient without the kh·kw-times larger copy
+    an unfold makes. One extra zero row at the bottom keeps the last offset's run inside the tensor.
+    """
+    (kh, kw), (dh, dw), (ph, pw) = conv.kernel_size, conv.dilation, conv.padding
+    x = F.pad(x, (pw, pw, ph, ph + 1)).contiguous()
+    n, c, height, width = x.shape
+    oh, ow = g.shape[2], g.shape[3]
+    gp = F.pad(g, (0, width - ow)).reshape(n, g.shape[1], oh * width)
+    base = x.storage_offset()
+    parts = []
+    for i in range(kh):
+        for j in range(kw):
+            view = x.as_strided((n, c, oh * width), (c * height * width, height * width, 1),
+                                base + i * dh * width + j * dw)
+            parts.append(torch.bmm(gp, view.transpose(1, 2)))  # [n, C_out, C_in]
+    return torch.stack(parts, -1).reshape(n, g.shape[1], c * kh * kw)  # (C_in, kh, kw): the weight's order
+
+
+class _Call:
+    """One call of a Linear / Conv2d: its output gradients [n, d_out, P], its activations [n, d_in, P] and each
+    row's weight gradient [n, d_out, d_in], the last two computed only when asked."""
+
+    def __init__(self, module: nn.Module, a: Tensor, g: Tensor) -> None:
+        self.module, self.a = module, a
+        if isinstance(module, nn.Conv2d):
+            self.g = g.flatten(2)  # [n, C_out, L]: a view
+            self.g4 = g
+        else:  # [n, ..., d] -> [n, d, T]
+            self.g = g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)
+        self._acts: Tensor | None = None
+
+    def acts(self) -> Tensor:
+        if self._acts is None:
+            m, a = self.module, self.a
+            self._acts = _unfold(a, m) if isinstance(m, nn.Conv2d) \
+                else a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)
+        return self._acts
+
+    def per_row(self) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.Conv2d) and m.stride == (1, 1):
+            return _conv_per_row(self.a, self.g4, m)
+        return torch.bmm(self.g, self.acts().transpose(1, 2))
+
+
+def _linear_layer(calls: list[_Call], d_in: int, b: int, k: int, weight: bool, bias: bool,
                   what: str) -> tuple[Tensor, Finish]:
     """A Linear / Conv2d: Σ over its parameters of ||record i's gradient sum over its rows||² and the clipped sum.
 
-    ``calls``: (activations [n, d_in, P], output gradients [n, d_out, P]) per call. The weight's norms by the
-    Gram trick Σ_{p,p'} (a_p·a_p')(g_p·g_p') over the record's positions (its K rows' and calls' positions
-    together), or from the per-row gradients g aᵀ summed over the record's rows, whichever takes fewer
-    multiply-adds. The clipped sum (``finish(coef)``, coef [b] = clip factor / K) is Σ_i coef_i · (record i's
-    gradient sum): from the kept per-record gradients (direct), or one contraction Σ_{n,p} coef_n g_np a_npᵀ
-    (Gram); either way no second backward pass.
+    The weight's norms by the Gram trick Σ_{p,p'} (a_p·a_p')(g_p·g_p') over the record's positions (its K
+    rows' and all calls' positions together), or from the per-row gradients g aᵀ summed over the record's rows,
+    whichever takes fewer multiply-adds. The clipped sum (``finish(coef)``, coef [b] = clip factor / K) is
+    Σ_i coef_i · (record i's gradient sum): from the kept per-record gradients (direct), or one contraction
+    Σ_{n,p} coef_n g_np a_npᵀ (Gram); either way no second backward pass (book-keeping).
     """
-    d_in, d_out = calls[0][0].shape[1], calls[0][1].shape[1]
-    total = torch.zeros(b, device=calls[0][1].device, dtype=calls[0][1].dtype)
+    d_out = calls[0].g.shape[1]
+    total = torch.zeros(b, device=calls[0].g.device, dtype=calls[0].g.dtype)
     kept: dict[str, Tensor] = {}
     gram = False
     if weight:
-        rows_per_record = sum((k if a.shape[0] == b * k else 1) * a.shape[2] for a, _ in calls)
+        rows_per_record = sum((k if c.g.shape[0] == b * k else 1) * c.g.shape[2] for c in calls)
         gram_cost = rows_per_record * rows_per_record * (d_in + d_out)
         direct_cost = rows_per_record * d_in * d_out + len(calls) * d_in * d_out
         gram = gram_cost < direct_cost
         if gram:
-            acts = torch.cat([_record_positions(a, b, k, what) for a, _ in calls], 2)
-            grads = torch.cat([_record_positions(g, b, k, what) for _, g in calls], 2)
+            acts = torch.cat([_record_positions(c.acts(), b, k, what) for c in calls], 2)
+            grads = torch.cat([_record_positions(c.g, b, k, what) for c in calls], 2)
             gram_a = torch.bmm(acts.transpose(1, 2), acts)
             gram_g = torch.bmm(grads.transpose(1, 2), grads)
             total += (gram_a * gram_g).sum((1, 2))
         else:
             w: Tensor | None = None
-            for a, g in calls:
-                per_row = torch.bmm(g, a.transpose(1, 2))  # [n, d_out, d_in]: each row's weight gradient
-                part = _per_row_to_record(per_row, b, k, what)
+            for c in calls:
+                part = _per_row_to_record(c.per_row(), b, k, what)  # [b, d_out, d_in]
                 w = part if w is None else w + part
             kept["weight"] = w
             total += w.pow(2).sum((1, 2))
     if bias:
         s: Tensor | None = None
-        for _, g in calls:
-            part = _per_row_to_record(g.sum(2), b, k, what)
+        for c in calls:
+            part = _per_row_to_record(c.g.sum(2), b, k, what)
             s = part if s is None else s + part
         kept["bias"] = s
         total += s.pow(2).sum(1)
@@ -294,8 +359,8 @@ def _linear_layer(calls: list[tuple[Tensor, Tensor]], b: int, k: int, weight: bo
     def finish(coef: Tensor) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if weight and gram:
-            out["weight"] = sum(torch.einsum("nop,ndp->od", g * _row_coefficients(coef, g.shape[0], b, k)
-                                             .to(g.dtype).view(-1, 1, 1), a) for a, g in calls)
+            out["weight"] = sum(torch.einsum("nop,ndp->od", c.g * _row_coefficients(coef, c.g.shape[0], b, k)
+                                             .to(c.g.dtype).view(-1, 1, 1), c.acts()) for c in calls)
         elif weight:
             out["weight"] = torch.einsum("b,bod->od", coef.to(kept["weight"].dtype), kept["weight"])
         if bias:
@@ -380,15 +445,9 @@ class GhostBackend:
         weight = m._parameters.get("weight") is not None and id(m._parameters["weight"]) in self.trainable
         bias = m._parameters.get("bias") is not None and id(m._parameters["bias"]) in self.trainable
         if isinstance(m, nn.Linear | nn.Conv2d):
-            calls = []
-            for a, g in seen:
-                if isinstance(m, nn.Conv2d):  # [n, C_in·kh·kw, L] and [n, C_out, L]: no copies of g
-                    cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-                    calls.append((cols, g.flatten(2)))
-                else:  # [n, ..., d] -> [n, d, T]
-                    calls.append((a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2),
-                                  g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2)))
-            return _linear_layer(calls, b, k, weight, bias, name)
+            d_in = m.in_features if isinstance(m, nn.Linear) \
+                else m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            return _linear_layer([_Call(m, a, g) for a, g in seen], d_in, b, k, weight, bias, name)
         if isinstance(m, nn.Embedding):
             return self._embedding(m, seen, b, k, weight)
         # GroupNorm / LayerNorm: exact per-row gradients (C or normalized_shape numbers per row: small)
