@@ -32,6 +32,9 @@ class ConvCondGenerator(nn.Module):
         self.conv1 = nn.Conv2d(2 * width, width, 5, padding=2)
         self.norm1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, channels, 5, padding=2)
+        # Channels-last conv weights: oneDNN then runs the convolutions (and their backward) in NHWC, ~1.5x
+        # faster per DP-MERF generator step on CPU (benchmarks/results/speed.md); the values are the same.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.dense(torch.cat([z, F.one_hot(y, self.num_classes).to(z.dtype)], dim=1))
