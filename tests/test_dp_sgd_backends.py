@@ -124,21 +124,31 @@ def test_every_record_contributes_at_most_C(mode):
     assert float((with_huge - rest).norm()) <= CLIP * (1 + 1e-4)
 
 
-def _tiny_unet_objective():
+def _tiny_unet_objective(variant: str = "full"):
+    from dpdistill.synthesis.diffusion.lora import LoraSpec
     from dpdistill.synthesis.diffusion.objective import DiffusionObjective
     from dpdistill.synthesis.diffusion.unet import UNetConfig
 
     cfg = UNetConfig(image_size=8, block_out_channels=(8, 8), attention=(False, True), mid_attention=True,
                      norm_num_groups=4, attention_head_dim=4)
-    return DiffusionObjective(unet=cfg, train_timesteps=50)
+    if variant == "full":
+        return DiffusionObjective(unet=cfg, train_timesteps=50)
+    base = DiffusionObjective(unet=cfg, train_timesteps=50).build().state_dict()
+    if variant == "lora":  # dp-lora: peft adapters (their lora_B starts at zero; the others are frozen)
+        return DiffusionObjective(unet=cfg, train_timesteps=50, init_state=base, lora=LoraSpec(rank=2, alpha=2.0))
+    # dp-ldm: a latent UNet, only the attention blocks and the class embedding trained
+    return DiffusionObjective(unet=cfg, train_timesteps=50, init_state=base, latent=True,
+                              train_only=("attentions", "class_embedding"))
 
 
+@pytest.mark.parametrize("variant", ["full", "lora", "train_only"])
 @pytest.mark.parametrize("mode", ["ghost", "functorch"])
-def test_backend_equals_hooks_on_the_diffusion_unet_with_multiplicity(mode):
+def test_backend_equals_hooks_on_the_diffusion_unet_with_multiplicity(mode, variant):
     """The diffusers UNet (Conv2d, GroupNorm, attention's Linear on [n, T, d], the time MLP, the class
     Embedding) with K = 3 rows per record, each with its own timestep and noise: the same clipped sum as hooks
-    (the objective draws its rows outside the loss, so every backend sees the same draws)."""
-    obj = _tiny_unet_objective()
+    (the objective draws its rows outside the loss, so every backend sees the same draws); also with only peft's
+    LoRA adapters trainable (dp-lora) and with only attention + class embedding trainable (dp-ldm)."""
+    obj = _tiny_unet_objective(variant)
     g = torch.Generator().manual_seed(2)
     x, y = torch.rand(4, 1, 8, 8, generator=g), torch.tensor([0, 3, 3, 9])
     clip = 0.02  # about the median record norm here: some records clipped, some not

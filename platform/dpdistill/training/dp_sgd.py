@@ -41,6 +41,7 @@ only: no loss, no batch size, nothing computed from the data without noise.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -183,6 +184,8 @@ def resolve_grad_sample_mode(objective: DPObjective, mode: str = "auto") -> str:
     Public: it depends on the architecture and the trainable parameters only (the network is built, no data is
     read), so a plan may record it. SpecError when an explicit mode cannot serve the model.
     """
+    if dataclasses.is_dataclass(objective) and any(f.name == "device" for f in dataclasses.fields(objective)):
+        objective = dataclasses.replace(objective, device="cpu")  # a driver without the training device decides
     net = objective.build()
     params = list(objective.trainable(net))
     return choose_backend(mode, objective, net, params)
