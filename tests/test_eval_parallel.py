@@ -186,3 +186,21 @@ def test_chunked_channels_last_scoring_matches_whole_batches(digits):
     assert accuracy(net, tx, ty, mean=0.5, std=0.5) == expected
     assert accuracy(net, tx, ty, batch_size=50, mean=0.5, std=0.5) == expected
     assert all(p.is_contiguous() for p in net.parameters())
+
+
+def test_inside_a_ray_task_the_usable_cores_are_the_tasks_cpus():
+    # A Tune trial evaluating in-process must not start more workers than the CPUs Ray gave it.
+    import ray
+
+    def _cores_in_task() -> int:  # nested: Ray ships it by value (workers cannot import this test module)
+        from dpdistill.evaluation.training import usable_cores
+
+        return usable_cores()
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        one = ray.remote(num_cpus=1)(_cores_in_task)
+        two = ray.remote(num_cpus=2)(_cores_in_task)
+        assert ray.get([one.remote(), two.remote()]) == [1, 2]
+    finally:
+        ray.shutdown()
