@@ -50,6 +50,8 @@ def test_pdp_diffusion_job_records_the_charged_plan(tmp_path, capfd):
     plan, ledger = _plan_and_ledger(result.run_dir)
     assert [e["mechanism"] for e in ledger["entries"]] == [c["mechanism"] for c in plan["charges"]]
     assert plan["params"]["steps"] == 4 and plan["params"]["q"] == pytest.approx(64 / plan["params"]["n_records"])
+    # The per-record backend auto resolved to, recorded in the plan (public: a function of the UNet's layers).
+    assert plan["params"]["grad_sample_mode"] == "ghost"
     assert 4.0 * 0.99 <= ledger["composed"]["epsilon"] <= 4.0 * 1.001
     fit = json.loads((result.run_dir / "artifacts" / "fit_report.json").read_text())
     assert fit["steps"] == 4 and fit["noise"]["sigma"] == pytest.approx(plan["params"]["sigma"])

@@ -64,6 +64,9 @@ class DiffusionConfig:
     multiplicity: int = 1
     max_physical_batch: int = 256
     checkpoint_every: int = field(default=0, metadata={"zero_ok": True})
+    # How per-record clipped gradients are computed (speed only; training/per_record.py): auto | hooks | ghost |
+    # functorch. The plan records the backend it resolves to (public: a function of the architecture).
+    grad_sample_mode: str = "auto"
     # The forward process and classifier-free guidance (label dropped to the null class while training).
     train_timesteps: int = 1000
     label_dropout: float = field(default=0.1, metadata={"zero_ok": True})
@@ -180,9 +183,12 @@ class DiffusionSynthesizer(Synthesizer):
         q = c.batch_size / n_records
         sigma = calibrate_for_ledger(ledger, lambda s: PoissonGaussian(q, s, c.iterations), target_epsilon, 1.0,
                                      f"{self.name} sigma")
+        from dpdistill.training.dp_sgd import resolve_grad_sample_mode
+
         params = {"sigma": sigma, "q": q, "steps": c.iterations, "clip": c.clip, "n_records": n_records,
                   "lr": c.lr, "optimizer": "adam", "weight_decay": c.weight_decay, "multiplicity": c.multiplicity,
-                  "checkpoint_every": c.checkpoint_every, "max_physical_batch": c.max_physical_batch}
+                  "checkpoint_every": c.checkpoint_every, "max_physical_batch": c.max_physical_batch,
+                  "grad_sample_mode": resolve_grad_sample_mode(self.objective(None), c.grad_sample_mode)}
         note = (f"DP-SGD on the {'LoRA adapters' if self.trains_adapters_only else self.dp_sgd_target}: per-record gradient "
                 f"(mean of {c.multiplicity} noise draws) clipped to {c.clip:g}, Poisson rate {q:.4g}")
         plan = Plan(self.name, (PlannedCharge(f"{self.name}/dp-sgd", PoissonGaussian(q, sigma, c.iterations),

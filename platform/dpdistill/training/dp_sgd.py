@@ -24,8 +24,8 @@ set):
 Per-record gradients (step 2-3): one of three backends of :mod:`dpdistill.training.per_record`, chosen per
 model by the schedule's public ``grad_sample_mode`` (``auto`` | ``hooks`` | ``ghost`` | ``functorch``; never by
 the data): opacus' ``GradSampleModule`` hooks (any layer opacus knows; per-record gradients materialised),
-ghost clipping (per-record norms without per-record gradients, then one weighted backward; Linear, Conv2d,
-GroupNorm, LayerNorm and Embedding only) or ``torch.func`` vmap over records (objectives that draw their
+ghost clipping (per-record norms from each layer's inputs and output gradients, one backward pass, the
+clipped sum assembled per layer; Linear, Conv2d, GroupNorm, LayerNorm and Embedding only) or ``torch.func`` vmap over records (objectives that draw their
 randomness outside the loss: ``draw_rows`` / ``row_losses``). All three compute the same clipped sum (tests/
 test_dp_sgd_backends.py); ``auto`` takes ghost where the model allows it, else hooks (the fastest measured,
 benchmarks/bench_dp_step.py; :func:`resolve_grad_sample_mode` gives the choice for a plan to record). The

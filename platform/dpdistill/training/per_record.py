@@ -8,18 +8,21 @@ the per-record norms:
 - ``hooks``: opacus' ``GradSampleModule`` materialises every record's gradient (``p.grad_sample``), then
   :func:`~dpdistill.privacy.dp_ops.clipped_per_example_sum`. Any layer opacus knows (and its torch.func
   fallback for others).
-- ``ghost`` (fast gradient clipping, two backward passes): the forward records each trainable layer's input
-  and output; a first backward computes only the gradients w.r.t. those outputs (no parameter gradients);
-  per-record squared norms follow per layer without keeping any per-record gradient: for Linear / Conv2d
-  (unfolded) either the Gram trick ||Σ_p g_p a_pᵀ||² = Σ_{p,p'} (a_p·a_p')(g_p·g_p') or the record's
-  gradient built and reduced on the spot, whichever costs fewer multiply-adds for that layer's shape; exact
-  per-row gradients for GroupNorm / LayerNorm (small); the Gram trick with an index-equality mask for
-  Embedding. A record's K rows (and a layer called several times) are extra positions p of the record, so
-  the norm is that of the MEAN of the K rows' gradients, exactly as ``hooks``. The second backward of
-  Σ_i (min(1, C/‖g_i‖)/K)·Σ_k loss_ik leaves the clipped sum in ``p.grad``. Supported: exactly nn.Linear,
-  nn.Conv2d (zero padding, groups 1), nn.GroupNorm, nn.LayerNorm, nn.Embedding (no max_norm, no
-  scale_grad_by_freq, no sparse); a model whose trainable parameters sit in anything else (or one parameter in
-  two modules) is not ghost-clippable: :func:`ghost_support` says why, and ``ghost`` refuses it.
+- ``ghost`` (fast gradient clipping with book-keeping; Li et al. 2022, Bu et al. 2023): the forward records each
+  trainable layer's input and output; ONE backward computes only the gradients w.r.t. those outputs (no
+  parameter gradient); per-record squared norms follow per layer: for Linear / Conv2d either the Gram trick
+  ||Σ_p g_p a_pᵀ||² = Σ_{p,p'} (a_p·a_p')(g_p·g_p') (no per-record gradient at all) or the record's weight
+  gradient built on the spot (stride-1 convs from strided views of the padded input, no unfold copy), whichever
+  costs fewer multiply-adds for that layer's shape; exact per-row gradients for GroupNorm / LayerNorm (small);
+  the Gram trick with an index-equality mask for Embedding (the padding row masked). A record's K rows (and a
+  layer called several times) are extra positions p of the record, so the norm is that of the MEAN of the K
+  rows' gradients, exactly as ``hooks``. The clipped sum Σ_i min(1, C/‖g_i‖)·g_i is then assembled per layer
+  from what the norms kept (the per-record gradients, or one contraction Σ_{n,p} c_n g_np a_npᵀ): no second
+  backward pass. Supported: exactly nn.Linear, nn.Conv2d (zero padding, groups 1), nn.GroupNorm,
+  nn.LayerNorm, nn.Embedding (no max_norm, no scale_grad_by_freq, no sparse); a model whose trainable
+  parameters sit in anything else (or one parameter in two modules) is not ghost-clippable:
+  :func:`ghost_support` says why, ``ghost`` refuses it and ``auto`` falls back to ``hooks``. A layer input or
+  output changed in place after the layer ran is refused (PrivacyError), never mis-clipped.
 - ``functorch``: ``torch.func.vmap(grad(...))`` over records, each record's K rows one vmapped call. Needs the
   objective's randomness drawn OUTSIDE the vmapped function: the objective must offer ``draw_rows(images,
   labels, multiplicity, generator)`` (every random draw, returning per-row tensors with B·K rows) and
