@@ -3,8 +3,9 @@
 Why processes: a small ConvNet's training step is memory-bound elementwise work (pool, relu, group norm), so a
 second intra-op thread gains little (0.21 -> 0.19 s per width-32 step on 256 images on a 2-core machine) while a
 second single-threaded model trained beside the first nearly doubles throughput. The alternative measured, one
-``torch.func`` ensemble (``stack_module_state`` + ``vmap`` over the seeds' models, grouped convolutions), was
-~4x slower per model-epoch than the plain loop on one thread (1.35 vs 0.32 s for 400 images), so it was dropped.
+``torch.func`` ensemble (``stack_module_state`` + ``vmap`` over the seeds' models, grouped convolutions), took
+1.35 s per model-epoch of 400 images against 0.32-0.45 s for the plain loop on one thread (3 models, measured on
+the shared machine under load, so rough), so it was dropped.
 
 A job's distill run on Ray already trains its seeds as Ray tasks (:mod:`dpdistill.runtime.parallel`), each
 calling :func:`~dpdistill.evaluation.utility.evaluate_utility` with one seed; this pool serves the in-process
