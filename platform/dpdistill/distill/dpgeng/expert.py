@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpdistill.distill.dpgeng.extractors import build_network, freeze
 from dpdistill.distill.private_matching import check_per_record_network
 from dpdistill.errors import PrivacyError
-from dpdistill.evaluation.training import train_classifier
+from dpdistill.evaluation.training import MICRO_BATCH, train_classifier
 from dpdistill.privacy import PoissonGaussian
 from dpdistill.privacy import noise as privacy_noise
 from dpdistill.privacy.noise import PrivacyRandomness
@@ -70,7 +70,7 @@ def pretrain_expert(generated: Any, net_spec: dict[str, Any], epochs: int, mean:
     """The expert trained on the generated ImageSet only (post-processing of DP outputs: free)."""
     net = build_network(net_spec, generated, seed, device)
     if epochs > 0:
-        train_classifier(net, generated.images, generated.labels, epochs=epochs, batch_size=batch_size, lr=lr,
+        train_classifier(net, generated.images, generated.labels, micro_batch=MICRO_BATCH, epochs=epochs, batch_size=batch_size, lr=lr,
                          augment="dsa-lite", mean=list(mean), std=list(std), device=device,
                          generator=torch.Generator().manual_seed(seed))
     return net

@@ -16,7 +16,7 @@ from torch import nn
 
 from dpdistill import models
 from dpdistill.distill import embedding
-from dpdistill.evaluation.training import train_classifier
+from dpdistill.evaluation.training import MICRO_BATCH, train_classifier
 
 
 def build_network(spec: dict[str, Any], data: Any, seed: int, device: str | torch.device = "cpu") -> nn.Module:
@@ -56,7 +56,7 @@ def train_extractors(
         net = build_network(net_spec, generated, seed * 7919 + k, device)
         n_epochs = 0 if epochs == 0 else max(1, round(epochs * (k + 1) / count))
         if n_epochs:
-            train_classifier(net, generated.images, generated.labels, epochs=n_epochs, batch_size=batch_size, lr=lr,
+            train_classifier(net, generated.images, generated.labels, micro_batch=MICRO_BATCH, epochs=n_epochs, batch_size=batch_size, lr=lr,
                              augment="dsa-lite", mean=list(mean), std=list(std), device=device,
                              generator=torch.Generator().manual_seed(seed * 7919 + k))
         nets.append(freeze(net))
