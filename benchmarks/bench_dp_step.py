@@ -15,17 +15,21 @@ hooks), the batch in one forward. DP-SGD step, per backend (:mod:`dpdistill.trai
 engine's clipped per-record sum over the same batch (one physical batch: max_physical_batch = batch), one
 Gaussian draw from a PrivacyRandomness, the division by the batch, the optimiser step: the loop body of
 :func:`~dpdistill.training.dp_sgd.train_dp_sgd` without the Poisson mask (so both steps see the same records).
-Each figure is the median of ``--repeats`` steps after ``--warmup`` untimed ones, on ``--threads`` torch threads;
+Each figure is the fastest of ``--repeats`` steps after ``--warmup`` untimed ones, on ``--threads`` torch threads;
 the modes are timed in turns (one step of each per round) so that a shared machine's load hits them alike.
 The images are random (time does not depend on the pixels); nothing here is a privacy result.
 Results: results/dp_step.json / .md, with the commit, package versions and the load average.
+
+Denormals: by default the run flushes denormal floats to zero (``torch.set_flush_denormal``) for every mode. A
+freshly built ConvNet's first steps produce denormals on this CPU, and without the flush its NON-private step
+varied between about 0.35 s and 6 s from step to step (wall = CPU time: the FPU's slow path), which made every
+ratio meaningless; with it the step is a steady 0.35–0.4 s. ``--keep-denormals`` measures without the flush.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -65,8 +69,9 @@ def unet_objective(multiplicity: int) -> tuple[object, int, int]:
 
 
 def _interleaved_ms(steps: dict[str, object], warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """Median wall and process-CPU milliseconds of each step, timed in turns (one of each per round), so a
-    change of load on a shared machine hits every mode alike. CPU time (all threads) is the steadier figure."""
+    """Fastest wall and process-CPU milliseconds of each step over the rounds, timed in turns (one of each per
+    round), so a change of load on a shared machine hits every mode alike. The minimum, as timeit reports: other
+    processes only ever add time, and on a quiet machine it is the median within a few per cent."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -78,7 +83,7 @@ def _interleaved_ms(steps: dict[str, object], warmup: int, repeats: int) -> dict
             step()
             wall[mode].append(time.perf_counter() - t0)
             cpu[mode].append(time.process_time() - c0)
-    return {m: (1000.0 * statistics.median(wall[m]), 1000.0 * statistics.median(cpu[m])) for m in steps}
+    return {m: (1000.0 * min(wall[m]), 1000.0 * min(cpu[m])) for m in steps}
 
 
 def bench_model(name: str, objective, batch: int, k: int, warmup: int, repeats: int) -> list[dict]:
@@ -149,10 +154,11 @@ def bench_model(name: str, objective, batch: int, k: int, warmup: int, repeats: 
 
 def _git_commit() -> str:
     try:
+        repo = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
+                             cwd=repo)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "platform"], capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parent).stdout.strip()
+                               cwd=repo).stdout.strip()
         return out.stdout.strip() + (" (platform/ modified)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -178,8 +184,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--unet-multiplicity", type=int, default=1, help="K of the UNet rows (the job: 1; DPDM: 4)")
     ap.add_argument("--name", default="dp_step", help="results/<name>.json/.md")
+    ap.add_argument("--keep-denormals", action="store_true",
+                    help="do not flush denormal floats to zero (see the module docstring)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(not args.keep_denormals)
     rows: list[dict] = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         if model == "convnet":
@@ -190,10 +199,11 @@ def main() -> None:
             raise SystemExit(f"unknown model {model!r} (convnet, unet)")
         rows += bench_model(model, obj, batch, k, args.warmup, args.repeats)
     load = os.getloadavg()[0]
-    notes = (f"Commit {_git_commit()}; {_versions()}; {args.threads} torch threads; median of {args.repeats} steps "
+    notes = (f"Commit {_git_commit()}; {_versions()}; {args.threads} torch threads; fastest of {args.repeats} steps "
              f"after {args.warmup} warm-up; 1-min load average at the end {load:.2f} on {os.cpu_count()} cores. "
              "ratio = DP-SGD step / non-private step (same model, batch, objective), by wall time and by this "
-             "process's CPU time (all threads).")
+             "process's CPU time (all threads). "
+             + ("Denormals kept." if args.keep_denormals else "Denormal floats flushed to zero (all modes)."))
     md = record(args.name, " ".join(["python", *sys.argv]), rows, COLUMNS, notes)
     print(md.read_text())
 

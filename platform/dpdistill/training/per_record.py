@@ -30,12 +30,14 @@ the per-record norms:
   *draw_rows(...))``. vmap's randomness="error" refuses an objective that still draws inside.
 
 ``auto`` (the default of :class:`~dpdistill.training.dp_sgd.DPSGDSchedule`) is a function of the model's
-architecture and K only (public: never of the data): ``ghost`` when :func:`ghost_support` accepts the model,
-else ``hooks``. Why (benchmarks/bench_dp_step.py, 2 threads, this project's 2-core machine, see
-benchmarks/results/dp_step.md): on both measured models ghost was the fastest private step (ConvNet-3 width 32
-instance norm, batch 512: hooks ≈ 2.3×, ghost ≈ 1.9×, functorch ≈ 2.6× the non-private step; the pdp-diffusion
-MNIST UNet, batch 256, K = 1: hooks ≈ 2.5×, ghost ≈ 1.9×, functorch ≈ 3×). functorch is never chosen by auto:
-it was slowest on both and materialises every record's full gradient.
+architecture only (public: never of the data): ``ghost`` when :func:`ghost_support` accepts the model, else
+``hooks``. Why (benchmarks/bench_dp_step.py, 2 threads on this project's shared 2-core machine, denormals
+flushed, CPU-time ratio of a DP-SGD step to the non-private step of the same model and batch; the load made
+single figures vary by ±20 %): the pdp-diffusion MNIST UNet (batch 256, K = 1): ghost 1.0–1.1×, hooks 1.9–4.8×,
+torch.func 1.2–4.5×: ghost clearly fastest (opacus' per-sample conv rule unfolds every input); the DP-GenG
+expert ConvNet (width 32, instance norm, batch 512): all three 1.6–2.1×, ghost at or below hooks in three of
+four runs. ``functorch`` is never chosen by auto: never the fastest, and it materialises every record's full
+gradient (memory B × parameters).
 """
 
 from __future__ import annotations
