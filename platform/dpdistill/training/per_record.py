@@ -31,12 +31,15 @@ the per-record norms:
 
 ``auto`` (the default of :class:`~dpdistill.training.dp_sgd.DPSGDSchedule`) is a function of the model's
 architecture only (public: never of the data): ``ghost`` when :func:`ghost_support` accepts the model, else
-``hooks``. Why (benchmarks/bench_dp_step.py, 2 threads on this project's shared 2-core machine, denormals
-flushed, CPU-time ratio of a DP-SGD step to the non-private step of the same model and batch; the load made
-single figures vary by ±20 %): the pdp-diffusion MNIST UNet (batch 256, K = 1): ghost 1.0–1.1×, hooks 1.9–4.8×,
-torch.func 1.2–4.5×: ghost clearly fastest (opacus' per-sample conv rule unfolds every input); the DP-GenG
-expert ConvNet (width 32, instance norm, batch 512): all three 1.6–2.1×, ghost at or below hooks in three of
-four runs. ``functorch`` is never chosen by auto: never the fastest, and it materialises every record's full
+``hooks``. Why: benchmarks/bench_dp_step.py (results/dp_step.md; 2 threads on this project's 2-core machine,
+denormals flushed, one physical batch), CPU-time ratio of a DP-SGD step to the non-private step of the same
+model and batch, at a quiet moment: the DP-GenG expert ConvNet (width 32, instance norm, batch 512) hooks 1.99×,
+ghost 1.79×, torch.func 1.74× (wall 2.01 / 1.82 / 1.91×); the pdp-diffusion MNIST UNet (batch 256, K = 1) hooks
+2.47×, ghost 1.70×, torch.func 2.88×; the same UNet with DPDM's K = 4 (1,024 rows, results/
+dp_step_unet_k4.md) hooks 3.86×, ghost 3.41×, torch.func 9.3×. Ghost was the fastest or within noise of it
+everywhere (earlier runs under load: the ConvNet's three within ±0.3× of each other, ghost at or below hooks
+in three of four), and far ahead where opacus' per-sample conv rule unfolds large inputs (the UNet).
+``functorch`` is never chosen by auto: not faster where ghost applies, and it materialises every record's full
 gradient (memory B × parameters).
 """
 
