@@ -1,0 +1,172 @@
+"""Speed benchmark (issue 22): the timed figures of the product path, in one run on one machine.
+
+Every figure is a ``dpdistill run`` of a checked-in job spec plus ``--set`` overrides (a subprocess, so a real
+run folder), with ``threads`` pinned (default 2: the whole 2-core machine; run it on a quiet machine):
+
+- ``dm``: seconds per DM iteration at the reference setting (MNIST, IPC 10, batch_real 256, ConvNet-3 width 128
+  instance norm, full DSA): the difference of a 35- and a 5-iteration run's distillation stage, over 30
+  (``jobs/dm-mnist.yaml --set method.net_width=128 --set method.batch_real=256``, evaluation off).
+- ``dpgeng``: ``jobs/dpgeng-mnist.yaml`` at ε=1 end to end, as shipped (threads not pinned: the job takes the
+  cores it finds, its evaluation models train as parallel one-thread Ray tasks): wall time, the stages' times
+  and the test accuracy (one noise draw; the accuracy over draws is benchmarks/results/runs.md's row).
+- ``scaling``: seconds per DM iteration (difference of a 13- and a 3-iteration run, over 10) and the run's peak
+  memory (max RSS of the run's process) at n = 10k, 30k, 55k sensitive records (``data.train_limit``; 55k is
+  MNIST's whole training split) and at IPC 1, 10, 50 (n = 55k).
+- ``dpsgd``: benchmarks/bench_dp_step.py's table (a DP-SGD step against a non-private step per backend).
+
+    .venv/bin/python benchmarks/bench_speed.py                 # everything (~25 min on 2 cores)
+    .venv/bin/python benchmarks/bench_speed.py --only dm,scaling --threads 2
+
+Results go to results/speed.{json,md} with the commit, the dirty flag and the package versions; parts not run
+this time keep their previous rows. Each part's rows are written as soon as it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _record import RESULTS, record  # noqa: E402
+from bench_runs import REPO, VENV_BIN, Source  # noqa: E402
+
+PARTS = ("dm", "dpgeng", "scaling", "dpsgd")
+COLUMNS = ["part", "figure", "value", "unit", "setting"]
+DM_REFERENCE = ["method.net_width=128", "method.batch_real=256", "evaluation.enabled=false"]
+
+
+def run_job(spec: str, overrides: list[str], threads: int | None, runs_dir: Path,
+            env: dict[str, str]) -> dict[str, Any]:
+    """One ``dpdistill run`` (``threads`` pinned unless None); returns its run folder, metrics, stage times
+    (log.txt) and peak RSS in MiB."""
+    cmd = [str(VENV_BIN / "dpdistill"), "run", spec, "--runs-dir", str(runs_dir), "--no-progress"]
+    if threads is not None:
+        cmd += ["--set", f"threads={threads}"]
+    for o in overrides:
+        cmd += ["--set", o]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # wait4 gives THIS child's resource usage (ru_maxrss in KiB on Linux): the run's peak memory.
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
+    match = re.search(r"run folder: (\S+)", out)
+    if not match:
+        raise SystemExit(f"no run folder in the output of {' '.join(cmd)}")
+    run_dir = Path(match.group(1))
+    stages = {m.group(1): float(m.group(2)) for m in
+              re.finditer(r"stage (.+?) completed in ([0-9.]+) s", (run_dir / "log.txt").read_text())}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"run_dir": str(run_dir), "metrics": metrics, "stages": stages, "wall": wall,
+            "peak_mib": usage.ru_maxrss / 1024}
+
+
+def distil_seconds(result: dict[str, Any]) -> float:
+    """The distillation stage's seconds of a run (the stage named ``distil (<method>)``)."""
+    for name, seconds in result["stages"].items():
+        if name.startswith("distil"):
+            return seconds
+    raise SystemExit(f"{result['run_dir']}: no distillation stage in log.txt")
+
+
+def per_iteration(spec: str, overrides: list[str], short: int, long: int, threads: int, runs_dir: Path,
+                  env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+    """Seconds per iteration: (distil(long) - distil(short)) / (long - short); setup cancels out."""
+    a = run_job(spec, [*overrides, f"method.iterations={short}"], threads, runs_dir, env)
+    b = run_job(spec, [*overrides, f"method.iterations={long}"], threads, runs_dir, env)
+    return (distil_seconds(b) - distil_seconds(a)) / (long - short), b
+
+
+def part_dm(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    s, _ = per_iteration("jobs/dm-mnist.yaml", DM_REFERENCE, 5, 35, threads, runs_dir, env)
+    return [{"part": "dm", "figure": "DM seconds per iteration", "value": round(s, 3), "unit": "s/iter",
+             "setting": "jobs/dm-mnist.yaml --set " + " --set ".join(DM_REFERENCE) + "; 35 - 5 iterations"}]
+
+
+def part_dpgeng(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    # As shipped, threads not pinned: the job uses the cores it finds (the distillation both, each evaluation
+    # model one, as Ray tasks side by side).
+    r = run_job("jobs/dpgeng-mnist.yaml", [], None, runs_dir, env)
+    m = r["metrics"]
+    setting = f"jobs/dpgeng-mnist.yaml (ε=1, as shipped, threads unpinned on {threads} cores)"
+    rows = [{"part": "dpgeng", "figure": "DP-GenG ε=1 end to end", "value": round(m["wall_seconds"], 1),
+             "unit": "s", "setting": setting},
+            {"part": "dpgeng", "figure": "test accuracy (this draw)", "value": round(100 * m["acc_mean"], 2),
+             "unit": "%", "setting": f"{r['run_dir']}"}]
+    for name, seconds in r["stages"].items():
+        rows.append({"part": "dpgeng", "figure": f"stage {name}", "value": round(seconds, 1), "unit": "s",
+                     "setting": ""})
+    for key in sorted(k for k in m if k.startswith("seconds_")):
+        rows.append({"part": "dpgeng", "figure": f"DP-GenG {key.removeprefix('seconds_')}",
+                     "value": round(m[key], 1), "unit": "s", "setting": "the method's own stage timer"})
+    return rows
+
+
+def part_scaling(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    points = [("n", n, ["method.ipc=10", f"data.train_limit={n}"]) for n in (10000, 30000, 55000)]
+    points += [("ipc", ipc, [f"method.ipc={ipc}"]) for ipc in (1, 50)]
+    for axis, value, extra in points:
+        s, r = per_iteration("jobs/dm-mnist.yaml", [*DM_REFERENCE, *extra], 3, 13, threads, runs_dir, env)
+        setting = f"DM reference setting, {axis} = {value}" + (", n = 55k" if axis == "ipc" else ", IPC 10")
+        rows.append({"part": "scaling", "figure": f"{axis}={value} seconds per iteration", "value": round(s, 3),
+                     "unit": "s/iter", "setting": setting})
+        rows.append({"part": "scaling", "figure": f"{axis}={value} peak memory", "value": round(r["peak_mib"]),
+                     "unit": "MiB", "setting": setting + "; max RSS of the 13-iteration run"})
+    return rows
+
+
+def part_dpsgd(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    subprocess.run([str(VENV_BIN / "python"), "benchmarks/bench_dp_step.py", "--threads", str(threads)],
+                   cwd=REPO, env=env, check=True)
+    rows = json.loads((RESULTS / "dp_step.json").read_text())["rows"]
+    return [{"part": "dpsgd", "figure": " ".join(str(r.get(k, "")) for k in ("model", "mode")).strip(),
+             "value": r.get("ratio_to_non_private", ""), "unit": "x non-private step",
+             "setting": "benchmarks/results/dp_step.md"} for r in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs-dir", type=Path, default=Path(tempfile.gettempdir()) / "dpdistill-bench-speed")
+    args = ap.parse_args()
+    parts = [p for p in args.only.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"--only: unknown part {unknown[0]!r}; expected some of {', '.join(PARTS)}")
+    source = Source(None, args.runs_dir)
+    env = dict(source.env, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    previous = RESULTS / "speed.json"
+    kept = json.loads(previous.read_text())["rows"] if previous.exists() else []
+    meta = {"commit": source.commit, "dirty": source.dirty_paths, "versions": source.versions(),
+            "threads": args.threads, "load_before": os.getloadavg()[0]}
+    for part in parts:
+        rows = globals()[f"part_{part}"](args.threads, args.runs_dir, env)
+        for row in rows:
+            row.update(commit=meta["commit"][:10], dirty=bool(meta["dirty"]))
+        kept = [r for r in kept if r.get("part") != part] + rows
+        kept.sort(key=lambda r: PARTS.index(r["part"]) if r.get("part") in PARTS else len(PARTS))
+        notes = (f"Measured through `dpdistill run` with threads={args.threads}; commit {meta['commit'][:10]}"
+                 f"{' (dirty: ' + ', '.join(meta['dirty']) + ')' if meta['dirty'] else ''}; "
+                 f"versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items() if k != 'dpdistill_path')}; "
+                 f"1-min load average before the run {meta['load_before']:.2f}.")
+        record("speed", "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:]), kept,
+               [*COLUMNS, "commit"], notes)
+        print(f"{part}: {len(rows)} rows -> {RESULTS / 'speed.md'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
