@@ -136,8 +136,10 @@ class Source:
             status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "platform", "jobs",
                                      "pyproject.toml"], check=True, capture_output=True, text=True).stdout
             self.dirty_paths = [line[3:] for line in status.splitlines() if line.strip()]  # "XY path"
+        # DPDISTILL_EVAL_WORKERS=1: an in-process evaluation would otherwise train its seeds in one worker
+        # process per free core (evaluation/workers.py), and a draw must keep to its one core.
         self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-                        PYTHONUNBUFFERED="1")
+                        PYTHONUNBUFFERED="1", DPDISTILL_EVAL_WORKERS="1")
         self.env.setdefault("DPDISTILL_DATA", str(REPO.parent / "shared" / "data"))
         if snapshot:
             self.env["PYTHONPATH"] = os.pathsep.join(
