@@ -27,6 +27,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dpdistill.models.registry import mixes_records
+
+__all__ = ["CHUNK", "channels_last", "embed", "embed_chunks", "embed_no_grad", "logits", "mixes_records",
+           "prepare", "run_chunked"]
+
 CHUNK = 32  # images per no-grad forward (cache-sized for width-128 ConvNets on 28-32 px images)
 _CL = torch.channels_last
 
@@ -34,12 +39,6 @@ _CL = torch.channels_last
 def prepare(net: nn.Module) -> nn.Module:
     """``net`` with its 4-d parameters in channels-last format (in place; returned for chaining)."""
     return net.to(memory_format=_CL)
-
-
-def mixes_records(net: nn.Module) -> bool:
-    """Whether a forward of ``net`` couples the records of a batch (batch norm using batch statistics)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
-               for m in net.modules())
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dpdistill.models.registry import mixes_records
+
 Augment = Callable[..., torch.Tensor]
 Stat = float | Sequence[float] | torch.Tensor | None
 
@@ -52,18 +54,22 @@ def resolve_threads(num_threads: int | None) -> int:
     pinned = os.environ.get(THREADS_ENV)
     if pinned:
         return max(1, int(pinned))
-    previous = torch.get_num_threads()
+    available, oversubscribed = _affinity_cores()
+    return 1 if oversubscribed else max(1, min(torch.get_num_threads(), available))
+
+
+def _affinity_cores() -> tuple[int, bool]:
+    """The cores this process may run on (its affinity mask), and whether the machine is already oversubscribed
+    (1-min load average above those cores)."""
     try:
         available = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS / Windows
         available = os.cpu_count() or 1
-    threads = max(1, min(previous, available))
     try:
-        if os.getloadavg()[0] > available:
-            threads = 1
+        oversubscribed = os.getloadavg()[0] > available
     except (AttributeError, OSError):  # no load average on this platform
-        pass
-    return threads
+        oversubscribed = False
+    return max(1, available), oversubscribed
 
 
 def _ray_task_cpus() -> int | None:
@@ -86,16 +92,8 @@ def usable_cores() -> int:
     ray_cpus = _ray_task_cpus()
     if ray_cpus is not None:
         return ray_cpus
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS / Windows
-        available = os.cpu_count() or 1
-    try:
-        if os.getloadavg()[0] > available:
-            return 1
-    except (AttributeError, OSError):  # no load average on this platform
-        pass
-    return max(1, available)
+    available, oversubscribed = _affinity_cores()
+    return 1 if oversubscribed else available
 
 
 @contextlib.contextmanager
@@ -256,11 +254,6 @@ def train_classifier(
         )
 
 
-def _batch_dependent(model: nn.Module) -> bool:
-    """Whether the model's training forward mixes images of a batch (batch normalisation's statistics)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def _convolutional(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
@@ -302,7 +295,7 @@ def _train(
     model.to(device).train()
     # Measured to win only for conv models on CPU (cache-sized activations); elsewhere whole batches.
     if micro_batch is not None and (
-        micro_batch < 1 or device.type != "cpu" or not _convolutional(model) or _batch_dependent(model)
+        micro_batch < 1 or device.type != "cpu" or not _convolutional(model) or mixes_records(model)
     ):
         micro_batch = None
     channels_last = micro_batch is not None

@@ -99,3 +99,10 @@ def choice(model: str, option: str, value: Any, allowed: tuple[str, ...]) -> str
 def positive_int(model: str, option: str, value: Any) -> int:
     """Validate a positive integer option for a model constructor."""
     return _check_positive_int(model, f"option {option!r}", value)
+
+
+def mixes_records(net: nn.Module) -> bool:
+    """Whether a forward of ``net`` couples the records of a batch (batch norm using batch statistics), so that
+    splitting a batch into chunks would change its outputs."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+               for m in net.modules())
