@@ -144,6 +144,34 @@ def test_noise_std_of_the_update_is_sigma_C_over_expected_batch():
     assert abs(float(moved.mean())) < 0.05 * expected
 
 
+def test_sgd_momentum_acts_on_the_noisy_averaged_updates():
+    """Zero per-sample gradients, lr 1, the same reproducible draws z1, z2: two plain steps move the weights by
+    z1 + z2, two steps with momentum β by (1 + β) z1 + z2 (heavy ball on the noisy mean; nothing else changes)."""
+    obj = ZeroGradient()
+    x, y = _data(60, obj.d)
+    start = obj.build().state_dict()
+
+    def moved(steps: int, momentum: float) -> torch.Tensor:
+        sched = DPSGDSchedule(sigma=1.0, q=0.2, steps=steps, clip=1.0, n_records=60, lr=1.0, optimizer="sgd",
+                              momentum=momentum)
+        final = train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(5))
+        return torch.cat([(final[k] - start[k]).reshape(-1) for k in start])
+
+    z1 = moved(1, 0.0)
+    z2 = moved(2, 0.0) - z1
+    assert torch.allclose(moved(2, 0.9), 1.9 * z1 + z2, atol=1e-5)
+    assert not torch.allclose(moved(2, 0.9), z1 + z2, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [{"momentum": 1.0}, {"momentum": -0.1}, {"momentum": 0.5, "optimizer": "adam"}])
+def test_bad_momentum_is_refused(bad):
+    from dpdistill.errors import SpecError
+
+    with pytest.raises(SpecError, match="momentum"):
+        DPSGDSchedule(**{"sigma": 1.0, "q": 0.1, "steps": 1, "clip": 1.0, "n_records": 10, "optimizer": "sgd",
+                         **bad})
+
+
 def test_noise_comes_from_the_privacy_source():
     """Two reproducible sources with the same seed give the same state; a different seed and a secret source
     give different ones (the noise, the sampling and the objective's generator all come from the source)."""

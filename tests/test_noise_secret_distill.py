@@ -135,16 +135,17 @@ def test_dpgeng_hands_the_source_to_every_private_stage(sensitive) -> None:
     cfg = CONFIGS["dpgeng"][1]
     fm = cfg.iterations * sensitive.num_classes
     assert source.counts["feature_matching/poisson_mask"] == fm and source.counts["feature_matching/gaussian"] == fm
-    # Opacus' Poisson sampler and its (unused) noise generator, plus one generator per noise draw: the expert's
-    # DP-SGD noise goes through gaussian() (privacy/opacus_noise.py), one draw per parameter tensor per step.
-    assert source.counts["expert/gaussian"] > 0
-    assert source.counts["expert/generator"] == 2 + source.counts["expert/gaussian"]
+    # The expert's DP-SGD engine, per step: one Poisson mask, one Gaussian draw (all parameters at once) and a
+    # generator for the objective; the mask and the draw each take a fresh generator from the source too.
+    steps = source.counts["expert/gaussian"]
+    assert steps > 0
+    assert source.counts["expert/poisson_mask"] == steps and source.counts["expert/generator"] == 3 * steps
     assert source.counts["generator/generator"] >= 1  # the DP-MERF generator's noise (synthesis draws it)
     # Nothing private was drawn from the root itself: each stage has its own child.
     assert not [k for k in source.counts if k.startswith("root/")]
 
 
-def test_the_experts_opacus_sampling_and_noise_come_from_the_source(sensitive) -> None:
+def test_the_experts_dp_sgd_sampling_and_noise_come_from_the_source(sensitive) -> None:
     public = data.load("digits", "test").subset(torch.arange(200))
     net = {"net": "convnet", "width": 8, "depth": 2, "norm": "instance"}
     expert = pretrain_expert(public, net, 1, MEAN, STD, seed=0)
@@ -158,9 +159,9 @@ def test_the_experts_opacus_sampling_and_noise_come_from_the_source(sensitive) -
 
     source = CountingRandomness()
     finetune(source)
-    n_tensors = sum(1 for p in expert.parameters() if p.requires_grad)
-    assert source.counts["root/gaussian"] == steps * n_tensors  # every DP-SGD step noises every tensor, via the source
-    assert source.counts["root/generator"] == 2 + source.counts["root/gaussian"]  # + opacus' sampler, noise generator
+    # Every DP-SGD step: its Poisson mask and one Gaussian draw over all parameters, from the source.
+    assert source.counts["root/poisson_mask"] == steps and source.counts["root/gaussian"] == steps
+    assert source.counts["root/generator"] == 3 * steps  # nothing else draws: no other generator is taken
     # Secret: two fine-tunes from the same expert on the same data differ; a reproducible source repeats.
     assert not torch.equal(finetune(PrivacyRandomness.secret()), finetune(PrivacyRandomness.secret()))
     assert torch.equal(finetune(PrivacyRandomness.reproducible(3)), finetune(PrivacyRandomness.reproducible(3)))

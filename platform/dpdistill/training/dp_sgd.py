@@ -110,6 +110,7 @@ class DPSGDSchedule:
     lr: float = 1e-3
     optimizer: str = "adam"
     weight_decay: float = 0.0
+    momentum: float = 0.0  # SGD only (heavy ball on the noisy averaged gradient: post-processing)
     multiplicity: int = 1
     checkpoint_every: int = 0
     max_physical_batch: int = 256
@@ -139,6 +140,10 @@ class DPSGDSchedule:
                             f"{self.optimizer!r}")
         if isinstance(self.weight_decay, bool) or not self.weight_decay >= 0:
             raise SpecError(f"dp-sgd schedule: weight_decay must be >= 0, got {self.weight_decay!r}")
+        if isinstance(self.momentum, bool) or not 0 <= self.momentum < 1:
+            raise SpecError(f"dp-sgd schedule: momentum must lie in [0, 1), got {self.momentum!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise SpecError(f"dp-sgd schedule: momentum is an SGD setting; optimizer {self.optimizer!r} has its own")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise SpecError(f"dp-sgd schedule: grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
                             f"got {self.grad_sample_mode!r}")
@@ -224,9 +229,11 @@ def clipped_gradient_sum(objective: DPObjective, net: nn.Module, params: list[nn
 
 
 def make_optimizer(params: list[nn.Parameter], schedule: DPSGDSchedule) -> torch.optim.Optimizer:
-    """The schedule's optimiser over ``params`` (weight decay, if any, is L2 on the parameters: public)."""
+    """The schedule's optimiser over ``params`` (weight decay, if any, is L2 on the parameters: public; momentum
+    acts on the noisy averaged gradients only: post-processing)."""
     if schedule.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+        return torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum,
+                               weight_decay=schedule.weight_decay)
     return torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
 
 
@@ -365,8 +372,31 @@ def _refuse_noise(noise: Any) -> PrivacyRandomness:
 # ------------------------------------------------------------------------------------------- an objective
 
 
+class CrossEntropyRows:
+    """The loss side of a classifier objective: every parameter trainable, cross-entropy per row (the
+    ``losses`` / ``draw_rows`` / ``row_losses`` of :class:`DPObjective` and the functorch backend)."""
+
+    def trainable(self, net: nn.Module) -> list[nn.Parameter]:
+        return list(net.parameters())
+
+    def losses(self, net: nn.Module, images: Tensor, labels: Tensor, multiplicity: int,
+               generator: torch.Generator) -> Tensor:
+        return self.row_losses(net, *self.draw_rows(images, labels, multiplicity, generator))
+
+    def draw_rows(self, images: Tensor, labels: Tensor, multiplicity: int,
+                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The rows (each record repeated K times; no randomness here), for the functorch backend."""
+        x = images.repeat_interleave(multiplicity, 0) if multiplicity > 1 else images
+        y = labels.repeat_interleave(multiplicity, 0) if multiplicity > 1 else labels
+        return x, y.long()
+
+    def row_losses(self, net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy per row (deterministic)."""
+        return F.cross_entropy(net(x), y, reduction="none")
+
+
 @dataclass(frozen=True)
-class ClassifierObjective:
+class ClassifierObjective(CrossEntropyRows):
     """A classifier from the model registry (``model``, e.g. convnet) trained with cross-entropy under DP-SGD.
 
     The network is built from ``seed`` (public initialisation) without touching the global RNG. Used by the
@@ -390,20 +420,15 @@ class ClassifierObjective:
             return models.get(self.model, channels=self.channels, num_classes=self.num_classes,
                               image_size=self.image_size, **dict(self.options))
 
-    def trainable(self, net: nn.Module) -> list[nn.Parameter]:
-        return list(net.parameters())
 
-    def losses(self, net: nn.Module, images: Tensor, labels: Tensor, multiplicity: int,
-               generator: torch.Generator) -> Tensor:
-        return self.row_losses(net, *self.draw_rows(images, labels, multiplicity, generator))
+@dataclass(frozen=True, eq=False)
+class FineTuneObjective(CrossEntropyRows):
+    """A given classifier (e.g. DP-GenG's expert, pre-trained on DP-generated data) fine-tuned with cross-entropy
+    under DP-SGD: ``build()`` is a fresh copy of ``net``, which itself is never changed. The network must not
+    mix records (no batch norm in training mode)."""
 
-    def draw_rows(self, images: Tensor, labels: Tensor, multiplicity: int,
-                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """The rows (each record repeated K times; no randomness here), for the functorch backend."""
-        x = images.repeat_interleave(multiplicity, 0) if multiplicity > 1 else images
-        y = labels.repeat_interleave(multiplicity, 0) if multiplicity > 1 else labels
-        return x, y.long()
+    net: nn.Module
+    device: str = "cpu"
 
-    def row_losses(self, net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """Cross-entropy per row (deterministic)."""
-        return F.cross_entropy(net(x), y, reduction="none")
+    def build(self) -> nn.Module:
+        return copy.deepcopy(self.net)
