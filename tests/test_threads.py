@@ -11,7 +11,7 @@ import torch
 from dpdistill import data
 from dpdistill.evaluation.training import THREADS_ENV, resolve_threads, thread_limit
 from dpdistill.runner import pinned_threads, run_job
-from dpdistill.runtime.parallel import evaluate_seeds
+from dpdistill.runtime.parallel import evaluate_seeds, submit_seeds
 from dpdistill.spec import validate_spec
 
 
@@ -48,6 +48,31 @@ def test_ray_and_in_process_evaluation_agree_to_the_last_digit(ray_cluster, thre
     assert on_ray["test"]["accuracies"] == here["test"]["accuracies"]  # exact, not approx
 
 
+def test_an_evaluation_queued_behind_another_gives_its_own_figures(ray_cluster):
+    """DP-GenG's baseline is queued behind the release's models (after_submit): both evaluations come back with
+    the figures each gives alone, to the last digit (one thread each)."""
+    digits = data.load("digits", "train")
+    a, b = digits.subset(torch.arange(200)), digits.subset(torch.arange(200, 300))
+    test = data.load("digits", "test")
+    kw = dict(num_classes=10, model="convnet", model_kwargs={"width": 8, "depth": 2}, epochs=3, batch_size=64,
+              lr=0.01, mean=(0.5,), std=(0.5,), num_threads=1, use_ray=True)
+    alone_a = evaluate_seeds(a.images, a.labels, test.images, test.labels, [0, 1], **kw)
+    alone_b = evaluate_seeds(b.images, b.labels, test.images, test.labels, [0, 1], **kw)
+    queued = []
+    both_a = evaluate_seeds(a.images, a.labels, test.images, test.labels, [0, 1], **kw, after_submit=lambda:
+                            queued.append(submit_seeds(b.images, b.labels, test.images, test.labels, [0, 1], **kw)))
+    assert len(queued) == 1
+    assert both_a["test"]["accuracies"] == alone_a["test"]["accuracies"]
+    assert queued[0].result()["test"]["accuracies"] == alone_b["test"]["accuracies"]
+    assert alone_a["test"]["accuracies"] != alone_b["test"]["accuracies"]  # the two sets are told apart
+
+    def broken() -> None:
+        raise RuntimeError("the queued evaluation failed to start")
+
+    with pytest.raises(RuntimeError, match="failed to start"):  # the first evaluation's tasks are cancelled
+        evaluate_seeds(a.images, a.labels, test.images, test.labels, [0, 1], **kw, after_submit=broken)
+
+
 def test_a_job_with_threads_pinned_gives_the_same_figure_on_ray_and_in_process(ray_cluster, tmp_path):
     doc = {"name": "dm-threads", "kind": "distill", "data": {"name": "digits"}, "threads": 1,
            "method": {"name": "dm", "ipc": 1, "iterations": 5},
@@ -58,3 +83,39 @@ def test_a_job_with_threads_pinned_gives_the_same_figure_on_ray_and_in_process(r
         result = run_job(validate_spec(doc), tmp_path / f"runs-{parallel}", progress=False)
         figures.append(json.loads((result.run_dir / "metrics.json").read_text())["acc_mean"])
     assert figures[0] == figures[1]
+
+
+def test_dpgeng_queues_its_baseline_behind_the_release_on_ray(ray_cluster, tmp_path, monkeypatch):
+    """Through the job: the release's models are queued, then the DP-generated baseline's, and only then does
+    the job wait for either (a spy around the real submit_seeds records the order)."""
+    import dpdistill.runtime.parallel as parallel
+
+    events: list[tuple[str, int]] = []
+    real_submit = parallel.submit_seeds
+
+    def recording_submit(*args, **kwargs):
+        pending, n = real_submit(*args, **kwargs), len(args[1])
+        events.append(("queued", n))
+        collect = pending.result
+
+        def result():
+            events.append(("waited", n))
+            return collect()
+
+        pending.result = result
+        return pending
+
+    monkeypatch.setattr(parallel, "submit_seeds", recording_submit)
+    doc = {"name": "dpgeng-queue", "kind": "distill", "data": {"name": "digits"}, "privacy": {"epsilon": 2.0},
+           "method": {"name": "dpgeng", "ipc": 1, "factor": 2, "generated_per_class": 20, "extractors": 1,
+                      "extractor_epochs": 1, "net_width": 8, "net_depth": 2, "expert_pretrain_epochs": 1,
+                      "expert_dp_epochs": 0.5, "expert_batch": 128, "iterations": 2, "batch_real": 16,
+                      "generator_options": {"iterations": 10, "num_features": 200, "batch_size": 100}},
+           "evaluation": {"seeds": 2, "epochs": 2, "model_options": {"width": 8}, "parallel": True},
+           "tracking": {"enabled": False}}
+    result = run_job(validate_spec(doc), tmp_path / "runs", progress=False)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    # factor 2: the release decodes to 4 images per stored one (40), the baseline is ipc x classes (10).
+    assert events == [("queued", 40), ("queued", 10), ("waited", 40), ("waited", 10)]
+    assert 0 <= metrics["baseline_generated_acc_mean"] <= 1 and 0 <= metrics["acc_mean"] <= 1
+

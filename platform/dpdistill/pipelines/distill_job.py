@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,19 +190,11 @@ class DistillPipeline:
         metrics: dict[str, float] = {"ipc": float(ipc), "n_released": float(len(labels))}
         ctx.log_metrics(metrics)
         if spec.evaluation.enabled:
-            report_utility(ctx, images, labels, p)
             baseline = getattr(synthetic, "report", {}).get("baseline")
-            if baseline is not None:
-                # DP-GenG's reference point: ipc images per class drawn from the DP generator's output (already
-                # paid for), evaluated by the same protocol. Test accuracy only: nothing selects on it.
-                base = evaluate_release(ctx, *baseline, p, validation=False, what="evaluate baseline")
-                ctx.log_metrics({"baseline_generated_acc_mean": base["test"]["mean"],
-                                 "baseline_generated_acc_std": base["test"]["std"]})
-                ctx.add_summary(
-                    "baseline",
-                    f"{100 * base['test']['mean']:.2f} ± {100 * base['test']['std']:.2f} % with "
-                    f"{len(baseline[1]) // p.info.num_classes} DP-generated images/class (same evaluation)",
-                )
+            if baseline is None:
+                report_utility(ctx, images, labels, p)
+            else:
+                report_with_baseline(ctx, images, labels, baseline, p)
         report = getattr(synthetic, "report", None)
         if isinstance(report, dict):
             # The noise multipliers and stage times of a multi-stage method (DP output, no data).
@@ -216,13 +209,15 @@ def mark_not_private(ctx: Any, method: str) -> None:
 
 
 def report_utility(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
-                   trained_on: str = "") -> dict[str, Any]:
+                   trained_on: str = "", after_submit: Callable[[], None] | None = None) -> dict[str, Any]:
     """Evaluate the release by the spec's protocol, log its figures and summary rows; the primary model's accuracy.
 
     The one evaluation every job kind runs on its release: ``evaluation.selection`` (none / synv / noisy-senv)
     and ``evaluation.models`` (one row per architecture) as :mod:`dpdistill.evaluation.selection` describes.
     ``p`` needs ``test``, ``info`` and ``val``; ``trained_on`` qualifies the model in the summary (e.g.
     " trained on the synthetic set"). Returns ``{"test": {...}[, "val": {...}]}`` of the primary model.
+    ``after_submit``: called once the first models are queued on Ray (see
+    :func:`~dpdistill.runtime.parallel.evaluate_seeds`); not called by in-process evaluation.
     """
     from dpdistill.evaluation.selection import evaluate_protocol, summary_lines
     from dpdistill.runtime.cluster import ray_session
@@ -235,7 +230,7 @@ def report_utility(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
                else contextlib.nullcontext())
     with stage("evaluate") if stage is not None else contextlib.nullcontext(), session:
         outcome = evaluate_protocol(
-            ev, images, labels, evaluate=_evaluator(ctx, p), test=(p.test.images, p.test.labels),
+            ev, images, labels, evaluate=_evaluator(ctx, p, after_submit), test=(p.test.images, p.test.labels),
             val=lambda: (p.val.images, p.val.labels) if getattr(p, "val", None) is not None else None,
             num_classes=p.info.num_classes, seed=spec.seed, ledger=ctx.ledger, noise=ctx.noise)
     ctx.log_metrics(outcome.metrics())
@@ -244,58 +239,89 @@ def report_utility(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
     return outcome.primary.acc
 
 
-def _evaluator(ctx: Any, p: Any) -> Any:
+def _evaluator(ctx: Any, p: Any, after_submit: Callable[[], None] | None = None) -> Any:
     """``evaluate(train_x, train_y, test_x, test_y, *, model, model_kwargs, epochs, lr, extra_sets)`` for the
-    spec: its seeds, batch size, augmentation, the dataset's published normalisation and the spec's device."""
-    from dpdistill.runtime.device import resolve_device
-    from dpdistill.runtime.parallel import evaluate_seeds
+    spec: its seeds, batch size, augmentation, the dataset's published normalisation and the spec's device.
+    ``after_submit`` runs once, after the first evaluation's models are queued on Ray."""
+    from dpdistill.runtime import parallel
 
-    spec = ctx.spec
-    ev = spec.evaluation
-    fixed = dict(num_classes=p.info.num_classes, batch_size=ev.batch_size, augment=ev.augmentation(),
-                 mean=tuple(p.info.mean), std=tuple(p.info.std), device=resolve_device(spec.device))
-    seeds = [spec.seed * 1000 + i for i in range(ev.seeds)]
+    ev = ctx.spec.evaluation
+    pending_hook = [after_submit] if after_submit is not None else []
 
     def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
                  model: str, model_kwargs: dict[str, Any], epochs: int, lr: float,
                  extra_sets: dict[str, Any]) -> dict[str, Any]:
         if ev.parallel:
-            return evaluate_seeds(train_x, train_y, test_x, test_y, seeds, extra_sets=extra_sets, use_ray=True,
-                                  model=model, model_kwargs=model_kwargs, epochs=epochs, lr=lr, **fixed)
-        return evaluate_seeds(train_x, train_y, test_x, test_y, seeds, extra_sets=extra_sets, use_ray=False,
-                              progress=ctx.progress, model=model, model_kwargs=model_kwargs, epochs=epochs, lr=lr,
-                              **fixed)
+            hook = pending_hook.pop() if pending_hook else None
+            return parallel.evaluate_seeds(train_x, train_y, test_x, test_y, _seeds(ctx), extra_sets=extra_sets,
+                                           use_ray=True, after_submit=hook, model=model, model_kwargs=model_kwargs,
+                                           epochs=epochs, lr=lr, **_fixed(ctx, p))
+        return parallel.evaluate_seeds(train_x, train_y, test_x, test_y, _seeds(ctx), extra_sets=extra_sets,
+                                       use_ray=False, progress=ctx.progress, model=model, model_kwargs=model_kwargs,
+                                       epochs=epochs, lr=lr, **_fixed(ctx, p))
 
     return evaluate
 
 
-def evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
-                     validation: bool = True, what: str = "evaluate") -> dict[str, Any]:
-    """Train fresh models on the released set and score them on the real test (and validation) split.
+def _seeds(ctx: Any) -> list[int]:
+    """The evaluation models' seeds (public: from spec.seed)."""
+    return [ctx.spec.seed * 1000 + i for i in range(ctx.spec.evaluation.seeds)]
 
-    ``p`` needs ``test``, ``info`` and, when ``evaluation.validation`` is on, ``val``. The validation accuracy
-    is what sweeps select on; the test accuracy is only ever reported. ``what`` names the stage in log.txt.
-    The models train on the spec's device (in-process, or in Ray tasks that ask for a share of a GPU).
+
+def _fixed(ctx: Any, p: Any) -> dict[str, Any]:
+    """The spec's evaluation settings every model shares: classes, batch size, augmentation, the dataset's
+    published normalisation and the device."""
+    from dpdistill.runtime.device import resolve_device
+
+    ev = ctx.spec.evaluation
+    return dict(num_classes=p.info.num_classes, batch_size=ev.batch_size, augment=ev.augmentation(),
+                mean=tuple(p.info.mean), std=tuple(p.info.std), device=resolve_device(ctx.spec.device))
+
+
+def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, baseline: tuple[Any, Any],
+                         p: Any) -> None:
+    """The release's evaluation (:func:`report_utility`) and DP-GenG's reference point beside it: ipc images per
+    class drawn from the DP generator's output (already paid for), evaluated by the same protocol's model,
+    epochs and seeds. Test accuracy only: nothing selects on it.
+
+    On Ray the baseline's models are queued right behind the release's first models, so they fill the cores the
+    release's last seeds leave idle; in-process they train after the release's.
     """
-    stage = getattr(ctx, "stage", None)
-    with stage(what) if stage is not None else contextlib.nullcontext():
-        return _evaluate_release(ctx, images, labels, p, validation)
-
-
-def _evaluate_release(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
-                      validation: bool) -> dict[str, Any]:
+    from dpdistill.runtime import parallel
     from dpdistill.runtime.cluster import ray_session
 
     spec = ctx.spec
     ev = spec.evaluation
-    use_val = validation and ev.validation and getattr(p, "val", None) is not None
-    extra = {"val": (p.val.images, p.val.labels)} if use_val else {}
-    evaluate = _evaluator(ctx, p)
+    pending: list[parallel.PendingSeeds] = []
+
+    def queue_baseline() -> None:
+        if not pending:
+            pending.append(parallel.submit_seeds(
+                *baseline, p.test.images, p.test.labels, _seeds(ctx), use_ray=ev.parallel, progress=ctx.progress,
+                model=ev.model, model_kwargs=dict(ev.model_options), epochs=ev.epochs, lr=ev.lr,
+                **_fixed(ctx, p)))
+
+    # One Ray session for both evaluations: the queued baseline must outlive the release's evaluation.
     session = (ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path) if ev.parallel
                else contextlib.nullcontext())
     with session:
-        return evaluate(images, labels, p.test.images, p.test.labels, model=ev.model,
-                        model_kwargs=dict(ev.model_options), epochs=ev.epochs, lr=ev.lr, extra_sets=extra)
+        try:
+            report_utility(ctx, images, labels, p, after_submit=queue_baseline)
+            stage = getattr(ctx, "stage", None)
+            with stage("evaluate baseline") if stage is not None else contextlib.nullcontext():
+                queue_baseline()  # in-process, or a protocol that never queued on Ray: now
+                base = pending[0].result()
+        except BaseException:
+            for job in pending:
+                job.cancel()
+            raise
+    ctx.log_metrics({"baseline_generated_acc_mean": base["test"]["mean"],
+                     "baseline_generated_acc_std": base["test"]["std"]})
+    ctx.add_summary(
+        "baseline",
+        f"{100 * base['test']['mean']:.2f} ± {100 * base['test']['std']:.2f} % with "
+        f"{len(baseline[1]) // p.info.num_classes} DP-generated images/class (same evaluation)",
+    )
 
 
 def config_as_dict(config: Any) -> dict[str, Any]:

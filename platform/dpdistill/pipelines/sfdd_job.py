@@ -170,7 +170,7 @@ class SFDDPipeline:
         from dpdistill.runtime.cluster import ray_session
 
         spec = ctx.spec
-        # One Ray session for the rounds and the evaluation (evaluate_release reuses it): starting Ray costs
+        # One Ray session for the rounds and the evaluation (report_utility reuses it): starting Ray costs
         # seconds, and the actors' CPUs are free again once the pool is shut down.
         with ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path):
             return self._execute(ctx, p)
