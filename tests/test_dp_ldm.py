@@ -199,7 +199,29 @@ def test_generation_is_images_in_range_and_deterministic_in_the_seed(fitted, mon
     assert not torch.equal(synth.generate(n_per_class=3, seed=6)[0], images)
 
 
-def test_a_sharded_synthesize_job_charges_its_plan_and_writes_only_declared_keys(tmp_path, cache):
+def test_the_latent_objective_and_latents_travel_to_ray_train_workers(fitted):
+    """What a sharded fit ships to each Ray Train worker: the latent objective (with the fine-tuned start state)
+    and the pre-encoded latents. Through Ray's own pickler, the copy builds the same network, trains the same
+    parameters and gives the same losses (the 2-worker Ray Train path itself: tests/test_diffusion_jobs.py)."""
+    import ray.cloudpickle as cloudpickle
+
+    synth = fitted["synth"]
+    objective = synth.objective(synth.generator_net.state_dict())
+    copy = cloudpickle.loads(cloudpickle.dumps(objective))
+    latents = synth.training_inputs(digits().images[:6])
+    labels = torch.arange(6)
+    assert copy.latent and latents.shape[1] == TINY["ae_latent_channels"]
+    nets = [o.build() for o in (objective, copy)]
+    assert [n for n, _ in nets[0].named_parameters()] == [n for n, _ in nets[1].named_parameters()]
+    assert [p.shape for p in objective.trainable(nets[0])] == [p.shape for p in copy.trainable(nets[1])]
+    rows = [o.losses(net, latents, labels, 2, torch.Generator().manual_seed(3)) for o, net in zip((objective, copy),
+                                                                                               nets, strict=True)]
+    assert torch.equal(rows[0], rows[1])
+    latents_copy = cloudpickle.loads(cloudpickle.dumps(latents))
+    assert torch.equal(latents_copy, latents)
+
+
+def test_a_synthesize_job_charges_its_plan_and_writes_only_declared_keys(tmp_path, cache):
     import mlflow
 
     from dpdistill.pipelines.synthesize_job import disclosure_for
@@ -211,12 +233,9 @@ def test_a_sharded_synthesize_job_charges_its_plan_and_writes_only_declared_keys
     doc = {
         "name": "dp-ldm-job", "kind": "synthesize", "seed": 0, "data": {"name": "digits"},
         "privacy": {"epsilon": 4.0},
-        # Two Ray Train workers: the objective and the pre-encoded latents travel to them (one shard each).
-        "method": {"name": "dp-ldm", "pretrain": "glyphs", **TINY, "n_per_class": 5, "fidelity": False,
-                   "train_workers": 2},
+        "method": {"name": "dp-ldm", "pretrain": "glyphs", **TINY, "n_per_class": 5, "fidelity": False},
         "evaluation": {"epochs": 1, "seeds": 1, "parallel": False, "model_options": {"width": 8}},
         "tracking": {"enabled": True, "uri": uri, "experiment": "dp-ldm"},
-        "ray": {"num_cpus": 2},
     }
     result = run_job(validate_spec(doc), tmp_path / "runs", progress=False)
     assert result.status == "completed"
