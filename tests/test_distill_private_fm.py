@@ -94,6 +94,14 @@ def test_batch_norm_in_training_mode_is_refused() -> None:
         check_per_record_network(net.train(), "test")
     check_per_record_network(net.eval(), "test")  # frozen statistics do not mix records
     check_per_record_network(models.get("convnet", channels=1, num_classes=10, image_size=8, width=8), "test")
+    for m in net.modules():  # without running statistics even an eval-mode batch norm uses the batch's
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():  # the premise: one record's output depends on the others in its batch
+        assert not torch.allclose(net.eval()(x)[:1], net(x[:1]), atol=1e-4)
+    with pytest.raises(SpecError, match="batch norm"):
+        check_per_record_network(net.eval(), "test")
 
 
 def test_private_normaliser_never_reads_the_data() -> None:

@@ -57,6 +57,7 @@ from dpdistill.distill.loop import RunArgs
 from dpdistill.distill.losses import feature_mean_distance
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet
 from dpdistill.errors import DataError, SpecError
+from dpdistill.models.registry import mixes_records
 from dpdistill.privacy import Gaussian, Parallel, PoissonGaussian
 from dpdistill.privacy.dp_ops import PoissonClassSampler, clip_rows, clipped_sum, noisy_mean, solve_free_sigma
 from dpdistill.privacy.noise import PrivacyRandomness
@@ -100,13 +101,13 @@ def charge_matching(ledger: Any, component: str, sampler: PoissonClassSampler, s
 
 
 def check_per_record_network(net: nn.Module, what: str) -> None:
-    """Refuse networks whose per-record outputs depend on the rest of the batch (training-mode batch norm)."""
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            raise SpecError(
-                f"{what}: batch norm in training mode mixes records, so per-record clipping would not bound the "
-                "sensitivity; use net_norm 'instance', 'group', 'layer' or 'none'"
-            )
+    """Refuse networks whose per-record outputs depend on the rest of the batch (batch norm using batch
+    statistics: in training mode, or without running statistics; :func:`~dpdistill.models.registry.mixes_records`)."""
+    if mixes_records(net):
+        raise SpecError(
+            f"{what}: batch norm on batch statistics (training mode, or no running statistics) mixes records, so "
+            "per-record clipping would not bound the sensitivity; use net_norm 'instance', 'group', 'layer' or 'none'"
+        )
 
 
 @dataclass
