@@ -110,6 +110,29 @@ def test_rows_of_a_record_are_averaged_before_clipping():
     assert float((clip_then_mean - mean_then_clip).norm()) > 0.05 * float(mean_then_clip.norm())
 
 
+def test_cpu_chunks_give_the_one_pass_sum_and_never_split_a_record(monkeypatch):
+    """On CPU the engine splits a batch into chunks of at most CPU_CHUNK_ROWS rows (speed only): 50 records x
+    K = 3 rows, with 7-row chunks, go through in chunks of two whole records (6 rows; a record's rows are never
+    split, which would clip partial means) and give the one-pass clipped sum (a spy counts the chunks)."""
+    import dpdistill.training.dp_sgd as dp_sgd
+
+    obj, clip, k = Regression(row_spread=2.0), 0.3, 3
+    x, y = _data(50, obj.d)
+    one_pass = _flat(_sum(obj, x, y, clip, k))
+    monkeypatch.setattr(dp_sgd, "CPU_CHUNK_ROWS", 7)
+    seen: list[int] = []
+    real = dp_sgd.hooks_clipped_sum
+
+    def counting(objective, net, params, xs, ys, kk, c, g):
+        seen.append(len(xs))
+        return real(objective, net, params, xs, ys, kk, c, g)
+
+    monkeypatch.setattr(dp_sgd, "hooks_clipped_sum", counting)
+    chunked = _flat(_sum(obj, x, y, clip, k))
+    assert seen == [2] * 25  # 7 rows hold two whole records of 3 rows
+    torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-6)
+
+
 def _schedule(**kw) -> DPSGDSchedule:
     base = dict(sigma=1.0, q=0.25, steps=6, clip=0.5, n_records=40, lr=0.05, optimizer="sgd")
     return DPSGDSchedule(**{**base, **kw})

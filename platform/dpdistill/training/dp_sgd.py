@@ -63,6 +63,11 @@ from dpdistill.training.per_record import (
 )
 
 OPTIMIZERS = ("adam", "sgd")
+# On CPU a forward/backward of more rows than this is split further, whatever max_physical_batch allows: the
+# activations of a 64-row chunk stay in cache. Measured on one thread (2-core AVX-512 machine), the clipped sum
+# of a ConvNet-3 width 32 (512 records) took 1,310 ms in one pass and 358 ms in 64-row chunks; the pdp-diffusion
+# UNet (256 records) 2,234 ms and 1,286 ms. Speed only: the sum is the same up to float summation order.
+CPU_CHUNK_ROWS = 64
 
 
 @runtime_checkable
@@ -97,7 +102,8 @@ class DPSGDSchedule:
     ``q`` is the GLOBAL Poisson rate (each record of the whole set independently with probability q),
     ``n_records`` the size of the whole sensitive set (the expected batch is q·n), ``clip`` the per-record
     L2 bound C, ``sigma`` the noise multiplier (noise std σ·C on the summed gradient). ``max_physical_batch``
-    is how many rows one forward/backward holds (memory), not a privacy parameter. ``grad_sample_mode`` picks
+    is at most how many rows one forward/backward holds (memory; on CPU chunks are smaller still,
+    :data:`CPU_CHUNK_ROWS`), not a privacy parameter. ``grad_sample_mode`` picks
     how per-record clipped gradients are computed (:mod:`dpdistill.training.per_record`: ``auto``, ``hooks``,
     ``ghost``, ``functorch``): speed only, the clipped sum is the same; public (a function of the model).
     """
@@ -203,14 +209,16 @@ def clipped_gradient_sum(objective: DPObjective, net: nn.Module, params: list[nn
 
     ``backend``: an open :mod:`~dpdistill.training.per_record` backend (:func:`open_backend`); None: opacus'
     hooks, which ``net`` must then carry (:func:`attach_grad_sampler`). Records are processed in chunks of
-    ``max_physical_batch // multiplicity`` (a record's rows never split across chunks). No noise here: the
-    result is what the noise protects and must not leave the caller unnoised.
+    ``max_physical_batch // multiplicity`` (a record's rows never split across chunks), on CPU of at most
+    :data:`CPU_CHUNK_ROWS` rows. No noise here: the result is what the noise protects and must not leave the
+    caller unnoised.
     """
     total = [torch.zeros_like(p) for p in params]
     n = len(images)
     if n == 0:
         return total
-    per_chunk = max(1, max_physical_batch // multiplicity)
+    rows = min(max_physical_batch, CPU_CHUNK_ROWS) if images.device.type == "cpu" else max_physical_batch
+    per_chunk = max(1, rows // multiplicity)
     for start in range(0, n, per_chunk):
         x, y = images[start:start + per_chunk], labels[start:start + per_chunk]
         if backend is None:

@@ -30,10 +30,6 @@ from dpdistill.privacy import noise as privacy_noise
 from dpdistill.privacy.noise import PrivacyRandomness
 
 COMPONENT = "dpgeng/expert"
-# Records per forward/backward of the fine-tuning (memory and speed only; the Poisson batch is what it is):
-# cache-sized chunks are fastest on CPU. Measured on MNIST, width-32 ConvNet, expected batch 512, one thread:
-# 0.52-0.62 s per step at 64, 0.69 at 128, 0.86 at 256 (opacus' hooks before: 1.40).
-PHYSICAL_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -94,8 +90,7 @@ def dp_finetune(net: nn.Module, sensitive: Any, plan: DPSGDPlan, ledger: Any, me
     s = torch.as_tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
     images = (sensitive.images - m) / s
     schedule = DPSGDSchedule(sigma=plan.sigma, q=plan.q, steps=plan.steps, clip=plan.clip,
-                             n_records=len(sensitive), lr=lr, optimizer="sgd", momentum=0.9,
-                             max_physical_batch=PHYSICAL_BATCH)
+                             n_records=len(sensitive), lr=lr, optimizer="sgd", momentum=0.9)
     ledger.charge(COMPONENT, plan.mechanism(), note=note or f"DP-SGD fine-tuning, clip C={plan.clip:g}")
     state = train_dp_sgd(FineTuneObjective(start, str(device)), None, images, sensitive.labels, schedule, noise,
                          device=device)
