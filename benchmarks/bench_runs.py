@@ -90,6 +90,11 @@ def load_configs(path: Path = CONFIGS) -> dict[str, dict[str, Any]]:
             raise SystemExit(f"{path}: configuration {name}: missing {', '.join(missing)}")
         c.setdefault("set", [])
         c.setdefault("expected_minutes", None)
+        superseded = c.setdefault("superseded", [])
+        if not isinstance(superseded, list) or any(
+                not isinstance(e, dict) or not e.get("commits") or not e.get("reason") for e in superseded):
+            raise SystemExit(f"{path}: configuration {name}: superseded must be a list of {{commits: [...], "
+                             "reason: ...}}")
         if not any(s.replace(" ", "") in ONE_CORE_OVERRIDES for s in c["set"]):
             raise SystemExit(f"{path}: configuration {name}: set one of {', '.join(ONE_CORE_OVERRIDES)} "
                              "(otherwise the evaluation's Ray cluster takes every core)")
@@ -376,15 +381,26 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def superseded_by(draw: dict[str, Any], configs: dict[str, dict[str, Any]]) -> str:
+    """Why ``draw`` no longer counts towards its configuration's figure ("" if it does): its commit is listed
+    under the configuration's ``superseded`` (code that changed the result under the same spec, e.g. another
+    pre-training). Its draws stay in runs.json and are shown apart."""
+    for entry in configs.get(draw["config"], {}).get("superseded", []):
+        if any(draw["commit"].startswith(str(c)) for c in entry["commits"]):
+            return str(entry["reason"])
+    return ""
+
+
 def aggregate(draws: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per configuration and spec hash: mean ± std (ddof 1) over its private, completed draws."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    """One row per configuration, spec hash and supersession: mean ± std (ddof 1) over its private, completed
+    draws (superseded draws form rows of their own, marked with the reason)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for d in draws:
         if d["status"] == "completed":
-            groups.setdefault((d["config"], d.get("spec_hash") or "?"), []).append(d)
+            groups.setdefault((d["config"], d.get("spec_hash") or "?", superseded_by(d, configs)), []).append(d)
     order = {n: i for i, n in enumerate(configs)}
     rows = []
-    for (name, shash), ds in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 1e9), kv[0])):
+    for (name, shash, gone), ds in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 1e9), kv[0])):
         c = configs.get(name, {})
         # A non-private reference (DM, DC: `reference: true` in configs.yaml) has no noise to draw: its runs are
         # NOT PRIVATE by design and are the row's figure; a one-run row's spread is its evaluation seeds'.
@@ -403,7 +419,7 @@ def aggregate(draws: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -
         b_mean, b_std = _mean_std(base)
         eps = [d["ledger_epsilon"] for d in private if d.get("ledger_epsilon") is not None]
         rows.append({
-            "config": name, "spec": ds[0]["spec"], "set": ds[0]["set"], "spec_hash": shash,
+            "config": name, "spec": ds[0]["spec"], "set": ds[0]["set"], "spec_hash": shash, "superseded": gone,
             "description": c.get("description", ""), "chosen_by": c.get("chosen_by", ""),
             "draws_target": c.get("draws"), "draws": len(private), "draws_not_private": len(ds) - len(private),
             "reference": reference,
@@ -437,6 +453,10 @@ def _pct(mean: float | None, std: float | None) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
+HEADER = ("| config | draws | test acc % | val acc % | by draw (test %) | DP-generated baseline % | ledger ε (max) / δ "
+          "| wall s (mean) | commit | spec hash |")
+
+
 def render_md(doc: dict[str, Any], path: Path) -> None:
     """results/runs.md: the rows, then every draw, from runs.json (never edited by hand)."""
     rows, draws = doc.get("rows", []), doc.get("draws", [])
@@ -454,14 +474,16 @@ def render_md(doc: dict[str, Any], path: Path) -> None:
         "",
         f"updated {doc.get('updated', '')}",
         "",
-        "| config | draws | test acc % | val acc % | by draw (test %) | DP-generated baseline % | ledger ε (max) / δ "
-        "| wall s (mean) | commit | spec hash |",
+        HEADER,
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    current = [r for r in rows if not r.get("superseded")]
+    gone = [r for r in rows if r.get("superseded")]
+
+    def table_row(r: dict[str, Any]) -> str:
         flag = " ⚠ seeded-noise code" if r["seeded_noise_code"] else ""
         eps = "" if r["ledger_epsilon_max"] is None else f"{r['ledger_epsilon_max']:.3f} / {r['ledger_delta']:.0e}"
-        lines.append(
+        return (
             f"| `{r['config']}`{flag}{' (reference, not private)' if r.get('reference') else ''}"
             f" | {r['draws']}/{r['draws_target']}"
             + (f" (+{r['draws_not_private']} NOT PRIVATE)" if r["draws_not_private"] else "")
@@ -469,14 +491,22 @@ def render_md(doc: dict[str, Any], path: Path) -> None:
             f" | {', '.join(f'{100 * a:.2f}' for a in r['test_acc_by_draw'])}"
             f" | {_pct(r['baseline_generated_acc_mean'], r['baseline_generated_acc_std'])} | {eps}"
             f" | {r['wall_s_mean']:.0f} | {', '.join(r['commits'])} | `{r['spec_hash']}` |")
+
+    lines += [table_row(r) for r in current]
+    if gone:
+        lines += ["", "## Superseded rows", "",
+                  "Draws of these commits ran code that changed the result under the same spec; they are kept and",
+                  "listed, but they are not the configuration's figure (`superseded` in configs.yaml says why).", "",
+                  HEADER + " superseded because |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [table_row(r) + f" {r['superseded']} |" for r in gone]
     lines += ["", "## Configurations", ""]
-    for r in rows:
+    for r in current:
         sets = " ".join(f"--set '{s}'" for s in r["set"])
         lines.append(f"- `{r['config']}`: `dpdistill run {r['spec']} {sets}` — {r['description'].rstrip('.')}. "
                      f"Chosen by: {r['chosen_by'].rstrip('.')}.")
-    if rows:
+    if current:
         lines += ["", "Versions (shared by every draw of a row; a list where draws differ):", ""]
-        for r in rows:
+        for r in current:
             lines.append(f"- `{r['config']}`: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
     lines += ["", "## Draws", "", "| config | started | run folder | test % | val % | ledger ε | noise | wall s "
               "| commit | release sha256 | load before/after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
