@@ -192,8 +192,10 @@ def test_dp_gan_steps_even_on_an_empty_poisson_sample(digits, monkeypatch, poiss
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(DPOptimizer, "step", spy_step)
+    # q = 2/n: about one sample in seven is empty. A reproducible source makes the premise (an empty sample among
+    # the 30) certain; with secret noise 1.3 % of runs drew none and failed the premise (seen once in CI).
     synth = synthesis.create("dp-gan", channels=1, image_size=8, num_classes=10, seed=0, iterations=30,
-                             batch_size=2)  # q = 2/n: about one sample in seven is empty
+                             batch_size=2, noise=PrivacyRandomness.reproducible(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         synth.fit(digits, ledger(digits, 2.0))
