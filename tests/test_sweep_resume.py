@@ -28,7 +28,7 @@ DPDISTILL = str(Path(sys.executable).parent / "dpdistill")
 # A private job whose trials take some seconds (so the signal lands inside one), with a charge made up front.
 JOB = {
     "name": "ndpdc-resume", "kind": "distill", "data": {"name": "digits"}, "privacy": {"epsilon": 1.0},
-    "method": {"name": "ndpdc", "ipc": 1, "iterations": 1000, "net_width": 8, "batch_real": 16},
+    "method": {"name": "ndpdc", "ipc": 1, "iterations": 3000, "net_width": 8, "batch_real": 16},
     "evaluation": {"seeds": 1, "epochs": 2, "model_options": {"width": 8}},
 }
 SWEEP = {
@@ -99,7 +99,8 @@ def test_an_interrupted_sweep_resumes_and_finishes_with_all_trials(tmp_path, hea
     assert summary["status"] == "interrupted" and summary["completed_trials"] == 1
     interrupted = [f for f in _runs(sweep_dir) if _status(f)["status"] == "interrupted"]
     # It charged before it was stopped. (A trial must outlast the seconds Tune takes to stop it: at 400
-    # iterations the second trial completed after the SIGTERM and no attempt was interrupted.)
+    # iterations the second trial completed after the SIGTERM and no attempt was interrupted; at 1000, once the
+    # CPU loops got faster, a trial took 9.7 s and the same happened.)
     assert interrupted and all(_charged(f) for f in interrupted), [(f, _status(f)) for f in _runs(sweep_dir)]
     assert not [f for f in _runs(sweep_dir) if _status(f)["status"] == "running"]
     charged_before = sum(_charged(f) for f in _runs(sweep_dir))
