@@ -18,10 +18,10 @@ the per-record norms:
   layer called several times) are extra positions p of the record, so the norm is that of the MEAN of the K
   rows' gradients, exactly as ``hooks``. The clipped sum Σ_i min(1, C/‖g_i‖)·g_i is then assembled per layer
   from what the norms kept (the per-record gradients, or one contraction Σ_{n,p} c_n g_np a_npᵀ): no second
-  backward pass. Supported: exactly nn.Linear, nn.Conv2d (zero padding, groups 1), nn.GroupNorm,
-  nn.LayerNorm, nn.Embedding (no max_norm, no scale_grad_by_freq, no sparse); a model whose trainable
-  parameters sit in anything else (or one parameter in two modules) is not ghost-clippable:
-  :func:`ghost_support` says why, ``ghost`` refuses it and ``auto`` falls back to ``hooks``. A layer input or
+  backward pass. Supported: exactly nn.Linear, nn.Conv2d (zero padding, groups 1), nn.GroupNorm (and the
+  project's InstanceNorm, the same function), nn.LayerNorm, nn.Embedding (no max_norm, no scale_grad_by_freq,
+  no sparse); a model whose trainable parameters sit in anything else (or one parameter in two modules) is not
+  ghost-clippable: :func:`ghost_support` says why, ``ghost`` refuses it and ``auto`` falls back to ``hooks``. A layer input or
   output changed in place after the layer ran is refused (PrivacyError), never mis-clipped.
 - ``functorch``: ``torch.func.vmap(grad(...))`` over records, each record's K rows one vmapped call. Needs the
   objective's randomness drawn OUTSIDE the vmapped function: the objective must offer ``draw_rows(images,
@@ -54,12 +54,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpdistill.errors import PrivacyError, SpecError
+from dpdistill.models.instance_norm import InstanceNorm
 from dpdistill.privacy.dp_ops import clip_factors, clipped_per_example_sum
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
 BACKENDS = ("hooks", "ghost", "functorch")
 
-_GHOST_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
+# InstanceNorm is a GroupNorm computing the same function with a faster CPU path: same per-record gradients.
+_GHOST_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm, InstanceNorm, nn.LayerNorm, nn.Embedding)
 
 
 # --------------------------------------------------------------------------------------------- support / choice
@@ -100,7 +102,7 @@ def ghost_support(net: nn.Module, params: Sequence[nn.Parameter]) -> str | None:
             return "a Conv2d with groups != 1, a non-zero padding mode or string padding"
         if kind is nn.Embedding and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
             return "an Embedding with max_norm, scale_grad_by_freq or sparse gradients"
-        if kind in (nn.GroupNorm, nn.LayerNorm) and not _affine(module):
+        if kind in (nn.GroupNorm, InstanceNorm, nn.LayerNorm) and not _affine(module):
             return f"a {kind.__name__} without affine parameters but with trainable ones"
     return None
 
@@ -194,6 +196,8 @@ class HooksBackend:
         from opacus import GradSampleModule
 
         _no_inplace(net)
+        # opacus looks grad samplers up by exact type; InstanceNorm's per-sample gradients are GroupNorm's.
+        GradSampleModule.GRAD_SAMPLERS.setdefault(InstanceNorm, GradSampleModule.GRAD_SAMPLERS[nn.GroupNorm])
         self.sampler = GradSampleModule(net, batch_first=True, loss_reduction="sum", strict=True)
 
     def clipped_sum(self, objective: Any, net: nn.Module, params: list[nn.Parameter], x: Tensor, y: Tensor,
