@@ -313,6 +313,11 @@ def read_run_folder(run_dir: Path) -> dict[str, Any]:
     for k in ("baseline_generated_acc_mean", "baseline_generated_acc_std", "fid", "fid_domain"):
         if k in metrics:
             out[k] = metrics[k]
+    # `evaluation.models: [...]`: one test (and validation) accuracy per architecture (acc_mean_<model>).
+    by_model = {k.removeprefix("acc_mean_"): {"test": v, "val": metrics.get("val_acc_mean_" + k[9:])}
+                for k, v in metrics.items() if k.startswith("acc_mean_")}
+    if by_model:
+        out["acc_by_model"] = by_model
     return out
 
 
@@ -433,8 +438,24 @@ def aggregate(draws: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -
             "versions": _common_versions(ds),
             "seeded_noise_code": any(d.get("seeded_noise_code") for d in ds),
             "run_dirs": [d["run_dir"] for d in ds],
+            "acc_by_model": _by_model(private),
         })
     return rows
+
+
+def _by_model(draws: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per evaluation architecture (cross-architecture runs): test / val mean ± std over the draws."""
+    models = sorted({m for d in draws for m in d.get("acc_by_model", {})})
+    out = {}
+    for m in models:
+        test = [d["acc_by_model"][m]["test"] for d in draws if d.get("acc_by_model", {}).get(m, {}).get("test")
+                is not None]
+        val = [d["acc_by_model"][m]["val"] for d in draws if d.get("acc_by_model", {}).get(m, {}).get("val")
+               is not None]
+        (t_mean, t_std), (v_mean, v_std) = _mean_std(test), _mean_std(val)
+        out[m] = {"test_acc_mean": t_mean, "test_acc_std": t_std, "val_acc_mean": v_mean, "val_acc_std": v_std,
+                  "draws": len(test), "test_acc_by_draw": test}
+    return out
 
 
 def _common_versions(draws: list[dict[str, Any]]) -> dict[str, Any]:
@@ -499,6 +520,17 @@ def render_md(doc: dict[str, Any], path: Path) -> None:
                   "listed, but they are not the configuration's figure (`superseded` in configs.yaml says why).", "",
                   HEADER + " superseded because |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [table_row(r) + f" {r['superseded']} |" for r in gone]
+    crossed = [r for r in current if r.get("acc_by_model")]
+    if crossed:
+        lines += ["", "## Cross-architecture utility", "",
+                  "Rows whose runs evaluate the release with several architectures (`evaluation.models`): each one's",
+                  "test accuracy (mean over the job's evaluation seeds), then mean ± std over the row's noise draws.",
+                  "", "| config | model | draws | test acc % | val acc % | by draw (test %) |", "|---|---|---|---|---|---|"]
+        for r in crossed:
+            for m, f in r["acc_by_model"].items():
+                lines.append(f"| `{r['config']}` | {m} | {f['draws']} | {_pct(f['test_acc_mean'], f['test_acc_std'])}"
+                             f" | {_pct(f['val_acc_mean'], f['val_acc_std'])}"
+                             f" | {', '.join(f'{100 * a:.2f}' for a in f['test_acc_by_draw'])} |")
     lines += ["", "## Configurations", ""]
     for r in current:
         sets = " ".join(f"--set '{s}'" for s in r["set"])
