@@ -1,0 +1,146 @@
+"""Benchmark: LiRA membership inference on the shipped release pipelines (issue 25), through `dpdistill mia`.
+
+Each named study below is one `dpdistill mia <job spec> --shadows S --pool P --set ...` (a checked-in spec plus
+overrides, the product path): S shadow runs of the whole pipeline, each on a random half of a pool of P MNIST
+training records, a model trained on each release with the job's evaluation protocol, TPR at 0.1 % and 1 % FPR
+and the AUC over every (shadow, record) trial. A study's folder goes under --runs-dir (outside the repository:
+it holds figures computed from sensitive records without noise, stamped NOT PRIVATE); what is recorded here is
+the figures, the command, the commit and the package versions, in results/mia.json and results/mia.md (one row
+per study run; a rerun of a study adds a row).
+
+    nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_mia.py --only ndpdc-mnist-eps1 \\
+        --runs-dir /tmp/mia-runs
+
+Settings are fixed before any study ran (no choice was made from their figures): pool 500 (250 members per
+shadow on average, so 16 shadows give ~4,000 non-member trials, enough to read a 0.1 % FPR), 16 shadows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import RESULTS, machine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DPDISTILL = Path(sys.executable).parent / "dpdistill"
+
+# name -> (job spec, overrides, shadows, pool, expected minutes on 2 cores)
+STUDIES: dict[str, dict] = {
+    "dm-mnist-200it": {
+        "spec": "jobs/dm-mnist.yaml", "set": ["method.iterations=200"], "shadows": 16, "pool": 500, "minutes": 30,
+        "why": "the non-private reference at NDPDC's 200-iteration schedule (the shipped 2,000 would take ~2 h)"},
+    "ndpdc-mnist-eps1": {
+        "spec": "jobs/ndpdc-mnist.yaml", "set": ["privacy.epsilon=1"], "shadows": 16, "pool": 500, "minutes": 15,
+        "why": "NDPDC as in runs.md's ndpdc-mnist-eps1"},
+    "ndpdc-mnist-eps10": {
+        "spec": "jobs/ndpdc-mnist.yaml", "set": [], "shadows": 16, "pool": 500, "minutes": 15,
+        "why": "NDPDC as shipped (ε=10)"},
+    "dpgeng-mnist-eps1": {
+        "spec": "jobs/dpgeng-mnist.yaml", "set": [], "shadows": 16, "pool": 500, "minutes": 70,
+        "why": "DP-GenG as shipped (ε=1); goal TPR @ 0.1 % FPR <= 0.2 %"},
+    "dpgeng-mnist-eps10": {
+        "spec": "jobs/dpgeng-mnist.yaml",
+        "set": ["privacy.epsilon=10", "method.expert_guidance=false", "method.iterations=4000",
+                "method.generator_options={iterations: 3000, num_features: 5000}"],
+        "shadows": 16, "pool": 500, "minutes": 300, "why": "DP-GenG at ε=10 with runs.md's overrides"},
+    "dm-digits-smoke": {
+        "spec": "jobs/dm-digits.yaml", "set": ["method.iterations=20", "method.ipc=2", "evaluation.epochs=20"],
+        "shadows": 4, "pool": 200, "minutes": 3, "why": "a smoke test of this script (digits, tiny): not a figure"},
+}
+PACKAGES = ("dpdistill", "torch", "opacus", "ray", "numpy")
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def run_study(name: str, runs_dir: Path) -> dict:
+    """One `dpdistill mia` of study ``name``; returns its recorded row (raises when the study failed)."""
+    s = STUDIES[name]
+    out_dir = runs_dir / name
+    sets = [a for v in s["set"] for a in ("--set", v)]
+    cmd = [str(DPDISTILL), "mia", s["spec"], "--shadows", str(s["shadows"]), "--pool", str(s["pool"]), *sets,
+           "--runs-dir", str(out_dir)]
+    shown = " ".join(["dpdistill", "mia", s["spec"], "--shadows", str(s["shadows"]), "--pool", str(s["pool"]),
+                      *[f"--set '{v}'" for v in s["set"]]])
+    before = set(out_dir.glob("*-mia/*")) if out_dir.exists() else set()
+    start, t0 = datetime.now(UTC), time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: dpdistill mia exited {proc.returncode}: {proc.stderr[-2000:]}")
+    (folder,) = set(out_dir.glob("*-mia/*")) - before
+    mia = json.loads((folder / "mia.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {
+        "study": name, "command": shown, "why": s["why"], "started": start.strftime("%Y-%m-%dT%H:%MZ"),
+        "epsilon": mia.get("epsilon"), "method": mia.get("method"), "shadows": s["shadows"], "pool": s["pool"],
+        "tpr_at_0.1%fpr": metrics["mia_tpr_at_0.1%fpr"], "tpr_at_1%fpr": metrics["mia_tpr_at_1%fpr"],
+        "auc": metrics["mia_auc"], "members": mia.get("members"), "non_members": mia.get("non_members"),
+        "variance": mia.get("variance"), "wall_s": round(wall, 1), "run_dir": str(folder),
+        "commit": _git("rev-parse", "HEAD")[:10] + ("+dirty" if _git("status", "--porcelain", "platform") else ""),
+        "versions": {p: metadata.version(p) for p in PACKAGES},
+    }
+
+
+def render(doc: dict) -> Path:
+    """results/mia.md from results/mia.json."""
+    m = doc["machine"]
+    lines = ["# mia: LiRA membership inference through `dpdistill mia`", "",
+             "Rendered from `mia.json` by `benchmarks/bench_mia.py`. TPR at a fixed FPR over every (shadow, record)",
+             "trial of the study (online LiRA, leave-one-out over shadows; a 0.1 % FPR reads the top ~0.1 % of the",
+             "non-member trials, so a study with few non-member trials reads it coarsely). NOT PRIVATE: the study",
+             "folders (outside the repository) hold figures computed from sensitive records without noise.", "",
+             f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}", "",
+             "| study | method | ε | shadows / pool | TPR @ 0.1 % FPR | TPR @ 1 % FPR | AUC | trials (in / out) "
+             "| wall s | commit | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        eps = "none" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        lines.append(f"| `{r['study']}` | {r['method']} | {eps} | {r['shadows']} / {r['pool']}"
+                     f" | {100 * r['tpr_at_0.1%fpr']:.2f} % | {100 * r['tpr_at_1%fpr']:.2f} % | {r['auc']:.3f}"
+                     f" | {r['members']} / {r['non_members']} | {r['wall_s']:.0f} | {r['commit']}"
+                     f" | `{r['command']}` |")
+    lines += ["", "Studies (why each is set up as it is):", ""]
+    lines += [f"- `{n}`: {s['why']}" for n, s in STUDIES.items()]
+    path = RESULTS / "mia.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", required=True, help="comma-separated study names: " + ", ".join(STUDIES))
+    ap.add_argument("--runs-dir", type=Path, required=True, help="where the study folders go (not the repo)")
+    ap.add_argument("--record", action="store_true", help="append the rows to results/mia.json (smoke: no)")
+    args = ap.parse_args()
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STUDIES]
+    if unknown:
+        print(f"unknown studies: {', '.join(unknown)} (known: {', '.join(STUDIES)})", file=sys.stderr)
+        return 2
+    if ROOT in args.runs_dir.resolve().parents or args.runs_dir.resolve() == ROOT:
+        print("--runs-dir: must be outside the repository (study folders hold unnoised figures)", file=sys.stderr)
+        return 2
+    path = RESULTS / "mia.json"
+    doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    doc["machine"] = machine()
+    for name in names:
+        row = run_study(name, args.runs_dir)
+        print(json.dumps(row, indent=1), flush=True)
+        if args.record and not name.endswith("-smoke"):
+            doc["rows"].append(row)
+            path.write_text(json.dumps(doc, indent=2) + "\n")
+            render(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
