@@ -20,7 +20,7 @@ from dpdistill.privacy.disclosure import EVALUATION, kind_of, undeclared
 from dpdistill.runner import run_job
 from dpdistill.spec import validate_spec
 
-MODELS = ["convnet", "resnet18", "lenet", "mlp"]
+MODELS = ["convnet", "resnet18", "lenet5", "mlp"]
 
 
 def _spec(evaluation: dict) -> object:
@@ -38,9 +38,29 @@ def test_mlp_is_a_registered_model() -> None:
         models.get("mlp", channels=1, num_classes=10, image_size=8, width=0)
 
 
+@pytest.mark.parametrize(("name", "learns"), [("convnet", True), ("lenet5", True), ("mlp", True), ("lenet", False)])
+def test_cross_architecture_models_learn_real_digits_under_the_evaluation_schedule(name: str, learns: bool) -> None:
+    """The models the cross-architecture table names are working classifiers under the evaluation protocol's SGD
+    (lr 0.01, momentum 0.9): 200 real digits, 80 epochs of batches of 32, > 60 % on the test split (measured
+    82-87 %; chance 10 %). DLG's sigmoid LeNet (``lenet``, a gradient-inversion target) stays at chance under
+    it (9.7 %): the first MNIST cross-architecture run listed it and scored 9.6 %, hence ``lenet5``. (ResNet-18
+    is left out for time: 40 s here; it is the batch-norm model the cross-architecture run checks.)"""
+    from dpdistill.evaluation.training import accuracy, train_classifier
+
+    splits = data.load_splits("digits")
+    info = data.get("digits").info
+    train, test = splits["train"], splits["test"]
+    torch.manual_seed(0)
+    net = models.get(name, channels=1, num_classes=10, image_size=8)
+    train_classifier(net, train.images[:200], train.labels[:200], epochs=80, batch_size=32, mean=info.mean,
+                     std=info.std, generator=torch.Generator().manual_seed(0), num_threads=1)
+    acc = accuracy(net, test.images, test.labels, mean=info.mean, std=info.std)
+    assert (acc > 0.6) if learns else (acc < 0.2), acc
+
+
 def test_models_must_include_the_primary_and_exist(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(SpecError, match="must include evaluation.model"):
-        _spec({"models": ["lenet", "mlp"]})
+        _spec({"models": ["lenet5", "mlp"]})
     with pytest.raises(SpecError, match="each model once"):
         _spec({"models": ["convnet", "mlp", "mlp"]})
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

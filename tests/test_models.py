@@ -124,7 +124,7 @@ def test_unknown_option_names_model_option_and_choices() -> None:
 
 def test_unknown_model_and_bad_values_are_spec_errors() -> None:
     with pytest.raises(
-        SpecError, match="model 'vgg': unknown model; expected one of convnet, lenet, mlp, resnet18"
+        SpecError, match="model 'vgg': unknown model; expected one of convnet, lenet, lenet5, mlp, resnet18"
     ):
         models.get("vgg", channels=1, num_classes=10, image_size=8)
     with pytest.raises(SpecError, match="option 'norm' must be one of instance, group, batch, layer, none"):
@@ -156,3 +156,12 @@ def test_register_adds_a_model_and_refuses_a_clash(monkeypatch: pytest.MonkeyPat
         models.get("test-tiny-linear", channels=1, num_classes=4, image_size=5, width=2)
     with pytest.raises(ValueError, match="already registered"):
         models.register("test-tiny-linear")(lambda channels, num_classes, image_size: nn.Identity())
+
+
+def test_lenet5_follows_dc_feature_path() -> None:
+    """DC's LeNet: grey 28x28 padded to follow CIFAR's path to 16 x 5 x 5 features; 8x8 digits keep a 2x2 map."""
+    for channels, size, features in ((1, 28, 400), (3, 32, 400), (1, 8, 64)):
+        net = models.get("lenet5", channels=channels, num_classes=10, image_size=size)
+        assert net.feature_dim == features
+        x = torch.rand(3, channels, size, size)
+        assert net(x).shape == (3, 10) and net.embed(x).shape == (3, 84)

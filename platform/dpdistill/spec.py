@@ -230,7 +230,7 @@ class EvaluationSpec(StrictModel):
     model_options: dict[str, Any] = Field(default_factory=dict)
     models: list[str] | None = Field(
         default=None, min_length=1, max_length=8,
-        description=("evaluate the release with each of these models (e.g. [convnet, resnet18, lenet, mlp]), one "
+        description=("evaluate the release with each of these models (e.g. [convnet, resnet18, lenet5, mlp]), one "
                      "row each (acc_mean_<model>); must include 'model', the primary one; the others use their "
                      "default options and evaluation.epochs / lr"),
     )
