@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpdistill.errors import PrivacyError, SpecError
+from dpdistill.models import instance_norm
 from dpdistill.models.instance_norm import InstanceNorm
 from dpdistill.privacy.dp_ops import clip_factors, clipped_per_example_sum
 
@@ -469,7 +470,9 @@ class GhostBackend:
         b_sum: Tensor | None = None
         for a, g in seen:
             if isinstance(m, nn.GroupNorm):
-                xhat = F.group_norm(a, m.num_groups, eps=m.eps)
+                # InstanceNorm: its channels-last CPU path (torch's kernel is ~1.4-4x slower on these maps)
+                xhat = instance_norm.normalise(a, m.eps) if isinstance(m, InstanceNorm) \
+                    else F.group_norm(a, m.num_groups, eps=m.eps)
                 dims = tuple(range(2, a.ndim))
                 gw, gb = (g * xhat).sum(dims), g.sum(dims)
             else:
