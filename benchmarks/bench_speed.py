@@ -17,6 +17,9 @@ run folder), with ``threads`` pinned (default 2: the whole 2-core machine; run i
     .venv/bin/python benchmarks/bench_speed.py                 # everything (~25 min on 2 cores)
     .venv/bin/python benchmarks/bench_speed.py --only dm,scaling --threads 2
 
+Each part also records a machine probe (:func:`machine_probe`, a fixed workload) before and after it: this VM's
+speed drifts by up to ~1.7x, so a figure compares with an older one only when their probes agree.
+
 Results go to results/speed.{json,md} with the commit, the dirty flag and the package versions; parts not run
 this time keep their previous rows. Each part's rows are written as soon as it finishes.
 """
@@ -71,6 +74,36 @@ def run_job(spec: str, overrides: list[str], threads: int | None, runs_dir: Path
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {"run_dir": str(run_dir), "metrics": metrics, "stages": stages, "wall": wall,
             "peak_mib": usage.ru_maxrss / 1024}
+
+
+def machine_probe(threads: int) -> float:
+    """Milliseconds for a fixed CPU workload (torch: a 1024x1024 matmul and a 3x3 conv, 32 -> 32 channels, on
+    64 channels-last 32x32 maps, 20 times each; best of 3), timed beside every part: this VM's speed drifts (the
+    same UNet step took 434 ms one day and 746 ms the next), so a part's figures compare across runs only when
+    their probes agree."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+        conv = torch.nn.Conv2d(32, 32, 3, padding=1).to(memory_format=torch.channels_last)
+        x = torch.randn(64, 32, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+        best = float("inf")
+        with torch.no_grad():
+            for _ in range(3):
+                t = time.perf_counter()
+                for _ in range(20):
+                    a @ b
+                    conv(x)
+                best = min(best, time.perf_counter() - t)
+        return round(1000 * best, 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+PROBE_SETTING = "fixed kernels, 20 x (1024² matmul + 3x3 conv 32->32 on 64x32x32 NHWC), best of 3"
 
 
 def distil_seconds(result: dict[str, Any]) -> float:
@@ -154,7 +187,11 @@ def main() -> None:
     meta = {"commit": source.commit, "dirty": source.dirty_paths, "versions": source.versions(),
             "threads": args.threads, "load_before": os.getloadavg()[0]}
     for part in parts:
+        probe_before = machine_probe(args.threads)
         rows = globals()[f"part_{part}"](args.threads, args.runs_dir, env)
+        rows += [{"part": part, "figure": f"machine probe {when}", "value": ms, "unit": "ms",
+                  "setting": f"{PROBE_SETTING}, {args.threads} threads (compare figures only across similar probes)"}
+                 for when, ms in (("before", probe_before), ("after", machine_probe(args.threads)))]
         for row in rows:
             row.update(commit=meta["commit"][:10], dirty=bool(meta["dirty"]))
         kept = [r for r in kept if r.get("part") != part] + rows
