@@ -9,7 +9,7 @@ and three elementwise passes each way, every output written straight into channe
 returned to an in-place ReLU would make autograd copy it).
 
 It IS an ``nn.GroupNorm`` (same parameters, state dict, ``num_groups == num_channels``) and computes the same
-function to float rounding (~1e-6; tests/test_models.py), so everything that reads GroupNorm attributes keeps
+function to float rounding (~1e-6; tests/test_instance_norm.py), so everything that reads GroupNorm attributes keeps
 working. Per-record gradient code that dispatches on EXACT module types (the project's ghost clipping in
 :mod:`dpdistill.training.per_record`, opacus' grad samplers) registers it beside ``nn.GroupNorm``: its
 per-record weight and bias gradients are GroupNorm's, computed from the layer's input and output gradient.

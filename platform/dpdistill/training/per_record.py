@@ -54,8 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpdistill.errors import PrivacyError, SpecError
-from dpdistill.models import instance_norm
-from dpdistill.models.instance_norm import InstanceNorm
+from dpdistill.models.instance_norm import InstanceNorm, normalise
 from dpdistill.privacy.dp_ops import clip_factors, clipped_per_example_sum
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "functorch")
@@ -471,7 +470,7 @@ class GhostBackend:
         for a, g in seen:
             if isinstance(m, nn.GroupNorm):
                 # InstanceNorm: its channels-last CPU path (torch's kernel is ~1.4-4x slower on these maps)
-                xhat = instance_norm.normalise(a, m.eps) if isinstance(m, InstanceNorm) \
+                xhat = normalise(a, m.eps) if isinstance(m, InstanceNorm) \
                     else F.group_norm(a, m.num_groups, eps=m.eps)
                 dims = tuple(range(2, a.ndim))
                 gw, gb = (g * xhat).sum(dims), g.sum(dims)
