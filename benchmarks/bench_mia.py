@@ -13,6 +13,11 @@ per study run; a rerun of a study adds a row).
 
 Settings are fixed before any study ran (no choice was made from their figures): pool 500 (250 members per
 shadow on average, so 16 shadows give ~4,000 non-member trials, enough to read a 0.1 % FPR), 16 shadows.
+
+A study longer than a session (DP-GenG at ε=10: ~5 h on 2 cores) is finished in parts: `dpdistill mia` saves
+every shadow as it finishes, and a later run of this script with the same --runs-dir resumes the study's
+unfinished folder (`dpdistill mia --resume`) instead of starting over; the recorded seconds are the sum over
+its attempts (as far as each got), and the row says how many attempts it took.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -62,30 +66,59 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
+def unfinished_study(name: str, runs_dir: Path) -> Path | None:
+    """The newest folder of study ``name`` under ``runs_dir`` that did not complete and holds the same spec,
+    shadow count and pool (so resuming it finishes this study, not another)."""
+    from dpdistill.spec import load_spec
+
+    s = STUDIES[name]
+    want = load_spec(ROOT / s["spec"], s["set"]).to_yaml()
+    for folder in sorted((runs_dir / name).glob("*-mia/*"), reverse=True):
+        try:
+            status = json.loads((folder / "status.json").read_text())["status"]
+            state = json.loads((folder / "study.json").read_text())
+            same = ((folder / "spec.yaml").read_text() == want and state["shadows"] == s["shadows"]
+                    and state["pool"] == s["pool"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if status != "completed" and same:
+            return folder
+    return None
+
+
 def run_study(name: str, runs_dir: Path) -> dict:
-    """One `dpdistill mia` of study ``name``; returns its recorded row (raises when the study failed)."""
+    """One `dpdistill mia` of study ``name`` (or the resumption of its unfinished folder); returns its recorded
+    row (raises when the study failed)."""
     s = STUDIES[name]
     out_dir = runs_dir / name
     sets = [a for v in s["set"] for a in ("--set", v)]
-    cmd = [str(DPDISTILL), "mia", s["spec"], "--shadows", str(s["shadows"]), "--pool", str(s["pool"]), *sets,
-           "--runs-dir", str(out_dir)]
     shown = " ".join(["dpdistill", "mia", s["spec"], "--shadows", str(s["shadows"]), "--pool", str(s["pool"]),
                       *[f"--set '{v}'" for v in s["set"]]])
+    resume = unfinished_study(name, runs_dir)
+    if resume is not None:
+        cmd = [str(DPDISTILL), "mia", "--resume", str(resume)]
+        print(f"{name}: resuming {resume}", flush=True)
+    else:
+        cmd = [str(DPDISTILL), "mia", s["spec"], "--shadows", str(s["shadows"]), "--pool", str(s["pool"]), *sets,
+               "--runs-dir", str(out_dir)]
     before = set(out_dir.glob("*-mia/*")) if out_dir.exists() else set()
-    start, t0 = datetime.now(UTC), time.monotonic()
+    start = datetime.now(UTC)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: dpdistill mia exited {proc.returncode}: {proc.stderr[-2000:]}")
-    (folder,) = set(out_dir.glob("*-mia/*")) - before
+    (folder,) = [resume] if resume is not None else set(out_dir.glob("*-mia/*")) - before
     mia = json.loads((folder / "mia.json").read_text())
     metrics = json.loads((folder / "metrics.json").read_text())
+    first = json.loads((folder / "study.json").read_text())["attempts"][0]["started"]
     return {
-        "study": name, "command": shown, "why": s["why"], "started": start.strftime("%Y-%m-%dT%H:%MZ"),
+        "study": name, "command": shown, "why": s["why"],
+        "started": datetime.fromisoformat(first).strftime("%Y-%m-%dT%H:%MZ") if resume else
+        start.strftime("%Y-%m-%dT%H:%MZ"),
         "epsilon": mia.get("epsilon"), "method": mia.get("method"), "shadows": s["shadows"], "pool": s["pool"],
         "tpr_at_0.1%fpr": metrics["mia_tpr_at_0.1%fpr"], "tpr_at_1%fpr": metrics["mia_tpr_at_1%fpr"],
         "auc": metrics["mia_auc"], "members": mia.get("members"), "non_members": mia.get("non_members"),
-        "variance": mia.get("variance"), "wall_s": round(wall, 1), "run_dir": str(folder),
+        "variance": mia.get("variance"), "wall_s": round(float(mia["seconds"]), 1), "attempts": mia["attempts"],
+        "run_dir": str(folder), "machine": machine(),
         "commit": _git("rev-parse", "HEAD")[:10] + ("+dirty" if _git("status", "--porcelain", "platform") else ""),
         "versions": {p: metadata.version(p) for p in PACKAGES},
     }
@@ -99,14 +132,17 @@ def render(doc: dict) -> Path:
              "trial of the study (online LiRA, leave-one-out over shadows; a 0.1 % FPR reads the top ~0.1 % of the",
              "non-member trials, so a study with few non-member trials reads it coarsely). NOT PRIVATE: the study",
              "folders (outside the repository) hold figures computed from sensitive records without noise.", "",
-             f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}", "",
+             f"latest machine: {m['cpu']}, {m['cores']} cores, {m['memory']} (each row names its own CPU). wall s: the",
+             "study's own seconds, summed over its attempts when it was finished in parts.", "",
              "| study | method | ε | shadows / pool | TPR @ 0.1 % FPR | TPR @ 1 % FPR | AUC | trials (in / out) "
-             "| wall s | commit | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| wall s | CPU | commit | command |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         eps = "none" if r["epsilon"] is None else f"{r['epsilon']:g}"
         lines.append(f"| `{r['study']}` | {r['method']} | {eps} | {r['shadows']} / {r['pool']}"
                      f" | {100 * r['tpr_at_0.1%fpr']:.2f} % | {100 * r['tpr_at_1%fpr']:.2f} % | {r['auc']:.3f}"
-                     f" | {r['members']} / {r['non_members']} | {r['wall_s']:.0f} | {r['commit']}"
+                     f" | {r['members']} / {r['non_members']} | {r['wall_s']:.0f}"
+                     f"{' (' + str(r['attempts']) + ' attempts)' if r.get('attempts', 1) > 1 else ''}"
+                     f" | {r.get('machine', m)['cpu']} | {r['commit']}"
                      f" | `{r['command']}` |")
     lines += ["", "Studies (why each is set up as it is):", ""]
     lines += [f"- `{n}`: {s['why']}" for n, s in STUDIES.items()]

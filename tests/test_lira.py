@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +174,29 @@ def test_lira_catches_released_records_and_not_a_small_epsilon_release(ray_clust
     assert abs(private.auc - 0.5) < 0.1
 
 
+def _keep_released(images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return images, labels  # the leakiest release: the members themselves
+
+
+def test_a_study_in_parts_equals_one_study(pool) -> None:
+    """`done` rows are not run again, each new row is reported once as it finishes, and a study finished in
+    parts gives the same confidences and figures as one run straight through (shadow seeds and halves depend
+    on the study seed and the shadow's index only)."""
+    small = pool.subset(torch.arange(40))
+    model = ShadowModel(name="convnet", options={"width": 8, "depth": 1}, epochs=2, batch_size=16)
+    whole = run_study(_keep_released, small.images, small.labels, 10, shadows=6, model=model, seed=3)
+    seen: list[int] = []
+    parts = run_study(_keep_released, small.images, small.labels, 10, shadows=6, model=model, seed=3,
+                      done={0: whole.confidences[0], 4: whole.confidences[4]},
+                      on_shadow=lambda m, row: seen.append(m))
+    assert sorted(seen) == [1, 2, 3, 5]
+    np.testing.assert_array_equal(parts.confidences, whole.confidences)
+    assert parts.result.tpr_at == whole.result.tpr_at and parts.result.auc == whole.result.auc
+    with pytest.raises(ValueError, match="pool has 40 records"):
+        run_study(_keep_released, small.images, small.labels, 10, shadows=6, model=model, seed=3,
+                  done={1: whole.confidences[1][:-1]})
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
@@ -217,3 +245,99 @@ def test_cli_refuses_a_spec_with_an_owner_budget(tmp_path, capsys) -> None:
     assert exit_info.value.code == 2
     assert "owner_budget" in capsys.readouterr().err
     assert not runs.exists()  # refused before anything was read or written
+
+
+def _shadow_files(folder: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in (folder / "shadows").glob("*.json")}
+
+
+def test_resume_runs_only_the_missing_shadows_and_equals_the_whole_study(ray_cluster, tmp_path, capsys) -> None:
+    from dpdistill.cli import main
+
+    runs = tmp_path / "runs"
+    main(["mia", str(_spec(tmp_path)), "--shadows", "4", "--pool", "120", "--runs-dir", str(runs)])
+    (whole,) = (runs / "mia-dm-mia").iterdir()
+    assert sorted(_shadow_files(whole)) == ["0000.json", "0001.json", "0002.json", "0003.json"]
+    # The same study killed outright (SIGKILL: no handler ran) after two shadows: status and attempt still say
+    # "running", no figures yet.
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    for name in ("0001.json", "0003.json", "mia.json", "metrics.json"):
+        (cut / ("shadows" if name[0] == "0" else ".") / name).unlink()
+    status = json.loads((cut / "status.json").read_text())
+    (cut / "status.json").write_text(json.dumps({**status, "status": "running"}))
+    state = json.loads((cut / "study.json").read_text())
+    state["attempts"][0].update(outcome="running", shadows_run=2)
+    (cut / "study.json").write_text(json.dumps(state))
+    kept = _shadow_files(cut)
+    capsys.readouterr()
+    main(["mia", "--resume", str(cut)])
+    assert f"study folder: {cut}" in capsys.readouterr().out
+    assert {k: v for k, v in _shadow_files(cut).items() if k in kept} == kept  # not run (nor written) again
+    for name in ("0001.json", "0003.json"):  # the DM release and the model are deterministic: same figures
+        assert json.loads((cut / "shadows" / name).read_text()) == json.loads((whole / "shadows" / name).read_text())
+    a, b = (json.loads((f / "mia.json").read_text()) for f in (whole, cut))
+    assert (a["tpr_at_1%fpr"], a["auc"], a["members"]) == (b["tpr_at_1%fpr"], b["auc"], b["members"])
+    assert b["attempts"] == 2 and json.loads((cut / "status.json").read_text())["status"] == "completed"
+    attempts = json.loads((cut / "study.json").read_text())["attempts"]
+    assert [(t["shadows_before"], t["shadows_run"], t["outcome"]) for t in attempts] == [(0, 2, "killed"),
+                                                                                        (2, 2, "completed")]
+    # Refused, one line and exit 2: a completed study, a folder that is not a study, a spec beside --resume.
+    for argv, says in ((["mia", "--resume", str(cut)], "completed already"),
+                       (["mia", "--resume", str(tmp_path)], "not a membership-inference study folder"),
+                       (["mia", str(_spec(tmp_path)), "--resume", str(whole)], "takes no spec")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_sigterm_keeps_the_finished_shadows_and_resume_finishes_the_study(ray_cluster, tmp_path, capsys) -> None:
+    """A real SIGTERM to this process mid-study (what `ray job stop` or a pod eviction sends): exit 143, the
+    folder interrupted with every finished shadow kept and the unfinished tasks cancelled; --resume then runs
+    only what is missing."""
+    from dpdistill.cli import main
+
+    spec = _spec(tmp_path)
+    doc = yaml.safe_load(spec.read_text())
+    doc["evaluation"]["epochs"] = 60  # ~1-2 s per shadow: the signal lands while most are still to run
+    spec.write_text(yaml.safe_dump(doc))
+    runs = tmp_path / "runs"
+    late: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))  # never kill pytest
+
+    def terminate_after_the_first_shadow() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(runs.glob("mia-dm-mia/*/shadows/*.json")):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=terminate_after_the_first_shadow, daemon=True)
+    try:
+        sender.start()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["mia", str(spec), "--shadows", "8", "--pool", "120", "--runs-dir", str(runs)])
+        sender.join(timeout=130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not late, "the study had ended before SIGTERM arrived"
+    assert exit_info.value.code == 143
+    err = capsys.readouterr().err
+    (folder,) = (runs / "mia-dm-mia").iterdir()
+    assert f"resume with: dpdistill mia --resume {folder}" in err and "Traceback" not in err
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["interrupted_by"] == "SIGTERM"
+    finished = len(_shadow_files(folder))
+    assert 1 <= finished < 8 and not (folder / "mia.json").exists()
+    assert not list(folder.rglob("*.tmp"))
+    # The cancelled tasks left the cluster: all its CPUs are free again.
+    deadline = time.time() + 60
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    main(["mia", "--resume", str(folder)])
+    attempts = json.loads((folder / "study.json").read_text())["attempts"]
+    assert [t["outcome"] for t in attempts] == ["interrupted", "completed"]
+    assert attempts[1]["shadows_before"] == finished and attempts[1]["shadows_run"] == 8 - finished
+    assert len(_shadow_files(folder)) == 8 and json.loads((folder / "mia.json").read_text())["shadows"] == 8

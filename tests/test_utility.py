@@ -191,3 +191,17 @@ def test_every_augmentation_the_spec_accepts_is_one_training_knows() -> None:
     from dpdistill.spec import EVAL_AUGMENTATIONS
 
     assert all(resolve_augment(name) is not None for name in EVAL_AUGMENTATIONS)
+
+
+@pytest.mark.parametrize("n", [17, 33, 16, 2])
+def test_a_lone_last_sample_joins_the_previous_batch(n: int) -> None:
+    """n = k·batch + 1 used to crash (IndexError) when the lone sample was folded in; every sample is still
+    drawn exactly once per epoch, and no batch has a single sample (BatchNorm in train mode)."""
+    from dpdistill.evaluation.training import _batches
+
+    chunks = _batches(n, 16, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(chunks).tolist()) == list(range(n))
+    assert all(len(c) > 1 for c in chunks) or n == 1
+    net = models.get("convnet", channels=1, num_classes=10, image_size=8, width=8, depth=1)
+    x, y = torch.rand(n, 1, 8, 8), torch.arange(n) % 10
+    train_classifier(net, x, y, epochs=1, batch_size=16, lr=0.01)  # whole path: no crash at n = 17

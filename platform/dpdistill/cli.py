@@ -292,32 +292,56 @@ def audit(
 
 @app.command()
 def mia(
-    spec: Annotated[Path, typer.Argument(help="job spec (YAML) whose release pipeline is attacked")],
+    spec: Annotated[Path | None, typer.Argument(
+        help="job spec (YAML) whose release pipeline is attacked; omit with --resume")] = None,
     shadows: Annotated[int, typer.Option(min=4, help="shadow runs, each on a random half of the pool")] = 16,
     pool: Annotated[int, typer.Option(min=2, help="target pool: records drawn from the training split")] = 200,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a field: --set method.ipc=10")] = None,
     runs_dir: Annotated[Path, typer.Option(help="where the study's folder goes (<runs>/<name>-mia/<stamp>)")] = Path(
         "runs"
     ),
+    resume: Annotated[Path | None, typer.Option(
+        help="finish the interrupted study in this folder (runs/<name>-mia/<stamp>): its finished shadows are "
+             "kept")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
 ) -> None:
     """LiRA membership inference on a job's release pipeline: TPR at 0.1 % and 1 % FPR, AUC, ROC plot.
 
     Reads the sensitive pool without noise by design: the study's folder is stamped NOT PRIVATE, and a spec with
-    privacy.owner_budget is refused.
+    privacy.owner_budget is refused. Each shadow run is saved as it finishes; Ctrl-C or SIGTERM stops the study
+    (exit 130 / 143) and prints the command that resumes it.
     """
+    from dpdistill.errors import SpecError
+    from dpdistill.runner import Terminated
+    from dpdistill.runtime.lira_tasks import NOT_PRIVATE_REASON, check_mia_spec, resume_mia, run_mia
     from dpdistill.spec import load_spec
 
-    job = load_spec(spec, set_ or [])
-    from dpdistill.runtime.lira_tasks import NOT_PRIVATE_REASON, check_mia_spec, run_mia
-
-    check_mia_spec(job)  # refused before Ray starts or any record is read
-    study, run_dir = run_mia(job, shadows=shadows, pool=pool, runs_dir=runs_dir, address=address)
+    try:
+        if resume is not None:
+            if spec is not None or set_ or shadows != 16 or pool != 200:
+                raise SpecError("mia --resume DIR takes no spec, --set, --shadows or --pool: the folder's spec.yaml "
+                                "and study.json are the study")
+            study, run_dir = resume_mia(resume, address=address)
+            job = load_spec(run_dir / "spec.yaml")
+        elif spec is None:
+            raise SpecError("mia: give a job spec (e.g. jobs/ndpdc-mnist.yaml) or --resume STUDY_DIR")
+        else:
+            job = load_spec(spec, set_ or [])
+            check_mia_spec(job)  # refused before Ray starts or any record is read
+            study, run_dir = run_mia(job, shadows=shadows, pool=pool, runs_dir=runs_dir, address=address)
+    except KeyboardInterrupt as e:
+        how = [n for n in getattr(e, "__notes__", []) if n.startswith("dpdistill mia --resume")]
+        print(f"dpdistill: study interrupted; its finished shadows are kept"
+              f"{'; resume with: ' + how[0] if how else ''}", file=sys.stderr)
+        if isinstance(e, Terminated):
+            print("dpdistill: terminated by SIGTERM (the study folder is marked interrupted)", file=sys.stderr)
+            raise typer.Exit(143) from None
+        raise
     res = study.result
     c = _console()
     c.print(NOT_PRIVATE_REASON, soft_wrap=True, markup=False, style="bold red")
     eps = "none" if job.privacy.epsilon is None else f"{job.privacy.epsilon:g}"
-    c.print(f"LiRA on {job.kind}/{job.method.name} (ε {eps}): {shadows} shadow runs, pool {pool}, "
+    c.print(f"LiRA on {job.kind}/{job.method.name} (ε {eps}): {res.shadows} shadow runs, pool {res.pool}, "
             f"{res.variance} variance, {res.members} member and {res.non_members} non-member trials",
             soft_wrap=True, markup=False)
     c.print(f"  TPR @ 0.1 % FPR: {100 * res.tpr_at[0.001]:.2f} %   TPR @ 1 % FPR: {100 * res.tpr_at[0.01]:.2f} %   "

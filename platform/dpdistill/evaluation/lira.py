@@ -26,7 +26,7 @@ Pure torch + numpy/scipy; Ray fan-out of the shadow runs lives in :mod:`dpdistil
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,10 @@ import torch
 # A release pipeline as the study sees it: (member images [n,C,H,W] in [0,1], labels [n], seed) -> the released
 # (images, labels). It must be picklable to run as a Ray task (a module-level function or a dataclass instance).
 Release = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# How a study runs its shadow jobs: map(fn, jobs, on_result) -> [fn(*job) for job in jobs], calling
+# on_result(i, row) as job i finishes (in any order).
+MapFn = Callable[[Callable[..., np.ndarray], list[tuple[Any, ...]], Callable[[int, np.ndarray], None]],
+                 list[np.ndarray]]
 
 # Below this many shadows per Gaussian the per-record variance is too noisy; the paper pools it instead.
 GLOBAL_VARIANCE_BELOW = 64
@@ -297,23 +301,50 @@ def run_study(
     seed: int = 0,
     fprs: Iterable[float] = DEFAULT_FPRS,
     variance: str = "auto",
-    map_fn: Callable[[Callable[..., np.ndarray], list[tuple[Any, ...]]], list[np.ndarray]] | None = None,
+    map_fn: MapFn | None = None,
+    done: Mapping[int, np.ndarray] | None = None,
+    on_shadow: Callable[[int, np.ndarray], None] | None = None,
 ) -> LiraStudy:
     """Run ``shadows`` shadow releases of ``release`` on random halves of the pool and attack them with LiRA.
 
-    ``map_fn(fn, argument_tuples)`` runs :func:`shadow_confidences` on every tuple and returns the results in
-    order (default: one after another here; :mod:`dpdistill.runtime.lira_tasks` passes a Ray one). Shadow m's
-    public seed is derived from ``seed`` and m; the membership halves from ``seed`` alone.
+    ``map_fn(fn, argument_tuples, on_result)`` runs :func:`shadow_confidences` on every tuple, calls
+    ``on_result(i, row)`` as the i-th finishes and returns the rows in order (default: one after another here;
+    :mod:`dpdistill.runtime.lira_tasks` passes a Ray one). Shadow m's public seed is derived from ``seed`` and m;
+    the membership halves from ``seed`` alone, so a study can be finished in parts: ``done`` holds the rows of
+    shadows already run (by index; they are not run again) and ``on_shadow(m, row)`` is told of each new one as
+    it finishes (to persist it before the next ends).
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} pool images but {len(labels)} labels")
     keep = membership_matrix(shadows, len(labels), seed)
     base = np.random.SeedSequence([int(seed), 0x11EA]).generate_state(shadows, dtype=np.uint32)
-    jobs = [(release, images, labels, keep[m], int(base[m]), model, num_classes) for m in range(shadows)]
-    if map_fn is None:
-        rows = [shadow_confidences(*job) for job in jobs]
-    else:
-        rows = map_fn(shadow_confidences, jobs)
-    conf = np.stack([np.asarray(r, dtype=np.float64) for r in rows])
+    rows: dict[int, np.ndarray] = {}
+    for m, row in (done or {}).items():
+        if not 0 <= int(m) < shadows:
+            raise ValueError(f"done: shadow {m} is outside 0..{shadows - 1}")
+        row = np.asarray(row, dtype=np.float64)
+        if row.shape != (len(labels),):
+            raise ValueError(f"done: shadow {m} holds {row.shape} confidences, the pool has {len(labels)} records")
+        rows[int(m)] = row
+    todo = [m for m in range(shadows) if m not in rows]
+    jobs = [(release, images, labels, keep[m], int(base[m]), model, num_classes) for m in todo]
+
+    def finished(i: int, row: np.ndarray) -> None:
+        rows[todo[i]] = np.asarray(row, dtype=np.float64)
+        if on_shadow is not None:
+            on_shadow(todo[i], rows[todo[i]])
+
+    (map_fn or map_in_process)(shadow_confidences, jobs, finished)
+    conf = np.stack([rows[m] for m in range(shadows)])
     result = evaluate_lira(conf, keep, fprs=fprs, variance=variance)
     return LiraStudy(result=result, confidences=conf, membership=keep)
+
+
+def map_in_process(fn: Callable[..., np.ndarray], jobs: list[tuple[Any, ...]],
+                   on_result: Callable[[int, np.ndarray], None]) -> list[np.ndarray]:
+    """:func:`run_study`'s default map: each job here, one after another, ``on_result`` after each."""
+    out = []
+    for i, job in enumerate(jobs):
+        out.append(fn(*job))
+        on_result(i, out[-1])
+    return out

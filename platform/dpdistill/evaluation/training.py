@@ -197,7 +197,8 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     chunks = list(order.split(batch_size))
     # A lone last sample breaks BatchNorm in train mode; fold it into the previous batch.
     if len(chunks) > 1 and len(chunks[-1]) == 1:
-        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+        lone = chunks.pop()  # popped first: `chunks[-2] = cat([..., chunks.pop()])` indexes the shortened list
+        chunks[-1] = torch.cat([chunks[-1], lone])
     return chunks
 
 

@@ -45,10 +45,16 @@ def _shadow_task(fn: Callable[..., np.ndarray], shared: tuple[Any, ...], member:
     return fn(release, images, labels, member, seed, *rest, num_threads=1)
 
 
-def ray_map(fn: Callable[..., np.ndarray], jobs: list[tuple[Any, ...]], *, num_cpus: float = 1,
+def ray_map(fn: Callable[..., np.ndarray], jobs: list[tuple[Any, ...]],
+            on_result: Callable[[int, np.ndarray], None] | None = None, *, num_cpus: float = 1,
             num_gpus: float = 0) -> list[np.ndarray]:
     """Run ``fn(*job)`` for every shadow job of :func:`~dpdistill.evaluation.lira.run_study` as Ray tasks (Ray
-    must be initialised); the release, pool images and labels, shared by every job, are put in the store once."""
+    must be initialised); the release, pool images and labels, shared by every job, are put in the store once.
+
+    ``on_result(i, row)`` is called as each task finishes (in the order they finish), so a study can persist
+    every finished shadow before the next one ends. When the call is interrupted (Ctrl-C, SIGTERM), the tasks
+    not yet finished are cancelled: on a shared cluster they would otherwise go on using its CPUs.
+    """
     import ray
 
     if not jobs:
@@ -57,7 +63,23 @@ def ray_map(fn: Callable[..., np.ndarray], jobs: list[tuple[Any, ...]], *, num_c
     shared = ray.put((release, images, labels))
     task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_shadow_task)
     refs = [task.remote(fn, shared, job[3], job[4], tuple(job[5:])) for job in jobs]
-    return ray.get(refs)
+    index = {ref: i for i, ref in enumerate(refs)}
+    out: list[np.ndarray | None] = [None] * len(refs)
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                i = index[ref]
+                out[i] = ray.get(ref)
+                if on_result is not None:
+                    on_result(i, out[i])
+    except BaseException:
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
+    return out  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------- releases
@@ -190,52 +212,192 @@ def select_pool(train: Any, pool: int, seed: int) -> Any:
     return train.subset(torch.randperm(len(train), generator=g)[:pool])
 
 
+STUDY_FILE = "study.json"  # the study's settings and attempts
+SHADOW_DIR = "shadows"  # one <index>.json per finished shadow run: its pool confidences
+STUDY_LOCK = "study.lock"  # held by the process running the study
+
+
+def _busy(study_dir: Path) -> str:
+    return f"{study_dir}: another dpdistill process is running this study; wait for it or stop it first"
+
+
 def run_mia(spec: Any, *, shadows: int, pool: int, runs_dir: Path, use_ray: bool = True,
             address: str | None = None) -> tuple[LiraStudy, Path]:
     """Run a LiRA study of ``spec``'s release pipeline and write ``runs_dir/<name>-mia/<stamp>/``.
 
-    The folder holds spec.yaml, status.json (``not_private``), metrics.json (TPRs, AUC), mia.json (the
-    figures, the settings and a thinned ROC), artifacts/roc.png and artifacts/RELEASE_NOT_PRIVATE.txt.
+    The folder holds spec.yaml, study.json (shadows, pool, attempts), status.json (``not_private``),
+    shadows/<m>.json (each finished shadow's pool confidences, written as it finishes), metrics.json (TPRs,
+    AUC), mia.json (the figures, the settings and a thinned ROC), artifacts/roc.png and
+    artifacts/RELEASE_NOT_PRIVATE.txt. Ctrl-C or SIGTERM marks it interrupted with the finished shadows kept;
+    :func:`resume_mia` runs the rest.
     """
-    from dpdistill.pipelines.distill_job import load_splits
-    from dpdistill.pipelines.not_private import RELEASE_NOT_PRIVATE
-    from dpdistill.runtime.cluster import ray_session
-    from dpdistill.runtime.runfolder import RunFolder, atomic_write_json, atomic_write_text
+    from dpdistill.runtime.runfolder import RunFolder, atomic_write_json, exclusive_lock
 
     check_mia_spec(spec)
     if shadows < 4:
         raise SpecError(f"--shadows: LiRA needs at least 4 shadow runs, got {shadows}")
+    with _study_session(spec, use_ray, address) as (train, release, model, info):
+        target = select_pool(train, pool, spec.seed)
+        run = RunFolder.create(runs_dir, f"{spec.name}-mia", spec.to_yaml())
+        atomic_write_json(run.path / STUDY_FILE, {"shadows": shadows, "pool": pool, "seed": spec.seed,
+                                                  "attempts": []})
+        with exclusive_lock(run.path / STUDY_LOCK, _busy(run.path)):
+            return _conduct(run, spec, target, release, model, info, use_ray=use_ray, done={})
+
+
+def resume_mia(study_dir: Path, *, use_ray: bool = True, address: str | None = None) -> tuple[LiraStudy, Path]:
+    """Finish an interrupted study in its own folder: the shadows it has are kept, the others run.
+
+    The spec, shadow count and pool come from the folder (spec.yaml, study.json), so the membership halves
+    and shadow seeds are the ones the first attempt used; each shadow's release draws fresh secret noise, as
+    every shadow does. Refused (one line, nothing read) when the folder is not a study, completed already, or
+    is being run by another process.
+    """
+    from dpdistill.runtime.runfolder import RunFolder, exclusive_lock
+    from dpdistill.spec import load_spec
+
+    study_dir = Path(study_dir).expanduser().resolve()
+    state = _read_study(study_dir)
+    spec = load_spec(study_dir / "spec.yaml")
+    check_mia_spec(spec)
+    with exclusive_lock(study_dir / STUDY_LOCK, _busy(study_dir)):
+        done = load_shadows(study_dir, state["shadows"], state["pool"])
+        with _study_session(spec, use_ray, address) as (train, release, model, info):
+            target = select_pool(train, state["pool"], spec.seed)
+            run = RunFolder.reopen(study_dir)
+            log.info("resuming the study: %d of %d shadows finished before", len(done), state["shadows"])
+            return _conduct(run, spec, target, release, model, info, use_ray=use_ray, done=done)
+
+
+def _read_study(study_dir: Path) -> dict[str, Any]:
+    """study.json of a study folder that can be resumed (else SpecError naming the folder)."""
+    import json
+
+    path = study_dir / STUDY_FILE
+    if not path.is_file() or not (study_dir / "spec.yaml").is_file():
+        raise SpecError(f"{study_dir}: not a membership-inference study folder ({STUDY_FILE} or spec.yaml is "
+                        "missing); give the folder `dpdistill mia` printed, e.g. runs/<name>-mia/<stamp>")
+    try:
+        state = json.loads(path.read_text())
+        shadows, pool = int(state["shadows"]), int(state["pool"])
+        status = json.loads((study_dir / "status.json").read_text()).get("status")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"{path}: unreadable study state ({(str(e).splitlines() or [''])[0]})") from None
+    if status == "completed":
+        raise SpecError(f"{study_dir}: the study completed already; nothing to resume")
+    return {**state, "shadows": shadows, "pool": pool}
+
+
+def load_shadows(study_dir: Path, shadows: int, pool: int) -> dict[int, np.ndarray]:
+    """The finished shadows' confidences in a study folder, by index (a file that does not fit is skipped:
+    that shadow runs again)."""
+    import json
+
+    done: dict[int, np.ndarray] = {}
+    for path in sorted((Path(study_dir) / SHADOW_DIR).glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+            m, row = int(doc["shadow"]), np.asarray(doc["confidences"], dtype=np.float64)
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable; that shadow runs again", path)
+            continue
+        if 0 <= m < shadows and row.shape == (pool,) and np.isfinite(row).all():
+            done[m] = row
+        else:
+            log.warning("%s: does not fit this study (%d shadows, pool %d); that shadow runs again", path,
+                        shadows, pool)
+    return done
+
+
+@contextlib.contextmanager
+def _study_session(spec: Any, use_ray: bool, address: str | None) -> Any:
+    """Ray (when used) and the study's inputs: yields (training split, release callable, shadow model, info).
+    SIGTERM during the block is raised as :class:`~dpdistill.runner.Terminated` (handled like Ctrl-C)."""
+    from dpdistill.pipelines.distill_job import load_splits
+    from dpdistill.runner import sigterm_interrupts
+    from dpdistill.runtime.cluster import ray_session
+
     session = (ray_session(address or spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path) if use_ray
                else contextlib.nullcontext())
-    with session:
+    with sigterm_interrupts(), session:
         # The cluster is reached (and authenticated) before any sensitive record is read.
         train, _, _, info = load_splits(spec)
         release = release_for_spec(spec, info.num_classes, list(info.mean), list(info.std))
         model = shadow_model_for_spec(spec, list(info.mean), list(info.std))
-        target = select_pool(train, pool, spec.seed)
-        run = RunFolder.create(runs_dir, f"{spec.name}-mia", spec.to_yaml())
-        atomic_write_text(run.artifacts / RELEASE_NOT_PRIVATE, f"{NOT_PRIVATE_REASON}.\nThe figures here are "
-                          "computed from sensitive records without noise: do not publish them as a release.\n")
-        run.set_status("running", not_private=NOT_PRIVATE_REASON, kind="mia")
-        log.warning(NOT_PRIVATE_REASON)
-        try:
-            study = run_study(release, target.images, target.labels, info.num_classes, shadows=shadows,
-                              model=model, seed=spec.seed, fprs=DEFAULT_FPRS,
-                              map_fn=ray_map if use_ray else None)
-        except BaseException as e:
-            interrupted = isinstance(e, KeyboardInterrupt)
-            run.finish("interrupted" if interrupted else "failed",
-                       **({} if interrupted else {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}))
-            raise
+        yield train, release, model, info
+
+
+def _conduct(run: Any, spec: Any, target: Any, release: Callable[..., Any], model: ShadowModel, info: Any, *,
+             use_ray: bool, done: dict[int, np.ndarray]) -> tuple[LiraStudy, Path]:
+    """Run the study's missing shadows into ``run`` (each persisted as it finishes), then attack and write the
+    figures; an interruption leaves the folder interrupted, with how to resume it."""
+    import json
+    import time
+    from datetime import UTC, datetime
+
+    from dpdistill.pipelines.not_private import RELEASE_NOT_PRIVATE
+    from dpdistill.runner import Terminated
+    from dpdistill.runtime.runfolder import atomic_write_json, atomic_write_text
+
+    state_path = run.path / STUDY_FILE
+    state = json.loads(state_path.read_text())
+    shadows, pool = int(state["shadows"]), int(state["pool"])
+    atomic_write_text(run.artifacts / RELEASE_NOT_PRIVATE, f"{NOT_PRIVATE_REASON}.\nThe figures here are "
+                      "computed from sensitive records without noise: do not publish them as a release.\n")
+    run.set_status("running", not_private=NOT_PRIVATE_REASON, kind="mia")
+    log.warning(NOT_PRIVATE_REASON)
+    # This attempt's record is rewritten as every shadow finishes, so one killed outright (SIGKILL, the machine
+    # gone) still says how far it got and how long that took.
+    attempt = {"started": datetime.now(UTC).isoformat(), "shadows_before": len(done), "shadows_run": 0,
+               "seconds": 0.0, "outcome": "running"}
+    for earlier in state.get("attempts", []):  # we hold the study's lock: an attempt still "running" was killed
+        if earlier.get("outcome") == "running":
+            earlier["outcome"] = "killed"
+    state["attempts"] = [*state.get("attempts", []), attempt]
+    t0 = time.monotonic()
+
+    def save_attempt(outcome: str) -> None:
+        attempt.update(seconds=round(time.monotonic() - t0, 1), outcome=outcome)
+        if outcome != "running":
+            attempt["ended"] = datetime.now(UTC).isoformat()
+        atomic_write_json(state_path, state)
+
+    def persist(m: int, row: np.ndarray) -> None:
+        atomic_write_json(run.path / SHADOW_DIR / f"{m:04d}.json", {"shadow": m, "confidences": row.tolist()})
+        attempt["shadows_run"] += 1
+        save_attempt("running")
+        log.info("shadow %d finished (%d of %d)", m, len(done) + attempt["shadows_run"], shadows)
+
+    save_attempt("running")
+    try:
+        study = run_study(release, target.images, target.labels, info.num_classes, shadows=shadows, model=model,
+                          seed=spec.seed, fprs=DEFAULT_FPRS, map_fn=ray_map if use_ray else None, done=done,
+                          on_shadow=persist)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            by = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+            save_attempt("interrupted")
+            log.warning("study interrupted by %s with %d of %d shadows finished; resume with: dpdistill mia "
+                        "--resume %s", by, len(done) + attempt["shadows_run"], shadows, run.path)
+            run.finish("interrupted", interrupted_by=by, resume=f"dpdistill mia --resume {run.path}")
+            e.add_note(f"dpdistill mia --resume {run.path}")  # the CLI prints it
+        else:
+            save_attempt("failed")
+            run.finish("failed", error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        raise
+    save_attempt("completed")
     res = study.result
     summary = res.summary()
+    seconds = sum(a.get("seconds", 0.0) for a in state["attempts"])
     metrics = {"mia_tpr_at_0.1%fpr": res.tpr_at[0.001], "mia_tpr_at_1%fpr": res.tpr_at[0.01],
-               "mia_auc": res.auc, "mia_shadows": float(shadows), "mia_pool": float(pool), "not_private": 1.0}
+               "mia_auc": res.auc, "mia_shadows": float(shadows), "mia_pool": float(pool), "not_private": 1.0,
+               "mia_seconds": seconds}
     run.log_metrics(metrics)
     atomic_write_json(run.path / "mia.json", {
         "attack": "LiRA (Carlini et al. 2022), online, leave-one-out over shadow runs",
         "method": spec.method.name, "kind": spec.kind, "epsilon": spec.privacy.epsilon,
         "dataset": info.name, "not_private": NOT_PRIVATE_REASON, **summary,
+        "attempts": len(state["attempts"]), "seconds": seconds,
     })
     plot_roc(res.fpr, res.tpr, run.artifacts / "roc.png",
              title=f"LiRA · {spec.method.name} (ε={spec.privacy.epsilon}) · {shadows} shadows, pool {pool}")

@@ -17,10 +17,12 @@ Every file is written atomically (temp file + fsync + rename), so Ctrl-C or a cr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +57,26 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path, busy: str, *, wait: bool = False) -> Iterator[None]:
+    """Hold an advisory lock on ``lock_path`` (created if missing) for the block; when another process holds it
+    and ``wait`` is false, raise :class:`~dpdistill.errors.SpecError` with the one line ``busy``. The lock goes
+    with the process, so a killed holder never leaves it stuck."""
+    import fcntl
+
+    from dpdistill.errors import SpecError
+
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise SpecError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def utc_stamp() -> str:
     """A UTC timestamp usable as a folder name, sortable, with microseconds to avoid clashes."""
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -84,6 +106,17 @@ class RunFolder:
         (path / "artifacts").mkdir()
         atomic_write_text(path / "spec.yaml", spec_yaml)
         run.set_status("running")
+        run._attach_log()
+        return run
+
+    @classmethod
+    def reopen(cls, path: Path) -> RunFolder:
+        """An existing run folder, to continue it (a resumed study): its metrics so far are kept, and the log
+        is appended to."""
+        run = cls(path=Path(path))
+        metrics = run.path / "metrics.json"
+        if metrics.is_file():
+            run.metrics = {k: float(v) for k, v in json.loads(metrics.read_text()).items()}
         run._attach_log()
         return run
 

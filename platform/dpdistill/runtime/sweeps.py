@@ -703,21 +703,12 @@ def _ended_in_tune(tune_dir: Path) -> int:
         raise SpecError(f"{states[-1]}: unreadable Tune state ({str(e).splitlines()[0]})") from None
 
 
-@contextlib.contextmanager
-def _driver_lock(sweep_dir: Path, *, wait: bool) -> Iterator[None]:
+def _driver_lock(sweep_dir: Path, *, wait: bool) -> contextlib.AbstractContextManager[None]:
     """Hold the sweep's lock while a driver runs it, so a second --resume cannot rerun live trials."""
-    import fcntl
+    from dpdistill.runtime.runfolder import exclusive_lock
 
-    with open(sweep_dir / "sweep.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise SpecError(f"{sweep_dir}: another dpdistill process is running this sweep; wait for it or stop it "
-                            "(Ctrl-C / SIGTERM) before --resume") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return exclusive_lock(sweep_dir / "sweep.lock", f"{sweep_dir}: another dpdistill process is running this sweep; "
+                          "wait for it or stop it (Ctrl-C / SIGTERM) before --resume", wait=wait)
 
 
 def _drive(sweep: SweepSpec, base: dict[str, Any], sweep_dir: Path, plan: SweepPrivacy, tracking: SweepTracking,
