@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from dpdistill.evaluation.lira import (
 )
 
 ray = pytest.importorskip("ray")
+from ray_head import ray_head  # noqa: E402  (after the importorskip)
 
 # ---------------------------------------------------------------------------------------------- statistics
 
@@ -137,10 +138,17 @@ MODEL_OPTIONS = {"width": 16, "depth": 2}
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    # One local cluster for the module; the CLI's ray_session reuses it.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    """One real head for the module (loopback, token auth), joined here; the in-process CLI's ray_session
+    reuses the connection and a CLI subprocess joins it by --address."""
+    from dpdistill.runtime.cluster import ray_session
+
+    with ray_head(start_params=("--num-cpus=2",)) as head, pytest.MonkeyPatch.context() as mp:
+        for var in ("RAY_ADDRESS", "DPDISTILL_RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+            mp.delenv(var, raising=False)
+        mp.setenv("RAY_AUTH_TOKEN", head.token)
+        mp.setenv("RAY_AUTH_MODE", "token")
+        with ray_session(head.gcs):
+            yield head
 
 
 @pytest.fixture(scope="module")
@@ -294,9 +302,9 @@ def test_resume_runs_only_the_missing_shadows_and_equals_the_whole_study(ray_clu
 
 
 def test_sigterm_keeps_the_finished_shadows_and_resume_finishes_the_study(ray_cluster, tmp_path, capsys) -> None:
-    """A real SIGTERM to this process mid-study (what `ray job stop` or a pod eviction sends): exit 143, the
-    folder interrupted with every finished shadow kept and the unfinished tasks cancelled; --resume then runs
-    only what is missing."""
+    """SIGTERM (what `ray job stop` or a pod eviction sends) to a `dpdistill mia` process mid-study: exit 143,
+    the folder interrupted (not failed: ray.init replaces the SIGTERM handler, and the study must keep its own)
+    with every finished shadow kept; --resume then runs only what is missing."""
     from dpdistill.cli import main
 
     spec = _spec(tmp_path)
@@ -304,40 +312,38 @@ def test_sigterm_keeps_the_finished_shadows_and_resume_finishes_the_study(ray_cl
     doc["evaluation"]["epochs"] = 60  # ~1-2 s per shadow: the signal lands while most are still to run
     spec.write_text(yaml.safe_dump(doc))
     runs = tmp_path / "runs"
-    late: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))  # never kill pytest
-
-    def terminate_after_the_first_shadow() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline and not list(runs.glob("mia-dm-mia/*/shadows/*.json")):
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    sender = threading.Thread(target=terminate_after_the_first_shadow, daemon=True)
-    try:
-        sender.start()
-        with pytest.raises(SystemExit) as exit_info:
-            main(["mia", str(spec), "--shadows", "8", "--pool", "120", "--runs-dir", str(runs)])
-        sender.join(timeout=130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert not late, "the study had ended before SIGTERM arrived"
-    assert exit_info.value.code == 143
-    err = capsys.readouterr().err
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dpdistill"), "mia", str(spec), "--shadows", "8", "--pool", "120",
+         "--runs-dir", str(runs), "--address", ray_cluster.gcs],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(runs.glob("mia-dm-mia/*/shadows/*.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
     (folder,) = (runs / "mia-dm-mia").iterdir()
     assert f"resume with: dpdistill mia --resume {folder}" in err and "Traceback" not in err
     status = json.loads((folder / "status.json").read_text())
-    assert status["status"] == "interrupted" and status["interrupted_by"] == "SIGTERM"
+    assert status["status"] == "interrupted" and status["interrupted_by"] == "SIGTERM", status
     finished = len(_shadow_files(folder))
     assert 1 <= finished < 8 and not (folder / "mia.json").exists()
     assert not list(folder.rglob("*.tmp"))
-    # The cancelled tasks left the cluster: all its CPUs are free again.
-    deadline = time.time() + 60
-    while time.time() < deadline and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
-        time.sleep(0.2)
-    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
     main(["mia", "--resume", str(folder)])
     attempts = json.loads((folder / "study.json").read_text())["attempts"]
     assert [t["outcome"] for t in attempts] == ["interrupted", "completed"]
     assert attempts[1]["shadows_before"] == finished and attempts[1]["shadows_run"] == 8 - finished
     assert len(_shadow_files(folder)) == 8 and json.loads((folder / "mia.json").read_text())["shadows"] == 8
+
+
+def test_the_cluster_connection_keeps_a_callers_sigterm_handler(ray_cluster) -> None:
+    """ray.init installs its own SIGTERM handler (sys.exit); ray_session puts the caller's back, so a run's
+    'SIGTERM = interrupted' survives joining Ray (a fresh process, joining this module's head)."""
+    code = ("import signal, sys\n"
+            "from dpdistill.runtime.cluster import ray_session\n"
+            "mine = lambda *a: None\n"
+            "signal.signal(signal.SIGTERM, mine)\n"
+            f"with ray_session({ray_cluster.gcs!r}):\n"
+            "    sys.exit(0 if signal.getsignal(signal.SIGTERM) is mine else 3)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -187,6 +187,24 @@ def quiet_auth_banner() -> None:
 
 
 @contextlib.contextmanager
+def _keeping_sigterm_handler() -> Iterator[None]:
+    """Put back a SIGTERM handler that ``ray.init`` replaces. ray.init installs its own (``sys.exit``) in the
+    main thread; a caller that turned SIGTERM into an orderly stop (a run or study marked interrupted, not
+    failed: ``runner.sigterm_interrupts``) would otherwise lose it for as long as Ray is up. Only a Python
+    handler is put back: with none (SIG_DFL), Ray's exit (which runs the cleanup) is better than dying at once."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def ray_session(
     address: str | None = None, num_cpus: int | None = None, auth_token_path: str | None = None
 ) -> Iterator[dict]:
@@ -204,13 +222,14 @@ def ray_session(
     quiet_auth_banner()
     address = connect_cluster(address, auth_token_path)
     kwargs: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
-    except ConnectionError as e:
-        raise ClusterError(f"Ray cluster {address}: cannot connect ({str(e).splitlines()[0]})") from None
+    with _keeping_sigterm_handler():
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+        except ConnectionError as e:
+            raise ClusterError(f"Ray cluster {address}: cannot connect ({str(e).splitlines()[0]})") from None
     try:
         yield ray.cluster_resources()
     finally:
