@@ -323,11 +323,11 @@ def test_sigterm_keeps_the_finished_shadows_and_resume_finishes_the_study(ray_cl
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     (folder,) = (runs / "mia-dm-mia").iterdir()
-    assert f"resume with: dpdistill mia --resume {folder}" in err and "Traceback" not in err
+    assert f"resume with: dpdistill mia --resume {folder}" in err and "Traceback" not in err, err[-3000:]
     status = json.loads((folder / "status.json").read_text())
     assert status["status"] == "interrupted" and status["interrupted_by"] == "SIGTERM", status
     finished = len(_shadow_files(folder))
-    assert 1 <= finished < 8 and not (folder / "mia.json").exists()
+    assert 1 <= finished < 8 and not (folder / "mia.json").exists(), (finished, err[-3000:])
     assert not list(folder.rglob("*.tmp"))
     main(["mia", "--resume", str(folder)])
     attempts = json.loads((folder / "study.json").read_text())["attempts"]
