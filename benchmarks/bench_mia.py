@@ -43,10 +43,11 @@ STUDIES: dict[str, dict] = {
         "why": "the non-private reference at NDPDC's 200-iteration schedule (the shipped 2,000 would take ~2 h)"},
     "ndpdc-mnist-eps1": {
         "spec": "jobs/ndpdc-mnist.yaml", "set": ["privacy.epsilon=1"], "shadows": 16, "pool": 500, "minutes": 15,
-        "why": "NDPDC as in runs.md's ndpdc-mnist-eps1"},
+        "why": "NDPDC as in runs.md's ndpdc-mnist-eps1 (rows before 551a0b7 ran the job's earlier image step, "
+               "lr_img 100)"},
     "ndpdc-mnist-eps10": {
         "spec": "jobs/ndpdc-mnist.yaml", "set": [], "shadows": 16, "pool": 500, "minutes": 15,
-        "why": "NDPDC as shipped (ε=10)"},
+        "why": "NDPDC as shipped (ε=10; rows before 551a0b7 ran the job's earlier image step, lr_img 100)"},
     "dpgeng-mnist-eps1": {
         "spec": "jobs/dpgeng-mnist.yaml", "set": [], "shadows": 16, "pool": 500, "minutes": 70,
         "why": "DP-GenG as shipped (ε=1); goal TPR @ 0.1 % FPR <= 0.2 %"},
