@@ -119,6 +119,31 @@ def ray_head(env: dict[str, str] | None = None, start_params: Sequence[str] = ("
 _NODE_PORTS = 6
 
 
+@contextmanager
+def joined_head(start_params: Sequence[str] = ("--num-cpus=2",)) -> Iterator[RayHead]:
+    """A head, joined by this (test) process as a job's driver joins it: token auth through the environment,
+    ``ray_session`` connected for the block. A module fixture's whole cluster. Afterwards Ray's cached token
+    is forgotten: Ray keeps the token it loaded for the life of the process, and a later module's local cluster
+    (a fresh token) would refuse this one with InvalidAuthToken ("Failed to start GCS")."""
+    import pytest
+
+    from dpdistill.runtime.cluster import ray_session
+
+    try:
+        with ray_head(start_params=start_params) as head, pytest.MonkeyPatch.context() as mp:
+            for var in ("RAY_ADDRESS", "DPDISTILL_RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+                mp.delenv(var, raising=False)
+            mp.setenv("RAY_AUTH_TOKEN", head.token)
+            mp.setenv("RAY_AUTH_MODE", "token")  # set here so the monkeypatch undoes it (ray_session would not)
+            with ray_session(head.gcs):
+                yield head
+    finally:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _node_flags(ports: Sequence[int]) -> list[str]:
     """Loopback and the given distinct, freshly picked ports (``_NODE_PORTS`` of them, from ``free_ports``) for
     every listener a node opens: nothing shared with other clusters or between the node's own components."""

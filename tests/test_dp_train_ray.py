@@ -21,7 +21,7 @@ from dp_objectives import ZeroGradient
 from dpdistill.privacy.noise import PrivacyRandomness
 from dpdistill.runtime.dp_train import fit_dp_sgd, shard_indices
 from dpdistill.training.dp_sgd import DPSGDSchedule
-from ray_head import ray_head
+from ray_head import joined_head
 
 N, D = 400, 100
 SCHEDULE = DPSGDSchedule(sigma=1.3, q=0.8, steps=6, clip=0.7, n_records=N, lr=1.0, optimizer="sgd",
@@ -49,24 +49,11 @@ def cluster():
     import ray
     import ray.cloudpickle
 
-    from dpdistill.runtime.cluster import ray_session
-
     # The workers cannot import the tests folder: this module's hook and the shared objective travel by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.cloudpickle.register_pickle_by_value(dp_objectives)
-    with ray_head(start_params=("--num-cpus=2",)) as head, pytest.MonkeyPatch.context() as mp:
-        for var in ("RAY_ADDRESS", "DPDISTILL_RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
-            mp.delenv(var, raising=False)
-        mp.setenv("RAY_AUTH_TOKEN", head.token)
-        mp.setenv("RAY_AUTH_MODE", "token")  # set here so the monkeypatch undoes it (ray_session would leave it)
-        with ray_session(head.gcs) as resources:
-            yield resources
-    # Ray caches the token it loaded: forget this head's, or the next module's local cluster (a new token) is
-    # refused with InvalidAuthToken.
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    with joined_head():
+        yield ray.cluster_resources()
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:

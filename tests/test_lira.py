@@ -31,7 +31,7 @@ from dpdistill.evaluation.lira import (
 )
 
 ray = pytest.importorskip("ray")
-from ray_head import ray_head  # noqa: E402  (after the importorskip)
+from ray_head import joined_head  # noqa: E402  (after the importorskip)
 
 # ---------------------------------------------------------------------------------------------- statistics
 
@@ -140,15 +140,8 @@ MODEL_OPTIONS = {"width": 16, "depth": 2}
 def ray_cluster():
     """One real head for the module (loopback, token auth), joined here; the in-process CLI's ray_session
     reuses the connection and a CLI subprocess joins it by --address."""
-    from dpdistill.runtime.cluster import ray_session
-
-    with ray_head(start_params=("--num-cpus=2",)) as head, pytest.MonkeyPatch.context() as mp:
-        for var in ("RAY_ADDRESS", "DPDISTILL_RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
-            mp.delenv(var, raising=False)
-        mp.setenv("RAY_AUTH_TOKEN", head.token)
-        mp.setenv("RAY_AUTH_MODE", "token")
-        with ray_session(head.gcs):
-            yield head
+    with joined_head() as head:
+        yield head
 
 
 @pytest.fixture(scope="module")
