@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,6 @@ def test_submitted_job_logs_to_the_mlflow_store_it_was_given(submitted):
 def test_the_driver_is_placed_by_the_specs_resources(head, tmp_path):
     """The driver runs the stages, so Ray places it by the spec's ``resources``: a reservation no node of this
     2-CPU head can hold leaves the job pending (not running on whatever node is free), until it is stopped."""
-    import time
 
     env = _clean_env(HOME=str(tmp_path), RAY_AUTH_TOKEN=head.token)
     sub = _dpdistill("submit", "jobs/quickstart.yaml", "--address", head.dashboard, "--runs-dir",
@@ -196,10 +196,19 @@ def test_jobs_stop(head, tmp_path):
                      "--set", "method.iterations=1000000", env=env)
     assert sub.returncode == 0, sub.stderr[-2000:]
     job_id = sub.stdout.split("as Ray job ", 1)[1].split()[0]
+    # Stop it once the run is inside its pipeline (the driver has joined the cluster by then, and ray.init
+    # replaces the SIGTERM handler: the run must still end 'interrupted', not 'failed').
+    deadline, logs = time.time() + 180, []
+    while time.time() < deadline and not any("started (kind=" in p.read_text() for p in logs):
+        logs = list((tmp_path / "runs").glob("quickstart/*/log.txt"))
+        time.sleep(0.5)
+    assert logs, "the submitted run never started"
     stop = _dpdistill("jobs", "stop", job_id, "--address", head.dashboard, env=env)
     assert stop.returncode == 0 and "stop requested" in stop.stdout, stop.stdout + stop.stderr
     waited = _dpdistill("jobs", "wait", job_id, "--address", head.dashboard, env=env)
     assert waited.returncode == 1 and f"{job_id}: STOPPED" in waited.stdout
+    status = json.loads((logs[0].parent / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["interrupted_by"] == "SIGTERM", status
 
 
 def test_submit_refuses_a_relative_runs_dir_before_contacting_the_cluster(tmp_path):

@@ -15,6 +15,7 @@ when it failed. Only timings, outcomes and error messages are logged, nothing co
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -333,6 +334,12 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
         raise
     finally:
         seconds = time.perf_counter() - started
+        if status != "completed":
+            # The outcome first, in the local folder: what follows (MLflow, the report) can take seconds, and a
+            # stopped process may be SIGKILLed within them (`ray job stop`'s grace period, a pod's). run.finish
+            # below rewrites status.json with everything once the rest is done.
+            outcome = {"seconds": round(seconds, 3), "error": error, "interrupted_by": interrupted_by}
+            _safe(functools.partial(run.set_status, status, **{k: v for k, v in outcome.items() if v is not None}))
         if ctx is not None and ctx.ledger is not None:
             _safe(ctx.log_metrics, ctx.ledger.to_mlflow_metrics())
         if owner is not None:

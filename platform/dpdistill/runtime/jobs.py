@@ -86,6 +86,10 @@ def check_tracking_uri(what: str, uri: str) -> None:
         check_durable_path(what, uri)
 
 
+# Seconds a stopped job's driver gets between SIGTERM and SIGKILL (Ray's default is 3).
+STOP_GRACE_SECONDS = 60
+
+
 @dataclass
 class Submission:
     """A submitted job: its Ray id and where its results will be."""
@@ -125,9 +129,13 @@ def submit_job(spec: Any, address: str, workdir: Path, runs_dir: str, *, trackin
     shipped.ray.address = None
     shipped.ray.auth_token_path = None
     (workdir / "spec.yaml").write_text(shipped.to_yaml(), encoding="utf-8")
-    runtime_env: dict[str, Any] = {"working_dir": str(workdir)}
+    # The job's supervisor reads RAY_JOB_STOP_WAIT_TIME_S from the job's env_vars: how long `ray job stop` waits
+    # after SIGTERM before it SIGKILLs the driver. Ray's 3 s can end a stopped run before it has finished its
+    # files and its MLflow run (a loaded node); the run needs seconds, not minutes, and is SIGKILLed after these.
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_SECONDS)}
     if tracking_uri:
-        runtime_env["env_vars"] = {"MLFLOW_TRACKING_URI": tracking_uri}
+        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
+    runtime_env: dict[str, Any] = {"working_dir": str(workdir), "env_vars": env_vars}
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     submission_id = f"dpdistill-{re.sub(r'[^a-z0-9-]+', '-', spec.name.lower())}-{stamp}-{secrets.token_hex(2)}"
     try:
