@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import yaml
 
 from k8s_local import ROOT, container_env, kuberay_start_params, manifest, mlflow_server, wait_healthy
 from ray_head import VENV_BIN, alive_nodes, ray_head, ray_worker
@@ -70,6 +71,7 @@ def rayjob_run(tmp_path_factory):
         submit = subprocess.run(
             [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard, "--no-wait",
              "--submission-id", "dpdistill-quickstart", "--entrypoint-num-cpus", str(job["entrypointNumCpus"]),
+             "--runtime-env-json", json.dumps(yaml.safe_load(job["runtimeEnvYAML"])),
              "--", *shlex.split(entrypoint)],
             capture_output=True, text=True, env=env, timeout=300, cwd=base)
         assert submit.returncode == 0, submit.stdout + submit.stderr[-3000:]
@@ -85,7 +87,7 @@ def rayjob_run(tmp_path_factory):
             [sys.executable, "-m", "dpdistill.cli", "jobs", "logs", "dpdistill-quickstart", "--address",
              head.dashboard], capture_output=True, text=True, env=env, timeout=120, cwd=base).stdout
         yield {"waited": waited, "logs": logs, "runs": runs, "mlflow_url": mlflow_url, "base": base,
-               "driver_on_head": nodes.get(info.driver_node_id)}
+               "driver_on_head": nodes.get(info.driver_node_id), "runtime_env": info.runtime_env}
 
 
 def test_the_rayjob_entrypoint_completes(rayjob_run):
@@ -115,3 +117,8 @@ def test_the_rayjob_logs_to_the_manifest_mlflow_server(rayjob_run):
     # Uploaded through the server into its --artifacts-destination (the claim, here a folder).
     stored = {p.name for p in (rayjob_run["base"] / "mlflow" / "artifacts").rglob("*") if p.is_file()}
     assert {"spec.yaml", "ledger.json", "metrics.json"} <= stored
+
+
+def test_the_rayjob_gives_a_stopped_driver_time_to_finish_its_files(rayjob_run):
+    """The manifest's runtimeEnvYAML reached the job: its supervisor waits 60 s, not 3, before SIGKILL."""
+    assert rayjob_run["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "60"
