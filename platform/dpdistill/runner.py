@@ -334,12 +334,13 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
         raise
     finally:
         seconds = time.perf_counter() - started
+        # How it ended, for status.json: the error (failed) or the signal (interrupted), when there is one.
+        extra: dict[str, Any] = {k: v for k, v in (("error", error), ("interrupted_by", interrupted_by)) if v}
         if status != "completed":
             # The outcome first, in the local folder: what follows (MLflow, the report) can take seconds, and a
             # stopped process may be SIGKILLed within them (`ray job stop`'s grace period, a pod's). run.finish
             # below rewrites status.json with everything once the rest is done.
-            outcome = {"seconds": round(seconds, 3), "error": error, "interrupted_by": interrupted_by}
-            _safe(functools.partial(run.set_status, status, **{k: v for k, v in outcome.items() if v is not None}))
+            _safe(functools.partial(run.set_status, status, seconds=round(seconds, 3), **extra))
         if ctx is not None and ctx.ledger is not None:
             _safe(ctx.log_metrics, ctx.ledger.to_mlflow_metrics())
         if owner is not None:
@@ -361,9 +362,6 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
         why = error or (interrupted_by and f"by {interrupted_by}")
         (log.info if status == "completed" else log.error)(
             "run %s %s after %.1f s%s", run.path, status, seconds, f" ({why})" if why else "")
-        extra: dict[str, Any] = {"error": error} if error else {}
-        if interrupted_by:
-            extra["interrupted_by"] = interrupted_by
         if ctx is not None and ctx.summary:  # what `run` printed, for `dpdistill report`
             extra["summary"] = [list(row) for row in ctx.summary]
         run.finish(status, seconds=round(seconds, 3), mlflow_run_id=tracker.run_id, **extra)
