@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,62 @@ def test_options_a_configuration_ignores_are_named_for_sweeps() -> None:
     assert "augmentations" in no_dsa
     gen = DPGenGConfig(**{**TINY_DPGENG, "matching": "decoupled", "dsa_strategy": "none"}).overridden_options()
     assert {"augmentations", "batch_real"} <= set(gen) and "projection_dim" not in gen
+
+
+# ------------------------------------------------------------------------------------------ DP-GenG's 'auto' rules
+
+
+def test_the_noise_ratio_is_the_norm_of_one_steps_noise_on_a_class_mean_in_units_of_c() -> None:
+    """σ·√d/B against a measured draw: the noise a per-iteration step adds to a class's released mean (what
+    :func:`noisy_mean` adds to a zero sum), its norm divided by C."""
+    from dpdistill.distill.private_matching import matching_noise_ratio
+    from dpdistill.privacy.dp_ops import noisy_mean
+
+    assert matching_noise_ratio(2.0, 64, 16) == pytest.approx(1.0)
+    sigma, dim, batch, clip = 3.0, 4096, 48.0, 0.7
+    noise = PrivacyRandomness.reproducible(5)
+    norms = [float(noisy_mean(torch.zeros(dim), clip, sigma, batch, noise).norm()) / clip for _ in range(20)]
+    assert sum(norms) / len(norms) == pytest.approx(matching_noise_ratio(sigma, dim, batch), rel=0.02)
+    with pytest.raises(ValueError, match="batch"):
+        matching_noise_ratio(1.0, 8, 0)
+
+
+@pytest.mark.parametrize(("matching", "sigma", "expected"), [
+    ("auto", 0.5, "per-iteration"),   # ratio 0.5·√32/16 ≈ 0.18: the steps carry signal
+    ("auto", 8.0, "decoupled"),       # ratio 8·√32/16 ≈ 2.8: each step's targets would be mostly noise
+    ("per-iteration", 8.0, "per-iteration"),  # an explicit choice is kept, with a warning
+])
+def test_auto_matching_releases_once_only_when_per_iteration_steps_would_be_noise(digits, public, matching: str,
+                                                                                  sigma: float, expected: str) -> None:
+    ledger = PrivacyLedger(None, 50.0, 1e-4)
+    cfg = DPGenGConfig(**{**TINY_DPGENG, "iterations": 3, "matching": matching, "sigma": sigma})
+    syn = run_dpgeng(digits, cfg, seed=0, ledger=ledger, mean=MEAN, std=STD, progress=False, generated=public,
+                     noise=CountingNoise())
+    rep = syn.report
+    assert rep["matching"] == expected
+    # The ratio from the plan: σ, the extractors' feature width (8 channels x 2 x 2 on 8x8 digits), batch 16.
+    assert rep["matching_noise_ratio"] == pytest.approx(sigma * 32**0.5 / 16)
+    ((component, mech, _),) = _entries(ledger)
+    assert component == "dpgeng/feature_matching"
+    assert ('"poisson_gaussian"' in json.dumps(mech)) == (expected == "per-iteration")
+    assert ('"gaussian"' in json.dumps(mech)) == (expected == "decoupled")
+    warned = [w for w in rep["warnings"] if "noise dominated" in w]
+    assert len(warned) == (1 if matching == "per-iteration" else 0)
+
+
+def test_factor_auto_resolves_from_the_image_size_and_is_checked_at_its_largest() -> None:
+    cfg = DPGenGConfig(ipc=1, generated_per_class=20)
+    assert cfg.factor == "auto" and cfg.factor_for(8) == 1 and cfg.factor_for(16) == 2 and cfg.factor_for(28) == 2
+    assert DPGenGConfig(ipc=1, factor=3, generated_per_class=20).factor_for(8) == 3
+    # ipc 10 x 2² = 40 images per class needed if 'auto' resolves to 2: refused before anything runs.
+    with pytest.raises(ValueError, match="factor 'auto' can resolve to 2"):
+        DPGenGConfig(ipc=10, generated_per_class=20)
+
+
+def test_factor_auto_runs_without_multi_formation_on_8x8_digits(digits, public) -> None:
+    cfg = DPGenGConfig(**{**{k: v for k, v in TINY_DPGENG.items() if k != "factor"}, "iterations": 1})
+    syn = run_dpgeng(digits, cfg, seed=0, ledger=PrivacyLedger(None, 2.0, 1e-4), mean=MEAN, std=STD,
+                     progress=False, generated=public)
+    assert syn.report["factor"] == 1 and syn.factor == 1
+    images, labels = syn.export()
+    assert tuple(images.shape[1:]) == (1, 8, 8) and len(labels) == 10  # ipc 1, decoded 1:1

@@ -166,6 +166,8 @@ def test_no_sensitive_image_reaches_the_run_folder_or_mlflow(tmp_path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= metrics["baseline_generated_acc_mean"] <= 1 and "baseline" in done.stdout  # beside the result
     assert metrics["sigma_feature_matching"] > 0 and "ε by component" in done.stdout
+    # matching 'auto' names what it chose and why (a plan quantity) in the metrics and the summary.
+    assert metrics["matching_noise_ratio"] > 0 and "per-iteration noise ratio" in done.stdout
     log_txt = (run_dir / "log.txt").read_text()  # DP-GenG's stages, each with its seconds
     assert all(f"dpgeng: stage {s} done in" in log_txt for s in ("generate", "init", "expert", "distill")), log_txt
     files = [p for p in tmp_path.rglob("*") if p.is_file()]  # run folder, mlflow.db, MLflow artifacts

@@ -9,7 +9,10 @@
     d. expert    — a ConvNet trained on the generated set, fine-tuned on the sensitive split with DP-SGD;
     e. match     — DP feature matching against the sensitive split (per-class Poisson, clip C, noise σ_F·C),
                    or with ``matching: decoupled`` the per-class noisy means of the clipped concatenated
-                   features under all K extractors released once, then matched for free;
+                   features under all K extractors released once, then matched for free; ``matching: auto``
+                   (the default) picks per-iteration unless its per-step noise would dominate the signal
+                   (:func:`~dpdistill.distill.private_matching.matching_noise_ratio` ≥ 1: small classes, small ε,
+                   wide features), then decoupled;
     f. guide     — expert guidance: KL to the mean soft label of generated references + λ·CE;
     g. allocate  — fixed shares (generator, expert) with σ_F solved from what remains, or utility-driven
                    shares tuned first with scratch ledgers (:func:`~.allocation.utility_allocation`: the
@@ -21,7 +24,12 @@ ledger is charged by (a) inside ``Synthesizer.fit``, by (d) before its first DP-
 all its steps before the loop (decoupled: once, for its single release, also before the loop); (b), (c) and
 (f) read only DP outputs. Every charge of (a) is booked as ``dpgeng/generator`` (:class:`ComponentLedger`), so
 the run's metrics give ε per stage. ``ipc`` counts STORED images per class (the papers' storage budget): with
-factor f the released set decodes into ipc·f² training images per class.
+factor f the released set decodes into ipc·f² training images per class; ``factor: auto`` (the default) is 2
+for images of at least 16 pixels a side and 1 below (a 4x4 quarter of an 8x8 image carries little).
+
+The two 'auto' rules were read on validation splits of two datasets (MNIST and ``digits``, README "DP-GenG
+defaults"); both use plan quantities only, never the sensitive records (class sizes, public as every matching
+charge treats them, set the expected batches).
 
 Randomness: everything that touches the sensitive split with randomness draws from ``noise`` (a
 :class:`~dpdistill.privacy.noise.PrivacyRandomness`, secret unless the caller passes a reproducible, NOT
@@ -38,7 +46,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +63,17 @@ from dpdistill.distill.dpgeng.init_kmeans import confident_subset, dp_init, rand
 from dpdistill.distill.loop import PrivateRunOptions, RunArgs, image_lr_schedule, image_step
 from dpdistill.distill.options import CheckedNetworkOptions, PrivateMatchingOptions
 from dpdistill.distill.private_matching import (
+    NOISE_DOMINATED_RATIO,
     DecoupledMatchingOptions,
     MatchingBank,
+    MatchingMode,
     charge_decoupled,
     charge_matching,
     check_classes_present,
     decoupled_matching_loss,
     dp_feature_matching_loss,
+    matching_noise_ratio,
+    per_iteration_sigma,
     release_targets,
 )
 from dpdistill.distill.registry import register
@@ -79,6 +91,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FM_COMPONENT = "dpgeng/feature_matching"
+# factor 'auto': multi-formation (factor 2) for images at least this many pixels a side, none below.
+AUTO_FACTOR_MIN_SIZE = 16
 GEN_COMPONENT = "dpgeng/generator"
 
 
@@ -112,7 +126,9 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ipc: int = Field(10, ge=1, description="STORED images per class (each decodes into factor^2 images)")
-    factor: int = Field(2, ge=1, description="multi-formation factor f (2 suits 28x28; use 1 for 8x8 images)")
+    factor: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description=f"multi-formation factor f; 'auto': 2 for images of at least {AUTO_FACTOR_MIN_SIZE} "
+        "pixels a side (28x28 MNIST), 1 below (8x8 digits)")
     # (a) generation
     generator: str = Field("dp-merf", description="synthesis method (synthesis registry name)")
     generator_options: dict[str, Any] = Field(default_factory=dict)
@@ -142,8 +158,11 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
     iterations: int = Field(1000, ge=0, description="distillation iterations (FM and/or EG steps)")
     batch_real: int = Field(256, ge=1, description="per-iteration matching: expected Poisson batch per class")
     # clip (C) and sigma (σ_F; None: solved from what the budget leaves) come from PrivateMatchingOptions;
-    # matching ('per-iteration' | 'decoupled', the bank being the K extractors) and augmentations from
-    # DecoupledMatchingOptions.
+    # augmentations from DecoupledMatchingOptions, whose matching field DP-GenG widens with 'auto'.
+    matching: MatchingMode | Literal["auto"] = Field(
+        "auto", description="'per-iteration': a fresh noisy real statistic every step, each charged; 'decoupled': "
+        "per-class noisy means under the K extractors released once, then free iterations; 'auto': per-iteration "
+        "unless its per-step noise ratio σ·√d/B reaches 1 (the targets would be mostly noise), then decoupled")
     projection_dim: int | None = Field(None, ge=1, description="decoupled only: project the extractors' "
                                        "concatenated features onto their top d principal directions on the "
                                        "generated set before clipping and noising (None: no projection)")
@@ -179,9 +198,11 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
             ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled"}
             if self.dsa_strategy == "none":
                 ignored["augmentations"] = "dsa_strategy is 'none': there is nothing to draw"
-        else:
+        elif self.matching == "per-iteration":
             why = "it only shapes matching 'decoupled' and matching is 'per-iteration'"
             ignored = {"augmentations": why, "projection_dim": why}
+        else:  # 'auto' may run either mode, so both modes' options count
+            ignored = {}
         if self.allocation == "utility":
             why = "allocation 'utility' chooses the shares itself"
             return {**ignored, "share_generator": why, "share_expert": why}
@@ -193,14 +214,24 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
     def _shares(self) -> DPGenGConfig:
         if self.share_generator + self.share_expert >= 1:
             raise ValueError("share_generator + share_expert must stay below 1 (feature matching needs the rest)")
-        need = self.ipc * self.factor * self.factor
+        # 'auto' is checked at the largest factor it can resolve to: the image size is not known here.
+        factor = 2 if self.factor == "auto" else self.factor
+        hint = "; factor 'auto' can resolve to 2: set factor 1 for small images" if self.factor == "auto" else ""
+        need = self.ipc * factor * factor
         if self.init != "noise" and self.generated_per_class < need:
             # Checked here, before the generator spends any budget.
-            raise ValueError(f"generated_per_class must be at least ipc x factor^2 = {need} for init '{self.init}'")
+            raise ValueError(f"generated_per_class must be at least ipc x factor^2 = {need} for init "
+                             f"'{self.init}'{hint}")
         if self.init != "noise" and math.ceil((1 - self.init_filter) * self.generated_per_class) < need:
             raise ValueError(f"init_filter {self.init_filter:g} leaves fewer than ipc x factor^2 = {need} of the "
-                             f"{self.generated_per_class} generated images per class")
+                             f"{self.generated_per_class} generated images per class{hint}")
         return self
+
+    def factor_for(self, image_size: int) -> int:
+        """The multi-formation factor for images ``image_size`` pixels a side (resolves 'auto')."""
+        if self.factor != "auto":
+            return self.factor
+        return 2 if image_size >= AUTO_FACTOR_MIN_SIZE else 1
 
     def net_spec(self) -> dict[str, Any]:
         """The matching / expert network as ``models.get`` arguments."""
@@ -266,7 +297,7 @@ def tuning_sets(real: Any, source: str, seed: int) -> tuple[Any, Any]:
 
 def _check_projection(cfg: DPGenGConfig, real: Any) -> None:
     """Refuse a decoupled ``projection_dim`` that would not reduce the extractors' concatenated features."""
-    if cfg.projection_dim is None or cfg.matching != "decoupled" or not cfg.uses_matching:
+    if cfg.projection_dim is None or cfg.matching == "per-iteration" or not cfg.uses_matching:
         return
     with torch.device("meta"):  # shapes only: no weights drawn, no RNG consumed
         dim = cfg.extractors * int(models.get(cfg.net, channels=real.channels, num_classes=real.num_classes,
@@ -298,6 +329,7 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
     (post-processing of charged releases).
     """
     cfg = cfg if cfg is not None else DPGenGConfig()
+    cfg = cfg.model_copy(update={"factor": cfg.factor_for(real.image_size)})
     args = RunArgs.private("dpgeng", **options)
     ledger, noise, device, progress = args.ledger, args.noise, args.device, args.progress
     if cfg.allocation == "utility" and not cfg.utility_tuning:
@@ -311,7 +343,7 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
     stats_std = list(args.std) if args.std is not None else [0.5] * channels
     normalize = private_normalizer(stats_mean, stats_std, channels, device)
     eps = ledger.epsilon_budget
-    report: dict[str, Any] = {"stages": [], "seconds": {}, "sigma": {}}
+    report: dict[str, Any] = {"stages": [], "seconds": {}, "sigma": {}, "factor": cfg.factor, "warnings": []}
     _check_projection(cfg, real)  # before anything is charged
     if cfg.uses_matching:
         check_classes_present(real)  # before the generator's and the expert's charges, not at stage (e)
@@ -411,10 +443,19 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
 
     # (e) DP feature matching: charged once, for every step, before the loop. Decoupled: the K extractors
     # (DP outputs: public) are the bank, and its one release is charged and made here, before the loop.
+    # 'auto' first works out the per-iteration plan's σ (nothing charged) and keeps it unless noise dominates.
     sampler, sigma_f, bank, targets = None, cfg.sigma, None, None
     dsa = make_dsa(cfg.dsa_strategy, cfg.dsa_mode)
     fm_noise = noise.spawn("feature_matching")
-    if cfg.uses_matching and cfg.matching == "decoupled":
+    mode = cfg.matching
+    if cfg.uses_matching and mode != "decoupled":
+        sampler = PoissonClassSampler(real, cfg.batch_real, device)
+        planned = per_iteration_sigma(ledger, sampler, cfg.iterations, sigma_f)
+        mode = _choose_matching(report, cfg, sampler, planned, int(extractors[0].feature_dim))
+        if mode == "decoupled":
+            sampler = None
+    report["matching"] = mode
+    if cfg.uses_matching and mode == "decoupled":
         bank = MatchingBank(extractors, normalize, dsa, cfg.augmentations, g, "dpgeng")
         projected = ""
         if cfg.projection_dim is not None:
@@ -424,8 +465,7 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
                                    len(bank.params), projected + tuned_note)
         targets = release_targets(bank, real, cfg.clip, sigma_f, fm_noise)
         report["sigma"]["feature_matching"] = sigma_f
-    elif cfg.uses_matching:
-        sampler = PoissonClassSampler(real, cfg.batch_real, device)
+    elif cfg.uses_matching and sampler is not None:
         sigma_f = charge_matching(ledger, FM_COMPONENT, sampler, cfg.iterations, sigma_f, cfg.clip, tuned_note)
         report["sigma"]["feature_matching"] = sigma_f
 
@@ -457,6 +497,29 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
     return syn
 
 
+def _choose_matching(report: dict[str, Any], cfg: DPGenGConfig, sampler: PoissonClassSampler, sigma: float | None,
+                     dim: int) -> MatchingMode:
+    """The matching mode to run: cfg's, or for 'auto' per-iteration unless its noise ratio reaches
+    :data:`NOISE_DOMINATED_RATIO`. Records the ratio in ``report`` (a plan quantity: σ, d and the smallest
+    expected class batch) and warns when an explicit per-iteration runs noise-dominated."""
+    if sigma is None:  # no steps planned: nothing to decide
+        return "per-iteration" if cfg.matching == "auto" else cfg.matching
+    batch = min(sampler.expected_size(c) for c in range(sampler.num_classes))
+    ratio = matching_noise_ratio(sigma, dim, batch)
+    report["matching_noise_ratio"] = ratio
+    if ratio < NOISE_DOMINATED_RATIO:
+        return "per-iteration"
+    if cfg.matching == "auto":
+        log.info("dpgeng: matching auto -> decoupled (per-iteration noise ratio %.2f >= %g)", ratio,
+                 NOISE_DOMINATED_RATIO)
+        return "decoupled"
+    report["warnings"].append(
+        f"matching 'per-iteration' is noise dominated (noise ratio σ·√d/B = {ratio:.2f} >= "
+        f"{NOISE_DOMINATED_RATIO:g}: each step's targets are mostly noise); 'decoupled' or 'auto' would "
+        "release the features once instead")
+    return "per-iteration"
+
+
 # What a distill job logs for DP-GenG beyond its own keys (the report's σs and stage times go under the job's
 # sigma_* / seconds_* patterns). The step loss is the feature-matching distance to the NOISY per-class means plus
 # the guidance loss of the DP expert on generated references: post-processing of charged releases only.
@@ -469,6 +532,9 @@ DISCLOSURE: dict[str, str] = {
     # report_to_job only: the generator / expert ε shares in force (the spec's, or tuned on a public set).
     "share_generator": ACCOUNTING,
     "share_expert": ACCOUNTING,
+    # σ·√d/B of the per-iteration plan, which matching 'auto' decides on: plan quantities (σ, feature width,
+    # expected batch from the public class sizes), nothing computed from the records.
+    "matching_noise_ratio": ACCOUNTING,
 }
 
 def unaccounted_selection(cfg: DPGenGConfig) -> str | None:
