@@ -147,6 +147,8 @@ class Source:
                         PYTHONUNBUFFERED="1", DPDISTILL_EVAL_WORKERS="1")
         self.env.setdefault("DPDISTILL_DATA", str(REPO.parent / "shared" / "data"))
         if snapshot:
+            # An exported snapshot is no git checkout: name its commit for the run folder's provenance.
+            self.env["DPDISTILL_SOURCE_COMMIT"] = self.commit
             self.env["PYTHONPATH"] = os.pathsep.join(
                 [str(self.root / "platform")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
         self._versions: dict[str, Any] | None = None

@@ -337,6 +337,7 @@ def _conduct(run: Any, spec: Any, target: Any, release: Callable[..., Any], mode
 
     from dpdistill.pipelines.not_private import RELEASE_NOT_PRIVATE
     from dpdistill.runner import Terminated
+    from dpdistill.runtime.provenance import code_provenance
     from dpdistill.runtime.runfolder import atomic_write_json, atomic_write_text
 
     state_path = run.path / STUDY_FILE
@@ -348,8 +349,11 @@ def _conduct(run: Any, spec: Any, target: Any, release: Callable[..., Any], mode
     log.warning(NOT_PRIVATE_REASON)
     # This attempt's record is rewritten as every shadow finishes, so one killed outright (SIGKILL, the machine
     # gone) still says how far it got and how long that took.
+    # Each attempt names its code: a study resumed across commits says which shadows which commit ran.
+    prov = code_provenance()
     attempt = {"started": datetime.now(UTC).isoformat(), "shadows_before": len(done), "shadows_run": 0,
-               "seconds": 0.0, "outcome": "running"}
+               "seconds": 0.0, "outcome": "running", "commit": prov["commit"], "dirty": prov["dirty"],
+               "dpdistill": prov["dpdistill"]}
     for earlier in state.get("attempts", []):  # we hold the study's lock: an attempt still "running" was killed
         if earlier.get("outcome") == "running":
             earlier["outcome"] = "killed"

@@ -224,12 +224,14 @@ def _job_section(run: RunFiles) -> str:
     for key in ("started", "ended", "device", "mlflow_run_id"):
         if st.get(key):
             rows.append((key.replace("_", " "), st[key]))
-    # Provenance, when the run recorded it (benchmark runs may stamp the commit and package versions).
-    for key in ("commit", "git_commit", "versions", "package_versions"):
-        value = st.get(key, run.spec.get(key))
-        if value:
-            rows.append((key.replace("_", " "), ", ".join(f"{k} {v}" for k, v in value.items())
-                         if isinstance(value, dict) else value))
+    # Provenance (runtime/provenance.py: every run folder records it in status.json).
+    prov = st.get("provenance") or {}
+    if prov:
+        commit = prov.get("commit") or "unknown (not a git checkout)"
+        rows.append(("code", f"dpdistill {prov.get('dpdistill', '?')}, commit {commit}"
+                     + (" (with uncommitted changes)" if prov.get("dirty") else "")))
+        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in
+                                           {"python": prov.get("python"), **prov.get("versions", {})}.items() if v)))
     if ev:
         rows.append(("evaluation protocol", f"{ev.get('model', '?')}, {ev.get('seeds', '?')} seeds, "
                      f"{ev.get('epochs', '?')} epochs, augment {ev.get('augment', '?')}"))

@@ -6,7 +6,8 @@ Layout::
       spec.yaml      the fully resolved spec
       status.json    running | completed | interrupted | failed, with times (written atomically); ``error``
                      (type and one line) when failed, ``interrupted_by`` (SIGINT / SIGTERM), ``summary``
-                     (the rows ``dpdistill run`` printed, shown again by ``dpdistill report``)
+                     (the rows ``dpdistill run`` printed, shown again by ``dpdistill report``), ``provenance``
+                     (dpdistill's version and source commit, package versions: runtime/provenance.py)
       ledger.json    privacy charges (written by the ledger itself, before each release)
       metrics.json   final (or, when interrupted, partial) metrics
       artifacts/     released outputs only: DP / distilled sets, image grids, plots
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from dpdistill.runtime.provenance import code_provenance
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -105,7 +108,7 @@ class RunFolder:
         run = cls(path=path)
         (path / "artifacts").mkdir()
         atomic_write_text(path / "spec.yaml", spec_yaml)
-        run.set_status("running")
+        run.set_status("running", provenance=code_provenance())
         run._attach_log()
         return run
 
