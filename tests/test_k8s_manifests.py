@@ -374,3 +374,13 @@ def test_mlflow_stores_runs_in_postgres_and_artifacts_on_its_claim():
     assert "serve-artifacts" in args and args["default-artifact-root"] == "mlflow-artifacts:/"
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert args["artifacts-destination"] in mounts
+
+
+def test_the_rayjob_stop_grace_is_the_one_dpdistill_submit_uses():
+    """A stopped driver needs time to write its interrupted run folder; the manifest's runtime env and `dpdistill
+    submit` give the same grace (jobs.STOP_GRACE_SECONDS), so changing one without the other fails here."""
+    from dpdistill.runtime.jobs import STOP_GRACE_SECONDS
+
+    job = doc_of_kind("rayjob-quickstart.yaml", "RayJob")
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == str(STOP_GRACE_SECONDS)

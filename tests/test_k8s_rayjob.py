@@ -120,5 +120,8 @@ def test_the_rayjob_logs_to_the_manifest_mlflow_server(rayjob_run):
 
 
 def test_the_rayjob_gives_a_stopped_driver_time_to_finish_its_files(rayjob_run):
-    """The manifest's runtimeEnvYAML reached the job: its supervisor waits 60 s, not 3, before SIGKILL."""
-    assert rayjob_run["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "60"
+    """The manifest's runtimeEnvYAML reached the job: its supervisor waits jobs.STOP_GRACE_SECONDS (60), not
+    Ray's 3, before SIGKILL."""
+    from dpdistill.runtime.jobs import STOP_GRACE_SECONDS
+
+    assert rayjob_run["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == str(STOP_GRACE_SECONDS)
