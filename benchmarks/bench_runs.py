@@ -145,6 +145,7 @@ class Source:
         # process per free core (evaluation/workers.py), and a draw must keep to its one core.
         self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                         PYTHONUNBUFFERED="1", DPDISTILL_EVAL_WORKERS="1")
+        self.env.pop("DPDISTILL_SOURCE_COMMIT", None)  # set below for a snapshot only
         self.env.setdefault("DPDISTILL_DATA", str(REPO.parent / "shared" / "data"))
         if snapshot:
             # An exported snapshot is no git checkout: name its commit for the run folder's provenance.

@@ -352,3 +352,23 @@ def test_factor_auto_runs_without_multi_formation_on_8x8_digits(digits, public) 
     assert syn.report["factor"] == 1 and syn.factor == 1
     images, labels = syn.export()
     assert tuple(images.shape[1:]) == (1, 8, 8) and len(labels) == 10  # ipc 1, decoded 1:1
+
+
+def test_auto_solves_the_decoupled_sigma_afresh_when_it_switches(digits, public) -> None:
+    """σ unset: the ratio is computed from the per-iteration plan's σ, but the decoupled release it switches to
+    is charged at ITS OWN solved σ (a single Gaussian at ε 0.5), never the per-iteration one."""
+    eps = 0.5
+    ledger = PrivacyLedger(None, eps, 1e-4)
+    cfg = DPGenGConfig(**{**TINY_DPGENG, "iterations": 50})  # 50 steps at ε 0.5: ratio about 2 on digits
+    syn = run_dpgeng(digits, cfg, seed=0, ledger=ledger, mean=MEAN, std=STD, progress=False, generated=public,
+                     noise=CountingNoise())
+    rep = syn.report
+    assert rep["matching"] == "decoupled" and rep["matching_noise_ratio"] >= 1
+    ((_, mech, _),) = _entries(ledger)
+    assert '"poisson_gaussian"' not in json.dumps(mech)
+    alone = charge_decoupled(PrivacyLedger(None, eps, 1e-4), "x", digits.num_classes, None, cfg.clip, 2, 2)
+    assert rep["sigma"]["feature_matching"] == pytest.approx(alone)
+    # The per-iteration plan's σ (50 subsampled steps: 5.6 here, against the single release's 5.9), kept apart.
+    assert rep["sigma"]["feature_matching_plan"] != pytest.approx(alone, rel=0.02)
+    assert rep["matching_noise_ratio"] == pytest.approx(rep["sigma"]["feature_matching_plan"] * 32**0.5 / 16)
+    assert ledger.spent_epsilon() == pytest.approx(eps, rel=0.01)

@@ -30,12 +30,15 @@ def _is_checkout() -> bool:
 
 
 @pytest.mark.skipif(not _is_checkout(), reason="the tests do not run from a git checkout")
-def test_a_run_folder_records_the_commit_and_versions_it_ran_with(tmp_path: Path) -> None:
+def test_a_run_folder_records_the_commit_and_versions_it_ran_with(tmp_path: Path, monkeypatch) -> None:
+    # A real checkout wins over the variable that names an exported copy's commit.
+    monkeypatch.setenv("DPDISTILL_SOURCE_COMMIT", "not-this-one")
     run = RunFolder.create(tmp_path, "job", "name: job\n")
     prov = json.loads((run.path / "status.json").read_text())["provenance"]
     assert prov == json.loads(json.dumps(code_provenance()))
     assert prov["commit"] == _git("rev-parse", "HEAD")
-    assert prov["dirty"] == bool(_git("status", "--porcelain", "--", "platform", "jobs"))
+    assert prov["dirty"] == bool(_git("status", "--porcelain", "--untracked-files=no", "--", "platform", "jobs",
+                                      "pyproject.toml"))
     assert torch.__version__.startswith(prov["versions"]["torch"])
     run.finish("completed")
     assert json.loads((run.path / "status.json").read_text())["provenance"] == prov  # kept by later writes
@@ -56,12 +59,13 @@ def _provenance_of_copy(where: Path, env: dict[str, str]) -> dict:
     return found
 
 
+@pytest.mark.skipif(not _is_checkout(), reason="needs git")
 def test_an_exported_copy_inside_another_repository_does_not_borrow_its_commit(tmp_path: Path,
                                                                               monkeypatch) -> None:
     other = tmp_path / "other"
     other.mkdir()
     _git("init", "-q", cwd=other)
-    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x", cwd=other)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-q", "--allow-empty", "-m", "x", cwd=other)
     monkeypatch.delenv("DPDISTILL_SOURCE_COMMIT", raising=False)
     found = _provenance_of_copy(other / "snapshot", {})
     assert found["commit"] is None and found["dirty"] is None

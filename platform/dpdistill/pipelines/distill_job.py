@@ -200,6 +200,8 @@ class DistillPipeline:
             # The noise multipliers and stage times of a multi-stage method (DP output, no data).
             ctx.log_metrics({f"sigma_{k}": float(v) for k, v in report.get("sigma", {}).items()})
             ctx.log_metrics({f"seconds_{k}": float(v) for k, v in report.get("seconds", {}).items()})
+            if "factor" in report:  # the multi-formation factor in force ('auto' resolved from the image size)
+                ctx.log_metrics({"multiformation_factor": float(report["factor"])})
             if "matching_noise_ratio" in report:  # a plan quantity (σ, feature width, batch): no data
                 ratio = float(report["matching_noise_ratio"])
                 ctx.log_metrics({"matching_noise_ratio": ratio})

@@ -162,7 +162,8 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
     matching: MatchingMode | Literal["auto"] = Field(
         "auto", description="'per-iteration': a fresh noisy real statistic every step, each charged; 'decoupled': "
         "per-class noisy means under the K extractors released once, then free iterations; 'auto': per-iteration "
-        "unless its per-step noise ratio σ·√d/B reaches 1 (the targets would be mostly noise), then decoupled")
+        "unless its per-step noise ratio σ·√d/B reaches 1 (the targets would be mostly noise), then decoupled. "
+        "A fixed sigma applies to whichever mode runs (and decides 'auto'); leave it unset to spend the budget")
     projection_dim: int | None = Field(None, ge=1, description="decoupled only: project the extractors' "
                                        "concatenated features onto their top d principal directions on the "
                                        "generated set before clipping and noising (None: no projection)")
@@ -202,7 +203,8 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
             why = "it only shapes matching 'decoupled' and matching is 'per-iteration'"
             ignored = {"augmentations": why, "projection_dim": why}
         else:  # 'auto' may run either mode, so both modes' options count
-            ignored = {}
+            ignored = ({"augmentations": "dsa_strategy is 'none': there is nothing to draw"}
+                       if self.dsa_strategy == "none" else {})
         if self.allocation == "utility":
             why = "allocation 'utility' chooses the shares itself"
             return {**ignored, "share_generator": why, "share_expert": why}
@@ -454,7 +456,11 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
         mode = _choose_matching(report, cfg, sampler, planned, int(extractors[0].feature_dim))
         if mode == "decoupled":
             sampler = None
-    report["matching"] = mode
+            if planned is not None and cfg.sigma is None:
+                # The σ the ratio was computed from (the decoupled release solves its own, below).
+                report["sigma"]["feature_matching_plan"] = planned
+    if cfg.uses_matching:
+        report["matching"] = mode
     if cfg.uses_matching and mode == "decoupled":
         bank = MatchingBank(extractors, normalize, dsa, cfg.augmentations, g, "dpgeng")
         projected = ""
@@ -535,6 +541,8 @@ DISCLOSURE: dict[str, str] = {
     # σ·√d/B of the per-iteration plan, which matching 'auto' decides on: plan quantities (σ, feature width,
     # expected batch from the public class sizes), nothing computed from the records.
     "matching_noise_ratio": ACCOUNTING,
+    # The multi-formation factor 'auto' resolved to (from the image size).
+    "multiformation_factor": ACCOUNTING,
 }
 
 def unaccounted_selection(cfg: DPGenGConfig) -> str | None:
