@@ -29,7 +29,7 @@ from typing import Any
 
 from dpdistill.errors import SpecError
 from dpdistill.privacy.noise import NOT_PRIVATE_BANNER, PrivacyRandomness
-from dpdistill.runtime.provenance import code_provenance, mlflow_tags
+from dpdistill.runtime.provenance import mlflow_tags
 from dpdistill.runtime.runfolder import RunFolder
 from dpdistill.runtime.tracking import Tracker, resolve_tracking_uri
 from dpdistill.spec import JobSpec
@@ -307,7 +307,7 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
                   "dpdistill.run_dir": str(run.path), "dpdistill.privacy": privacy_tag,
                   "dpdistill.budget": ("none" if spec.privacy.epsilon is None else "per run" if owner is None
                                        else f"owner {owner.identity.fingerprint[:16]}"),  # keyed: see owner_budget
-                  **mlflow_tags(code_provenance())},
+                  **mlflow_tags(run.provenance)},  # read once, by RunFolder.create
         )
         ledger = make_ledger(spec, run.ledger_path, n_records)
         noise = PrivacyRandomness.for_spec(spec.privacy.reproducible_noise, spec.seed)

@@ -91,6 +91,7 @@ class RunFolder:
 
     path: Path
     metrics: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # set by create (the code that made the run)
     _log_handler: logging.Handler | None = None
 
     @classmethod
@@ -105,10 +106,10 @@ class RunFolder:
                 break
             except FileExistsError:
                 continue
-        run = cls(path=path)
+        run = cls(path=path, provenance=code_provenance())
         (path / "artifacts").mkdir()
         atomic_write_text(path / "spec.yaml", spec_yaml)
-        run.set_status("running", provenance=code_provenance())
+        run.set_status("running", provenance=run.provenance)
         run._attach_log()
         return run
 
