@@ -49,6 +49,9 @@ def test_the_setting_is_in_force_and_a_training_loop_stops_faulting_fresh_pages(
     tuned, faults = _faults(None)
     default_tuned, default_faults = _faults("default")
     assert tuned and not default_tuned
-    # Measured: ~31,000-32,000 faults per epoch with glibc's defaults, 0-100 with the setting.
-    assert default_faults > 4 * 5_000, default_faults  # the premise: the default faults every epoch
+    # Measured here: ~45,000-58,000 faults per epoch with glibc's defaults, 0-100 with the setting; CI's machine
+    # counted 11,074 over the 4 epochs with the defaults (fault counts depend on the kernel, e.g. transparent huge
+    # pages fault 2 MiB at a time), so the premise asks only for 1,000 per epoch: the defaults still fault every
+    # epoch, and the setting must cut that tenfold.
+    assert default_faults > 4 * 1_000, (faults, default_faults)  # the premise: the default faults every epoch
     assert faults < default_faults / 10, (faults, default_faults)
