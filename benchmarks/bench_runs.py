@@ -428,6 +428,10 @@ def aggregate(draws: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -
         eps = [d["ledger_epsilon"] for d in private if d.get("ledger_epsilon") is not None]
         rows.append({
             "config": name, "spec": ds[0]["spec"], "set": ds[0]["set"], "spec_hash": shash, "superseded": gone,
+            # The overrides configs.yaml gives the configuration TODAY: the command that reproduces the row at
+            # HEAD. They differ from the draws' own (``set``) when an override was pinned after the job's
+            # defaults moved on (e.g. psg-mnist-eps1 after the job shipped 200 iterations).
+            "config_set": list(c["set"]) if "set" in c else None,
             "description": c.get("description", ""), "chosen_by": c.get("chosen_by", ""),
             "draws_target": c.get("draws"), "draws": len(private), "draws_not_private": len(ds) - len(private),
             "reference": reference,
@@ -479,6 +483,23 @@ def _pct(mean: float | None, std: float | None) -> str:
 
 HEADER = ("| config | draws | test acc % | val acc % | by draw (test %) | DP-generated baseline % | ledger ε (max) / δ "
           "| wall s (mean) | commit | spec hash |")
+
+
+def configuration_command(row: dict[str, Any]) -> str:
+    """The command that reproduces ``row`` today: its spec with the configuration's current overrides (the
+    draws' own overrides when the configuration is no longer in configs.yaml)."""
+    sets = row.get("config_set")
+    sets = row["set"] if sets is None else sets
+    return " ".join(["dpdistill run", row["spec"], *(f"--set '{s}'" for s in sets)])
+
+
+def ran_as_note(row: dict[str, Any]) -> str:
+    """" The draws ran as …" when the draws' overrides differ from today's command (else "")."""
+    if row.get("config_set") is None or list(row["config_set"]) == list(row["set"]):
+        return ""
+    ran = " ".join(["dpdistill run", row["spec"], *(f"--set '{s}'" for s in row["set"])])
+    return (f" The draws ran `{ran}` at {', '.join(row['commits'])}, under the job's defaults of then; today's"
+            " command pins them by its overrides (a new draw resolves today's schema and may open a new row).")
 
 
 def render_md(doc: dict[str, Any], path: Path) -> None:
@@ -536,9 +557,8 @@ def render_md(doc: dict[str, Any], path: Path) -> None:
                              f" | {', '.join(f'{100 * a:.2f}' for a in f['test_acc_by_draw'])} |")
     lines += ["", "## Configurations", ""]
     for r in current:
-        sets = " ".join(f"--set '{s}'" for s in r["set"])
-        lines.append(f"- `{r['config']}`: `dpdistill run {r['spec']} {sets}` — {r['description'].rstrip('.')}. "
-                     f"Chosen by: {r['chosen_by'].rstrip('.')}.")
+        lines.append(f"- `{r['config']}`: `{configuration_command(r)}` — {r['description'].rstrip('.')}. "
+                     f"Chosen by: {r['chosen_by'].rstrip('.')}." + ran_as_note(r))
     if current:
         lines += ["", "Versions (shared by every draw of a row; a list where draws differ):", ""]
         for r in current:
