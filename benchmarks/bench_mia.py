@@ -70,6 +70,7 @@ def _git(*args: str) -> str:
 def unfinished_study(name: str, runs_dir: Path) -> Path | None:
     """The newest folder of study ``name`` under ``runs_dir`` that did not complete and holds the same spec,
     shadow count and pool (so resuming it finishes this study, not another)."""
+    from dpdistill.errors import SpecError
     from dpdistill.spec import load_spec
 
     s = STUDIES[name]
@@ -78,9 +79,11 @@ def unfinished_study(name: str, runs_dir: Path) -> Path | None:
         try:
             status = json.loads((folder / "status.json").read_text())["status"]
             state = json.loads((folder / "study.json").read_text())
-            same = ((folder / "spec.yaml").read_text() == want and state["shadows"] == s["shadows"]
+            # Both sides resolved under today's code: a field the schema gained since the study started
+            # resolves to its default on both, so it does not orphan the study (a changed value still does).
+            same = (load_spec(folder / "spec.yaml").to_yaml() == want and state["shadows"] == s["shadows"]
                     and state["pool"] == s["pool"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, SpecError):
             continue
         if status != "completed" and same:
             return folder
