@@ -34,11 +34,19 @@ def machine() -> dict[str, str]:
             "os": platform.platform()}
 
 
-def record(name: str, command: str, rows: list[dict], columns: list[str], notes: str = "") -> Path:
-    """Write results/<name>.json and results/<name>.md; returns the markdown path."""
+def record(name: str, command: str, rows: list[dict], columns: list[str], notes: str = "",
+           history: list[dict] | None = None, history_columns: list[str] | None = None,
+           meta: dict | None = None) -> Path:
+    """Write results/<name>.json and results/<name>.md; returns the markdown path.
+
+    ``history``: earlier rows a rerun replaced (kept in the JSON and listed after the table under "Earlier
+    runs", newest first, with ``history_columns``), so a rerun never erases a recorded figure. ``meta``: the
+    date and machine of a re-render (default: now, this machine)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command, "machine": machine()}
-    (RESULTS / f"{name}.json").write_text(json.dumps({**meta, "rows": rows, "notes": notes}, indent=2) + "\n")
+    meta = meta or {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
+                    "machine": machine()}
+    doc = {**meta, "rows": rows, "notes": notes, **({"history": history} if history is not None else {})}
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     m = meta["machine"]
     lines = [f"# {name}", "", f"- date: {meta['date']}", f"- command: `{command}`",
              f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, Python {m['python']}", ""]
@@ -48,6 +56,13 @@ def record(name: str, command: str, rows: list[dict], columns: list[str], notes:
     lines.append("|" + "---|" * len(columns))
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+    if history:
+        cols = history_columns or columns
+        lines += ["", "## Earlier runs", "", "Rows a later run of the same part replaced (newest first); compare a "
+                  "timing with another only on the same CPU and at similar machine probes.", "",
+                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in reversed(history):
+            lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
     md = RESULTS / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     return md

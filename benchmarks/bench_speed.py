@@ -21,7 +21,8 @@ Each part also records a machine probe (:func:`machine_probe`, a fixed workload)
 speed drifts by up to ~1.7x, so a figure compares with an older one only when their probes agree.
 
 Results go to results/speed.{json,md} with the commit, the dirty flag and the package versions; parts not run
-this time keep their previous rows. Each part's rows are written as soon as it finishes.
+this time keep their previous rows, and a part's earlier rows move to the file's history ("Earlier runs", with
+date and CPU) instead of being overwritten. Each part's rows are written as soon as it finishes.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _record import RESULTS, record  # noqa: E402
+from _record import RESULTS, machine, record  # noqa: E402
 from bench_runs import REPO, VENV_BIN, Source  # noqa: E402
 
 PARTS = ("dm", "dpgeng", "scaling", "dpsgd")
 COLUMNS = ["part", "figure", "value", "unit", "setting"]
+HISTORY_COLUMNS = ["part", "figure", "value", "unit", "date", "cpu", "commit"]
 DM_REFERENCE = ["method.net_width=128", "method.batch_real=256", "evaluation.enabled=false"]
 
 
@@ -175,7 +177,14 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs-dir", type=Path, default=Path(tempfile.gettempdir()) / "dpdistill-bench-speed")
+    ap.add_argument("--render", action="store_true", help="only rewrite speed.md from speed.json (nothing runs)")
     args = ap.parse_args()
+    if args.render:
+        doc = json.loads((RESULTS / "speed.json").read_text())
+        record("speed", doc["command"], doc["rows"], [*COLUMNS, "commit"], doc.get("notes", ""),
+               history=doc.get("history", []), history_columns=HISTORY_COLUMNS,
+               meta={k: doc[k] for k in ("date", "command", "machine")})
+        return
     parts = [p for p in args.only.split(",") if p]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -183,7 +192,9 @@ def main() -> None:
     source = Source(None, args.runs_dir)
     env = dict(source.env, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     previous = RESULTS / "speed.json"
-    kept = json.loads(previous.read_text())["rows"] if previous.exists() else []
+    doc = json.loads(previous.read_text()) if previous.exists() else {}
+    kept, history = doc.get("rows", []), doc.get("history", [])
+    cpu = machine()["cpu"]
     meta = {"commit": source.commit, "dirty": source.dirty_paths, "versions": source.versions(),
             "threads": args.threads, "load_before": os.getloadavg()[0]}
     for part in parts:
@@ -193,7 +204,9 @@ def main() -> None:
                   "setting": f"{PROBE_SETTING}, {args.threads} threads (compare figures only across similar probes)"}
                  for when, ms in (("before", probe_before), ("after", machine_probe(args.threads)))]
         for row in rows:
-            row.update(commit=meta["commit"][:10], dirty=bool(meta["dirty"]))
+            row.update(commit=meta["commit"][:10], dirty=bool(meta["dirty"]), cpu=cpu,
+                       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        history += [r for r in kept if r.get("part") == part]  # a rerun moves the part's rows, never drops them
         kept = [r for r in kept if r.get("part") != part] + rows
         kept.sort(key=lambda r: PARTS.index(r["part"]) if r.get("part") in PARTS else len(PARTS))
         notes = (f"Measured through `dpdistill run` with threads={args.threads}; commit {meta['commit'][:10]}"
@@ -201,7 +214,7 @@ def main() -> None:
                  f"versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items() if k != 'dpdistill_path')}; "
                  f"1-min load average before the run {meta['load_before']:.2f}.")
         record("speed", "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:]), kept,
-               [*COLUMNS, "commit"], notes)
+               [*COLUMNS, "commit"], notes, history=history, history_columns=HISTORY_COLUMNS)
         print(f"{part}: {len(rows)} rows -> {RESULTS / 'speed.md'}", flush=True)
 
 
