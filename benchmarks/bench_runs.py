@@ -313,7 +313,8 @@ def read_run_folder(run_dir: Path) -> dict[str, Any]:
             out["release_sha256"] = hashlib.sha256((run_dir / "artifacts" / released).read_bytes()).hexdigest()[:16]
             break
     # The method's extra figures that a reader compares against (DP-GenG's DP-generated baseline, fidelity).
-    for k in ("baseline_generated_acc_mean", "baseline_generated_acc_std", "fid", "fid_domain"):
+    for k in ("baseline_generated_acc_mean", "baseline_generated_acc_std", "baseline_generated_val_acc_mean",
+              "fid", "fid_domain"):
         if k in metrics:
             out[k] = metrics[k]
     # `evaluation.models: [...]`: one test (and validation) accuracy per architecture (acc_mean_<model>).
@@ -425,6 +426,9 @@ def aggregate(draws: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -
         if not (reference and len(private) == 1):
             v_std = v_std_draws
         b_mean, b_std = _mean_std(base)
+        base_val = [d["baseline_generated_val_acc_mean"] for d in private
+                    if d.get("baseline_generated_val_acc_mean") is not None]
+        bv_mean, bv_std = _mean_std(base_val)
         eps = [d["ledger_epsilon"] for d in private if d.get("ledger_epsilon") is not None]
         rows.append({
             "config": name, "spec": ds[0]["spec"], "set": ds[0]["set"], "spec_hash": shash, "superseded": gone,
@@ -437,6 +441,8 @@ def aggregate(draws: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -
             "reference": reference,
             "test_acc_mean": t_mean, "test_acc_std": t_std, "val_acc_mean": v_mean, "val_acc_std": v_std,
             "baseline_generated_acc_mean": b_mean, "baseline_generated_acc_std": b_std,
+            # over the draws that recorded it (runs before the baseline was read on validation did not)
+            "baseline_generated_val_acc_mean": bv_mean, "baseline_generated_val_acc_std": bv_std,
             "test_acc_by_draw": test, "val_acc_by_draw": val,
             "ledger_epsilon_max": max(eps) if eps else None,
             "ledger_delta": private[0].get("ledger_delta") if private else None,
@@ -534,7 +540,10 @@ def render_md(doc: dict[str, Any], path: Path) -> None:
             + (f" (+{r['draws_not_private']} NOT PRIVATE)" if r["draws_not_private"] else "")
             + f" | {_pct(r['test_acc_mean'], r['test_acc_std'])} | {_pct(r['val_acc_mean'], r['val_acc_std'])}"
             f" | {', '.join(f'{100 * a:.2f}' for a in r['test_acc_by_draw'])}"
-            f" | {_pct(r['baseline_generated_acc_mean'], r['baseline_generated_acc_std'])} | {eps}"
+            f" | {_pct(r['baseline_generated_acc_mean'], r['baseline_generated_acc_std'])}"
+            + (f" (val {_pct(r['baseline_generated_val_acc_mean'], r['baseline_generated_val_acc_std'])})"
+               if r.get("baseline_generated_val_acc_mean") is not None else "")
+            + f" | {eps}"
             f" | {r['wall_s_mean']:.0f} | {', '.join(r['commits'])} | `{r['spec_hash']}` |")
 
     lines += [table_row(r) for r in current]

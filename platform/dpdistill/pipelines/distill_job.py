@@ -290,7 +290,8 @@ def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, b
                          p: Any) -> None:
     """The release's evaluation (:func:`report_utility`) and DP-GenG's reference point beside it: ipc images per
     class drawn from the DP generator's output (already paid for), evaluated by the same protocol's model,
-    epochs and seeds. Test accuracy only: nothing selects on it.
+    epochs and seeds, on the test split and (when the dataset has one) the validation split, so that a choice
+    between the release and its own generator's output can be read on validation like every other choice.
 
     On Ray the baseline's models are queued right behind the release's first models, so they fill the cores the
     release's last seeds leave idle; in-process they train after the release's.
@@ -302,12 +303,15 @@ def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, b
     ev = spec.evaluation
     pending: list[parallel.PendingSeeds] = []
 
+    val = getattr(p, "val", None)
+    extra = {"val": (val.images, val.labels)} if val is not None else {}
+
     def queue_baseline() -> None:
         if not pending:
             pending.append(parallel.submit_seeds(
-                *baseline, p.test.images, p.test.labels, _seeds(ctx), use_ray=ev.parallel, progress=ctx.progress,
-                model=ev.model, model_kwargs=dict(ev.model_options), epochs=ev.epochs, lr=ev.lr,
-                **_fixed(ctx, p)))
+                *baseline, p.test.images, p.test.labels, _seeds(ctx), extra_sets=extra, use_ray=ev.parallel,
+                progress=ctx.progress, model=ev.model, model_kwargs=dict(ev.model_options), epochs=ev.epochs,
+                lr=ev.lr, **_fixed(ctx, p)))
 
     # One Ray session for both evaluations: the queued baseline must outlive the release's evaluation.
     session = (ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path) if ev.parallel
@@ -325,9 +329,14 @@ def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, b
             raise
     ctx.log_metrics({"baseline_generated_acc_mean": base["test"]["mean"],
                      "baseline_generated_acc_std": base["test"]["std"]})
+    on_val = ""
+    if "val" in base:
+        ctx.log_metrics({"baseline_generated_val_acc_mean": base["val"]["mean"],
+                         "baseline_generated_val_acc_std": base["val"]["std"]})
+        on_val = f" (val {100 * base['val']['mean']:.2f} ± {100 * base['val']['std']:.2f} %)"
     ctx.add_summary(
         "baseline",
-        f"{100 * base['test']['mean']:.2f} ± {100 * base['test']['std']:.2f} % with "
+        f"{100 * base['test']['mean']:.2f} ± {100 * base['test']['std']:.2f} %{on_val} with "
         f"{len(baseline[1]) // p.info.num_classes} DP-generated images/class (same evaluation)",
     )
 

@@ -535,6 +535,9 @@ DISCLOSURE: dict[str, str] = {
     # trained and scored on the test split, like the release.
     "baseline_generated_acc_mean": EVALUATION,
     "baseline_generated_acc_std": EVALUATION,
+    # ... and on the validation split (where the dataset has one), for choices between release and generator.
+    "baseline_generated_val_acc_mean": EVALUATION,
+    "baseline_generated_val_acc_std": EVALUATION,
     # report_to_job only: the generator / expert ε shares in force (the spec's, or tuned on a public set).
     "share_generator": ACCOUNTING,
     "share_expert": ACCOUNTING,
