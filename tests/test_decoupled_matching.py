@@ -372,3 +372,45 @@ def test_auto_solves_the_decoupled_sigma_afresh_when_it_switches(digits, public)
     assert rep["sigma"]["feature_matching_plan"] != pytest.approx(alone, rel=0.02)
     assert rep["matching_noise_ratio"] == pytest.approx(rep["sigma"]["feature_matching_plan"] * 32**0.5 / 16)
     assert ledger.spent_epsilon() == pytest.approx(eps, rel=0.01)
+
+
+# A DP-MERF generator small enough for a test: DP-GenG fits it here, so 'auto' can move the matching's share.
+TINY_GENERATOR = dict(generator="dp-merf", generator_options={"iterations": 5, "num_features": 100})
+
+
+@pytest.mark.parametrize(("eps", "iterations", "expected"), [
+    (1.0, 50, "none"),            # ~130 records a class, 50 steps at ε ~0.4: each step mostly noise
+    (200.0, 2, "per-iteration"),  # two steps at a huge ε: the steps carry signal
+])
+def test_auto_decides_before_the_generator_and_gives_a_noise_bound_matching_share_to_it(
+        digits, eps: float, iterations: int, expected: str) -> None:
+    """The ratio 'auto' decides on before anything is charged equals the one the run would see at (e); at or
+    above 1 no matching runs and the generator is charged for its share plus the matching's (the ledger shows
+    it: no feature-matching entry, the generator's ε alone at (1 - share_expert)·ε); below 1 it is the
+    per-iteration run as before."""
+    from dpdistill.distill.dpgeng.pipeline import planned_matching_ratio
+
+    cfg = DPGenGConfig(**{**TINY_DPGENG, **TINY_GENERATOR, "iterations": iterations, "expert_guidance": True,
+                          "expert_pretrain_epochs": 1, "expert_dp_epochs": 0.2})
+    ledger = PrivacyLedger(None, eps, DELTA)
+    planned, fm_share = planned_matching_ratio(digits, cfg, eps, PrivacyLedger(None, eps, DELTA),
+                                               torch.device("cpu"), 0)
+    syn = run_dpgeng(digits, cfg, seed=0, ledger=ledger, mean=MEAN, std=STD, progress=False, noise=CountingNoise())
+    rep = syn.report
+    assert rep["matching"] == expected
+    assert rep["matching_noise_ratio"] == pytest.approx(planned)
+    components = [c for c, _, _ in _entries(ledger)]
+    if expected == "none":
+        assert planned >= 1 and components == ["dpgeng/generator", "dpgeng/expert"]
+        assert rep["share_generator"] == pytest.approx(cfg.share_generator + fm_share)
+        (gen,) = [e for e in ledger.breakdown() if e["component"] == "dpgeng/generator"]
+        assert gen["epsilon_alone"] == pytest.approx((1 - cfg.share_expert) * eps, rel=0.02)
+    else:
+        assert planned < 1 and components == ["dpgeng/generator", "dpgeng/expert", "dpgeng/feature_matching"]
+        assert "share_generator" not in rep
+        # Without the up-front decision the run reaches the same ratio at (e): the plan replicated the charges.
+        again = run_dpgeng(digits, cfg.model_copy(update={"matching": "per-iteration"}), seed=0,
+                           ledger=PrivacyLedger(None, eps, DELTA), mean=MEAN, std=STD, progress=False,
+                           noise=CountingNoise())
+        assert again.report["matching_noise_ratio"] == pytest.approx(planned)
+    assert ledger.spent_epsilon() <= eps * 1.001

@@ -205,7 +205,13 @@ class DistillPipeline:
             if "matching_noise_ratio" in report:  # a plan quantity (σ, feature width, batch): no data
                 ratio = float(report["matching_noise_ratio"])
                 ctx.log_metrics({"matching_noise_ratio": ratio})
-                ctx.add_summary("matching", f"{report.get('matching')} (per-iteration noise ratio {ratio:.2f})")
+                if report.get("matching") == "none":  # 'auto' gave the matching's share to the generator
+                    share = float(report["share_generator"])
+                    ctx.log_metrics({"share_generator": share})
+                    ctx.add_summary("matching", f"none: per-iteration noise ratio {ratio:.2f}; its share went to "
+                                    f"the generator ({share:.2f} of ε)")
+                else:
+                    ctx.add_summary("matching", f"{report.get('matching')} (per-iteration noise ratio {ratio:.2f})")
             for warning in report.get("warnings", []):
                 ctx.add_summary("warning", str(warning))
         return {}

@@ -12,7 +12,12 @@
                    features under all K extractors released once, then matched for free; ``matching: auto``
                    (the default) picks per-iteration unless its per-step noise would dominate the signal
                    (:func:`~dpdistill.distill.private_matching.matching_noise_ratio` ≥ 1: small classes, small ε,
-                   wide features), then decoupled;
+                   wide features). 'auto' works that ratio out before anything is charged (the generator's
+                   plan and the expert's σ on a scratch ledger) and, when it reaches 1, runs no feature matching
+                   and gives its ε share to the generator: on ~130 records a class neither mode beat the
+                   generator's own output (README "DP-GenG defaults"). With a set generated earlier, or a
+                   generator whose charges cannot be planned before its fit, it decides at (e) and releases once
+                   (decoupled) instead;
     f. guide     — expert guidance: KL to the mean soft label of generated references + λ·CE;
     g. allocate  — fixed shares (generator, expert) with σ_F solved from what remains, or utility-driven
                    shares tuned first with scratch ledgers (:func:`~.allocation.utility_allocation`: the
@@ -162,7 +167,9 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
     matching: MatchingMode | Literal["auto"] = Field(
         "auto", description="'per-iteration': a fresh noisy real statistic every step, each charged; 'decoupled': "
         "per-class noisy means under the K extractors released once, then free iterations; 'auto': per-iteration "
-        "unless its per-step noise ratio σ·√d/B reaches 1 (the targets would be mostly noise), then decoupled. "
+        "unless its per-step noise ratio σ·√d/B reaches 1 (the targets would be mostly noise): then no feature "
+        "matching, its ε share to the generator (decoupled when the generated set was made earlier or the "
+        "generator cannot plan its charges). "
         "A fixed sigma applies to whichever mode runs (and decides 'auto'); leave it unset to spend the budget")
     projection_dim: int | None = Field(None, ge=1, description="decoupled only: project the extractors' "
                                        "concatenated features onto their top d principal directions on the "
@@ -374,9 +381,21 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
             tuned_note = "; shares tuned on the sensitive split (utility allocation, not accounted)"
         done("allocate")
 
+    # (e, decided first) matching 'auto' where no step could carry signal: no matching, its share to the generator
+    share_generator = cfg.share_generator
+    if generated is None and cfg.matching == "auto" and cfg.uses_matching:
+        planned = planned_matching_ratio(real, cfg, eps, ledger, device, base_seed)
+        if planned is not None and planned[0] >= NOISE_DOMINATED_RATIO:
+            ratio, fm_share = planned
+            cfg = cfg.model_copy(update={"feature_matching": False})
+            share_generator += fm_share
+            report.update(matching="none", matching_noise_ratio=ratio, share_generator=share_generator)
+            log.info("dpgeng: matching auto -> none (per-iteration noise ratio %.2f >= %g): its share goes to "
+                     "the generator (%.3g of ε)", ratio, NOISE_DOMINATED_RATIO, share_generator)
+
     # (a) generation
     if generated is None:
-        generated, info = generate_stage(real, cfg, ledger, min(eps, ledger.spent_epsilon() + cfg.share_generator
+        generated, info = generate_stage(real, cfg, ledger, min(eps, ledger.spent_epsilon() + share_generator
                                                                 * eps), base_seed, device, progress,
                                         noise.spawn("generator"))
         report.update(info)
@@ -524,6 +543,53 @@ def _choose_matching(report: dict[str, Any], cfg: DPGenGConfig, sampler: Poisson
         f"{NOISE_DOMINATED_RATIO:g}: each step's targets are mostly noise); 'decoupled' or 'auto' would "
         "release the features once instead")
     return "per-iteration"
+
+
+def planned_matching_ratio(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any, device: torch.device,
+                           seed: int) -> tuple[float, float] | None:
+    """(the per-iteration noise ratio σ·√d/B the run would see at (e), the matching's nominal share of ε),
+    worked out before anything is charged; None when the generator cannot plan its charges before its fit.
+
+    A scratch ledger (the real one is not touched) takes the ledger's earlier charges, the generator's PLAN
+    up to its share (what ``Synthesizer.fit`` will charge), then the expert's DP-SGD at its σ; the matching's
+    σ is then solved to fill what is left, as (e) does. Plan quantities only: σ, the matching networks'
+    feature width (from their shapes) and the smallest expected class batch (class sizes, public as every
+    matching charge treats them); no record is read.
+    """
+    from dpdistill import synthesis
+
+    scratch = PrivacyLedger(None, ledger.epsilon_budget, ledger.delta, neighbouring=ledger.neighbouring)
+    for mechanism in ledger.mechanisms:
+        scratch.charge("earlier", mechanism)
+    with torch.random.fork_rng(devices=[]):  # building the generator draws weights: keep the caller's RNG
+        synth = synthesis.create(cfg.generator, channels=real.channels, image_size=real.image_size,
+                                 num_classes=real.num_classes, seed=seed, device=str(device),
+                                 **cfg.generator_options)
+        plan = synth.plan(len(real.images), scratch, min(eps, scratch.spent_epsilon() + cfg.share_generator * eps))
+    if plan is None:
+        return None
+    for mechanism in plan.mechanisms:
+        scratch.charge("generator", mechanism)
+    expert_share = 0.0
+    if cfg.uses_expert and cfg.expert_dp_epochs > 0:
+        expert_share = cfg.share_expert
+        q, steps = dpsgd_rate_and_steps(len(real), cfg.expert_batch, cfg.expert_dp_epochs)
+
+        def make_expert(s: float) -> Any:
+            return DPSGDPlan(q, steps, s, cfg.expert_clip, cfg.expert_batch).mechanism()
+
+        sigma_e = sigma_for_share(make_expert, cfg.share_expert * eps, ledger.delta, neighbouring=ledger.neighbouring)
+        scratch.charge("expert", make_expert(sigma_e))
+    sampler = PoissonClassSampler(real, cfg.batch_real, device)
+    sigma = per_iteration_sigma(scratch, sampler, cfg.iterations, cfg.sigma)
+    if sigma is None:
+        return None
+    with torch.device("meta"):  # shapes only: no weights drawn, no RNG consumed
+        dim = int(models.get(cfg.net, channels=real.channels, num_classes=real.num_classes,
+                             image_size=real.image_size,
+                             **{k: v for k, v in cfg.net_spec().items() if k != "net"}).feature_dim)
+    batch = min(sampler.expected_size(c) for c in range(sampler.num_classes))
+    return matching_noise_ratio(sigma, dim, batch), 1.0 - cfg.share_generator - expert_share
 
 
 # What a distill job logs for DP-GenG beyond its own keys (the report's σs and stage times go under the job's
