@@ -17,7 +17,10 @@ shadow on average, so 16 shadows give ~4,000 non-member trials, enough to read a
 A study longer than a session (DP-GenG at ε=10: ~5 h on 2 cores) is finished in parts: `dpdistill mia` saves
 every shadow as it finishes, and a later run of this script with the same --runs-dir resumes the study's
 unfinished folder (`dpdistill mia --resume`) instead of starting over; the recorded seconds are the sum over
-its attempts (as far as each got), and the row says how many attempts it took.
+its attempts (as far as each got), and the row says how many attempts it took and which commits they ran
+(each attempt stamps its own). To keep a multi-session study on one commit while the checkout moves on, run it
+from a snapshot: `PYTHONPATH=<bench_runs' src/<sha>>/platform DPDISTILL_SOURCE_COMMIT=<sha>` (bench_runs.py
+--snapshot exports one).
 """
 
 from __future__ import annotations
@@ -68,10 +71,6 @@ STUDIES: dict[str, dict] = {
 PACKAGES = ("dpdistill", "torch", "opacus", "ray", "numpy")
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-
 def unfinished_study(name: str, runs_dir: Path) -> Path | None:
     """The newest folder of study ``name`` under ``runs_dir`` that did not complete and holds the same spec,
     shadow count and pool (so resuming it finishes this study, not another)."""
@@ -118,7 +117,11 @@ def run_study(name: str, runs_dir: Path) -> dict:
     (folder,) = [resume] if resume is not None else set(out_dir.glob("*-mia/*")) - before
     mia = json.loads((folder / "mia.json").read_text())
     metrics = json.loads((folder / "metrics.json").read_text())
-    first = json.loads((folder / "study.json").read_text())["attempts"][0]["started"]
+    attempts = json.loads((folder / "study.json").read_text())["attempts"]
+    first = attempts[0]["started"]
+    # The code each attempt ran (stamped by `dpdistill mia`; a snapshot run names it by DPDISTILL_SOURCE_COMMIT),
+    # not this checkout's HEAD, which may have moved on while a study ran in parts.
+    ran = sorted({str(a.get("commit") or "unknown")[:10] + ("+dirty" if a.get("dirty") else "") for a in attempts})
     return {
         "study": name, "command": shown, "why": s["why"],
         "started": datetime.fromisoformat(first).strftime("%Y-%m-%dT%H:%MZ") if resume else
@@ -128,7 +131,7 @@ def run_study(name: str, runs_dir: Path) -> dict:
         "auc": metrics["mia_auc"], "members": mia.get("members"), "non_members": mia.get("non_members"),
         "variance": mia.get("variance"), "wall_s": round(float(mia["seconds"]), 1), "attempts": mia["attempts"],
         "run_dir": str(folder), "machine": machine(),
-        "commit": _git("rev-parse", "HEAD")[:10] + ("+dirty" if _git("status", "--porcelain", "platform") else ""),
+        "commit": ", ".join(ran),
         "versions": {p: metadata.version(p) for p in PACKAGES},
     }
 
