@@ -385,16 +385,15 @@ TINY_GENERATOR = dict(generator="dp-merf", generator_options={"iterations": 5, "
 def test_auto_decides_before_the_generator_and_gives_a_noise_bound_matching_share_to_it(
         digits, eps: float, iterations: int, expected: str) -> None:
     """The ratio 'auto' decides on before anything is charged equals the one the run would see at (e); at or
-    above 1 no matching runs and the generator is charged for its share plus the matching's (the ledger shows
-    it: no feature-matching entry, the generator's ε alone at (1 - share_expert)·ε); below 1 it is the
-    per-iteration run as before."""
+    above 1 no matching runs and the generator is charged for the rest of the budget (the ledger shows it: no
+    feature-matching entry, the generator's ε alone above (1 - share_expert)·ε, the total at ε); below 1 it
+    is the per-iteration run as before."""
     from dpdistill.distill.dpgeng.pipeline import planned_matching_ratio
 
     cfg = DPGenGConfig(**{**TINY_DPGENG, **TINY_GENERATOR, "iterations": iterations, "expert_guidance": True,
                           "expert_pretrain_epochs": 1, "expert_dp_epochs": 0.2})
     ledger = PrivacyLedger(None, eps, DELTA)
-    planned, fm_share = planned_matching_ratio(digits, cfg, eps, PrivacyLedger(None, eps, DELTA),
-                                               torch.device("cpu"), 0)
+    planned = planned_matching_ratio(digits, cfg, eps, PrivacyLedger(None, eps, DELTA), torch.device("cpu"), 0)
     syn = run_dpgeng(digits, cfg, seed=0, ledger=ledger, mean=MEAN, std=STD, progress=False, noise=CountingNoise())
     rep = syn.report
     assert rep["matching"] == expected
@@ -402,9 +401,10 @@ def test_auto_decides_before_the_generator_and_gives_a_noise_bound_matching_shar
     components = [c for c, _, _ in _entries(ledger)]
     if expected == "none":
         assert planned >= 1 and components == ["dpgeng/generator", "dpgeng/expert"]
-        assert rep["share_generator"] == pytest.approx(cfg.share_generator + fm_share)
         (gen,) = [e for e in ledger.breakdown() if e["component"] == "dpgeng/generator"]
-        assert gen["epsilon_alone"] == pytest.approx((1 - cfg.share_expert) * eps, rel=0.02)
+        assert gen["epsilon_alone"] > (1 - cfg.share_expert) * eps
+        assert rep["share_generator"] == pytest.approx(gen["epsilon_alone"] / eps, rel=0.01)
+        assert ledger.spent_epsilon() == pytest.approx(eps, rel=0.01)  # the matching's share is not left unspent
     else:
         assert planned < 1 and components == ["dpgeng/generator", "dpgeng/expert", "dpgeng/feature_matching"]
         assert "share_generator" not in rep

@@ -51,6 +51,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
@@ -384,14 +385,14 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
     # (e, decided first) matching 'auto' where no step could carry signal: no matching, its share to the generator
     share_generator = cfg.share_generator
     if generated is None and cfg.matching == "auto" and cfg.uses_matching:
-        planned = planned_matching_ratio(real, cfg, eps, ledger, device, base_seed)
-        if planned is not None and planned[0] >= NOISE_DOMINATED_RATIO:
-            ratio, fm_share = planned
+        ratio = planned_matching_ratio(real, cfg, eps, ledger, device, base_seed)
+        if ratio is not None and ratio >= NOISE_DOMINATED_RATIO:
             cfg = cfg.model_copy(update={"feature_matching": False})
-            share_generator += fm_share
+            target = generator_target_without_matching(real, cfg, eps, ledger, device, base_seed)
+            share_generator = (target - ledger.spent_epsilon()) / eps
             report.update(matching="none", matching_noise_ratio=ratio, share_generator=share_generator)
-            log.info("dpgeng: matching auto -> none (per-iteration noise ratio %.2f >= %g): its share goes to "
-                     "the generator (%.3g of ε)", ratio, NOISE_DOMINATED_RATIO, share_generator)
+            log.info("dpgeng: matching auto -> none (per-iteration noise ratio %.2f >= %g): the generator fits up "
+                     "to ε %.4g, the expert's charge fills the rest", ratio, NOISE_DOMINATED_RATIO, target)
 
     # (a) generation
     if generated is None:
@@ -545,41 +546,62 @@ def _choose_matching(report: dict[str, Any], cfg: DPGenGConfig, sampler: Poisson
     return "per-iteration"
 
 
-def planned_matching_ratio(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any, device: torch.device,
-                           seed: int) -> tuple[float, float] | None:
-    """(the per-iteration noise ratio σ·√d/B the run would see at (e), the matching's nominal share of ε),
-    worked out before anything is charged; None when the generator cannot plan its charges before its fit.
-
-    A scratch ledger (the real one is not touched) takes the ledger's earlier charges, the generator's PLAN
-    up to its share (what ``Synthesizer.fit`` will charge), then the expert's DP-SGD at its σ; the matching's
-    σ is then solved to fill what is left, as (e) does. Plan quantities only: σ, the matching networks'
-    feature width (from their shapes) and the smallest expected class batch (class sizes, public as every
-    matching charge treats them); no record is read.
-    """
+def _generator_planner(real: Any, cfg: DPGenGConfig, ledger: Any, device: torch.device,
+                       seed: int) -> Callable[[float], PrivacyLedger | None]:
+    """``plan(target)``: a scratch ledger holding ``ledger``'s earlier charges and the generator's PLAN up to
+    the composed total ``target`` (what ``Synthesizer.fit`` will charge), or None when the generator cannot
+    plan its charges before its fit. The real ledger is never touched."""
     from dpdistill import synthesis
 
-    scratch = PrivacyLedger(None, ledger.epsilon_budget, ledger.delta, neighbouring=ledger.neighbouring)
-    for mechanism in ledger.mechanisms:
-        scratch.charge("earlier", mechanism)
     with torch.random.fork_rng(devices=[]):  # building the generator draws weights: keep the caller's RNG
         synth = synthesis.create(cfg.generator, channels=real.channels, image_size=real.image_size,
                                  num_classes=real.num_classes, seed=seed, device=str(device),
                                  **cfg.generator_options)
-        plan = synth.plan(len(real.images), scratch, min(eps, scratch.spent_epsilon() + cfg.share_generator * eps))
-    if plan is None:
+
+    def plan(target: float) -> PrivacyLedger | None:
+        scratch = PrivacyLedger(None, ledger.epsilon_budget, ledger.delta, neighbouring=ledger.neighbouring)
+        for mechanism in ledger.mechanisms:
+            scratch.charge("earlier", mechanism)
+        planned = synth.plan(len(real.images), scratch, target)
+        if planned is None:
+            return None
+        for mechanism in planned.mechanisms:
+            scratch.charge("generator", mechanism)
+        return scratch
+
+    return plan
+
+
+def _expert_mechanism(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any) -> Any | None:
+    """The expert's DP-SGD fine-tuning as stage (d) will charge it (σ for its share alone), or None."""
+    if not (cfg.uses_expert and cfg.expert_dp_epochs > 0):
         return None
-    for mechanism in plan.mechanisms:
-        scratch.charge("generator", mechanism)
-    expert_share = 0.0
-    if cfg.uses_expert and cfg.expert_dp_epochs > 0:
-        expert_share = cfg.share_expert
-        q, steps = dpsgd_rate_and_steps(len(real), cfg.expert_batch, cfg.expert_dp_epochs)
+    q, steps = dpsgd_rate_and_steps(len(real), cfg.expert_batch, cfg.expert_dp_epochs)
 
-        def make_expert(s: float) -> Any:
-            return DPSGDPlan(q, steps, s, cfg.expert_clip, cfg.expert_batch).mechanism()
+    def make_expert(s: float) -> Any:
+        return DPSGDPlan(q, steps, s, cfg.expert_clip, cfg.expert_batch).mechanism()
 
-        sigma_e = sigma_for_share(make_expert, cfg.share_expert * eps, ledger.delta, neighbouring=ledger.neighbouring)
-        scratch.charge("expert", make_expert(sigma_e))
+    return make_expert(sigma_for_share(make_expert, cfg.share_expert * eps, ledger.delta,
+                                       neighbouring=ledger.neighbouring))
+
+
+def planned_matching_ratio(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any, device: torch.device,
+                           seed: int) -> float | None:
+    """The per-iteration noise ratio σ·√d/B the run would see at (e), worked out before anything is charged;
+    None when the generator cannot plan its charges before its fit.
+
+    A scratch ledger takes the ledger's earlier charges, the generator's plan up to its share, then the
+    expert's DP-SGD at its σ; the matching's σ is then solved to fill what is left, as (e) does. Plan
+    quantities only: σ, the matching networks' feature width (from their shapes) and the smallest expected
+    class batch (class sizes, public as every matching charge treats them); no record is read.
+    """
+    scratch = _generator_planner(real, cfg, ledger, device, seed)(
+        min(eps, ledger.spent_epsilon() + cfg.share_generator * eps))
+    if scratch is None:
+        return None
+    expert = _expert_mechanism(real, cfg, eps, ledger)
+    if expert is not None:
+        scratch.charge("expert", expert)
     sampler = PoissonClassSampler(real, cfg.batch_real, device)
     sigma = per_iteration_sigma(scratch, sampler, cfg.iterations, cfg.sigma)
     if sigma is None:
@@ -589,7 +611,28 @@ def planned_matching_ratio(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any
                              image_size=real.image_size,
                              **{k: v for k, v in cfg.net_spec().items() if k != "net"}).feature_dim)
     batch = min(sampler.expected_size(c) for c in range(sampler.num_classes))
-    return matching_noise_ratio(sigma, dim, batch), 1.0 - cfg.share_generator - expert_share
+    return matching_noise_ratio(sigma, dim, batch)
+
+
+def generator_target_without_matching(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any,
+                                      device: torch.device, seed: int) -> float:
+    """The composed total the generator may fit up to when no matching runs: the largest one whose plan,
+    followed by the expert's charge, keeps the ledger within ε (bisection on scratch ledgers), so the whole
+    budget is spent by the two stages that remain. Without an expert charge: ε itself."""
+    expert = _expert_mechanism(real, cfg, eps, ledger)
+    if expert is None:
+        return eps
+    plan = _generator_planner(real, cfg, ledger, device, seed)
+    lo = min(eps, ledger.spent_epsilon() + cfg.share_generator * eps)  # its own share: within ε by the shares
+    hi = eps
+    for _ in range(20):  # to ~1e-6 of ε: far below the solvers' tolerance
+        mid = (lo + hi) / 2
+        scratch = plan(mid)
+        if scratch is not None and scratch.would_cost(expert) <= eps:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 # What a distill job logs for DP-GenG beyond its own keys (the report's σs and stage times go under the job's
