@@ -43,11 +43,13 @@ def run(
     from dpdistill.spec import load_spec
 
     job = load_spec(spec, set_ or [])
-    from dpdistill.runner import Terminated, run_job
+    from dpdistill.runner import is_sigterm, run_job
 
     try:
         result = run_job(job, runs_dir, address=address, progress=progress)
-    except Terminated:
+    except KeyboardInterrupt as e:
+        if not is_sigterm(e):
+            raise
         # 128 + SIGTERM, as a shell reports it; Ctrl-C stays 130 (main).
         print("dpdistill: terminated by SIGTERM (the run folder, if any, is marked interrupted)", file=sys.stderr)
         raise typer.Exit(143) from None
@@ -312,7 +314,7 @@ def mia(
     (exit 130 / 143) and prints the command that resumes it.
     """
     from dpdistill.errors import SpecError
-    from dpdistill.runner import Terminated
+    from dpdistill.runner import is_sigterm
     from dpdistill.runtime.lira_tasks import NOT_PRIVATE_REASON, check_mia_spec, resume_mia, run_mia
     from dpdistill.spec import load_spec
 
@@ -333,7 +335,7 @@ def mia(
         how = [n for n in getattr(e, "__notes__", []) if n.startswith("dpdistill mia --resume")]
         print(f"dpdistill: study interrupted; its finished shadows are kept"
               f"{'; resume with: ' + how[0] if how else ''}", file=sys.stderr)
-        if isinstance(e, Terminated):
+        if is_sigterm(e):
             print("dpdistill: terminated by SIGTERM (the study folder is marked interrupted)", file=sys.stderr)
             raise typer.Exit(143) from None
         raise

@@ -152,6 +152,17 @@ class Terminated(KeyboardInterrupt):
     signum = int(signal.SIGTERM)
 
 
+# Set by sigterm_interrupts' handler. A SIGTERM that lands while the main thread waits inside Ray's C++ code
+# (ray.get / ray.wait) reaches the caller as a PLAIN KeyboardInterrupt: Ray's signal check catches the
+# handler's Terminated (a KeyboardInterrupt) and raises its own. The flag keeps what the signal was.
+_SIGTERM_SEEN = threading.Event()
+
+
+def is_sigterm(err: BaseException) -> bool:
+    """Whether an interrupt came from SIGTERM (Terminated, or any KeyboardInterrupt after the handler ran)."""
+    return isinstance(err, Terminated) or (isinstance(err, KeyboardInterrupt) and _SIGTERM_SEEN.is_set())
+
+
 def error_line(err: BaseException) -> str:
     """An exception as one line: its type and the first line of its message (at most 300 characters)."""
     lines = str(err).strip().splitlines()
@@ -171,6 +182,7 @@ def sigterm_interrupts() -> Iterator[None]:
         yield
         return
     seen = False
+    _SIGTERM_SEEN.clear()  # a new block: an earlier run's SIGTERM says nothing about this one
 
     def handler(signum: int, frame: Any) -> None:
         nonlocal seen
@@ -178,6 +190,7 @@ def sigterm_interrupts() -> Iterator[None]:
             log.warning("SIGTERM again: still writing the run's files")
             return
         seen = True
+        _SIGTERM_SEEN.set()
         log.warning("SIGTERM received: stopping the run")
         raise Terminated()
 
@@ -328,7 +341,7 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
         status = "completed"
     except KeyboardInterrupt as e:
         status = "interrupted"
-        interrupted_by = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        interrupted_by = "SIGTERM" if is_sigterm(e) else "SIGINT"
         raise
     except BaseException as e:
         error = error_line(e)

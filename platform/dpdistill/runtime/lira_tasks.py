@@ -340,7 +340,7 @@ def _conduct(run: Any, spec: Any, target: Any, release: Callable[..., Any], mode
     from datetime import UTC, datetime
 
     from dpdistill.pipelines.not_private import RELEASE_NOT_PRIVATE
-    from dpdistill.runner import Terminated
+    from dpdistill.runner import is_sigterm
     from dpdistill.runtime.provenance import code_provenance
     from dpdistill.runtime.runfolder import atomic_write_json, atomic_write_text
 
@@ -383,7 +383,7 @@ def _conduct(run: Any, spec: Any, target: Any, release: Callable[..., Any], mode
                           on_shadow=persist)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
-            by = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+            by = "SIGTERM" if is_sigterm(e) else "SIGINT"
             save_attempt("interrupted")
             log.warning("study interrupted by %s with %d of %d shadows finished; resume with: dpdistill mia "
                         "--resume %s", by, len(done) + attempt["shadows_run"], shadows, run.path)
