@@ -137,10 +137,20 @@ def test_a_sigterm_that_reaches_the_caller_as_a_plain_keyboardinterrupt_is_still
         except KeyboardInterrupt:
             raise KeyboardInterrupt from None  # what Ray raises: the Terminated's type is gone
 
+    from dpdistill.runner import Terminated
+
+    inside: list[bool] = []
     with pytest.raises(KeyboardInterrupt) as caught, sigterm_interrupts():
-        ray_like_wait()
-    assert type(caught.value) is KeyboardInterrupt and is_sigterm(caught.value)
+        try:
+            ray_like_wait()
+        except KeyboardInterrupt as e:
+            e.add_note("dpdistill mia --resume DIR")
+            inside.append(type(e) is KeyboardInterrupt and is_sigterm(e))  # what run_job / lira label by
+            raise
+    assert inside == [True]
+    # Leaving the block hands the caller a Terminated (the CLI's exit 143), the notes kept.
+    assert isinstance(caught.value, Terminated) and caught.value.__notes__ == ["dpdistill mia --resume DIR"]
     # A real Ctrl-C in a later block is not mistaken for the earlier SIGTERM.
     with pytest.raises(KeyboardInterrupt) as ctrl_c, sigterm_interrupts():
         raise KeyboardInterrupt
-    assert not is_sigterm(ctrl_c.value)
+    assert not is_sigterm(ctrl_c.value) and not isinstance(ctrl_c.value, Terminated)

@@ -248,3 +248,19 @@ def test_synv_needs_two_released_images_per_class() -> None:
     images, labels = torch.zeros(10, 1, 8, 8), torch.arange(10)
     with pytest.raises(SpecError, match="class 0 has 1 released image"):
         split_released(images, labels, 10, 0)
+
+
+def test_noisy_senv_keeps_the_validation_split_from_dpgengs_generated_baseline_too(tmp_path: Path, tracking) -> None:
+    """DP-GenG evaluates its DP-generated baseline beside the release; under noisy-senv the validation split is
+    the selection's (charged) input, so the baseline must not be scored on it either (no baseline val key)."""
+    dpgeng = {"name": "dpgeng", "ipc": 1, "factor": 1, "generated_per_class": 10, "extractors": 1,
+              "extractor_epochs": 0, "net_width": 8, "expert_guidance": False, "iterations": 2, "batch_real": 16,
+              "generator_options": {"iterations": 5, "num_features": 100}}
+    spec = _spec({"selection": "noisy-senv", "selection_epochs": [1, 2], "selection_lrs": [0.01],
+                  "selection_epsilon": 0.2}, method=dpgeng, privacy={"epsilon": 1.0})
+    result = run_job(spec, tmp_path / "runs", progress=False)
+    assert result.status == "completed"
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert "baseline_generated_acc_mean" in metrics and "val_acc_mean" not in metrics
+    assert not [k for k in metrics if k.startswith("baseline_generated_val")]
+    assert undeclared(metrics, DISCLOSURE, distill.get("dpgeng").disclosure) == []

@@ -159,7 +159,8 @@ _SIGTERM_SEEN = threading.Event()
 
 
 def is_sigterm(err: BaseException) -> bool:
-    """Whether an interrupt came from SIGTERM (Terminated, or any KeyboardInterrupt after the handler ran)."""
+    """Whether an interrupt came from SIGTERM (Terminated, or inside a :func:`sigterm_interrupts` block any
+    KeyboardInterrupt after its handler ran; leaving the block turns the latter into Terminated)."""
     return isinstance(err, Terminated) or (isinstance(err, KeyboardInterrupt) and _SIGTERM_SEEN.is_set())
 
 
@@ -197,8 +198,18 @@ def sigterm_interrupts() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated) or not _SIGTERM_SEEN.is_set():
+            raise
+        # Ray turned our Terminated into a plain KeyboardInterrupt: give the caller back the SIGTERM (its notes,
+        # e.g. how to resume a study, kept), so code outside the block needs no flag.
+        terminated = Terminated()
+        for note in getattr(e, "__notes__", []):
+            terminated.add_note(note)
+        raise terminated from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _SIGTERM_SEEN.clear()
 
 
 @dataclass

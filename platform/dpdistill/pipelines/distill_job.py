@@ -209,7 +209,8 @@ class DistillPipeline:
                     share = float(report["share_generator"])
                     ctx.log_metrics({"share_generator": share})
                     ctx.add_summary("matching", f"none: per-iteration noise ratio {ratio:.2f}; its share went to "
-                                    f"the generator ({share:.2f} of ε)")
+                                    f"the generator ({share:.2f} of ε); decided from plan quantities and the "
+                                    "class sizes of the sensitive split, treated as public")
                 else:
                     ctx.add_summary("matching", f"{report.get('matching')} (per-iteration noise ratio {ratio:.2f})")
             for warning in report.get("warnings", []):
@@ -309,7 +310,9 @@ def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, b
     ev = spec.evaluation
     pending: list[parallel.PendingSeeds] = []
 
-    val = getattr(p, "val", None)
+    # The validation split under the same rule as the release's own evaluation (evaluate_protocol): not read
+    # when the protocol keeps it for a charged selection (noisy-senv) or turns it off.
+    val = getattr(p, "val", None) if ev.validation and ev.selection != "noisy-senv" else None
     extra = {"val": (val.images, val.labels)} if val is not None else {}
 
     def queue_baseline() -> None:

@@ -169,8 +169,8 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
         "auto", description="'per-iteration': a fresh noisy real statistic every step, each charged; 'decoupled': "
         "per-class noisy means under the K extractors released once, then free iterations; 'auto': per-iteration "
         "unless its per-step noise ratio σ·√d/B reaches 1 (the targets would be mostly noise): then no feature "
-        "matching, its ε share to the generator (decoupled when the generated set was made earlier or the "
-        "generator cannot plan its charges). "
+        "matching, its ε share to the generator (decoupled when the generated set was made earlier, the "
+        "generator cannot plan its charges, or sigma is fixed). "
         "A fixed sigma applies to whichever mode runs (and decides 'auto'); leave it unset to spend the budget")
     projection_dim: int | None = Field(None, ge=1, description="decoupled only: project the extractors' "
                                        "concatenated features onto their top d principal directions on the "
@@ -383,21 +383,22 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
         done("allocate")
 
     # (e, decided first) matching 'auto' where no step could carry signal: no matching, its share to the generator
-    share_generator = cfg.share_generator
-    if generated is None and cfg.matching == "auto" and cfg.uses_matching:
+    # (A fixed sigma keeps the stage-(e) decision: the user chose the matching's noise, not its absence.)
+    gen_target = min(eps, ledger.spent_epsilon() + cfg.share_generator * eps)
+    if generated is None and cfg.matching == "auto" and cfg.uses_matching and cfg.sigma is None:
         ratio = planned_matching_ratio(real, cfg, eps, ledger, device, base_seed)
         if ratio is not None and ratio >= NOISE_DOMINATED_RATIO:
             cfg = cfg.model_copy(update={"feature_matching": False})
             target = generator_target_without_matching(real, cfg, eps, ledger, device, base_seed)
             share_generator = (target - ledger.spent_epsilon()) / eps
+            gen_target = target
             report.update(matching="none", matching_noise_ratio=ratio, share_generator=share_generator)
             log.info("dpgeng: matching auto -> none (per-iteration noise ratio %.2f >= %g): the generator fits up "
                      "to ε %.4g, the expert's charge fills the rest", ratio, NOISE_DOMINATED_RATIO, target)
 
     # (a) generation
     if generated is None:
-        generated, info = generate_stage(real, cfg, ledger, min(eps, ledger.spent_epsilon() + share_generator
-                                                                * eps), base_seed, device, progress,
+        generated, info = generate_stage(real, cfg, ledger, gen_target, base_seed, device, progress,
                                         noise.spawn("generator"))
         report.update(info)
         done("generate")
@@ -562,7 +563,8 @@ def _generator_planner(real: Any, cfg: DPGenGConfig, ledger: Any, device: torch.
         scratch = PrivacyLedger(None, ledger.epsilon_budget, ledger.delta, neighbouring=ledger.neighbouring)
         for mechanism in ledger.mechanisms:
             scratch.charge("earlier", mechanism)
-        planned = synth.plan(len(real.images), scratch, target)
+        with torch.random.fork_rng(devices=[]):  # a plan should draw nothing; if one does, keep the caller's RNG
+            planned = synth.plan(len(real.images), scratch, target)
         if planned is None:
             return None
         for mechanism in planned.mechanisms:
@@ -623,7 +625,9 @@ def generator_target_without_matching(real: Any, cfg: DPGenGConfig, eps: float, 
     if expert is None:
         return eps
     plan = _generator_planner(real, cfg, ledger, device, seed)
-    lo = min(eps, ledger.spent_epsilon() + cfg.share_generator * eps)  # its own share: within ε by the shares
+    # The generator's own share is feasible: planned_matching_ratio charged the expert after exactly that plan
+    # on a scratch ledger within ε (and the real stages would charge the same).
+    lo = min(eps, ledger.spent_epsilon() + cfg.share_generator * eps)
     hi = eps
     for _ in range(20):  # to ~1e-6 of ε: far below the solvers' tolerance
         mid = (lo + hi) / 2
