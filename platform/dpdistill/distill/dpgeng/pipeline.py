@@ -15,9 +15,9 @@
                    wide features). 'auto' works that ratio out before anything is charged (the generator's
                    plan and the expert's σ on a scratch ledger) and, when it reaches 1, runs no feature matching
                    and gives its ε share to the generator: on ~130 records a class neither mode beat the
-                   generator's own output (README "DP-GenG defaults"). With a set generated earlier, or a
-                   generator whose charges cannot be planned before its fit, it decides at (e) and releases once
-                   (decoupled) instead;
+                   generator's own output (README "DP-GenG defaults"). With a set generated earlier, a
+                   generator whose charges cannot be planned before its fit, or a fixed sigma, it decides at (e)
+                   and releases once (decoupled) instead;
     f. guide     — expert guidance: KL to the mean soft label of generated references + λ·CE;
     g. allocate  — fixed shares (generator, expert) with σ_F solved from what remains, or utility-driven
                    shares tuned first with scratch ledgers (:func:`~.allocation.utility_allocation`: the
