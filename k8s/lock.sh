@@ -2,7 +2,8 @@
 # Regenerate k8s/requirements.lock, the exact package set the images install: the environment the test suite
 # passes in (pip freeze of .venv, without the editable dpdistill itself), plus the PostgreSQL driver the MLflow
 # server needs for its backend store (k8s/postgres.yaml), which the test environment does not use.
-#   bash k8s/lock.sh            (after `pip install -e '.[dev]'` and a green test run)
+#   bash k8s/lock.sh            (after an unconstrained `pip install -e '.[dev]'` and a green test run: the
+#                                README's test command and .ci/run install with `-c k8s/requirements.lock`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 {
