@@ -241,6 +241,12 @@ class Outcome:
         return out
 
 
+def reads_validation(ev: Any) -> bool:
+    """Whether figures on the validation split are reported: not when it is off, nor under noisy-senv (there the
+    split feeds the charged selection only)."""
+    return bool(ev.validation) and ev.selection != "noisy-senv"
+
+
 def evaluate_protocol(ev: Any, images: torch.Tensor, labels: torch.Tensor, *, evaluate: Evaluate, test: Pair,
                       val: Callable[[], Pair | None], num_classes: int, seed: int, ledger: Any = None,
                       noise: Any = None) -> Outcome:
@@ -251,7 +257,7 @@ def evaluate_protocol(ev: Any, images: torch.Tensor, labels: torch.Tensor, *, ev
     needed by noisy-senv.
     """
     primary_kwargs = dict(ev.model_options)
-    use_val = ev.validation and ev.selection != "noisy-senv"
+    use_val = reads_validation(ev)
     val_pair = val() if use_val else None
     final_extra = {"val": val_pair} if val_pair is not None else {}
 

@@ -303,6 +303,7 @@ def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, b
     On Ray the baseline's models are queued right behind the release's first models, so they fill the cores the
     release's last seeds leave idle; in-process they train after the release's.
     """
+    from dpdistill.evaluation.selection import reads_validation
     from dpdistill.runtime import parallel
     from dpdistill.runtime.cluster import ray_session
 
@@ -310,9 +311,8 @@ def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, b
     ev = spec.evaluation
     pending: list[parallel.PendingSeeds] = []
 
-    # The validation split under the same rule as the release's own evaluation (evaluate_protocol): not read
-    # when the protocol keeps it for a charged selection (noisy-senv) or turns it off.
-    val = getattr(p, "val", None) if ev.validation and ev.selection != "noisy-senv" else None
+    # The validation split under the same rule as the release's own evaluation.
+    val = getattr(p, "val", None) if reads_validation(ev) else None
     extra = {"val": (val.images, val.labels)} if val is not None else {}
 
     def queue_baseline() -> None:

@@ -309,10 +309,7 @@ def _check_projection(cfg: DPGenGConfig, real: Any) -> None:
     """Refuse a decoupled ``projection_dim`` that would not reduce the extractors' concatenated features."""
     if cfg.projection_dim is None or cfg.matching == "per-iteration" or not cfg.uses_matching:
         return
-    with torch.device("meta"):  # shapes only: no weights drawn, no RNG consumed
-        dim = cfg.extractors * int(models.get(cfg.net, channels=real.channels, num_classes=real.num_classes,
-                                               image_size=real.image_size,
-                                               **{k: v for k, v in cfg.net_spec().items() if k != "net"}).feature_dim)
+    dim = cfg.extractors * _feature_dim(cfg, real)
     if cfg.projection_dim >= dim:
         raise SpecError(f"method.projection_dim: {cfg.projection_dim} does not reduce the {cfg.extractors} "
                         f"extractors' concatenated features ({dim} dimensions); choose fewer")
@@ -608,12 +605,16 @@ def planned_matching_ratio(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any
     sigma = per_iteration_sigma(scratch, sampler, cfg.iterations, cfg.sigma)
     if sigma is None:
         return None
-    with torch.device("meta"):  # shapes only: no weights drawn, no RNG consumed
-        dim = int(models.get(cfg.net, channels=real.channels, num_classes=real.num_classes,
-                             image_size=real.image_size,
-                             **{k: v for k, v in cfg.net_spec().items() if k != "net"}).feature_dim)
     batch = min(sampler.expected_size(c) for c in range(sampler.num_classes))
-    return matching_noise_ratio(sigma, dim, batch)
+    return matching_noise_ratio(sigma, _feature_dim(cfg, real), batch)
+
+
+def _feature_dim(cfg: DPGenGConfig, real: Any) -> int:
+    """The feature width of one matching network, from its shapes (meta device: no weights, no RNG)."""
+    with torch.device("meta"):
+        return int(models.get(cfg.net, channels=real.channels, num_classes=real.num_classes,
+                              image_size=real.image_size,
+                              **{k: v for k, v in cfg.net_spec().items() if k != "net"}).feature_dim)
 
 
 def generator_target_without_matching(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any,
