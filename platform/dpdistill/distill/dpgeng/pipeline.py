@@ -442,16 +442,9 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
     if cfg.uses_expert:
         expert = pretrain_expert(generated, cfg.net_spec(), cfg.expert_pretrain_epochs, stats_mean, stats_std,
                                  base_seed + 4, device)
-        if cfg.expert_dp_epochs > 0:
-            q, steps = dpsgd_rate_and_steps(len(real), cfg.expert_batch, cfg.expert_dp_epochs)
-
-            def make_expert(s: float) -> Any:
-                return DPSGDPlan(q, steps, s, cfg.expert_clip, cfg.expert_batch).mechanism()
-
-            sigma_e = sigma_for_share(make_expert, cfg.share_expert * eps, ledger.delta,
-                                      neighbouring=ledger.neighbouring)
-            report["sigma"]["expert"] = sigma_e
-            plan = DPSGDPlan(q, steps, sigma_e, cfg.expert_clip, cfg.expert_batch)
+        plan = _expert_plan(real, cfg, eps, ledger)
+        if plan is not None:
+            report["sigma"]["expert"] = plan.sigma
             expert = dp_finetune(expert, real, plan, ledger, stats_mean, stats_std, cfg.expert_lr, device,
                                  noise=noise.spawn("expert"))
         else:
@@ -571,8 +564,10 @@ def _generator_planner(real: Any, cfg: DPGenGConfig, ledger: Any, device: torch.
     return plan
 
 
-def _expert_mechanism(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any) -> Any | None:
-    """The expert's DP-SGD fine-tuning as stage (d) will charge it (σ for its share alone), or None."""
+def _expert_plan(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any) -> DPSGDPlan | None:
+    """The expert's DP-SGD fine-tuning plan (σ for its share of ε alone), or None when the expert is not
+    fine-tuned on sensitive data. Stage (d) runs and charges exactly this plan; the planners charge its
+    mechanism on scratch ledgers, so the two cannot drift apart."""
     if not (cfg.uses_expert and cfg.expert_dp_epochs > 0):
         return None
     q, steps = dpsgd_rate_and_steps(len(real), cfg.expert_batch, cfg.expert_dp_epochs)
@@ -580,8 +575,14 @@ def _expert_mechanism(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any) -> 
     def make_expert(s: float) -> Any:
         return DPSGDPlan(q, steps, s, cfg.expert_clip, cfg.expert_batch).mechanism()
 
-    return make_expert(sigma_for_share(make_expert, cfg.share_expert * eps, ledger.delta,
-                                       neighbouring=ledger.neighbouring))
+    sigma = sigma_for_share(make_expert, cfg.share_expert * eps, ledger.delta, neighbouring=ledger.neighbouring)
+    return DPSGDPlan(q, steps, sigma, cfg.expert_clip, cfg.expert_batch)
+
+
+def _expert_mechanism(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any) -> Any | None:
+    """The mechanism stage (d) will charge for the expert, or None."""
+    plan = _expert_plan(real, cfg, eps, ledger)
+    return None if plan is None else plan.mechanism()
 
 
 def planned_matching_ratio(real: Any, cfg: DPGenGConfig, eps: float, ledger: Any, device: torch.device,
