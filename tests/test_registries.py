@@ -61,7 +61,7 @@ def test_listing_names_and_loading_a_spec_import_no_method():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     out = json.loads(done.stdout)
-    assert out["kinds"] == ["distill", "sfdd", "synthesize"]
+    assert out["kinds"] == ["distill", "evaluate", "sfdd", "synthesize"]
     assert out["distill"] == ["dc", "dm", "dpgeng", "ndpdc", "psg"]
     assert out["synthesis"] == ["dp-gan", "dp-kernel", "dp-ldm", "dp-lora", "dp-merf", "dp-ntk", "dpdm", "gs-wgan", "pdp-diffusion"]
     assert out["loaded"] == ["dpdistill.distill.registry", "dpdistill.pipelines.registry",
@@ -105,7 +105,7 @@ def test_sfdd_config_offers_exactly_the_registered_defences_and_attacks():
 
 
 @pytest.mark.parametrize(("lookup", "message"), [
-    (lambda: kinds.get("evaluate"), "unknown job kind 'evaluate'; expected one of: distill, sfdd, synthesize"),
+    (lambda: kinds.get("audit"), "unknown job kind 'audit'; expected one of: distill, evaluate, sfdd, synthesize"),
     (lambda: synthesis.get("dp-nope"), "unknown synthesis method 'dp-nope'; expected one of: dp-gan, dp-kernel"),
     (lambda: distill.get("nope"), "unknown distillation method 'nope'; expected one of: dc, dm, dpgeng"),
     (lambda: federated_registry.defences.get("nope"), "unknown SFDD defence 'nope'; expected one of: ldpo-rld"),

@@ -56,6 +56,39 @@ def run(
     _print_summary(job, result)
 
 
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder (holding spec.yaml, status.json and "
+                                            "artifacts/distilled.pt)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override how the release is scored: "
+                                                   "--set 'evaluation.models=[convnet, resnet18]'")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="where the evaluate run's folder (and the default MLflow store) "
+                                           "go")] = Path("runs"),
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Re-score a finished run's released images under another evaluation protocol; charges nothing.
+
+    Post-processing of a DP release: fresh models are trained on the released images and scored on the test
+    split (and validation, as the protocol says), in a run folder of its own. Only evaluation.*, seed, device,
+    threads, ray.*, resources.*, tracking.*, name and description can be overridden; noisy-senv is refused (it
+    would charge a ledger this job does not have).
+    """
+    from dpdistill.pipelines.evaluate_job import evaluate_spec
+
+    job = evaluate_spec(run_dir, set_ or [])
+    from dpdistill.runner import is_sigterm, run_job
+
+    try:
+        result = run_job(job, runs_dir, address=address, progress=progress)
+    except KeyboardInterrupt as e:
+        if not is_sigterm(e):
+            raise
+        print("dpdistill: terminated by SIGTERM (the run folder, if any, is marked interrupted)", file=sys.stderr)
+        raise typer.Exit(143) from None
+    _print_summary(job, result)
+
+
 def _print_summary(job, result) -> None:
     from rich.table import Table
 
@@ -71,7 +104,9 @@ def _print_summary(job, result) -> None:
     for what, value in result.summary:
         table.add_row(what, value)
     eps = result.metrics.get("privacy_epsilon")
-    if job.privacy.epsilon is None:
+    if job.kind == "evaluate":
+        table.add_row("privacy", "nothing released or charged here: the release's ε is its own run's")
+    elif job.privacy.epsilon is None:
         table.add_row("privacy", "none: not a private release")
     elif not_private:
         table.add_row("privacy", f"NOT PRIVATE: the ledger's ε = {eps if eps is None else round(eps, 3)} does "

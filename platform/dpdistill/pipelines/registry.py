@@ -17,6 +17,7 @@ _KINDS: dict[str, str | type] = {
     "distill": "dpdistill.pipelines.distill_job:DistillPipeline",
     "synthesize": "dpdistill.pipelines.synthesize_job:SynthesizePipeline",
     "sfdd": "dpdistill.pipelines.sfdd_job:SFDDPipeline",
+    "evaluate": "dpdistill.pipelines.evaluate_job:EvaluatePipeline",
 }
 
 

@@ -1,0 +1,180 @@
+"""The ``evaluate`` job kind: re-score a finished run's released images under another evaluation protocol.
+
+A run's release (``artifacts/distilled.pt`` of a distill or SFDD run) is a DP output. Training fresh models on
+it and scoring them on the test (and validation) split is post-processing: an evaluate job charges nothing and
+has no ledger. That is what lets a researcher compare releases under one protocol (another model, epoch grid,
+selection rule, augmentation) without spending budget again, e.g. ``dpdistill evaluate RUN_DIR --set
+'evaluation.models=[convnet, resnet18]'``. What it may not do is make a charged choice: ``noisy-senv`` reads
+the sensitive validation split through a mechanism whose charge belongs in a ledger, and this job has none
+(refused before anything is read).
+
+The job's spec is built from the source run's ``spec.yaml`` (:func:`evaluate_spec`): the same data, seed, device
+and evaluation block, with ``--set`` overrides restricted to the fields that describe how a release is scored.
+The source is checked before any sensitive byte is read: the run finished (``status.json`` says completed), its
+release file is there, and the release's dataset, classes and image shape match the data the spec loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from dpdistill.errors import SpecError
+from dpdistill.pipelines import check_evaluation_model
+from dpdistill.pipelines.distill_job import load_splits, report_utility
+
+METHOD = "release"
+RELEASE_FILE = Path("artifacts") / "distilled.pt"
+# The top-level fields an override may change: how a release is scored and where the scoring runs. The data,
+# the method and the privacy block come from the source run (the release was made from them).
+OVERRIDABLE = ("evaluation", "seed", "device", "threads", "ray", "resources", "tracking", "name", "description")
+
+
+class ReleaseSource(BaseModel):
+    """The ``method`` block of an evaluate job: which finished run's release to re-score."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str = Field(min_length=1, description="the finished run folder whose artifacts/distilled.pt is re-scored")
+
+
+@dataclass
+class PreparedEvaluate:
+    """The release to re-score and the splits that score it (kept in memory only)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: dict[str, Any]  # run folder, release sha256, source method / ε: public facts about the release
+    val: Any
+    test: Any
+    info: Any
+
+    @property
+    def n_sensitive(self) -> int:  # nothing is charged: no ledger is made for this job
+        return 0
+
+
+def read_source(run_dir: Path) -> dict[str, Any]:
+    """The source run's status, spec name, method and composed ε, checked; SpecError naming the file if not a
+    finished run with an image release. Reads only the run folder's own records (no sensitive data)."""
+    if not run_dir.is_dir():
+        raise SpecError(f"{run_dir}: not a run folder (expected the folder holding spec.yaml and status.json)")
+    status_path = run_dir / "status.json"
+    try:
+        status = json.loads(status_path.read_text())
+    except (OSError, ValueError) as e:
+        raise SpecError(f"{status_path}: cannot read the run's status ({type(e).__name__})") from None
+    if status.get("status") != "completed":
+        raise SpecError(f"{status_path}: the run is '{status.get('status')}', not completed; only a finished "
+                        "run's release can be re-scored")
+    release = run_dir / RELEASE_FILE
+    if not release.is_file():
+        made = "a synthesizer (artifacts/synthesizer.pt)" if (run_dir / "artifacts" / "synthesizer.pt").is_file() \
+            else "no image set"
+        raise SpecError(f"{release}: missing; the run released {made}. evaluate re-scores released image sets "
+                        "(distill and sfdd runs)")
+    epsilon = None
+    ledger_path = run_dir / "ledger.json"
+    if ledger_path.is_file():
+        try:
+            epsilon = float(json.loads(ledger_path.read_text())["composed"]["epsilon"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SpecError(f"{ledger_path}: cannot read the composed ε ({type(e).__name__})") from None
+    return {"run": str(run_dir.resolve()), "release": str(release.resolve()), "epsilon": epsilon,
+            "sha256": hashlib.sha256(release.read_bytes()).hexdigest(),
+            "commit": (status.get("provenance") or {}).get("commit")}
+
+
+def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> Any:
+    """The evaluate job for ``run_dir``: its spec.yaml's data, seed, device and evaluation, method ``release``,
+    no privacy block, then ``overrides`` (only the fields in OVERRIDABLE). SpecError naming the file or field."""
+    from dpdistill.spec import apply_overrides, load_spec, parse_override, validate_spec
+
+    run_dir = Path(run_dir)
+    source = read_source(run_dir)
+    spec_path = run_dir / "spec.yaml"
+    if not spec_path.is_file():
+        raise SpecError(f"{spec_path}: missing; cannot tell which data and protocol the release belongs to")
+    src = load_spec(spec_path)
+    for text in overrides or []:
+        keys, _ = parse_override(text)
+        if keys[0] not in OVERRIDABLE:
+            raise SpecError(f"--set {text}: field '{keys[0]}' comes from the source run; evaluate can set only "
+                            f"{', '.join(OVERRIDABLE)}")
+    doc = src.model_dump(mode="json")
+    doc = {k: doc[k] for k in ("seed", "device", "threads", "data", "evaluation", "ray", "resources", "tracking")}
+    doc.update(name=f"{src.name[:90]}-evaluate", kind="evaluate", method={"name": METHOD, "run": source["run"]},
+               description=f"re-score of {source['run']}")
+    return validate_spec(apply_overrides(doc, overrides or []), f"evaluate {run_dir}")
+
+
+class EvaluatePipeline:
+    """The ``evaluate`` job kind (see the module docstring)."""
+
+    kind = "evaluate"
+
+    def method_config(self, method: str, source: str) -> Any:
+        if method != METHOD:
+            raise SpecError(f"{source}: field 'method.name': job kind 'evaluate' re-scores a finished run's "
+                            f"release; expected '{METHOD}', got '{method}'")
+        return ReleaseSource
+
+    def prepare(self, spec: Any) -> PreparedEvaluate:
+        from dpdistill import models
+        from dpdistill.evaluation.selection import check_plan
+        from dpdistill.runtime.device import check_device
+
+        check_device(spec.device)
+        if spec.privacy.epsilon is not None:
+            raise SpecError("privacy.epsilon: an evaluate job releases nothing and charges nothing; remove it "
+                            "(the release's ε is the source run's)")
+        if not spec.evaluation.enabled:
+            raise SpecError("field 'evaluation.enabled': an evaluate job with evaluation off would do nothing")
+        if spec.evaluation.model not in models.names():
+            raise SpecError(f"field 'evaluation.model': unknown model '{spec.evaluation.model}'; "
+                            f"expected one of: {', '.join(models.names())}")
+        source = read_source(Path(ReleaseSource(**spec.method.options()).run))
+        try:  # tensors, ints and strings only: nothing to execute
+            saved = torch.load(source["release"], map_location="cpu", weights_only=True)
+            images, labels = saved["images"].float(), saved["labels"].long()
+        except Exception as e:  # noqa: BLE001 - any unreadable release is the same one-line error
+            raise SpecError(f"{source['release']}: not a readable release ({type(e).__name__})") from None
+        from dpdistill import data
+
+        info = data.get(spec.data.name).info
+        if saved.get("dataset") not in (None, info.name):
+            raise SpecError(f"field 'data.name': the release is of '{saved.get('dataset')}', the spec loads "
+                            f"'{info.name}'")
+        if images.dim() != 4 or len(images) != len(labels) or len(labels) == 0:
+            raise SpecError(f"{source['release']}: expected N images (N, C, H, W) and N labels")
+        if int(labels.min()) < 0 or int(labels.max()) >= info.num_classes:
+            raise SpecError(f"{source['release']}: labels outside 0..{info.num_classes - 1}")
+        channels, size = images.shape[1], images.shape[-1]
+        check_evaluation_model(spec, channels, info.num_classes, size)
+        check_plan(spec, channels, info.num_classes, size)
+        _, val, test, info = load_splits(spec)
+        if (test.channels, test.image_size) != (channels, size):
+            raise SpecError(f"{source['release']}: images are {channels}x{size}x{size}, the test split "
+                            f"{test.channels}x{test.image_size}x{test.image_size}")
+        source["method"] = saved.get("method")
+        return PreparedEvaluate(images=images, labels=labels, source=source, val=val, test=test, info=info)
+
+    def execute(self, ctx: Any, p: PreparedEvaluate) -> dict[str, Any]:
+        from dpdistill.runtime.device import record_device, resolve_device
+
+        record_device(ctx, resolve_device(ctx.spec.device))
+        src = p.source
+        eps = "no privacy" if src["epsilon"] is None else f"ε={src['epsilon']:.3f} (its own ledger)"
+        ctx.add_summary("release", f"{len(p.labels)} images by {src['method'] or 'unknown'} from {src['run']}, "
+                        f"{eps}; sha256 {src['sha256'][:16]}; re-scored here, nothing charged")
+        (ctx.run.artifacts / "source.json").write_text(json.dumps(src, indent=2) + "\n")
+        ipc = len(p.labels) // p.info.num_classes
+        ctx.log_metrics({"ipc": float(ipc), "n_released": float(len(p.labels))})
+        report_utility(ctx, p.images, p.labels, p)
+        return {}

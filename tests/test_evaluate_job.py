@@ -1,0 +1,133 @@
+"""`dpdistill evaluate RUN_DIR`: re-scoring a finished run's release charges nothing, reproduces the source's
+figures under the source's protocol, scores other models on request, and refuses (exit 2, one line, no run
+folder) anything that is not a finished image release or that would change what was released or charge it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dpdistill.cli import main
+from dpdistill.pipelines.evaluate_job import evaluate_spec
+from dpdistill.runner import run_job
+from dpdistill.spec import validate_spec
+
+SOURCE = {
+    "name": "src",
+    "kind": "distill",
+    "seed": 3,
+    "threads": 1,
+    "data": {"name": "digits"},
+    "method": {"name": "dm", "ipc": 2, "iterations": 5},
+    "evaluation": {"seeds": 2, "epochs": 5, "parallel": False, "model_options": {"width": 16}},
+    "tracking": {"enabled": False},
+}
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("source")
+    result = run_job(validate_spec(SOURCE), runs, progress=False)
+    assert result.status == "completed"
+    return result.run_dir
+
+
+def _run_cli(capsys, args: list[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    return exc.value.code, capsys.readouterr().err
+
+
+def _folders(runs: Path) -> list[Path]:
+    return [p for p in runs.rglob("status.json")] if runs.exists() else []
+
+
+def test_same_protocol_reproduces_the_source_figures_and_charges_nothing(source_run: Path, tmp_path: Path) -> None:
+    result = run_job(evaluate_spec(source_run), tmp_path, progress=False)
+    assert result.status == "completed"
+    source = json.loads((source_run / "metrics.json").read_text())
+    # Same release, seeds, epochs and model: the same models, so the same accuracies (one thread both times).
+    assert result.metrics["acc_mean"] == pytest.approx(source["acc_mean"], abs=1e-9)
+    assert result.metrics["n_released"] == source["n_released"]
+    assert not (result.run_dir / "ledger.json").exists()
+    assert not any(k.startswith("privacy_epsilon") for k in result.metrics)
+    recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
+    release = source_run / "artifacts" / "distilled.pt"
+    assert recorded["sha256"] == hashlib.sha256(release.read_bytes()).hexdigest()
+    assert recorded["run"] == str(source_run.resolve())
+    # The release is referenced, not copied: no image leaves the source folder.
+    assert not list((result.run_dir / "artifacts").glob("*.pt"))
+    spec = yaml.safe_load((result.run_dir / "spec.yaml").read_text())
+    assert spec["kind"] == "evaluate" and spec["method"] == {"name": "release", "run": str(source_run.resolve())}
+    assert spec["data"]["name"] == "digits" and (spec.get("privacy") or {}).get("epsilon") is None
+
+
+def test_another_protocol_scores_each_model_on_the_same_release(source_run: Path, tmp_path: Path, capsys) -> None:
+    code = None
+    try:
+        main(["evaluate", str(source_run), "--runs-dir", str(tmp_path), "--no-progress",
+              "--set", "evaluation.models=[convnet, mlp]", "--set", "evaluation.epochs=3"])
+    except SystemExit as e:
+        code = e.code
+    assert code in (None, 0)
+    out = capsys.readouterr().out
+    assert "nothing charged" in out and "nothing released or charged here" in out
+    (folder,) = [p.parent for p in tmp_path.rglob("status.json")]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {"acc_mean", "acc_mean_mlp", "acc_mean_convnet"} <= set(metrics), sorted(metrics)
+    source = json.loads((source_run / "metrics.json").read_text())
+    assert metrics["acc_mean"] != source["acc_mean"]  # 3 epochs, not the source's 5: another protocol
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "data.name=mnist"], "field 'data' comes from the source run"),
+    (["--set", "method.ipc=10"], "field 'method' comes from the source run"),
+    (["--set", "privacy.epsilon=1"], "field 'privacy' comes from the source run"),
+    (["--set", "evaluation.selection=noisy-senv", "--set", "evaluation.selection_epsilon=0.1"], "noisy-senv"),
+    (["--set", "evaluation.model=nosuchnet"], "evaluation.model"),
+])
+def test_overrides_that_change_the_release_or_charge_it_are_refused(source_run, tmp_path, capsys, args, needle):
+    code, err = _run_cli(capsys, ["evaluate", str(source_run), "--runs-dir", str(tmp_path), *args])
+    assert code == 2, err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert _folders(tmp_path) == []
+
+
+def _copy_run(source_run: Path, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(source_run, dest / "copy"))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("unfinished", "not completed"),
+    ("no-release", "distilled.pt: missing"),
+    ("bad-release", "not a readable release"),
+    ("wrong-labels", "labels outside"),
+    ("no-spec", "spec.yaml: missing"),
+])
+def test_a_source_that_is_not_a_finished_image_release_is_refused(source_run, tmp_path, capsys, damage, needle):
+    run = _copy_run(source_run, tmp_path)
+    release = run / "artifacts" / "distilled.pt"
+    if damage == "unfinished":
+        status = json.loads((run / "status.json").read_text())
+        (run / "status.json").write_text(json.dumps({**status, "status": "interrupted"}))
+    elif damage == "no-release":
+        release.unlink()
+    elif damage == "bad-release":
+        release.write_bytes(b"not a torch file")
+    elif damage == "wrong-labels":
+        saved = torch.load(release, weights_only=True)
+        torch.save({**saved, "labels": saved["labels"] + 100}, release)
+    elif damage == "no-spec":
+        (run / "spec.yaml").unlink()
+    runs = tmp_path / "runs"
+    code, err = _run_cli(capsys, ["evaluate", str(run), "--runs-dir", str(runs)])
+    assert code == 2, err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert _folders(runs) == []
