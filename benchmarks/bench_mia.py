@@ -145,17 +145,27 @@ def render(doc: dict) -> Path:
              "non-member trials, so a study with few non-member trials reads it coarsely). NOT PRIVATE: the study",
              "folders (outside the repository) hold figures computed from sensitive records without noise.", "",
              f"latest machine: {m['cpu']}, {m['cores']} cores, {m['memory']} (each row names its own CPU). wall s: the",
-             "study's own seconds, summed over its attempts when it was finished in parts.", "",
-             "| study | method | ε | shadows / pool | TPR @ 0.1 % FPR | TPR @ 1 % FPR | AUC | trials (in / out) "
-             "| wall s | CPU | commit | command |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in doc["rows"]:
+             "study's own seconds, summed over its attempts when it was finished in parts.", ""]
+    header = ["| study | method | ε | shadows / pool | TPR @ 0.1 % FPR | TPR @ 1 % FPR | AUC | trials (in / out) "
+              "| wall s | CPU | commit | command |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += header
+    def row(r: dict) -> str:
         eps = "none" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        lines.append(f"| `{r['study']}` | {r['method']} | {eps} | {r['shadows']} / {r['pool']}"
-                     f" | {100 * r['tpr_at_0.1%fpr']:.2f} % | {100 * r['tpr_at_1%fpr']:.2f} % | {r['auc']:.3f}"
-                     f" | {r['members']} / {r['non_members']} | {r['wall_s']:.0f}"
-                     f"{' (' + str(r['attempts']) + ' attempts)' if r.get('attempts', 1) > 1 else ''}"
-                     f" | {r.get('machine', m)['cpu']} | {r['commit']}"
-                     f" | `{r['command']}` |")
+        return (f"| `{r['study']}` | {r['method']} | {eps} | {r['shadows']} / {r['pool']}"
+                f" | {100 * r['tpr_at_0.1%fpr']:.2f} % | {100 * r['tpr_at_1%fpr']:.2f} % | {r['auc']:.3f}"
+                f" | {r['members']} / {r['non_members']} | {r['wall_s']:.0f}"
+                f"{' (' + str(r['attempts']) + ' attempts)' if r.get('attempts', 1) > 1 else ''}"
+                f" | {r.get('machine', m)['cpu']} | {r['commit']}"
+                f" | `{r['command']}` |")
+
+    # A study recorded again (e.g. after the pipeline it measures changed) shows its newest row; the earlier
+    # ones stay in mia.json and are listed apart.
+    latest = {r["study"]: i for i, r in enumerate(doc["rows"])}
+    lines += [row(r) for i, r in enumerate(doc["rows"]) if latest[r["study"]] == i]
+    earlier = [r for i, r in enumerate(doc["rows"]) if latest[r["study"]] != i]
+    if earlier:
+        lines += ["", "Earlier rows of a study recorded again (the row above replaces them; they measured the code "
+                  "their commit names):", "", *header] + [row(r) for r in earlier]
     lines += ["", "Studies (why each is set up as it is):", ""]
     lines += [f"- `{n}`: {s['why']}" for n, s in STUDIES.items()]
     path = RESULTS / "mia.md"
