@@ -60,6 +60,9 @@ def test_same_protocol_reproduces_the_source_figures_and_charges_nothing(source_
     release = source_run / "artifacts" / "distilled.pt"
     assert recorded["sha256"] == hashlib.sha256(release.read_bytes()).hexdigest()
     assert recorded["run"] == str(source_run.resolve())
+    # DM is not private: the re-score says so (its figures describe a release without a guarantee).
+    assert "NOT PRIVATE" in recorded["not_private"] and recorded["epsilon"] is None
+    assert any(k == "source privacy" and "NOT PRIVATE" in v for k, v in result.summary)
     # The release is referenced, not copied: no image leaves the source folder.
     assert not list((result.run_dir / "artifacts").glob("*.pt"))
     spec = yaml.safe_load((result.run_dir / "spec.yaml").read_text())

@@ -87,6 +87,7 @@ def read_source(run_dir: Path) -> dict[str, Any]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SpecError(f"{ledger_path}: cannot read the composed ε ({type(e).__name__})") from None
     return {"run": str(run_dir.resolve()), "release": str(release.resolve()), "epsilon": epsilon,
+            "not_private": status.get("not_private"),  # the source's own NOT PRIVATE reason, if it had one
             "sha256": hashlib.sha256(release.read_bytes()).hexdigest(),
             "commit": (status.get("provenance") or {}).get("commit")}
 
@@ -173,6 +174,8 @@ class EvaluatePipeline:
         eps = "no privacy" if src["epsilon"] is None else f"ε={src['epsilon']:.3f} (its own ledger)"
         ctx.add_summary("release", f"{len(p.labels)} images by {src['method'] or 'unknown'} from {src['run']}, "
                         f"{eps}; sha256 {src['sha256'][:16]}; re-scored here, nothing charged")
+        if src["not_private"]:  # the figures below describe a release that is not private
+            ctx.add_summary("source privacy", str(src["not_private"]))
         (ctx.run.artifacts / "source.json").write_text(json.dumps(src, indent=2) + "\n")
         ipc = len(p.labels) // p.info.num_classes
         ctx.log_metrics({"ipc": float(ipc), "n_released": float(len(p.labels))})
