@@ -160,3 +160,44 @@ def test_capacity_is_counted_per_node(monkeypatch):
     check_train_capacity([{"CPU": 8.0}, {"CPU": 4.0}], 3, False)
     with pytest.raises(SpecError, match="hold 2"):  # 12 CPUs in all, but a 4-CPU worker fits once per node
         check_train_capacity([{"CPU": 6.0}, {"CPU": 6.0}], 3, False)
+
+
+def test_a_fit_whose_workers_cannot_be_placed_fails_instead_of_hanging(cluster, tmp_path, monkeypatch):
+    """Capacity is there (the check before charging passes) but held: an actor takes every CPU of the head.
+    Ray Train V2 would retry the worker group's start forever; with the placement retries bounded the fit
+    fails with one ClusterError line after 1 + retries timed-out starts (2 s each here)."""
+    import re
+    import threading
+
+    import ray
+
+    from dpdistill.errors import ClusterError
+
+    @ray.remote(num_cpus=cluster["CPU"])
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote())
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")  # propagated to Ray Train's controller
+    monkeypatch.setenv("DPDISTILL_TRAIN_PLACEMENT_RETRIES", "1")
+    outcome: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            fit_dp_sgd(ZeroGradient(d=D), None, *_data(), SCHEDULE, PrivacyRandomness.reproducible(7),
+                       num_workers=1, executor="ray-train", storage_path=tmp_path / "train", run_name="held")
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            outcome.append(e)
+
+    # In a thread: a regression (retries without limit) must fail this test, not hang the suite.
+    worker = threading.Thread(target=fit, daemon=True)
+    try:
+        worker.start()
+        worker.join(timeout=180)
+        assert not worker.is_alive(), "the fit still waits for its workers after 180 s"
+    finally:
+        ray.kill(hog)
+    assert len(outcome) == 1 and isinstance(outcome[0], ClusterError), outcome
+    assert re.search(r"could not start 1 worker\(s\).*in 2 attempt\(s\)", str(outcome[0])), outcome[0]

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from dpdistill.errors import PrivacyError, SpecError
+from dpdistill.errors import ClusterError, PrivacyError, SpecError
 from dpdistill.privacy.noise import PrivacyRandomness
 from dpdistill.training.dp_sgd import (
     DPObjective,
@@ -217,6 +217,44 @@ def shard_indices(n: int, num_workers: int, noise: PrivacyRandomness) -> list[to
     return list(torch.tensor_split(noise.permutation(n), num_workers))
 
 
+# How many times Ray Train may fail to start the worker group before the fit fails; each attempt waits Ray's
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default). Ray Train V2 retries a start that times out without
+# limit, so a fit whose workers cannot be placed (capacity is checked before charging, but a cluster can be
+# busy for good or lose a node) would hang forever with its plan charged. Ten attempts: ~10 minutes by default.
+PLACEMENT_RETRIES_ENV = "DPDISTILL_TRAIN_PLACEMENT_RETRIES"
+DEFAULT_PLACEMENT_RETRIES = 10
+
+
+def placement_retries() -> int:
+    """The worker-group start attempts Ray Train may retry (``$DPDISTILL_TRAIN_PLACEMENT_RETRIES``, default 10)."""
+    value = os.environ.get(PLACEMENT_RETRIES_ENV, "").strip()
+    try:
+        retries = int(value) if value else DEFAULT_PLACEMENT_RETRIES
+    except ValueError:
+        raise SpecError(f"${PLACEMENT_RETRIES_ENV}: expected a whole number of retries, got {value!r}") from None
+    if retries < 0:
+        raise SpecError(f"${PLACEMENT_RETRIES_ENV}: expected 0 or more retries, got {retries}")
+    return retries
+
+
+def _startup_failure(err: BaseException) -> bool:
+    """Whether a Ray Train error is its worker group failing to start (the placement retries ran out)."""
+    from ray.train.v2._internal.exceptions import (
+        WorkerGroupStartupFailedError,
+        WorkerGroupStartupTimeoutError,
+    )
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "controller_failure", None)
+        if isinstance(err, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)) or isinstance(
+                inner, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _fit_ray_train(objective: DPObjective, initial_state: dict | None, images: torch.Tensor, labels: torch.Tensor,
                    schedule: DPSGDSchedule, noise: PrivacyRandomness, num_workers: int, use_gpu: bool,
                    storage_path: Path | None, run_name: str, progress: bool, max_failures: int,
@@ -250,10 +288,20 @@ def _fit_ray_train(objective: DPObjective, initial_state: dict | None, images: t
                 scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                              resources_per_worker={"CPU": threads, **({"GPU": 1} if use_gpu else {})}),
                 run_config=RunConfig(name=run_name, storage_path=str(storage),
-                                     failure_config=FailureConfig(max_failures=max_failures),
+                                     failure_config=FailureConfig(max_failures=max_failures,
+                                                                  controller_failure_limit=placement_retries()),
                                      checkpoint_config=CheckpointConfig(num_to_keep=2)),
             )
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except Exception as e:
+                if not _startup_failure(e):
+                    raise
+                raise ClusterError(
+                    f"dp-sgd: Ray Train could not start {num_workers} worker(s) of {threads} CPU"
+                    f"{' and 1 GPU' if use_gpu else ''} in {placement_retries() + 1} attempt(s) (each waits "
+                    "$RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default): the cluster is busy or lost a "
+                    f"node; the plan stays charged. Free the cluster, or raise ${PLACEMENT_RETRIES_ENV}") from None
             if result.checkpoint is None:
                 raise PrivacyError(f"dp-sgd: Ray Train run {run_name} ended without a final checkpoint")
             with result.checkpoint.as_directory() as d:
