@@ -134,3 +134,37 @@ def test_a_source_that_is_not_a_finished_image_release_is_refused(source_run, tm
     assert code == 2, err
     assert needle in err and len(err.strip().splitlines()) == 1, err
     assert _folders(runs) == []
+
+
+PRIVATE_SOURCE = {
+    "name": "private-src",
+    "kind": "distill",
+    "seed": 1,
+    "threads": 1,
+    "data": {"name": "digits"},
+    "privacy": {"epsilon": 5.0},
+    "method": {"name": "ndpdc", "ipc": 1, "iterations": 2},
+    "evaluation": {"seeds": 1, "epochs": 2, "parallel": False, "model_options": {"width": 16}},
+    "tracking": {"enabled": False},
+}
+
+
+def test_compare_and_the_report_read_a_rescore_as_its_release(source_run: Path, tmp_path: Path) -> None:
+    """`compare` and report.html show a re-score with its release's method, ε and δ (the source ledger's) and
+    NOT PRIVATE when the release is not private; the re-score itself charged nothing."""
+    from dpdistill.runtime.compare import load_row
+    from dpdistill.runtime.report_html import read_run
+
+    private = run_job(validate_spec(PRIVATE_SOURCE), tmp_path / "src", progress=False)
+    assert private.status == "completed"
+    ledger = json.loads((private.run_dir / "ledger.json").read_text())["composed"]
+    rescored = run_job(evaluate_spec(private.run_dir), tmp_path / "eval", progress=False).run_dir
+    row = load_row(rescored)
+    assert row.method == "ndpdc (re-scored)" and row.not_private is None
+    assert row.epsilon == pytest.approx(ledger["epsilon"]) and row.delta == pytest.approx(ledger["delta"])
+    html = (rescored / "report.html").read_text()
+    assert "re-score of the release of" in html and "this run charged nothing" in html
+    assert read_run(rescored).ledger == {}
+
+    dm = load_row(run_job(evaluate_spec(source_run), tmp_path / "eval-dm", progress=False).run_dir)
+    assert dm.method == "dm (re-scored)" and dm.epsilon is None and "NOT PRIVATE" in dm.not_private

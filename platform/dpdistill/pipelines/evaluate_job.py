@@ -79,14 +79,15 @@ def read_source(run_dir: Path) -> dict[str, Any]:
             else "no image set"
         raise SpecError(f"{release}: missing; the run released {made}. evaluate re-scores released image sets "
                         "(distill and sfdd runs)")
-    epsilon = None
+    epsilon = delta = None
     ledger_path = run_dir / "ledger.json"
     if ledger_path.is_file():
         try:
-            epsilon = float(json.loads(ledger_path.read_text())["composed"]["epsilon"])
+            composed = json.loads(ledger_path.read_text())["composed"]
+            epsilon, delta = float(composed["epsilon"]), float(composed["delta"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SpecError(f"{ledger_path}: cannot read the composed ε ({type(e).__name__})") from None
-    return {"run": str(run_dir.resolve()), "release": str(release.resolve()), "epsilon": epsilon,
+            raise SpecError(f"{ledger_path}: cannot read the composed ε, δ ({type(e).__name__})") from None
+    return {"run": str(run_dir.resolve()), "release": str(release.resolve()), "epsilon": epsilon, "delta": delta,
             "not_private": status.get("not_private"),  # the source's own NOT PRIVATE reason, if it had one
             "sha256": hashlib.sha256(release.read_bytes()).hexdigest(),
             "commit": (status.get("provenance") or {}).get("commit")}

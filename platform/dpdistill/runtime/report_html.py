@@ -25,7 +25,7 @@ import json
 import math
 import re
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,14 @@ class RunFiles:
     status: dict[str, Any]
     metrics: dict[str, Any]
     ledger: dict[str, Any]
+    # An evaluate run's artifacts/source.json: the re-scored release's run, method, ε, δ and NOT PRIVATE reason.
+    # Its figures describe THAT release, so its method and privacy are read from there ({} for other runs).
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rescore(self) -> bool:
+        """Whether this is an evaluate run (a finished release re-scored; nothing charged here)."""
+        return self.kind == "evaluate"
 
     @property
     def name(self) -> str:
@@ -64,6 +72,8 @@ class RunFiles:
 
     @property
     def method(self) -> str:
+        if self.rescore:
+            return f"{self.source.get('method') or '?'} (re-scored)"
         return str((self.spec.get("method") or {}).get("name", "?"))
 
     @property
@@ -72,12 +82,18 @@ class RunFiles:
 
     @property
     def asked_for_privacy(self) -> bool:
-        """Whether the spec set a budget (a private method), whatever the run then charged."""
+        """Whether the spec set a budget (a private method), whatever the run then charged; for a re-score,
+        whether the re-scored release had one."""
+        if self.rescore:
+            return _is_number(self.source.get("epsilon"))
         return (self.spec.get("privacy") or {}).get("epsilon") is not None or bool(self.ledger)
 
     @property
     def epsilon(self) -> float | None:
-        """The composed ε the ledger records (PLD), else metrics.json's; 0 for a private run that charged nothing."""
+        """The composed ε the ledger records (PLD), else metrics.json's; 0 for a private run that charged nothing.
+        A re-score: its release's ε (the source run's ledger)."""
+        if self.rescore:
+            return float(self.source["epsilon"]) if _is_number(self.source.get("epsilon")) else None
         composed = (self.ledger.get("composed") or {}).get("epsilon")
         if _is_number(composed):
             return float(composed)
@@ -87,6 +103,8 @@ class RunFiles:
 
     @property
     def delta(self) -> float | None:
+        if self.rescore:
+            return float(self.source["delta"]) if _is_number(self.source.get("delta")) else None
         for value in (self.ledger.get("delta"), self.metrics.get("privacy_delta")):
             if _is_number(value):
                 return float(value)
@@ -96,6 +114,8 @@ class RunFiles:
     def not_private(self) -> str | None:
         """Why this run's release is NOT PRIVATE (the caveats of status.json and the ledger's guarantee), or None."""
         reasons: list[str] = []
+        if self.source.get("not_private"):
+            reasons.append(str(self.source["not_private"]))
         if self.status.get("not_private"):
             reasons.append(str(self.status["not_private"]))
         guarantee = self.ledger.get("guarantee")
@@ -133,8 +153,9 @@ def read_run(run_dir: str | Path) -> RunFiles:
         except (OSError, yaml.YAMLError) as e:
             raise SpecError(f"{path / 'spec.yaml'}: not readable YAML ({e})") from None
         spec = loaded if isinstance(loaded, dict) else {}
+    source = _read_json(path / "artifacts" / "source.json") if spec.get("kind") == "evaluate" else {}
     return RunFiles(path=path, spec=spec, status=_read_json(path / "status.json"),
-                    metrics=_read_json(path / "metrics.json"), ledger=_read_json(path / "ledger.json"))
+                    metrics=_read_json(path / "metrics.json"), ledger=_read_json(path / "ledger.json"), source=source)
 
 
 # --------------------------------------------------------------------------------------------- formatting
@@ -249,7 +270,13 @@ def _privacy_section(run: RunFiles) -> tuple[str, set[str]]:
     eps, delta = run.epsilon, run.delta
     if caveat:
         parts.append(f'<p id="not-private" class="not-private">{_e(caveat)}</p>')
-    if not run.asked_for_privacy:
+    if run.rescore:
+        of = "no privacy" if eps is None else (f"ε = {fmt_number(eps)}, δ = "
+                                              f"{'—' if delta is None else f'{delta:.3g}'} (its own ledger)")
+        line = (f"re-score of the release of {run.source.get('run', '?')} ({of}): training models on a released "
+                "set is post-processing; this run charged nothing")
+        cls = "privacy none" if caveat or eps is None else "privacy"
+    elif not run.asked_for_privacy:
         line = "none: not a private release (the method takes no privacy budget)"
         cls = "privacy none"
     else:
