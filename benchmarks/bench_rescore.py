@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runs import CONFIGS, DEFAULT_RUNS_DIR, RESULTS_JSON, VENV_BIN  # noqa: E402
+from bench_runs import CONFIGS, DEFAULT_RUNS_DIR, RESULTS_JSON, VENV_BIN, load_configs, superseded_by  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESCORE_JSON = RESULTS / "rescore.json"
@@ -66,13 +66,24 @@ def load_rescores(path: Path = CONFIGS) -> dict[str, dict[str, Any]]:
 
 
 def source_row(rescore: dict[str, Any]) -> dict[str, Any]:
-    """The source configuration's current row in runs.json: not superseded, at ``spec_hash`` when given."""
-    rows = [r for r in json.loads(RESULTS_JSON.read_text())["rows"]
+    """The source configuration's current row in runs.json (not superseded, at ``spec_hash`` when given), with
+    ``counted_runs``: the run folders of exactly the draws its figure is the mean of (completed, not superseded,
+    private unless the configuration is a non-private reference), so that a re-score averages the same draws."""
+    doc = json.loads(RESULTS_JSON.read_text())
+    rows = [r for r in doc["rows"]
             if r["config"] == rescore["of"] and not r["superseded"]
             and (not rescore.get("spec_hash") or r["spec_hash"] == rescore["spec_hash"])]
     if len(rows) != 1:
         raise SystemExit(f"{rescore['of']}: {len(rows)} current rows in runs.json; name one with spec_hash")
-    return rows[0]
+    row = dict(rows[0])
+    configs = load_configs()
+    row["counted_runs"] = [d["run_dir"] for d in doc["draws"]
+                           if d["config"] == row["config"] and d.get("spec_hash") == row["spec_hash"]
+                           and d["status"] == "completed" and not superseded_by(d, configs)
+                           and (row["reference"] or not d["not_private"])]
+    if len(row["counted_runs"]) != row["draws"]:
+        raise SystemExit(f"{row['config']}: {len(row['counted_runs'])} counted draws found, the row has {row['draws']}")
+    return row
 
 
 def read_evaluate_run(run_dir: Path) -> dict[str, Any]:
@@ -126,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     env.setdefault("DPDISTILL_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     out_dir = args.runs_dir / "rescore" / args.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    for source_run in row["run_dirs"]:
+    for source_run in row["counted_runs"]:
         if source_run in done:
             continue
         minutes = r.get("expected_minutes") or 0
@@ -177,14 +188,15 @@ def render() -> None:
              "runs.md row (the same released images, nothing charged) under the protocol its overrides name; test",
              "(and validation) accuracy are mean ± std over the source's noise draws (a one-draw reference: ± over",
              "its evaluation seeds), the source row's own figure beside them.", "",
-             "| rescore | of | protocol overrides | draws | test % | val % | source test % | commit | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| rescore | of | protocol overrides | draws | test % | val % | source test % | release ε | commit "
+             "| seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, r in rescores.items():
-        recs = [x for x in records if x["rescore"] == name and x["status"] == "completed"]
+        row = source_row(r)
+        recs = [x for x in records if x["rescore"] == name and x["status"] == "completed"
+                and x["source_run"] in row["counted_runs"]]
         if not recs:
             continue
-        row = source_row(r)
         one = recs[0] if len(recs) == 1 else {}
         test = _pct([x["test_acc_mean"] for x in recs], one.get("test_acc_std"))
         val = _pct([x["val_acc_mean"] for x in recs if x.get("val_acc_mean") is not None], one.get("val_acc_std"))
@@ -192,8 +204,10 @@ def render() -> None:
         commits = ", ".join(sorted({(x["commit"] or "?")[:10] + ("+dirty" if x.get("dirty") else "") for x in recs}))
         seconds = statistics.fmean(float(x["seconds"] or 0) for x in recs)
         overrides = ", ".join(f"`{s}`" for s in r["set"] if s.replace(" ", "") != "evaluation.parallel=false")
+        eps = [x["source_epsilon"] for x in recs if x.get("source_epsilon") is not None]
+        privacy = f"{max(eps):.3f}" if eps else "none (NOT PRIVATE reference)" if row["reference"] else "?"
         lines.append(f"| `{name}` | `{r['of']}` | {overrides} | {len(recs)}/{row['draws']} | {test} | {val} | "
-                     f"{src} | {commits} | {seconds:.0f} |")
+                     f"{src} | {privacy} | {commits} | {seconds:.0f} |")
         sets = " ".join(f"--set '{s}'" for s in r["set"])
         versions = recs[-1].get("versions") or {}
         notes.append(f"- `{name}`: `dpdistill evaluate RUN_DIR {sets}` for each run folder of `{r['of']}`'s row. "

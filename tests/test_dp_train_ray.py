@@ -201,3 +201,14 @@ def test_a_fit_whose_workers_cannot_be_placed_fails_instead_of_hanging(cluster, 
         ray.kill(hog)
     assert len(outcome) == 1 and isinstance(outcome[0], ClusterError), outcome
     assert re.search(r"could not start 1 worker\(s\).*in 2 attempt\(s\)", str(outcome[0])), outcome[0]
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "2.5"])
+def test_a_bad_placement_retry_setting_is_refused_before_the_charge(monkeypatch, value):
+    """The capacity check runs before the plan is charged: a malformed retry count fails there, not after."""
+    from dpdistill.errors import SpecError
+    from dpdistill.runtime.dp_train import check_train_capacity
+
+    monkeypatch.setenv("DPDISTILL_TRAIN_PLACEMENT_RETRIES", value)
+    with pytest.raises(SpecError, match=r"\$DPDISTILL_TRAIN_PLACEMENT_RETRIES"):
+        check_train_capacity([{"CPU": 4.0}], 1, use_gpu=False)

@@ -62,7 +62,9 @@ def test_same_protocol_reproduces_the_source_figures_and_charges_nothing(source_
     assert recorded["run"] == str(source_run.resolve())
     # DM is not private: the re-score says so (its figures describe a release without a guarantee).
     assert "NOT PRIVATE" in recorded["not_private"] and recorded["epsilon"] is None
-    assert any(k == "source privacy" and "NOT PRIVATE" in v for k, v in result.summary)
+    assert any(k == "NOT PRIVATE" and "re-score of a release that is NOT PRIVATE" in v for k, v in result.summary)
+    assert (result.run_dir / "artifacts" / "RELEASE_NOT_PRIVATE.txt").is_file()
+    assert result.metrics["not_private"] == 1.0
     # The release is referenced, not copied: no image leaves the source folder.
     assert not list((result.run_dir / "artifacts").glob("*.pt"))
     spec = yaml.safe_load((result.run_dir / "spec.yaml").read_text())
@@ -88,9 +90,10 @@ def test_another_protocol_scores_each_model_on_the_same_release(source_run: Path
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--set", "data.name=mnist"], "field 'data' comes from the source run"),
-    (["--set", "method.ipc=10"], "field 'method' comes from the source run"),
-    (["--set", "privacy.epsilon=1"], "field 'privacy' comes from the source run"),
+    (["--set", "data.name=mnist"], "field 'data.name' comes from the source run"),
+    (["--set", "data.val_seed=7"], "field 'data.val_seed' comes from the source run"),
+    (["--set", "method.ipc=10"], "field 'method.ipc' comes from the source run"),
+    (["--set", "privacy.epsilon=1"], "field 'privacy.epsilon' comes from the source run"),
     (["--set", "evaluation.selection=noisy-senv", "--set", "evaluation.selection_epsilon=0.1"], "noisy-senv"),
     (["--set", "evaluation.model=nosuchnet"], "evaluation.model"),
 ])
@@ -168,3 +171,64 @@ def test_compare_and_the_report_read_a_rescore_as_its_release(source_run: Path, 
 
     dm = load_row(run_job(evaluate_spec(source_run), tmp_path / "eval-dm", progress=False).run_dir)
     assert dm.method == "dm (re-scored)" and dm.epsilon is None and "NOT PRIVATE" in dm.not_private
+
+
+def test_an_evaluate_spec_must_score_on_the_source_runs_splits(source_run: Path, tmp_path: Path, capsys,
+                                                                 monkeypatch) -> None:
+    """An evaluate spec run directly (`dpdistill run`) with another data.val_seed would carve the validation
+    (and, for digits, test) split out of records the release was made from: refused before any split is read.
+    Where the files are (data.root) may differ."""
+    from dpdistill.pipelines import distill_job
+
+    spec = yaml.safe_load(evaluate_spec(source_run).to_yaml())
+    spec["data"]["val_seed"] = 7
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    reads: list[str] = []
+    real = distill_job.load_splits
+    monkeypatch.setattr("dpdistill.pipelines.evaluate_job.load_splits",
+                        lambda s: (reads.append(s.data.name), real(s))[1])  # a spy: counts the reads
+    code, err = _run_cli(capsys, ["run", str(path), "--runs-dir", str(tmp_path / "runs")])
+    assert code == 2 and "field 'data.val_seed': 7, but the release of" in err, err
+    assert reads == [] and _folders(tmp_path / "runs") == []
+    # data.root names where the files are: allowed, and the job then reads its splits once.
+    result = run_job(evaluate_spec(source_run, ["data.root=" + str(tmp_path / "elsewhere")]), tmp_path / "ok",
+                     progress=False)
+    assert result.status == "completed" and reads == ["digits"]
+
+
+def test_refusals_come_before_any_split_is_read(source_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A release that does not fit the spec's data is refused from the release file and the dataset's
+    published shape alone: the spy on the split loader sees no read."""
+    reads: list[str] = []
+    monkeypatch.setattr("dpdistill.pipelines.evaluate_job.load_splits", lambda s: reads.append("read"))
+    run = _copy_run(source_run, tmp_path)
+    release = run / "artifacts" / "distilled.pt"
+    saved = torch.load(release, weights_only=True)
+    torch.save({**saved, "images": saved["images"][:, :, :, :4]}, release)  # not square: not the data's shape
+    code, err = _run_cli(capsys, ["evaluate", str(run), "--runs-dir", str(tmp_path / "runs")])
+    assert code == 2 and "images are 1x8x4, the spec's data 1x8x8" in err, err
+    assert reads == [] and _folders(tmp_path / "runs") == []
+
+
+def test_every_key_an_evaluate_run_logs_is_declared(source_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """metrics.json, MLflow metrics and params and artifacts/source.json: each key is declared in the evaluate
+    kind's DISCLOSURE (or the runner's COMMON), so nothing computed from sensitive data slips out unnamed."""
+    import mlflow
+
+    from dpdistill.pipelines.evaluate_job import DISCLOSURE
+    from dpdistill.privacy.disclosure import undeclared
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = run_job(evaluate_spec(source_run, ["tracking.enabled=true"]), tmp_path, progress=False)
+    client = mlflow.MlflowClient(tracking_uri=result.mlflow_uri)
+    run = client.get_run(result.mlflow_run_id)
+    places = {
+        "metrics.json": list(json.loads((result.run_dir / "metrics.json").read_text())),
+        "mlflow metrics": list(run.data.metrics),
+        "mlflow params": list(run.data.params),
+        "source.json": list(json.loads((result.run_dir / "artifacts" / "source.json").read_text())),
+    }
+    assert places["mlflow metrics"] and places["mlflow params"]
+    for place, keys in places.items():
+        assert undeclared(keys, DISCLOSURE) == [], place

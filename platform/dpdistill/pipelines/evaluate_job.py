@@ -17,6 +17,7 @@ release file is there, and the release's dataset, classes and image shape match 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +27,30 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from dpdistill.errors import SpecError
+from dpdistill.evaluation.selection import DISCLOSURE as EVALUATION_DISCLOSURE
 from dpdistill.pipelines import check_evaluation_model
 from dpdistill.pipelines.distill_job import load_splits, report_utility
+from dpdistill.pipelines.not_private import mark_release_not_private
+from dpdistill.privacy.disclosure import ACCOUNTING, PUBLIC
+from dpdistill.spec import JobSpec
 
 METHOD = "release"
 RELEASE_FILE = Path("artifacts") / "distilled.pt"
 # The top-level fields an override may change: how a release is scored and where the scoring runs. The data,
 # the method and the privacy block come from the source run (the release was made from them).
 OVERRIDABLE = ("evaluation", "seed", "device", "threads", "ray", "resources", "tracking", "name", "description")
+# The data fields that say where the files are, not which records: they may differ from the source's.
+DATA_LOCATION = ("root", "download")
+
+# Every key an evaluate job logs (the runner's are in disclosure.COMMON): the protocol's figures, facts about
+# the (public) release, and the source ledger's totals.
+DISCLOSURE: dict[str, str] = {
+    **EVALUATION_DISCLOSURE,
+    "ipc": PUBLIC,  # counted from the released file
+    "run": PUBLIC, "release": PUBLIC, "sha256": PUBLIC, "commit": PUBLIC, "method": PUBLIC,  # source.json
+    "epsilon": ACCOUNTING, "delta": ACCOUNTING,  # source.json: the source ledger's composed (ε, δ)
+    **{k: PUBLIC for name in JobSpec.model_fields for k in (name, f"{name}.*")},  # MLflow params: the spec
+}
 
 
 class ReleaseSource(BaseModel):
@@ -70,6 +87,8 @@ def read_source(run_dir: Path) -> dict[str, Any]:
         status = json.loads(status_path.read_text())
     except (OSError, ValueError) as e:
         raise SpecError(f"{status_path}: cannot read the run's status ({type(e).__name__})") from None
+    if not isinstance(status, dict):
+        raise SpecError(f"{status_path}: expected a JSON object")
     if status.get("status") != "completed":
         raise SpecError(f"{status_path}: the run is '{status.get('status')}', not completed; only a finished "
                         "run's release can be re-scored")
@@ -87,10 +106,25 @@ def read_source(run_dir: Path) -> dict[str, Any]:
             epsilon, delta = float(composed["epsilon"]), float(composed["delta"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SpecError(f"{ledger_path}: cannot read the composed ε, δ ({type(e).__name__})") from None
+    from dpdistill.runtime.report_html import read_run
+
+    # The source's NOT PRIVATE reasons as every reader of a run folder sees them (status.json, the ledger's
+    # guarantee, metrics.json), not only status.json's.
+    not_private = read_run(run_dir).not_private
     return {"run": str(run_dir.resolve()), "release": str(release.resolve()), "epsilon": epsilon, "delta": delta,
-            "not_private": status.get("not_private"),  # the source's own NOT PRIVATE reason, if it had one
-            "sha256": hashlib.sha256(release.read_bytes()).hexdigest(),
-            "commit": (status.get("provenance") or {}).get("commit")}
+            "not_private": not_private, "commit": (status.get("provenance") or {}).get("commit")}
+
+
+def load_release(source: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The release file's contents and the sha256 of the very bytes loaded; SpecError naming the file."""
+    path = source["release"]
+    try:
+        raw = open(path, "rb").read()  # noqa: SIM115 - one read, hashed and loaded
+        saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)  # tensors, ints, strings
+        saved["images"], saved["labels"] = saved["images"].float(), saved["labels"].long()
+    except Exception as e:  # noqa: BLE001 - any unreadable release is the same one-line error
+        raise SpecError(f"{path}: not a readable release ({type(e).__name__})") from None
+    return saved, hashlib.sha256(raw).hexdigest()
 
 
 def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> Any:
@@ -106,14 +140,31 @@ def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> An
     src = load_spec(spec_path)
     for text in overrides or []:
         keys, _ = parse_override(text)
-        if keys[0] not in OVERRIDABLE:
-            raise SpecError(f"--set {text}: field '{keys[0]}' comes from the source run; evaluate can set only "
-                            f"{', '.join(OVERRIDABLE)}")
+        if keys[0] not in OVERRIDABLE and not (keys[0] == "data" and keys[1:2] and keys[1] in DATA_LOCATION):
+            raise SpecError(f"--set {text}: field '{'.'.join(keys)}' comes from the source run; evaluate can set "
+                            f"only {', '.join(OVERRIDABLE)} and data.{' / data.'.join(DATA_LOCATION)}")
     doc = src.model_dump(mode="json")
     doc = {k: doc[k] for k in ("seed", "device", "threads", "data", "evaluation", "ray", "resources", "tracking")}
     doc.update(name=f"{src.name[:90]}-evaluate", kind="evaluate", method={"name": METHOD, "run": source["run"]},
                description=f"re-score of {source['run']}")
     return validate_spec(apply_overrides(doc, overrides or []), f"evaluate {run_dir}")
+
+
+def check_same_data(spec: Any, run_dir: Path) -> None:
+    """Refuse an evaluate spec whose data block names other records than the source run's: another
+    ``val_seed`` (or image size, subset, dataset) would carve the validation or test split out of records
+    the release was made from, and report a figure on them as held out. Only where the files are may differ."""
+    from dpdistill.spec import load_spec
+
+    spec_path = run_dir / "spec.yaml"
+    if not spec_path.is_file():
+        raise SpecError(f"{spec_path}: missing; cannot tell which data and protocol the release belongs to")
+    theirs = load_spec(spec_path).data.model_dump(mode="json")
+    ours = spec.data.model_dump(mode="json")
+    for key in sorted(set(theirs) | set(ours)):
+        if key not in DATA_LOCATION and theirs.get(key) != ours.get(key):
+            raise SpecError(f"field 'data.{key}': {ours.get(key)!r}, but the release of {run_dir} was made with "
+                            f"{theirs.get(key)!r}; an evaluate job scores a release on its own run's splits")
 
 
 class EvaluatePipeline:
@@ -141,12 +192,11 @@ class EvaluatePipeline:
         if spec.evaluation.model not in models.names():
             raise SpecError(f"field 'evaluation.model': unknown model '{spec.evaluation.model}'; "
                             f"expected one of: {', '.join(models.names())}")
-        source = read_source(Path(ReleaseSource(**spec.method.options()).run))
-        try:  # tensors, ints and strings only: nothing to execute
-            saved = torch.load(source["release"], map_location="cpu", weights_only=True)
-            images, labels = saved["images"].float(), saved["labels"].long()
-        except Exception as e:  # noqa: BLE001 - any unreadable release is the same one-line error
-            raise SpecError(f"{source['release']}: not a readable release ({type(e).__name__})") from None
+        run_dir = Path(ReleaseSource(**spec.method.options()).run)
+        source = read_source(run_dir)
+        check_same_data(spec, run_dir)
+        saved, source["sha256"] = load_release(source)
+        images, labels = saved["images"], saved["labels"]
         from dpdistill import data
 
         info = data.get(spec.data.name).info
@@ -157,13 +207,14 @@ class EvaluatePipeline:
             raise SpecError(f"{source['release']}: expected N images (N, C, H, W) and N labels")
         if int(labels.min()) < 0 or int(labels.max()) >= info.num_classes:
             raise SpecError(f"{source['release']}: labels outside 0..{info.num_classes - 1}")
-        channels, size = images.shape[1], images.shape[-1]
-        check_evaluation_model(spec, channels, info.num_classes, size)
-        check_plan(spec, channels, info.num_classes, size)
+        # The shape the spec's splits will have, known without reading them: a mismatch is refused first.
+        size = spec.data.image_size or info.image_size
+        if tuple(images.shape[1:]) != (info.channels, size, size):
+            raise SpecError(f"{source['release']}: images are {'x'.join(map(str, images.shape[1:]))}, the "
+                            f"spec's data {info.channels}x{size}x{size}")
+        check_evaluation_model(spec, info.channels, info.num_classes, size)
+        check_plan(spec, info.channels, info.num_classes, size)
         _, val, test, info = load_splits(spec)
-        if (test.channels, test.image_size) != (channels, size):
-            raise SpecError(f"{source['release']}: images are {channels}x{size}x{size}, the test split "
-                            f"{test.channels}x{test.image_size}x{test.image_size}")
         source["method"] = saved.get("method")
         return PreparedEvaluate(images=images, labels=labels, source=source, val=val, test=test, info=info)
 
@@ -175,8 +226,10 @@ class EvaluatePipeline:
         eps = "no privacy" if src["epsilon"] is None else f"ε={src['epsilon']:.3f} (its own ledger)"
         ctx.add_summary("release", f"{len(p.labels)} images by {src['method'] or 'unknown'} from {src['run']}, "
                         f"{eps}; sha256 {src['sha256'][:16]}; re-scored here, nothing charged")
-        if src["not_private"]:  # the figures below describe a release that is not private
-            ctx.add_summary("source privacy", str(src["not_private"]))
+        if src["not_private"]:
+            # The figures describe a release without a guarantee: the run says so wherever a reader looks (it
+            # writes no images, so there are none to keep out of MLflow).
+            mark_release_not_private(ctx, f"re-score of a release that is {src['not_private']}", ())
         (ctx.run.artifacts / "source.json").write_text(json.dumps(src, indent=2) + "\n")
         ipc = len(p.labels) // p.info.num_classes
         ctx.log_metrics({"ipc": float(ipc), "n_released": float(len(p.labels))})

@@ -79,6 +79,7 @@ def check_train_capacity(nodes: list[dict[str, float]], num_workers: int, use_gp
     autoscaling cluster that could grow to fit is refused too: keep that many workers up while the fit runs.
     """
     threads = _threads()
+    placement_retries()  # a bad $DPDISTILL_TRAIN_PLACEMENT_RETRIES is refused here, before the plan is charged
 
     def holds(node: dict[str, float]) -> int:
         fit = int(float(node.get("CPU", 0.0)) // threads)
@@ -220,7 +221,8 @@ def shard_indices(n: int, num_workers: int, noise: PrivacyRandomness) -> list[to
 # How many times Ray Train may fail to start the worker group before the fit fails; each attempt waits Ray's
 # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default). Ray Train V2 retries a start that times out without
 # limit, so a fit whose workers cannot be placed (capacity is checked before charging, but a cluster can be
-# busy for good or lose a node) would hang forever with its plan charged. Ten attempts: ~10 minutes by default.
+# busy for good or lose a node) would hang forever with its plan charged. Ten retries (eleven starts): ~11 minutes
+# by default.
 PLACEMENT_RETRIES_ENV = "DPDISTILL_TRAIN_PLACEMENT_RETRIES"
 DEFAULT_PLACEMENT_RETRIES = 10
 
@@ -237,8 +239,8 @@ def placement_retries() -> int:
     return retries
 
 
-def _startup_failure(err: BaseException) -> bool:
-    """Whether a Ray Train error is its worker group failing to start (the placement retries ran out)."""
+def _startup_failure(err: BaseException) -> BaseException | None:
+    """The worker-group start failure behind a Ray Train error (the placement retries ran out), or None."""
     from ray.train.v2._internal.exceptions import (
         WorkerGroupStartupFailedError,
         WorkerGroupStartupTimeoutError,
@@ -247,12 +249,11 @@ def _startup_failure(err: BaseException) -> bool:
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        inner = getattr(err, "controller_failure", None)
-        if isinstance(err, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)) or isinstance(
-                inner, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
-            return True
+        for candidate in (err, getattr(err, "controller_failure", None)):
+            if isinstance(candidate, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
+                return candidate
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 def _fit_ray_train(objective: DPObjective, initial_state: dict | None, images: torch.Tensor, labels: torch.Tensor,
@@ -295,13 +296,16 @@ def _fit_ray_train(objective: DPObjective, initial_state: dict | None, images: t
             try:
                 result = trainer.fit()
             except Exception as e:
-                if not _startup_failure(e):
+                failure = _startup_failure(e)
+                if failure is None:
                     raise
+                # Ray's own line last: a start can also fail on a broken runtime environment or import.
+                why = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
                 raise ClusterError(
                     f"dp-sgd: Ray Train could not start {num_workers} worker(s) of {threads} CPU"
                     f"{' and 1 GPU' if use_gpu else ''} in {placement_retries() + 1} attempt(s) (each waits "
-                    "$RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default): the cluster is busy or lost a "
-                    f"node; the plan stays charged. Free the cluster, or raise ${PLACEMENT_RETRIES_ENV}") from None
+                    "$RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default; the plan stays charged); free "
+                    f"the cluster or raise ${PLACEMENT_RETRIES_ENV}. Ray: {why}") from None
             if result.checkpoint is None:
                 raise PrivacyError(f"dp-sgd: Ray Train run {run_name} ended without a final checkpoint")
             with result.checkpoint.as_directory() as d:

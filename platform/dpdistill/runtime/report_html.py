@@ -114,7 +114,7 @@ class RunFiles:
     def not_private(self) -> str | None:
         """Why this run's release is NOT PRIVATE (the caveats of status.json and the ledger's guarantee), or None."""
         reasons: list[str] = []
-        if self.source.get("not_private"):
+        if self.source.get("not_private") and not self.status.get("not_private"):  # a re-score not stamped itself
             reasons.append(str(self.source["not_private"]))
         if self.status.get("not_private"):
             reasons.append(str(self.status["not_private"]))
