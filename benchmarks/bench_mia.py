@@ -155,7 +155,7 @@ def render(doc: dict) -> Path:
                 f" | {100 * r['tpr_at_0.1%fpr']:.2f} % | {100 * r['tpr_at_1%fpr']:.2f} % | {r['auc']:.3f}"
                 f" | {r['members']} / {r['non_members']} | {r['wall_s']:.0f}"
                 f"{' (' + str(r['attempts']) + ' attempts)' if r.get('attempts', 1) > 1 else ''}"
-                f" | {r.get('machine', m)['cpu']} | {r['commit']}"
+                f" | {(r.get('machine') or {}).get('cpu', 'not recorded')} | {r['commit']}"
                 f" | `{r['command']}` |")
 
     # A study recorded again (e.g. after the pipeline it measures changed) shows its newest row; the earlier
