@@ -53,10 +53,10 @@ STUDIES: dict[str, dict] = {
         "why": "NDPDC as shipped (ε=10; rows before 551a0b7 ran the job's earlier image step, lr_img 100)"},
     "dpgeng-mnist-eps1": {
         "spec": "jobs/dpgeng-mnist.yaml", "set": [], "shadows": 16, "pool": 500, "minutes": 70,
-        "why": "DP-GenG as shipped (ε=1); goal TPR @ 0.1 % FPR <= 0.2 %. The row at f2c320c ran matching "
-               "'auto' as it was then: on a shadow's ~25 records a class it released once (decoupled); since "
-               "matching 'auto' skips a noise-bound matching, shadows at this scale run no matching and give its "
-               "share to the generator, so a rerun measures today's pipeline"},
+        "why": "DP-GenG as shipped (ε=1); goal TPR @ 0.1 % FPR <= 0.2 %. At a shadow's ~25 records a class "
+               "matching 'auto' plans a per-iteration noise ratio of ~114 (250 MNIST records, ε=1) and so runs "
+               "no feature matching, giving its share to the generator: the row at 929ccad measures that "
+               "pipeline. The earlier row at f2c320c ran 'auto' as it was then (one decoupled release a class)"},
     "dpgeng-mnist-eps10": {
         "spec": "jobs/dpgeng-mnist.yaml",
         "set": ["privacy.epsilon=10", "method.expert_guidance=false", "method.iterations=4000",
