@@ -11,7 +11,7 @@ and the figures say only how the SAME releases score under another protocol; the
 the source's noise draws (a one-draw reference: ± over its evaluation seeds), beside the source row's own.
 This separates the evaluation protocol's share of a gap to a paper from the method's (issue 23).
 
-    .venv/bin/python benchmarks/bench_rescore.py run NAME [--deadline 2026-12-05T01:30Z]
+    .venv/bin/python benchmarks/bench_rescore.py run NAME [--jobs 2] [--deadline 2026-12-05T01:30Z]
     .venv/bin/python benchmarks/bench_rescore.py record NAME SOURCE_RUN_DIR EVALUATE_RUN_DIR
     .venv/bin/python benchmarks/bench_rescore.py render
 
@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -136,27 +137,35 @@ def cmd_run(args: argparse.Namespace) -> int:
                DPDISTILL_EVAL_WORKERS="1", PYTHONUNBUFFERED="1")
     env.setdefault("DPDISTILL_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     out_dir = args.runs_dir / "rescore" / args.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for source_run in row["counted_runs"]:
-        if source_run in done:
-            continue
-        minutes = r.get("expected_minutes") or 0
-        if deadline is not None and time.time() + 60 * minutes > deadline.timestamp():
-            print(f"{args.name}: stopping before {source_run}: expected {minutes} min would pass the deadline")
-            return 0
-        sets = [a for s in r["set"] for a in ("--set", s)]
+    todo = [(i, run) for i, run in enumerate(row["counted_runs"]) if run not in done]
+    minutes = r.get("expected_minutes") or 0
+    if deadline is not None and todo and time.time() + 60 * minutes > deadline.timestamp():
+        print(f"{args.name}: not starting: expected {minutes} min would pass the deadline")
+        return 0
+    sets = [a for s in r["set"] for a in ("--set", s)]
+
+    def rescore(item: tuple[int, str]) -> bool:
+        index, source_run = item
+        # One runs folder (and so one sqlite MLflow store) per source draw: concurrent re-scores never share one.
+        runs = out_dir / f"draw{index}"
+        runs.mkdir(parents=True, exist_ok=True)
         cmd = ["nice", "-n", "10", str(VENV_BIN / "dpdistill"), "evaluate", source_run, *sets,
-               "--runs-dir", str(out_dir), "--no-progress"]
+               "--runs-dir", str(runs), "--no-progress"]
         print(f"{args.name}: re-scoring {source_run}", flush=True)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         found = re.findall(r"^run folder: (.+)$", proc.stdout, flags=re.M)
         if proc.returncode != 0 or not found:
             print(f"{args.name}: failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-400:]}")
-            return 1
+            return False
         rec = add_record(args.name, source_run, Path(found[-1].strip()), " ".join(cmd[3:]))
-        print(f"{args.name}: {rec['status']}, test {100 * rec['test_acc_mean']:.2f} %", flush=True)
+        print(f"{args.name}: {rec['status']}, test {100 * rec['test_acc_mean']:.2f} % ({source_run})", flush=True)
+        return True
+
+    # --jobs re-scores at once, one thread each (each evaluate keeps to one core).
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        ok = all(list(pool.map(rescore, todo)))
     render()
-    return 0
+    return 0 if ok else 1
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -225,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("name")
     r.add_argument("--deadline", help="UTC, e.g. 2026-12-05T01:30Z: start no re-score that would pass it")
     r.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    r.add_argument("--jobs", type=int, default=1, help="re-scores at once (one core each)")
     rec = sub.add_parser("record", help="record an evaluate run folder made by hand")
     rec.add_argument("name")
     rec.add_argument("source_run")
