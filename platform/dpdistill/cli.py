@@ -71,8 +71,8 @@ def evaluate(
 
     Post-processing of a DP release: fresh models are trained on the released images and scored on the test
     split (and validation, as the protocol says), in a run folder of its own. Only evaluation.*, seed, device,
-    threads, ray.*, resources.*, tracking.*, name and description can be overridden; noisy-senv is refused (it
-    would charge a ledger this job does not have).
+    threads, ray.*, resources.*, tracking.*, name, description, data.root and data.download can be overridden;
+    noisy-senv is refused (it would charge a ledger this job does not have).
     """
     from dpdistill.pipelines.evaluate_job import evaluate_spec
 
