@@ -39,7 +39,16 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runs import CONFIGS, DEFAULT_RUNS_DIR, RESULTS_JSON, VENV_BIN, load_configs, superseded_by  # noqa: E402
+from bench_runs import (  # noqa: E402
+    CONFIGS,
+    DEFAULT_RUNS_DIR,
+    RESULTS_JSON,
+    VENV_BIN,
+    _mean_std,
+    load_configs,
+    superseded_by,
+)
+from bench_runs import _pct as bench_runs_pct  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESCORE_JSON = RESULTS / "rescore.json"
@@ -182,11 +191,9 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def _pct(values: list[float], one_std: float | None = None) -> str:
-    if not values:
-        return ""
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else one_std
-    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+    """Mean ± std (ddof 1) in %, as runs.md shows them; one value: ± ``one_std`` (its evaluation seeds')."""
+    mean, std = _mean_std(values)
+    return bench_runs_pct(mean, std if len(values) > 1 else one_std)
 
 
 def render() -> None:

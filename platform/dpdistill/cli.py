@@ -42,7 +42,11 @@ def run(
     """Run a job spec to completion; prints a summary and where the run folder and MLflow run are."""
     from dpdistill.spec import load_spec
 
-    job = load_spec(spec, set_ or [])
+    _run_and_summarise(load_spec(spec, set_ or []), runs_dir, address, progress)
+
+
+def _run_and_summarise(job, runs_dir: Path, address: str | None, progress: bool) -> None:
+    """Run ``job`` (``run`` and ``evaluate``) and print its summary; SIGTERM exits 143."""
     from dpdistill.runner import is_sigterm, run_job
 
     try:
@@ -76,17 +80,7 @@ def evaluate(
     """
     from dpdistill.pipelines.evaluate_job import evaluate_spec
 
-    job = evaluate_spec(run_dir, set_ or [])
-    from dpdistill.runner import is_sigterm, run_job
-
-    try:
-        result = run_job(job, runs_dir, address=address, progress=progress)
-    except KeyboardInterrupt as e:
-        if not is_sigterm(e):
-            raise
-        print("dpdistill: terminated by SIGTERM (the run folder, if any, is marked interrupted)", file=sys.stderr)
-        raise typer.Exit(143) from None
-    _print_summary(job, result)
+    _run_and_summarise(evaluate_spec(run_dir, set_ or []), runs_dir, address, progress)
 
 
 def _print_summary(job, result) -> None:

@@ -127,17 +127,24 @@ def load_release(source: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return saved, hashlib.sha256(raw).hexdigest()
 
 
-def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> Any:
-    """The evaluate job for ``run_dir``: its spec.yaml's data, seed, device and evaluation, method ``release``,
-    no privacy block, then ``overrides`` (only the fields in OVERRIDABLE). SpecError naming the file or field."""
-    from dpdistill.spec import apply_overrides, load_spec, parse_override, validate_spec
+def source_spec(run_dir: Path) -> Any:
+    """The source run's resolved spec.yaml; SpecError naming the file when it is missing or invalid."""
+    from dpdistill.spec import load_spec
 
-    run_dir = Path(run_dir)
-    source = read_source(run_dir)
     spec_path = run_dir / "spec.yaml"
     if not spec_path.is_file():
         raise SpecError(f"{spec_path}: missing; cannot tell which data and protocol the release belongs to")
-    src = load_spec(spec_path)
+    return load_spec(spec_path)
+
+
+def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> Any:
+    """The evaluate job for ``run_dir``: its spec.yaml's data, seed, device and evaluation, method ``release``,
+    no privacy block, then ``overrides`` (only the fields in OVERRIDABLE). SpecError naming the file or field."""
+    from dpdistill.spec import apply_overrides, parse_override, validate_spec
+
+    run_dir = Path(run_dir)
+    source = read_source(run_dir)
+    src = source_spec(run_dir)
     for text in overrides or []:
         keys, _ = parse_override(text)
         if keys[0] not in OVERRIDABLE and not (keys[0] == "data" and keys[1:2] and keys[1] in DATA_LOCATION):
@@ -154,12 +161,7 @@ def check_same_data(spec: Any, run_dir: Path) -> None:
     """Refuse an evaluate spec whose data block names other records than the source run's: another
     ``val_seed`` (or image size, subset, dataset) would carve the validation or test split out of records
     the release was made from, and report a figure on them as held out. Only where the files are may differ."""
-    from dpdistill.spec import load_spec
-
-    spec_path = run_dir / "spec.yaml"
-    if not spec_path.is_file():
-        raise SpecError(f"{spec_path}: missing; cannot tell which data and protocol the release belongs to")
-    theirs = load_spec(spec_path).data.model_dump(mode="json")
+    theirs = source_spec(run_dir).data.model_dump(mode="json")
     ours = spec.data.model_dump(mode="json")
     for key in sorted(set(theirs) | set(ours)):
         if key not in DATA_LOCATION and theirs.get(key) != ours.get(key):
