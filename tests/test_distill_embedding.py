@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dpdistill import models
@@ -71,3 +72,74 @@ def test_checkpointed_chunks_give_the_plain_gradient() -> None:
     scale = float(grads[0].abs().max())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-4 * scale)
     torch.testing.assert_close(grads[3], grads[2], rtol=1e-3, atol=1e-4 * float(grads[2].abs().max()))
+
+
+def test_keeping_or_checkpointing_chunk_activations_gives_the_same_bits(monkeypatch) -> None:
+    # run_chunked picks whichever of the two is faster on the machine, so they must not differ in any bit:
+    # otherwise a run's result would depend on a timing.
+    net = embedding.prepare(_net("instance", seed=5))
+    x = torch.randn(70, 1, 28, 28)
+    results = {}
+    for policy in ("always", "never"):
+        monkeypatch.setenv(embedding.CHECKPOINT_ENV, policy)
+        for name, run in (("embed", embedding.embed), ("logits", embedding.logits)):
+            xg = x.clone().requires_grad_(True)
+            out = run(net, xg, 16)
+            (out.square() * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+            results[policy, name] = (out.detach(), xg.grad)
+    for name in ("embed", "logits"):
+        assert torch.equal(results["always", name][0], results["never", name][0])
+        assert torch.equal(results["always", name][1], results["never", name][1])
+
+
+def test_checkpoint_choice_is_measured_once_per_shape_and_draws_no_caller_randomness(monkeypatch) -> None:
+    monkeypatch.delenv(embedding.CHECKPOINT_ENV, raising=False)
+    monkeypatch.setattr(embedding, "_CHOICES", {})
+    measured = []
+    real_measure = embedding._measure_checkpoint
+
+    def counting(fn, x, chunk):  # the real measurement, counted
+        measured.append(tuple(x.shape))
+        return real_measure(fn, x, chunk)
+
+    monkeypatch.setattr(embedding, "_measure_checkpoint", counting)
+    net = embedding.prepare(_net("instance", seed=6))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    for _ in range(3):
+        embedding.embed(net, torch.zeros(40, 1, 28, 28, requires_grad=True), 16).sum().backward()
+    assert torch.equal(torch.get_rng_state(), state)  # the probe comes from its own generator
+    assert measured == [(40, 1, 28, 28)]
+    grads = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+    embedding.embed(net, torch.zeros(50, 1, 28, 28, requires_grad=True), 16)  # another batch shape: measured
+    assert measured == [(40, 1, 28, 28), (50, 1, 28, 28)]
+    # The measurement differentiates the probe only: the parameters' accumulated gradients are untouched.
+    for p, g in zip(net.parameters(), grads, strict=True):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    # Past the memory cap it checkpoints without measuring.
+    monkeypatch.setattr(embedding, "KEEP_ACTIVATIONS_MAX", 45)
+    assert embedding.checkpoint_pays(net.embed, net, torch.zeros(50, 1, 28, 28), 16)
+    assert len(measured) == 2
+
+
+def test_bfloat16_real_side_rounds_the_convolutions_only_and_returns_float32() -> None:
+    net = embedding.prepare(_net("instance", seed=7))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(70, 1, 28, 28)
+    exact = embedding.embed_no_grad(net, x, chunk=32)
+    parts = embedding.embed_chunks(net, x, chunk=32, precision="bfloat16")
+    assert [p.dtype for p in parts] == [torch.float32] * 3  # clipping and noise downstream stay float32
+    low = torch.cat(parts)
+    # Rounded (so bf16 really ran), but the features stay close: ~0.1-1 % relative per record.
+    assert not torch.equal(low, exact)
+    rel = (low - exact).norm(dim=1) / exact.norm(dim=1)
+    assert float(rel.max()) < 0.03
+    assert float((low.mean(0) - exact.mean(0)).norm() / exact.mean(0).norm()) < 0.01
+    # The caller's network is untouched; only the copy's convolutions are replaced.
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    copy = embedding.low_precision(net)
+    assert not any(type(m) is torch.nn.Conv2d for m in copy.modules() if m not in
+                   [c.conv for c in copy.modules() if hasattr(c, "conv")])
+    assert embedding.mixes_records(embedding.low_precision(embedding.prepare(_net("batch")).train()))
+    with pytest.raises(ValueError, match="precision"):
+        embedding.embed_chunks(net, x, precision="float16")  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ from dpdistill.distill.loop import (
     progress_steps as progress_steps,  # re-exported: SFDD's job uses it from here
 )
 from dpdistill.distill.losses import feature_mean_distance
-from dpdistill.distill.options import CheckedNetworkOptions
+from dpdistill.distill.options import CheckedNetworkOptions, RealPrecisionOptions
 from dpdistill.distill.registry import register
 from dpdistill.distill.synthetic import Normalizer, SyntheticSet, private_normalizer
 from dpdistill.errors import DataError
@@ -76,7 +76,7 @@ class MatchingConfig(CheckedNetworkOptions):
         return self.ipc // (self.factor * self.factor)
 
 
-class DMConfig(MatchingConfig):
+class DMConfig(RealPrecisionOptions, MatchingConfig):
     """DM options (defaults: the paper's, 20,000 iterations; the quick-start uses a few hundred)."""
 
     iterations: int = Field(20000, ge=0, description="outer iterations (a fresh random network each)")
@@ -206,8 +206,10 @@ def dm_step(
     dsa: DSA | None,
     batch_real: int,
     generator: torch.Generator,
+    precision: embedding.Precision = "float32",
 ) -> torch.Tensor:
-    """DM's loss for one network: sum over classes of the feature-mean distance (differentiable w.r.t. syn)."""
+    """DM's loss for one network: sum over classes of the feature-mean distance (differentiable w.r.t. syn).
+    ``precision``: the real side's (:func:`dpdistill.distill.embedding.embed_chunks`)."""
     reals, syns, sizes_r, sizes_s = [], [], [], []
     for c in range(syn.num_classes):
         xr = normalize(sampler.batch(c, batch_real, generator))
@@ -217,7 +219,7 @@ def dm_step(
         syns.append(xs)
         sizes_r.append(len(xr))
         sizes_s.append(len(xs))
-    f_real = embedding.embed_no_grad(net, torch.cat(reals)).split(sizes_r)
+    f_real = embedding.embed_no_grad(net, torch.cat(reals), precision=precision).split(sizes_r)
     f_syn = embedding.embed(net, torch.cat(syns)).split(sizes_s)
     return torch.stack([feature_mean_distance(r, s) for r, s in zip(f_real, f_syn, strict=True)]).sum()
 
@@ -236,7 +238,7 @@ def run_dm(real: Any, cfg: DMConfig | None = None, seed: int | torch.Generator =
     opt = m.image_optimizer()
 
     def step(_: int) -> float:
-        loss = dm_step(m.fresh_net(), m.syn, sampler, m.normalize, m.dsa, cfg.batch_real, m.g)
+        loss = dm_step(m.fresh_net(), m.syn, sampler, m.normalize, m.dsa, cfg.batch_real, m.g, cfg.real_precision)
         return image_step(opt, loss, m.syn, m.normalize, cfg.clamp)
 
     return m.loop("DM", step)

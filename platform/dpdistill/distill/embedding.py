@@ -1,39 +1,66 @@
 """Fast embeddings for the matching distillers: channels-last networks and cache-sized chunks on the real side.
 
 Every matcher (DM, NDPDC, DP feature matching, DP-GenG) spends most of an iteration embedding a large real
-batch (DM's reference setting: 10 classes x 256 images through a width-128 ConvNet) with no gradient. Measured on
-a 2-core AVX-512 machine (benchmarks/bench_speed.py), two changes make that forward ~3-4x faster without
-changing what is computed:
+batch (DM's reference setting: 10 classes x 256 images through a width-128 ConvNet) with no gradient, and
+the rest differentiating the synthetic side. Measured on 2-core AVX-512 machines (benchmarks/bench_speed.py),
+these change how fast, not what is computed:
 
 - **channels-last** memory format: oneDNN's convolutions run ~3x faster on NHWC than on NCHW tensors on CPU.
   :func:`prepare` converts a network's 4-d weights once; the inputs follow.
 - **chunks of ~32 images**: a width-128 feature map of 2,560 images at 32x32 is 1.3 GB, so every elementwise op
   (norm, activation, pooling) streams main memory; a 32-image chunk stays in cache. The no-grad real side is
-  simply chunked. The differentiable synthetic side (and the expert's guidance forward) is chunked with
-  activation checkpointing (:func:`torch.utils.checkpoint.checkpoint`): each chunk's forward runs without
-  keeping activations and is recomputed chunk by chunk in the backward, so forward and backward both stay in
-  cache — one extra forward, still ~2x faster end to end on CPU, and the same gradient.
+  simply chunked.
+- **the differentiable synthetic side** (and the expert's guidance forward) is also chunked, either keeping each
+  chunk's activations for the backward or with activation checkpointing
+  (:func:`torch.utils.checkpoint.checkpoint`: each chunk's forward runs without keeping activations and is
+  recomputed chunk by chunk in the backward, one extra forward, but forward and backward both stay in cache).
+  Which wins depends on the machine's caches, not on the data: on an Intel Xeon checkpointing was ~2x faster
+  end to end; on an AMD EPYC (1 MB L2 a core) it was 1.5-1.6x SLOWER (width-32 ConvNet, 400 images: 131 against
+  83 ms a forward + backward; width 128, 100 images: 218 against 145 ms). So :func:`run_chunked` measures both
+  once per network shape and batch shape on the machine it runs on (:func:`checkpoint_pays`, a fraction of a
+  second on a fixed, data-independent probe) and keeps the faster. Both give the same features and gradient
+  bit for bit (the same chunks through the same kernels; tests/test_distill_embedding.py), so the choice never
+  changes a result. ``$DPDISTILL_CHUNK_CHECKPOINT`` = ``always`` / ``never`` fixes it (default ``auto``).
   Chunking is exact only for networks whose layers treat records independently: a network with batch norm in
   training mode (its statistics mix the batch) is run in one pass, as the reference does.
+- **bfloat16 convolutions on the real side**, when a config asks for it (``real_precision: bfloat16``,
+  :func:`low_precision`): the no-grad real forward's convolutions take bfloat16 inputs and weights and return
+  float32, so norm, activation, pooling, the features and everything after them (clipping, noise) stay float32.
+  On CPUs with native bf16 dot products (AVX512-BF16, AMX) the convolutions run ~2x faster (DM's width-128 real
+  side: 1.50 -> 0.97 s for 2,560 images on a 2-core AMD EPYC); the class means move by ~0.1 % relative, far
+  below the spread between two halves of the same class batch (~6 %). This one changes results (rounding), so it
+  is a spec field, off by default, never a silent choice.
 
 Results equal the plain ``net.embed(x)`` up to float rounding (~1e-6; tests/test_distill_embedding.py).
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import time
 from collections.abc import Callable
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dpdistill.models.registry import mixes_records
 
-__all__ = ["CHUNK", "channels_last", "embed", "embed_chunks", "embed_no_grad", "logits", "mixes_records",
-           "prepare", "run_chunked"]
+__all__ = ["CHECKPOINT_ENV", "CHUNK", "channels_last", "checkpoint_pays", "embed", "embed_chunks", "embed_no_grad",
+           "logits", "low_precision", "mixes_records", "prepare", "run_chunked"]
+
+Precision = Literal["float32", "bfloat16"]
 
 CHUNK = 32  # images per no-grad forward (cache-sized for width-128 ConvNets on 28-32 px images)
 _CL = torch.channels_last
+CHECKPOINT_ENV = "DPDISTILL_CHUNK_CHECKPOINT"  # auto (measure once per shape), always, never
+# Above this many images the synthetic side is checkpointed whatever is faster: kept activations of a
+# width-128 ConvNet on 32x32 images are ~0.8 MB an image, so a larger set would trade memory for speed.
+KEEP_ACTIVATIONS_MAX = 2048
+_CHOICES: dict[tuple[object, ...], bool] = {}  # (network shape, batch shape, ...) -> checkpoint is faster
 
 
 def prepare(net: nn.Module) -> nn.Module:
@@ -50,42 +77,131 @@ def run_chunked(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: t
                 chunk: int = CHUNK) -> torch.Tensor:
     """``fn(x)`` (``fn`` is ``net``'s forward or embed) on channels-last chunks, differentiable w.r.t. ``x``.
 
-    When a gradient is wanted each chunk is checkpointed (recomputed in the backward), so its activations are
-    used while still in cache; the networks here are deterministic (no dropout), so the recomputation gives the
-    same values and the RNG state need not be saved. Without gradient, or for a network that mixes records, or
-    a batch of at most one chunk, it is one plain call.
+    When a gradient is wanted, each chunk either keeps its activations for the backward or is checkpointed
+    (recomputed in the backward, so its activations are used while still in cache), whichever
+    :func:`checkpoint_pays` found faster on this machine; the networks here are deterministic (no dropout), so
+    the recomputation gives the same values and the RNG state need not be saved. Without gradient, or for a
+    network that mixes records, or a batch of at most one chunk, it is one plain call.
     """
     if len(x) <= chunk or mixes_records(net) or not (torch.is_grad_enabled() and x.requires_grad):
         return fn(channels_last(x))
+    if not checkpoint_pays(fn, net, x, chunk):
+        return torch.cat([fn(channels_last(part)) for part in x.split(chunk)])
+    return _checkpointed(fn, x, chunk)
+
+
+def _checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat([checkpoint(fn, channels_last(part), use_reentrant=False, preserve_rng_state=False)
                       for part in x.split(chunk)])
 
 
+def checkpoint_pays(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: torch.Tensor,
+                    chunk: int = CHUNK) -> bool:
+    """Whether checkpointed chunks are faster than chunks that keep their activations, for ``fn`` of ``net``
+    on a batch shaped like ``x``, on this machine (``$DPDISTILL_CHUNK_CHECKPOINT`` = always / never decides
+    instead).
+
+    Measured once per (network type, parameter shapes, function, batch shape, chunk) in this process: a forward
+    and backward each way, twice, alternating, on a fixed probe (pixels from a private generator: neither the
+    data nor any caller's RNG is touched), the gradient taken w.r.t. the probe only (parameters' ``.grad`` are
+    left alone). A batch over :data:`KEEP_ACTIVATIONS_MAX` images is always checkpointed (memory).
+    """
+    policy = os.environ.get(CHECKPOINT_ENV, "auto").strip().lower()
+    if policy in ("always", "never"):
+        return policy == "always"
+    if len(x) > KEEP_ACTIVATIONS_MAX:
+        return True
+    key = (type(net).__qualname__, tuple(tuple(p.shape) for p in net.parameters()), getattr(fn, "__name__", ""),
+           tuple(x.shape), x.dtype, x.device.type, chunk, torch.get_num_threads())
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _CHOICES[key] = _measure_checkpoint(fn, x, chunk)
+    return choice
+
+
+def _measure_checkpoint(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int) -> bool:
+    probe = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).to(device=x.device, dtype=x.dtype)
+    probe.requires_grad_(True)
+
+    def seconds(checkpointed: bool) -> float:
+        started = time.perf_counter()
+        out = (_checkpointed(fn, probe, chunk) if checkpointed
+               else torch.cat([fn(channels_last(part)) for part in probe.split(chunk)]))
+        torch.autograd.grad(out.sum(), probe)
+        return time.perf_counter() - started
+
+    with torch.enable_grad():
+        best = {True: float("inf"), False: float("inf")}
+        for checkpointed in (False, True, False, True):
+            best[checkpointed] = min(best[checkpointed], seconds(checkpointed))
+    return best[True] < best[False]
+
+
 def embed(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """``net.embed(x)``, differentiable (the synthetic side), in checkpointed chunks (:func:`run_chunked`)."""
+    """``net.embed(x)``, differentiable (the synthetic side), in chunks (:func:`run_chunked`)."""
     return run_chunked(net.embed, net, x, chunk)  # type: ignore[arg-type]
 
 
 def logits(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """``net(x)``, differentiable, in checkpointed chunks (:func:`run_chunked`): the expert's guidance forward."""
+    """``net(x)``, differentiable, in chunks (:func:`run_chunked`): the expert's guidance forward."""
     return run_chunked(net, net, x, chunk)
 
 
-def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK) -> list[torch.Tensor]:
-    """``net.embed`` of ``x`` in consecutive chunks (no gradient): one feature tensor per chunk, in order.
+def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
+                 precision: Precision = "float32") -> list[torch.Tensor]:
+    """``net.embed`` of ``x`` in consecutive chunks (no gradient): one float32 feature tensor per chunk, in order.
 
-    A network that mixes records (:func:`mixes_records`) gets the whole batch as one chunk, so its batch
-    statistics are those of the whole batch, as without chunking.
+    ``precision`` 'bfloat16' computes the convolutions in bfloat16 (:func:`low_precision`). A network that mixes
+    records (:func:`mixes_records`) gets the whole batch as one chunk, so its batch statistics are those of the
+    whole batch, as without chunking.
     """
     if len(x) == 0:
         return []
     if mixes_records(net):
         chunk = len(x)
+    if precision == "bfloat16":
+        net = low_precision(net)
+    elif precision != "float32":
+        raise ValueError(f"unknown precision {precision!r}; expected float32 or bfloat16")
     with torch.no_grad():
         return [net.embed(channels_last(part)) for part in x.split(chunk)]  # type: ignore[operator]
 
 
-def embed_no_grad(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def embed_no_grad(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
+                  precision: Precision = "float32") -> torch.Tensor:
     """``net.embed(x)`` without gradient, computed chunk by chunk (:func:`embed_chunks`), as one tensor."""
-    parts = embed_chunks(net, x, chunk)
+    parts = embed_chunks(net, x, chunk, precision)
     return torch.cat(parts) if parts else x.new_zeros((0, 0))
+
+
+class _BFloat16Conv(nn.Module):
+    """A frozen copy of a Conv2d computed in bfloat16: input and weights rounded to bf16, output float32."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv  # kept for its hyper-parameters (and so module-type checks still see a Conv2d)
+        fmt = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        self.weight = conv.weight.detach().to(torch.bfloat16).contiguous(memory_format=fmt)
+        self.bias = None if conv.bias is None else conv.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if c.padding_mode != "zeros":
+            raise ValueError(f"bfloat16 convolution: padding_mode {c.padding_mode!r} is not supported")
+        out = F.conv2d(x.to(torch.bfloat16), self.weight, self.bias, c.stride, c.padding, c.dilation, c.groups)
+        return out.float()
+
+
+def low_precision(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` (for no-grad forwards) whose Conv2d layers compute in bfloat16 and return float32.
+
+    Only the convolutions change: normalisation, activations, pooling and linear layers stay float32, as do the
+    outputs. ``net`` itself is untouched (the copy is cheap: a ConvNet's weights are well under 1 MB).
+    """
+    out = copy.deepcopy(net)
+    for module in list(out.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Conv2d:
+                setattr(module, name, _BFloat16Conv(child))
+    return out

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from dpdistill.distill.dm import MatchingConfig
 from dpdistill.distill.loop import PrivateRunOptions, image_step
-from dpdistill.distill.options import PrivateMatchingOptions
+from dpdistill.distill.options import PrivateMatchingOptions, RealPrecisionOptions
 from dpdistill.distill.private_matching import (
     DecoupledMatchingOptions,
     check_per_record_network,
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 COMPONENT = "ndpdc/feature_matching"
 
 
-class NDPDCConfig(PrivateMatchingOptions, DecoupledMatchingOptions, MatchingConfig):
+class NDPDCConfig(PrivateMatchingOptions, DecoupledMatchingOptions, RealPrecisionOptions, MatchingConfig):
     """NDPDC options: DM's, plus the clip norm C of each record's embedding and (optionally) a fixed noise
     multiplier (:class:`PrivateMatchingOptions`), per-iteration or decoupled matching
     (:class:`DecoupledMatchingOptions`, ``bank_size``); noise init only."""
@@ -67,7 +67,8 @@ class NDPDCConfig(PrivateMatchingOptions, DecoupledMatchingOptions, MatchingConf
     def overridden_options(self) -> dict[str, str]:
         """Options this configuration ignores, with why (a sweep must not search them)."""
         if self.matching == "decoupled":
-            ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled"}
+            ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled",
+                       "real_precision": "matching 'decoupled' computes its one release in float32"}
             if self.dsa_strategy == "none":
                 ignored["augmentations"] = "dsa_strategy is 'none': there is nothing to draw"
             return ignored
@@ -95,7 +96,7 @@ def run_ndpdc(real: Any, cfg: NDPDCConfig | None = None, seed: int | torch.Gener
         net = m.fresh_net()
         check_per_record_network(net, "ndpdc")
         loss = dp_feature_matching_loss(net, m.syn, dp.sampler, m.normalize, m.dsa, dp.clip, dp.sigma,
-                                        noise=dp.noise, generator=m.g)
+                                        noise=dp.noise, generator=m.g, precision=cfg.real_precision)
         return image_step(opt, loss, m.syn, m.normalize, cfg.clamp)
 
     return m.loop("NDPDC", step)

@@ -210,6 +210,7 @@ def dp_feature_matching_loss(
     noise: PrivacyRandomness,
     generator: torch.Generator,
     chunk: int = embedding.CHUNK,
+    precision: embedding.Precision = "float32",
 ) -> torch.Tensor:
     """One DP feature-matching step over every class: sum over classes of ||noisy real mean - mean clip(f(syn))||².
 
@@ -217,7 +218,9 @@ def dp_feature_matching_loss(
     ``generator``: data-independent); the Poisson batch and the noise come from ``noise``. The real side is
     computed without gradients and released only as its noisy mean, so the returned loss is a function of
     the noisy (charged) targets and the synthetic images alone. It is differentiable w.r.t. ``syn.images``.
-    The caller must have charged the ledger for this step (see :func:`charge_matching`).
+    The caller must have charged the ledger for this step (see :func:`charge_matching`). ``precision`` is the
+    real-side forward's (:func:`dpdistill.distill.embedding.embed_chunks`): the features it returns are float32
+    and are clipped in float32, so the sensitivity bound holds either way.
     """
     targets, syns, sizes = [], [], []
     for c in range(syn.num_classes):
@@ -226,7 +229,7 @@ def dp_feature_matching_loss(
         xr, xs = siamese_pair(dsa, xr, xs, generator)
         with torch.no_grad():
             total = torch.zeros(net_feature_dim(net, xs), device=xs.device)
-            for features in embedding.embed_chunks(net, xr, chunk):
+            for features in embedding.embed_chunks(net, xr, chunk, precision):
                 total += clipped_sum(features, clip)
             targets.append(noisy_mean(total, clip, sigma, sampler.expected_size(c), noise))
         syns.append(xs)

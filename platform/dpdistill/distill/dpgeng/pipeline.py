@@ -67,7 +67,7 @@ from dpdistill.distill.dpgeng.extractors import train_extractors
 from dpdistill.distill.dpgeng.guidance import ExpertGuidance
 from dpdistill.distill.dpgeng.init_kmeans import confident_subset, dp_init, random_init
 from dpdistill.distill.loop import PrivateRunOptions, RunArgs, image_lr_schedule, image_step
-from dpdistill.distill.options import CheckedNetworkOptions, PrivateMatchingOptions
+from dpdistill.distill.options import CheckedNetworkOptions, PrivateMatchingOptions, RealPrecisionOptions
 from dpdistill.distill.private_matching import (
     NOISE_DOMINATED_RATIO,
     DecoupledMatchingOptions,
@@ -126,7 +126,7 @@ class ComponentLedger(PrivacyLedger):
                                         for component, mechanism, note in charges])
 
 
-class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetworkOptions):
+class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, RealPrecisionOptions, CheckedNetworkOptions):
     """DP-GenG options, grouped by stage; defaults are sized for MNIST on a few CPU cores."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -204,7 +204,8 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, CheckedNetw
         """Options this configuration ignores, with why: a sweep must not search them (its trials would be
         identical while their specs record different values)."""
         if self.matching == "decoupled":
-            ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled"}
+            ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled",
+                       "real_precision": "matching 'decoupled' computes its one release in float32"}
             if self.dsa_strategy == "none":
                 ignored["augmentations"] = "dsa_strategy is 'none': there is nothing to draw"
         elif self.matching == "per-iteration":
@@ -498,7 +499,8 @@ def run_dpgeng(real: Any, cfg: DPGenGConfig | None = None, seed: int | torch.Gen
             if sampler is not None:
                 net = extractors[int(torch.randint(len(extractors), (1,), generator=g))]
                 loss = loss + dp_feature_matching_loss(net, syn, sampler, normalize, dsa, cfg.clip, sigma_f,
-                                                       noise=fm_noise, generator=g)
+                                                       noise=fm_noise, generator=g,
+                                                       precision=cfg.real_precision)
             if guidance is not None:
                 loss = loss + cfg.eg_weight * guidance.loss(syn, g)
             value = image_step(opt, loss, syn, normalize, cfg.clamp)
