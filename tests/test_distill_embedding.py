@@ -7,6 +7,7 @@ import torch
 
 from dpdistill import models
 from dpdistill.distill import embedding
+from dpdistill.errors import SpecError
 
 
 def _net(norm: str, seed: int = 0) -> torch.nn.Module:
@@ -116,6 +117,10 @@ def test_checkpoint_choice_is_measured_once_per_shape_and_draws_no_caller_random
     # The measurement differentiates the probe only: the parameters' accumulated gradients are untouched.
     for p, g in zip(net.parameters(), grads, strict=True):
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    monkeypatch.setenv(embedding.CHECKPOINT_ENV, "sometimes")
+    with pytest.raises(SpecError, match=embedding.CHECKPOINT_ENV):
+        embedding.checkpoint_pays(net.embed, net, torch.zeros(60, 1, 28, 28), 16)
+    monkeypatch.delenv(embedding.CHECKPOINT_ENV)
     # Past the memory cap it checkpoints without measuring.
     monkeypatch.setattr(embedding, "KEEP_ACTIVATIONS_MAX", 45)
     assert embedding.checkpoint_pays(net.embed, net, torch.zeros(50, 1, 28, 28), 16)

@@ -203,6 +203,19 @@ def test_a_fit_whose_workers_cannot_be_placed_fails_instead_of_hanging(cluster, 
     assert re.search(r"could not start 1 worker\(s\).*in 2 attempt\(s\)", str(outcome[0])), outcome[0]
 
 
+def test_ray_train_v1_is_refused_before_the_charge(monkeypatch):
+    """Under Train V1 the bounded retries do not exist (V1's FailureConfig has no controller_failure_limit):
+    refused in the capacity check, which runs before the plan is charged, not with a TypeError after it."""
+    from dpdistill.errors import SpecError
+    from dpdistill.runtime.dp_train import check_train_capacity
+
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
+    with pytest.raises(SpecError, match=r"Ray Train V2 is required.*RAY_TRAIN_V2_ENABLED"):
+        check_train_capacity([{"CPU": 4.0}], 1, use_gpu=False)
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")
+    check_train_capacity([{"CPU": 4.0}], 1, use_gpu=False)
+
+
 @pytest.mark.parametrize("value", ["abc", "-1", "2.5"])
 def test_a_bad_placement_retry_setting_is_refused_before_the_charge(monkeypatch, value):
     """The capacity check runs before the plan is charged: a malformed retry count fails there, not after."""

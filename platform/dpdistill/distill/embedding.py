@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dpdistill.errors import SpecError
 from dpdistill.models.registry import mixes_records
 
 __all__ = ["CHECKPOINT_ENV", "CHUNK", "channels_last", "checkpoint_pays", "embed", "embed_chunks", "embed_no_grad",
@@ -106,9 +107,11 @@ def checkpoint_pays(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, 
     data nor any caller's RNG is touched), the gradient taken w.r.t. the probe only (parameters' ``.grad`` are
     left alone). A batch over :data:`KEEP_ACTIVATIONS_MAX` images is always checkpointed (memory).
     """
-    policy = os.environ.get(CHECKPOINT_ENV, "auto").strip().lower()
+    policy = os.environ.get(CHECKPOINT_ENV, "").strip().lower() or "auto"
     if policy in ("always", "never"):
         return policy == "always"
+    if policy != "auto":
+        raise SpecError(f"${CHECKPOINT_ENV}: expected auto, always or never, got {policy!r}")
     if len(x) > KEEP_ACTIVATIONS_MAX:
         return True
     key = (type(net).__qualname__, tuple(tuple(p.shape) for p in net.parameters()), getattr(fn, "__name__", ""),
@@ -124,10 +127,12 @@ def _measure_checkpoint(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     probe.requires_grad_(True)
 
     def seconds(checkpointed: bool) -> float:
+        _sync(x.device)
         started = time.perf_counter()
         out = (_checkpointed(fn, probe, chunk) if checkpointed
                else torch.cat([fn(channels_last(part)) for part in probe.split(chunk)]))
         torch.autograd.grad(out.sum(), probe)
+        _sync(x.device)
         return time.perf_counter() - started
 
     with torch.enable_grad():
@@ -135,6 +140,12 @@ def _measure_checkpoint(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
         for checkpointed in (False, True, False, True):
             best[checkpointed] = min(best[checkpointed], seconds(checkpointed))
     return best[True] < best[False]
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued kernels (an accelerator runs asynchronously: a timing must not stop at the launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def embed(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:

@@ -80,6 +80,7 @@ def check_train_capacity(nodes: list[dict[str, float]], num_workers: int, use_gp
     """
     threads = _threads()
     placement_retries()  # a bad $DPDISTILL_TRAIN_PLACEMENT_RETRIES is refused here, before the plan is charged
+    require_train_v2()
 
     def holds(node: dict[str, float]) -> int:
         fit = int(float(node.get("CPU", 0.0)) // threads)
@@ -237,6 +238,17 @@ def placement_retries() -> int:
     if retries < 0:
         raise SpecError(f"${PLACEMENT_RETRIES_ENV}: expected 0 or more retries, got {retries}")
     return retries
+
+
+def require_train_v2() -> None:
+    """Refuse (one-line SpecError) a fit under Ray Train V1 (``RAY_TRAIN_V2_ENABLED=0``): the bounded placement
+    retries are V2's ``FailureConfig(controller_failure_limit=…)``, which V1 lacks, so the fit would fail after
+    the plan was charged. Ray 2.60's default is V2."""
+    from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
+
+    if not is_v2_enabled():
+        raise SpecError(f"Ray Train V2 is required (the DP fit bounds its worker-placement retries with V2's "
+                        f"FailureConfig); unset ${V2_ENABLED_ENV_VAR} or set it to 1")
 
 
 def _startup_failure(err: BaseException) -> BaseException | None:
