@@ -58,9 +58,10 @@ Precision = Literal["float32", "bfloat16"]
 CHUNK = 32  # images per no-grad forward (cache-sized for width-128 ConvNets on 28-32 px images)
 _CL = torch.channels_last
 CHECKPOINT_ENV = "DPDISTILL_CHUNK_CHECKPOINT"  # auto (measure once per shape), always, never
-# Above this many images the synthetic side is checkpointed whatever is faster: kept activations of a
-# width-128 ConvNet on 32x32 images are ~0.8 MB an image, so a larger set would trade memory for speed.
-KEEP_ACTIVATIONS_MAX = 2048
+# Above this many images the synthetic side is checkpointed whatever is faster: the activations a width-128
+# ConvNet keeps for the backward on 32x32 images are ~2 MB an image (conv output, normalised map and ReLU output
+# at full size, the smaller maps below), so 512 images hold ~1 GB; a larger set would trade memory for speed.
+KEEP_ACTIVATIONS_MAX = 512
 _CHOICES: dict[tuple[object, ...], bool] = {}  # (network shape, batch shape, ...) -> checkpoint is faster
 
 
