@@ -232,3 +232,41 @@ def test_every_key_an_evaluate_run_logs_is_declared(source_run: Path, tmp_path: 
     assert places["mlflow metrics"] and places["mlflow params"]
     for place, keys in places.items():
         assert undeclared(keys, DISCLOSURE) == [], place
+
+
+DPGENG_SOURCE = {
+    "name": "src-dpgeng",
+    "kind": "distill",
+    "seed": 4,
+    "threads": 1,
+    "data": {"name": "digits"},
+    "privacy": {"epsilon": 5.0, "delta": 1e-5},
+    "method": {"name": "dpgeng", "ipc": 1, "factor": 1, "generated_per_class": 20, "extractors": 2,
+               "extractor_epochs": 1, "net_width": 8, "net_depth": 2, "expert_pretrain_epochs": 1,
+               "expert_dp_epochs": 0.5, "expert_batch": 128, "iterations": 4, "batch_real": 16,
+               "generator_options": {"iterations": 20, "num_features": 400, "batch_size": 100}},
+    "evaluation": {"seeds": 2, "epochs": 5, "parallel": False, "model_options": {"width": 16}},
+    "tracking": {"enabled": False},
+}
+
+
+def test_dpgeng_keeps_its_dp_generated_baseline_and_evaluate_rescores_it(tmp_path: Path) -> None:
+    source = run_job(validate_spec(DPGENG_SOURCE), tmp_path / "src", progress=False)
+    assert source.status == "completed"
+    kept = source.run_dir / "artifacts" / "baseline_generated.pt"
+    saved = torch.load(kept, weights_only=True)
+    assert saved["images"].shape == (10, 1, 8, 8) and saved["labels"].tolist() == list(range(10))
+    want = json.loads((source.run_dir / "metrics.json").read_text())
+    result = run_job(evaluate_spec(source.run_dir), tmp_path / "eval", progress=False)
+    assert result.status == "completed"
+    got = json.loads((result.run_dir / "metrics.json").read_text())
+    # The same protocol re-scores the release AND its baseline to the same figures the source reported.
+    for key in ("acc_mean", "baseline_generated_acc_mean", "baseline_generated_val_acc_mean"):
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+    src = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
+    assert src["baseline_sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
+    assert not (result.run_dir / "ledger.json").exists()
+    # A baseline that does not fit the data is refused like a bad release, before any split is read.
+    torch.save({**saved, "labels": saved["labels"] + 10}, kept)
+    with pytest.raises(Exception, match="baseline_generated.pt: labels outside"):
+        run_job(evaluate_spec(source.run_dir), tmp_path / "eval2", progress=False)

@@ -184,13 +184,19 @@ class DistillPipeline:
                     "dataset": p.info.name, "method": spec.method.name}, art / "distilled.pt")
         save_class_grid(images, labels, art / "distilled_grid.png", num_classes=p.info.num_classes,
                         per_class=min(10, max(1, len(labels) // p.info.num_classes)))
+        baseline = getattr(synthetic, "report", {}).get("baseline")
+        if baseline is not None:
+            # DP-GenG's reference point (ipc images per class of the DP generator's output: a DP output, charged
+            # with the generator) is kept beside the release, so `dpdistill evaluate` can re-score both.
+            torch.save({"images": baseline[0], "labels": baseline[1], "num_classes": p.info.num_classes,
+                        "dataset": p.info.name, "method": f"{spec.method.name} (DP-generated baseline)"},
+                       art / "baseline_generated.pt")
         ipc = len(labels) // p.info.num_classes
         ctx.add_summary("made", f"{len(labels)} distilled images ({ipc}/class) of {p.info.name} by "
                         f"{spec.method.name.upper()}")
         metrics: dict[str, float] = {"ipc": float(ipc), "n_released": float(len(labels))}
         ctx.log_metrics(metrics)
         if spec.evaluation.enabled:
-            baseline = getattr(synthetic, "report", {}).get("baseline")
             if baseline is None:
                 report_utility(ctx, images, labels, p)
             else:

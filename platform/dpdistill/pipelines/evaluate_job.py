@@ -12,6 +12,11 @@ The job's spec is built from the source run's ``spec.yaml`` (:func:`evaluate_spe
 and evaluation block, with ``--set`` overrides restricted to the fields that describe how a release is scored.
 The source is checked before any sensitive byte is read: the run finished (``status.json`` says completed), its
 release file is there, and the release's dataset, classes and image shape match the data the spec loads.
+
+A DP-GenG run also keeps its DP-generated baseline (``artifacts/baseline_generated.pt``: ipc images per class of
+the generator's output, a DP output charged with the generator). When the source has one, it is checked the same
+way and re-scored beside the release under the same protocol (``baseline_generated_*``), as the distill job
+reports it, so "the release against its own generator" can be read under any protocol.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from dpdistill.errors import SpecError
 from dpdistill.evaluation.selection import DISCLOSURE as EVALUATION_DISCLOSURE
 from dpdistill.pipelines import check_evaluation_model
-from dpdistill.pipelines.distill_job import load_splits, report_utility
+from dpdistill.pipelines.distill_job import load_splits, report_utility, report_with_baseline
 from dpdistill.pipelines.not_private import mark_release_not_private
-from dpdistill.privacy.disclosure import ACCOUNTING, PUBLIC
+from dpdistill.privacy.disclosure import ACCOUNTING, EVALUATION, PUBLIC
 from dpdistill.spec import JobSpec
 
 METHOD = "release"
 RELEASE_FILE = Path("artifacts") / "distilled.pt"
+BASELINE_FILE = Path("artifacts") / "baseline_generated.pt"  # DP-GenG's DP-generated baseline, when kept
 # The top-level fields an override may change: how a release is scored and where the scoring runs. The data,
 # the method and the privacy block come from the source run (the release was made from them).
 OVERRIDABLE = ("evaluation", "seed", "device", "threads", "ray", "resources", "tracking", "name", "description")
@@ -48,6 +54,8 @@ DISCLOSURE: dict[str, str] = {
     **EVALUATION_DISCLOSURE,
     "ipc": PUBLIC,  # counted from the released file
     "run": PUBLIC, "release": PUBLIC, "sha256": PUBLIC, "commit": PUBLIC, "method": PUBLIC,  # source.json
+    "baseline": PUBLIC, "baseline_sha256": PUBLIC,  # source.json: the DP-generated baseline file, when re-scored
+    **{f"baseline_generated_{split}acc_{stat}": EVALUATION for split in ("", "val_") for stat in ("mean", "std")},
     "epsilon": ACCOUNTING, "delta": ACCOUNTING,  # source.json: the source ledger's composed (ε, δ)
     **{k: PUBLIC for name in JobSpec.model_fields for k in (name, f"{name}.*")},  # MLflow params: the spec
 }
@@ -71,6 +79,7 @@ class PreparedEvaluate:
     val: Any
     test: Any
     info: Any
+    baseline: tuple[torch.Tensor, torch.Tensor] | None = None  # DP-GenG's DP-generated baseline, when kept
 
     @property
     def n_sensitive(self) -> int:  # nothing is charged: no ledger is made for this job
@@ -111,13 +120,16 @@ def read_source(run_dir: Path) -> dict[str, Any]:
     # The source's NOT PRIVATE reasons as every reader of a run folder sees them (status.json, the ledger's
     # guarantee, metrics.json), not only status.json's.
     not_private = read_run(run_dir).not_private
+    baseline = run_dir / BASELINE_FILE
     return {"run": str(run_dir.resolve()), "release": str(release.resolve()), "epsilon": epsilon, "delta": delta,
-            "not_private": not_private, "commit": (status.get("provenance") or {}).get("commit")}
+            "not_private": not_private, "commit": (status.get("provenance") or {}).get("commit"),
+            "baseline": str(baseline.resolve()) if baseline.is_file() else None}
 
 
-def load_release(source: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The release file's contents and the sha256 of the very bytes loaded; SpecError naming the file."""
-    path = source["release"]
+def load_release(source: dict[str, Any], key: str = "release") -> tuple[dict[str, Any], str]:
+    """The image file ``source[key]``'s contents (the release, or the DP-generated baseline) and the sha256 of
+    the very bytes loaded; SpecError naming the file."""
+    path = source[key]
     try:
         raw = open(path, "rb").read()  # noqa: SIM115 - one read, hashed and loaded
         saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)  # tensors, ints, strings
@@ -202,23 +214,19 @@ class EvaluatePipeline:
         from dpdistill import data
 
         info = data.get(spec.data.name).info
-        if saved.get("dataset") not in (None, info.name):
-            raise SpecError(f"field 'data.name': the release is of '{saved.get('dataset')}', the spec loads "
-                            f"'{info.name}'")
-        if images.dim() != 4 or len(images) != len(labels) or len(labels) == 0:
-            raise SpecError(f"{source['release']}: expected N images (N, C, H, W) and N labels")
-        if int(labels.min()) < 0 or int(labels.max()) >= info.num_classes:
-            raise SpecError(f"{source['release']}: labels outside 0..{info.num_classes - 1}")
-        # The shape the spec's splits will have, known without reading them: a mismatch is refused first.
         size = spec.data.image_size or info.image_size
-        if tuple(images.shape[1:]) != (info.channels, size, size):
-            raise SpecError(f"{source['release']}: images are {'x'.join(map(str, images.shape[1:]))}, the "
-                            f"spec's data {info.channels}x{size}x{size}")
+        check_images(saved, source["release"], info, size)
+        baseline = None
+        if source["baseline"] is not None:
+            saved_baseline, source["baseline_sha256"] = load_release(source, "baseline")
+            check_images(saved_baseline, source["baseline"], info, size)
+            baseline = (saved_baseline["images"], saved_baseline["labels"])
         check_evaluation_model(spec, info.channels, info.num_classes, size)
         check_plan(spec, info.channels, info.num_classes, size)
         _, val, test, info = load_splits(spec)
         source["method"] = saved.get("method")
-        return PreparedEvaluate(images=images, labels=labels, source=source, val=val, test=test, info=info)
+        return PreparedEvaluate(images=images, labels=labels, source=source, val=val, test=test, info=info,
+                                baseline=baseline)
 
     def execute(self, ctx: Any, p: PreparedEvaluate) -> dict[str, Any]:
         from dpdistill.runtime.device import record_device, resolve_device
@@ -235,5 +243,24 @@ class EvaluatePipeline:
         (ctx.run.artifacts / "source.json").write_text(json.dumps(src, indent=2) + "\n")
         ipc = len(p.labels) // p.info.num_classes
         ctx.log_metrics({"ipc": float(ipc), "n_released": float(len(p.labels))})
-        report_utility(ctx, p.images, p.labels, p)
+        if p.baseline is None:
+            report_utility(ctx, p.images, p.labels, p)
+        else:
+            report_with_baseline(ctx, p.images, p.labels, p.baseline, p)
         return {}
+
+
+def check_images(saved: dict[str, Any], path: str, info: Any, size: int) -> None:
+    """Refuse (SpecError naming ``path``) an image file that does not fit the spec's data: another dataset,
+    mismatched counts, labels outside the classes, or another image shape. Reads no split: ``info`` and
+    ``size`` are what the splits will have."""
+    images, labels = saved["images"], saved["labels"]
+    if saved.get("dataset") not in (None, info.name):
+        raise SpecError(f"field 'data.name': {path} is of '{saved.get('dataset')}', the spec loads '{info.name}'")
+    if images.dim() != 4 or len(images) != len(labels) or len(labels) == 0:
+        raise SpecError(f"{path}: expected N images (N, C, H, W) and N labels")
+    if int(labels.min()) < 0 or int(labels.max()) >= info.num_classes:
+        raise SpecError(f"{path}: labels outside 0..{info.num_classes - 1}")
+    if tuple(images.shape[1:]) != (info.channels, size, size):
+        raise SpecError(f"{path}: images are {'x'.join(map(str, images.shape[1:]))}, the spec's data "
+                        f"{info.channels}x{size}x{size}")
