@@ -81,6 +81,14 @@ def test_keeping_or_checkpointing_chunk_activations_gives_the_same_bits(monkeypa
     net = embedding.prepare(_net("instance", seed=5))
     x = torch.randn(70, 1, 28, 28)
     results = {}
+    checkpointed = []  # chunks run through activation checkpointing, per policy: the two paths really differ
+    real_checkpoint = embedding.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        checkpointed.append(policy)
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(embedding, "checkpoint", counting_checkpoint)
     for policy in ("always", "never"):
         monkeypatch.setenv(embedding.CHECKPOINT_ENV, policy)
         for name, run in (("embed", embedding.embed), ("logits", embedding.logits)):
@@ -88,6 +96,7 @@ def test_keeping_or_checkpointing_chunk_activations_gives_the_same_bits(monkeypa
             out = run(net, xg, 16)
             (out.square() * torch.linspace(-1, 1, out.shape[1])).sum().backward()
             results[policy, name] = (out.detach(), xg.grad)
+    assert checkpointed.count("always") == 2 * 5 and checkpointed.count("never") == 0  # 5 chunks of 70, twice
     for name in ("embed", "logits"):
         assert torch.equal(results["always", name][0], results["never", name][0])
         assert torch.equal(results["always", name][1], results["never", name][1])
@@ -121,10 +130,11 @@ def test_checkpoint_choice_is_measured_once_per_shape_and_draws_no_caller_random
     with pytest.raises(SpecError, match=embedding.CHECKPOINT_ENV):
         embedding.checkpoint_pays(net.embed, net, torch.zeros(60, 1, 28, 28), 16)
     monkeypatch.delenv(embedding.CHECKPOINT_ENV)
-    # Past the memory cap it checkpoints without measuring.
-    monkeypatch.setattr(embedding, "KEEP_ACTIVATIONS_MAX", 45)
-    assert embedding.checkpoint_pays(net.embed, net, torch.zeros(50, 1, 28, 28), 16)
-    assert len(measured) == 2
+    # Past the memory cap it checkpoints without measuring; the cap is in bytes, so larger images reach it
+    # with fewer of them (width 16 here: 45 images of 28x28 ~ 9 MB, 45 of 56x56 ~ 36 MB).
+    monkeypatch.setattr(embedding, "KEEP_ACTIVATIONS_MAX_BYTES", 20 << 20)
+    assert embedding.checkpoint_pays(net.embed, net, torch.zeros(45, 1, 56, 56), 16)
+    assert measured == [(40, 1, 28, 28), (50, 1, 28, 28)]  # nothing measured for the capped batch
 
 
 def test_bfloat16_real_side_rounds_the_convolutions_only_and_returns_float32() -> None:

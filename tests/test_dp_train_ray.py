@@ -211,9 +211,9 @@ def test_ray_train_v1_is_refused_before_the_charge(monkeypatch):
 
     monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
     with pytest.raises(SpecError, match=r"Ray Train V2 is required.*RAY_TRAIN_V2_ENABLED"):
-        check_train_capacity([{"CPU": 4.0}], 1, use_gpu=False)
+        check_train_capacity([{"CPU": 64.0}], 1, use_gpu=False)
     monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")
-    check_train_capacity([{"CPU": 4.0}], 1, use_gpu=False)
+    check_train_capacity([{"CPU": 64.0}], 1, use_gpu=False)
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "2.5"])

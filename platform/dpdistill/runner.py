@@ -284,8 +284,10 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
     check_nested_options(spec, "<spec>")
     # Reach and authenticate the cluster (one RPC; a no-op for a local cluster) before any data is read, so a
     # wrong address or token is one line now, not a failure after the budget was spent.
+    from dpdistill.distill.embedding import checkpoint_policy
     from dpdistill.runtime.cluster import connect_cluster
 
+    checkpoint_policy()  # a bad $DPDISTILL_CHUNK_CHECKPOINT is one line now, not at the first step after a charge
     connect_cluster(spec.ray.address, spec.ray.auth_token_path)
     prepared = pipeline.prepare(spec)  # every input check happens here: no folder yet
     n_records = int(getattr(prepared, "n_sensitive", 0) or 0)

@@ -18,16 +18,17 @@ these change how fast, not what is computed:
   end to end; on an AMD EPYC (1 MB L2 a core) it was 1.5-1.6x SLOWER (width-32 ConvNet, 400 images: 131 against
   83 ms a forward + backward; width 128, 100 images: 218 against 145 ms). So :func:`run_chunked` measures both
   once per network shape and batch shape on the machine it runs on (:func:`checkpoint_pays`, a fraction of a
-  second on a fixed, data-independent probe) and keeps the faster. Both give the same features and gradient
-  bit for bit (the same chunks through the same kernels; tests/test_distill_embedding.py), so the choice never
-  changes a result. ``$DPDISTILL_CHUNK_CHECKPOINT`` = ``always`` / ``never`` fixes it (default ``auto``).
+  second on a fixed, data-independent probe) and keeps the faster. On CPU both give the same features and
+  gradient bit for bit (the same chunks through the same kernels; tests/test_distill_embedding.py), so the
+  choice never changes a result (not verified on a GPU, where kernels may be chosen differently). ``$DPDISTILL_CHUNK_CHECKPOINT`` = ``always`` / ``never`` fixes it (default ``auto``).
   Chunking is exact only for networks whose layers treat records independently: a network with batch norm in
   training mode (its statistics mix the batch) is run in one pass, as the reference does.
 - **bfloat16 convolutions on the real side**, when a config asks for it (``real_precision: bfloat16``,
   :func:`low_precision`): the no-grad real forward's convolutions take bfloat16 inputs and weights and return
   float32, so norm, activation, pooling, the features and everything after them (clipping, noise) stay float32.
-  On CPUs with native bf16 dot products (AVX512-BF16, AMX) the convolutions run ~2x faster (DM's width-128 real
-  side: 1.50 -> 0.97 s for 2,560 images on a 2-core AMD EPYC); the class means move by ~0.1 % relative, far
+  On CPUs with native bf16 dot products (AVX512-BF16, AMX) the convolutions alone run ~2x faster (a 128->128
+  3x3 layer: ~490 against ~245 GFLOPS on 2 AMD EPYC cores) and DM's whole width-128 real side ~1.5x (1.50 ->
+  0.97 s for 2,560 images: norm, activation and pooling stay float32); the class means move by ~0.1 % relative, far
   below the spread between two halves of the same class batch (~6 %). This one changes results (rounding), so it
   is a spec field, off by default, never a silent choice.
 
@@ -58,10 +59,12 @@ Precision = Literal["float32", "bfloat16"]
 CHUNK = 32  # images per no-grad forward (cache-sized for width-128 ConvNets on 28-32 px images)
 _CL = torch.channels_last
 CHECKPOINT_ENV = "DPDISTILL_CHUNK_CHECKPOINT"  # auto (measure once per shape), always, never
-# Above this many images the synthetic side is checkpointed whatever is faster: the activations a width-128
-# ConvNet keeps for the backward on 32x32 images are ~2 MB an image (conv output, normalised map and ReLU output
-# at full size, the smaller maps below), so 512 images hold ~1 GB; a larger set would trade memory for speed.
-KEEP_ACTIVATIONS_MAX = 512
+# Above this many bytes of kept activations the synthetic side is checkpointed whatever is faster. What a ConvNet
+# keeps for the backward is ~4 full-size maps per layer block (conv output, normalised map, ReLU output, pooled
+# map and the smaller maps below): estimated as images x H x W x widest conv x 4 maps x 4 bytes, i.e. ~2 MB an
+# image at width 128 on 32x32, so 1 GiB holds ~512 such images; a larger set would trade memory for speed.
+KEEP_ACTIVATIONS_MAX_BYTES = 1 << 30
+_LOW_PRECISION = "_dpdistill_low_precision"  # marks a network low_precision made
 _CHOICES: dict[tuple[object, ...], bool] = {}  # (network shape, batch shape, ...) -> checkpoint is faster
 
 
@@ -97,30 +100,46 @@ def _checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c
                       for part in x.split(chunk)])
 
 
+def checkpoint_policy() -> str:
+    """``$DPDISTILL_CHUNK_CHECKPOINT``: auto (default), always or never; SpecError naming it otherwise. The
+    runner calls this before any job's input checks, so a typo fails before anything is charged."""
+    policy = os.environ.get(CHECKPOINT_ENV, "").strip().lower() or "auto"
+    if policy not in ("auto", "always", "never"):
+        raise SpecError(f"${CHECKPOINT_ENV}: expected auto, always or never, got {policy!r}")
+    return policy
+
+
 def checkpoint_pays(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: torch.Tensor,
                     chunk: int = CHUNK) -> bool:
     """Whether checkpointed chunks are faster than chunks that keep their activations, for ``fn`` of ``net``
     on a batch shaped like ``x``, on this machine (``$DPDISTILL_CHUNK_CHECKPOINT`` = always / never decides
     instead).
 
-    Measured once per (network type, parameter shapes, function, batch shape, chunk) in this process: a forward
-    and backward each way, twice, alternating, on a fixed probe (pixels from a private generator: neither the
-    data nor any caller's RNG is touched), the gradient taken w.r.t. the probe only (parameters' ``.grad`` are
-    left alone). A batch over :data:`KEEP_ACTIVATIONS_MAX` images is always checkpointed (memory).
+    Measured once per (network layer types and parameter shapes, function, batch shape, chunk, threads) in this
+    process: a forward and backward each way, twice, alternating, on a fixed probe (pixels from a private
+    generator: neither the data nor any caller's RNG is touched), the gradient taken w.r.t. the probe only
+    (parameters' ``.grad`` are left alone). A batch whose kept activations would exceed
+    :data:`KEEP_ACTIVATIONS_MAX_BYTES` (estimated) is always checkpointed (memory).
     """
-    policy = os.environ.get(CHECKPOINT_ENV, "").strip().lower() or "auto"
-    if policy in ("always", "never"):
-        return policy == "always"
+    policy = checkpoint_policy()
     if policy != "auto":
-        raise SpecError(f"${CHECKPOINT_ENV}: expected auto, always or never, got {policy!r}")
-    if len(x) > KEEP_ACTIVATIONS_MAX:
+        return policy == "always"
+    if _kept_bytes(net, x) > KEEP_ACTIVATIONS_MAX_BYTES:
         return True
-    key = (type(net).__qualname__, tuple(tuple(p.shape) for p in net.parameters()), getattr(fn, "__name__", ""),
-           tuple(x.shape), x.dtype, x.device.type, chunk, torch.get_num_threads())
+    key = (tuple(type(m).__qualname__ for m in net.modules()), tuple(tuple(p.shape) for p in net.parameters()),
+           getattr(fn, "__name__", ""), tuple(x.shape), x.dtype, x.device.type, chunk, torch.get_num_threads())
     choice = _CHOICES.get(key)
     if choice is None:
         choice = _CHOICES[key] = _measure_checkpoint(fn, x, chunk)
     return choice
+
+
+def _kept_bytes(net: nn.Module, x: torch.Tensor) -> int:
+    """A rough upper estimate of the activations a forward of ``x`` keeps for the backward (see
+    :data:`KEEP_ACTIVATIONS_MAX_BYTES`)."""
+    widest = max((m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)), default=x.shape[1])
+    pixels = x.shape[-1] * x.shape[-2] if x.dim() == 4 else x[0].numel()
+    return len(x) * pixels * widest * 4 * x.element_size()
 
 
 def _measure_checkpoint(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int) -> bool:
@@ -208,10 +227,13 @@ class _BFloat16Conv(nn.Module):
 def low_precision(net: nn.Module) -> nn.Module:
     """A copy of ``net`` (for no-grad forwards) whose Conv2d layers compute in bfloat16 and return float32.
 
-    Only the convolutions change: normalisation, activations, pooling and linear layers stay float32, as do the
-    outputs. ``net`` itself is untouched (the copy is cheap: a ConvNet's weights are well under 1 MB).
+    A network this function returned is returned as it is. Only the convolutions change: normalisation, activations, pooling and linear layers stay float32, as do the
+    outputs. ``net`` itself is untouched (the copy is cheap: a width-128 ConvNet-3 holds ~310k weights, ~1.2 MB).
     """
+    if getattr(net, _LOW_PRECISION, False):  # already a copy made here: converting again would copy again
+        return net
     out = copy.deepcopy(net)
+    setattr(out, _LOW_PRECISION, True)
     for module in list(out.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Conv2d:

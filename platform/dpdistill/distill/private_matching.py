@@ -223,13 +223,15 @@ def dp_feature_matching_loss(
     and are clipped in float32, so the sensitivity bound holds either way.
     """
     targets, syns, sizes = [], [], []
+    # The real side's network: for bfloat16, one low-precision copy per step (not one per class).
+    real_net = embedding.low_precision(net) if precision == "bfloat16" else net
     for c in range(syn.num_classes):
         xr = normalize(sampler.sample(c, noise))
         xs = normalize(syn.class_images(c))
         xr, xs = siamese_pair(dsa, xr, xs, generator)
         with torch.no_grad():
             total = torch.zeros(net_feature_dim(net, xs), device=xs.device)
-            for features in embedding.embed_chunks(net, xr, chunk, precision):
+            for features in embedding.embed_chunks(real_net, xr, chunk, precision):
                 total += clipped_sum(features, clip)
             targets.append(noisy_mean(total, clip, sigma, sampler.expected_size(c), noise))
         syns.append(xs)

@@ -1,0 +1,61 @@
+"""``method.real_precision: bfloat16`` reaches the real-side forward of every matcher that offers it (DM, NDPDC,
+DP-GenG's per-iteration matching), and float32 (the default) never converts a network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dpdistill.distill import embedding
+from dpdistill.runner import run_job
+from dpdistill.spec import validate_spec
+
+OPTIONS: dict[str, dict[str, Any]] = {
+    "dm": {"ipc": 1, "iterations": 3, "batch_real": 16, "net_width": 8, "net_depth": 2},
+    "ndpdc": {"ipc": 1, "iterations": 3, "batch_real": 16, "net_width": 8, "net_depth": 2,
+              "matching": "per-iteration"},
+    "dpgeng": {"ipc": 1, "factor": 1, "generated_per_class": 20, "extractors": 2, "extractor_epochs": 1,
+               "net_width": 8, "net_depth": 2, "expert_pretrain_epochs": 0, "expert_dp_epochs": 0,
+               "iterations": 3, "batch_real": 16, "matching": "per-iteration", "sigma": 1.0,
+               "generator_options": {"iterations": 5, "num_features": 100, "batch_size": 100}},
+}
+
+
+@pytest.mark.parametrize("method", sorted(OPTIONS))
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_real_precision_reaches_the_real_side(method: str, precision: str, tmp_path: Path, monkeypatch) -> None:
+    converted = []
+    real_low_precision = embedding.low_precision
+
+    def spy(net):
+        converted.append(type(net).__name__)
+        return real_low_precision(net)
+
+    monkeypatch.setattr(embedding, "low_precision", spy)
+    doc = {"name": f"prec-{method}", "kind": "distill", "threads": 1, "data": {"name": "digits"},
+           "method": {"name": method, **OPTIONS[method], "real_precision": precision},
+           "evaluation": {"enabled": False}, "tracking": {"enabled": False}}
+    if method != "dm":
+        doc["privacy"] = {"epsilon": 50.0, "delta": 1e-5}
+    result = run_job(validate_spec(doc, "<test>"), tmp_path, progress=False)
+    assert result.status == "completed"
+    if precision == "float32":
+        assert converted == []
+    else:  # at least one conversion per iteration (DP matchers: one per step, reused by every class)
+        assert len(converted) >= OPTIONS[method]["iterations"], converted
+
+
+def test_a_bad_checkpoint_policy_is_refused_before_any_folder_or_charge(tmp_path: Path, monkeypatch, capsys) -> None:
+    from dpdistill.cli import main
+
+    monkeypatch.setenv(embedding.CHECKPOINT_ENV, "sometimes")
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: bad-policy\nkind: distill\ndata: {name: digits}\nprivacy: {epsilon: 1.0}\n"
+                    "method: {name: ndpdc, ipc: 1, iterations: 2}\ntracking: {enabled: false}\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(spec), "--runs-dir", str(tmp_path / "runs"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "$DPDISTILL_CHUNK_CHECKPOINT: expected auto, always or never" in err, err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("status.json"))
