@@ -241,17 +241,20 @@ def _alive(claim: dict[str, Any]) -> bool:
     return b"bench_runs" in cmdline
 
 
-def _counted(draw: dict[str, Any], name: str, commit: str) -> bool:
+def _counted(draw: dict[str, Any], name: str, commit: str, reference: bool = False) -> bool:
+    """Whether ``draw`` counts towards ``name``'s draws at ``commit``: completed, and private unless the
+    configuration is a non-private reference (whose every run is NOT PRIVATE by design)."""
     return draw["config"] == name and draw["commit"] == commit and draw["status"] == "completed" \
-        and not draw["not_private"]
+        and (reference or not draw["not_private"])
 
 
-def claim_draw(path: Path, name: str, commit: str, target: int | None) -> str | None:
-    """Claim the next draw of ``name`` at ``commit`` (None when it has ``target`` draws done or in progress)."""
+def claim_draw(path: Path, name: str, commit: str, target: int | None, reference: bool = False) -> str | None:
+    """Claim the next draw of ``name`` at ``commit`` (None when it has ``target`` draws done or in progress;
+    ``reference``: a non-private reference configuration, whose NOT PRIVATE runs count)."""
     with locked_results(path) as doc:
         doc["claims"] = [c for c in doc["claims"] if _alive(c)]
         if target is not None:
-            done = sum(_counted(d, name, commit) for d in doc["draws"])
+            done = sum(_counted(d, name, commit, reference) for d in doc["draws"])
             running = sum(c["config"] == name and c["commit"] == commit for c in doc["claims"])
             if done + running >= target:
                 return None
@@ -626,7 +629,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if deadline is not None and minutes and datetime.now(UTC) + timedelta(minutes=minutes) > deadline:
                 _say(f"{name}: a draw (~{minutes} min) would not finish before {deadline:%H:%M}Z; skipped")
                 break
-            claim = claim_draw(args.results, name, source.commit, None if args.draws is not None else c["draws"])
+            claim = claim_draw(args.results, name, source.commit, None if args.draws is not None else c["draws"],
+                               bool(c.get("reference")))
             if claim is None:
                 _say(f"{name}: has its {c['draws']} draws at {source.commit[:10]} (done or in progress)")
                 break
