@@ -13,6 +13,9 @@ run folder), with ``threads`` pinned (default 2: the whole 2-core machine; run i
   memory (max RSS of the run's process) at n = 10k, 30k, 55k sensitive records (``data.train_limit``; 55k is
   MNIST's whole training split) and at IPC 1, 10, 50 (n = 55k).
 - ``dpsgd``: benchmarks/bench_dp_step.py's table (a DP-SGD step against a non-private step per backend).
+- ``dm_reference`` (only with ``--reference-dir DIR``, a local checkout of the DM authors' repository, which is
+  not part of this one): their ``main_DM.py`` loop at the same setting, timed by
+  benchmarks/time_reference_dm.py, and the product's DM figures of the ``dm`` part as multiples of it.
 
     .venv/bin/python benchmarks/bench_speed.py                 # everything (~25 min on 2 cores)
     .venv/bin/python benchmarks/bench_speed.py --only dm,scaling --threads 2
@@ -43,9 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import RESULTS, machine, record  # noqa: E402
 from bench_runs import REPO, VENV_BIN, Source  # noqa: E402
 
-PARTS = ("dm", "dpgeng", "scaling", "dpsgd")
+PARTS = ("dm", "dm_reference", "dpgeng", "scaling", "dpsgd")
 COLUMNS = ["part", "figure", "value", "unit", "setting"]
 HISTORY_COLUMNS = ["part", "figure", "value", "unit", "date", "cpu", "commit"]
+REFERENCE_DIR: Path | None = None  # --reference-dir: the DM authors' checkout (dm_reference)
 DM_REFERENCE = ["method.net_width=128", "method.batch_real=256", "evaluation.enabled=false"]
 
 
@@ -135,6 +139,29 @@ def part_dm(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str,
     return rows
 
 
+def part_dm_reference(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    if REFERENCE_DIR is None:
+        raise SystemExit("--only dm_reference needs --reference-dir DIR (a checkout of the DM authors' code)")
+    cmd = [str(VENV_BIN / "python"), str(REPO / "benchmarks" / "time_reference_dm.py"), "--reference-dir",
+           str(REFERENCE_DIR), "--threads", str(threads)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    ref = json.loads(proc.stdout.strip().splitlines()[-1])
+    setting = (f"the authors' main_DM.py loop from {REFERENCE_DIR} (not in this repository), MNIST, IPC 10, "
+               f"batch_real 256, ConvNet-3 width 128, full DSA; median of {ref['iterations']} iterations after 5")
+    rows = [{"part": "dm_reference", "figure": "reference DM seconds per iteration", "value": round(ref["median_s"], 3),
+             "unit": "s/iter", "setting": setting}]
+    previous = RESULTS / "speed.json"
+    ours = [r for r in (json.loads(previous.read_text()).get("rows", []) if previous.exists() else [])
+            if r.get("part") == "dm" and r.get("unit") == "s/iter"]
+    for r in ours:
+        rows.append({"part": "dm_reference", "figure": f"reference / product ({r['figure']})",
+                     "value": round(ref["median_s"] / r["value"], 2), "unit": "x",
+                     "setting": f"the dm part's row of commit {r.get('commit')}, {r.get('cpu')}, {r.get('date')}"})
+    return rows
+
+
 def part_dpgeng(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
     # As shipped, threads not pinned: the job uses the cores it finds (the distillation both, each evaluation
     # model one, as Ray tasks side by side).
@@ -182,6 +209,8 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs-dir", type=Path, default=Path(tempfile.gettempdir()) / "dpdistill-bench-speed")
+    ap.add_argument("--reference-dir", type=Path, default=None,
+                    help="dm_reference: a local checkout of the DM authors' repository (VICO-UoE/DatasetCondensation)")
     ap.add_argument("--render", action="store_true", help="only rewrite speed.md from speed.json (nothing runs)")
     args = ap.parse_args()
     if args.render:
@@ -190,7 +219,11 @@ def main() -> None:
                history=doc.get("history", []), history_columns=HISTORY_COLUMNS,
                meta={k: doc[k] for k in ("date", "command", "machine")})
         return
+    global REFERENCE_DIR
+    REFERENCE_DIR = args.reference_dir
     parts = [p for p in args.only.split(",") if p]
+    if "dm_reference" in parts and args.reference_dir is None and args.only == ",".join(PARTS):
+        parts.remove("dm_reference")  # the default run: only when a checkout is given
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise SystemExit(f"--only: unknown part {unknown[0]!r}; expected some of {', '.join(PARTS)}")
