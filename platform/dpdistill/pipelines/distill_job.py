@@ -21,6 +21,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -180,17 +181,15 @@ class DistillPipeline:
             synthetic = p.method.run(p.train, p.config, **kwargs)
         images, labels = synthetic.export()
         art = ctx.run.artifacts
-        torch.save({"images": images, "labels": labels, "num_classes": p.info.num_classes,
-                    "dataset": p.info.name, "method": spec.method.name}, art / "distilled.pt")
+        save_image_set(art / "distilled.pt", images, labels, p.info, spec.method.name)
         save_class_grid(images, labels, art / "distilled_grid.png", num_classes=p.info.num_classes,
                         per_class=min(10, max(1, len(labels) // p.info.num_classes)))
         baseline = getattr(synthetic, "report", {}).get("baseline")
         if baseline is not None:
             # DP-GenG's reference point (ipc images per class of the DP generator's output: a DP output, charged
             # with the generator) is kept beside the release, so `dpdistill evaluate` can re-score both.
-            torch.save({"images": baseline[0], "labels": baseline[1], "num_classes": p.info.num_classes,
-                        "dataset": p.info.name, "method": f"{spec.method.name} (DP-generated baseline)"},
-                       art / "baseline_generated.pt")
+            save_image_set(art / "baseline_generated.pt", *baseline, p.info,
+                           f"{spec.method.name} (DP-generated baseline)")
         ipc = len(labels) // p.info.num_classes
         ctx.add_summary("made", f"{len(labels)} distilled images ({ipc}/class) of {p.info.name} by "
                         f"{spec.method.name.upper()}")
@@ -297,6 +296,13 @@ def _fixed(ctx: Any, p: Any) -> dict[str, Any]:
     ev = ctx.spec.evaluation
     return dict(num_classes=p.info.num_classes, batch_size=ev.batch_size, augment=ev.augmentation(),
                 mean=tuple(p.info.mean), std=tuple(p.info.std), device=resolve_device(ctx.spec.device))
+
+
+def save_image_set(path: Path, images: torch.Tensor, labels: torch.Tensor, info: Any, method: str) -> None:
+    """An image set as the run folder keeps it (the release, DP-GenG's DP-generated baseline): the tensors with
+    the dataset's name and classes and the method that made them (what `dpdistill evaluate` reads back)."""
+    torch.save({"images": images, "labels": labels, "num_classes": info.num_classes, "dataset": info.name,
+                "method": method}, path)
 
 
 def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, baseline: tuple[Any, Any],
