@@ -203,7 +203,10 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, RealPrecisi
     def overridden_options(self) -> dict[str, str]:
         """Options this configuration ignores, with why: a sweep must not search them (its trials would be
         identical while their specs record different values)."""
-        if self.matching == "decoupled":
+        if not self.feature_matching:
+            ignored = {k: "feature_matching is off" for k in ("matching", "batch_real", "real_precision", "clip",
+                                                              "sigma", "augmentations", "projection_dim")}
+        elif self.matching == "decoupled":
             ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled",
                        "real_precision": "matching 'decoupled' computes its one release in float32"}
             if self.dsa_strategy == "none":
