@@ -42,7 +42,7 @@ def test_conv_instance_norm_equals_the_plain_layers(channels: int, size: int) ->
 ])
 def test_stem_then_rest_is_the_network_embedding(kwargs: dict[str, object]) -> None:
     net = _net(**kwargs)
-    split = stem.split_stem(net)
+    split = stem.split_stem(net, min_width=1)
     assert split is not None
     first_block, rest = split
     x = torch.randn(20, 1, 28, 28)
@@ -55,18 +55,25 @@ def test_stem_then_rest_is_the_network_embedding(kwargs: dict[str, object]) -> N
 @pytest.mark.parametrize("norm", ["batch", "group", "layer", "none"])
 def test_other_norms_keep_the_plain_layers(norm: str) -> None:
     # The patch-moment identity is instance norm's only; group/layer norm pool statistics over channels.
-    assert stem.split_stem(_net(norm=norm, width=8)) is None
+    assert stem.split_stem(_net(norm=norm, width=8), min_width=1) is None
 
 
 def test_other_networks_and_convolutions_keep_the_plain_layers() -> None:
-    assert stem.split_stem(models.get("lenet", channels=1, num_classes=10, image_size=28)) is None
-    assert stem.split_stem(models.get("resnet18", channels=3, num_classes=10, image_size=32)) is None
-    assert stem.split_stem(_net(channels=4, size=16, width=8)) is None  # 36 patch values > MAX_PATCH
+    assert stem.split_stem(models.get("lenet", channels=1, num_classes=10, image_size=28), min_width=1) is None
+    assert stem.split_stem(models.get("resnet18", channels=3, num_classes=10, image_size=32), min_width=1) is None
+    assert stem.split_stem(_net(channels=4, size=16, width=8), min_width=1) is None  # 36 patch values > MAX_PATCH
     assert stem._plain_conv(nn.Conv2d(1, 8, 3, padding=1))
     assert not stem._plain_conv(nn.Conv2d(1, 8, 3, padding=1, stride=2))
     assert not stem._plain_conv(nn.Conv2d(1, 8, 3, padding=1, dilation=2))
     assert not stem._plain_conv(nn.Conv2d(1, 8, 3, padding=1, padding_mode="reflect"))
     assert not stem._plain_conv(nn.Conv2d(1, 8, 3, padding="same"))
+
+
+def test_the_stem_is_used_from_the_width_where_it_pays() -> None:
+    # A fixed rule on the width (measured: slower at 32 and 64, faster at 128), never a timing.
+    assert stem.split_stem(_net(width=64)) is None
+    assert stem.split_stem(_net(width=stem.MIN_WIDTH)) is not None
+    assert stem.split_stem(_net(width=64), min_width=64) is not None
 
 
 def test_real_side_embedding_runs_the_stem_in_sub_chunks(monkeypatch) -> None:
@@ -80,7 +87,7 @@ def test_real_side_embedding_runs_the_stem_in_sub_chunks(monkeypatch) -> None:
         return real(x, conv, norm)
 
     monkeypatch.setattr(stem, "conv_instance_norm", spy)
-    net = _net(width=16)
+    net = _net(width=stem.MIN_WIDTH)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(50, 1, 28, 28)
     with torch.no_grad():
@@ -95,7 +102,7 @@ def test_real_side_embedding_runs_the_stem_in_sub_chunks(monkeypatch) -> None:
 def test_bfloat16_real_side_keeps_the_stem_in_float32(monkeypatch) -> None:
     # With one block there is no other convolution: the bf16 path must then equal float32 to rounding, which it
     # would not if the stem's convolution were rounded to bf16 (~0.5 % here).
-    net = _net(width=16, depth=1)
+    net = _net(width=stem.MIN_WIDTH, depth=1)
     x = torch.randn(40, 1, 28, 28)
     exact = embedding.embed_no_grad(net, x)
     low = embedding.embed_no_grad(net, x, precision="bfloat16")
@@ -107,5 +114,5 @@ def test_bfloat16_real_side_keeps_the_stem_in_float32(monkeypatch) -> None:
         torch.testing.assert_close(split[1](split[0](embedding.channels_last(x))).flatten(1), exact,
                                    rtol=1e-5, atol=1e-6)
     # Deeper, the later convolutions are rounded (so bf16 really runs there).
-    deep = _net(width=16)
+    deep = _net(width=stem.MIN_WIDTH)
     assert not torch.equal(embedding.embed_no_grad(deep, x, precision="bfloat16"), embedding.embed_no_grad(deep, x))

@@ -33,8 +33,9 @@ these change how fast, not what is computed:
   is a spec field, off by default, never a silent choice. (The first block, below, stays float32.)
 - **the first block from patch moments** on the no-grad CPU real side (:mod:`dpdistill.distill.stem`): a
   ConvNet's conv (1 or 3 input channels) + instance norm is one batched product whose statistics come from
-  each image's 9x9 (or 27x27) patch covariance, in sub-chunks of 8 images that stay in cache; ~2.5x faster
-  for that block, ~0.2 s of DM's ~1.2-1.6 s iteration. Same function to rounding.
+  each image's 9x9 (or 27x27) patch covariance, in sub-chunks of 8 images that stay in cache. Used from width
+  128 (a fixed rule: DM's iteration ~10 % faster there; slower at widths 32-64, where the plain block's map
+  already fits in cache). Same function to rounding.
 
 Results equal the plain ``net.embed(x)`` up to float rounding (~1e-6; tests/test_distill_embedding.py).
 """
@@ -200,8 +201,8 @@ def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
         chunk = len(x)
     if precision == "bfloat16":
         net = low_precision(net)
-    # The first block from patch moments (dpdistill.distill.stem: same function, ~2.5x faster on CPU), in
-    # sub-chunks whose full-resolution map stays in cache; the rest of the network on the whole chunk.
+    # The first block from patch moments where it pays (dpdistill.distill.stem: same function), in sub-chunks
+    # whose full-resolution map stays in cache; the rest of the network on the whole chunk.
     split = split_stem(net) if x.device.type == "cpu" else None
     with torch.no_grad():
         if split is None:

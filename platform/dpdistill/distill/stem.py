@@ -15,10 +15,19 @@ image (patches, with a column of ones for the shift, times per-image scaled weig
 map straight into channels-last memory; the activation runs in place on it and the pooling reads it once.
 Small sub-chunks (:data:`STEM_CHUNK` images) keep that map in cache.
 
-Measured on 2 AMD EPYC cores (DM's reference setting: 2,560 images, width 128, medians of 8 interleaved
-runs): the first block takes 0.17 against 0.43-0.47 s, the whole real side 1.47 against 1.64 s in float32 and
-0.91 against 1.18 s with bfloat16 convolutions (benchmarks/bench_speed.py's ``dm`` part has the per-iteration
-figures). On CPU only (:func:`dpdistill.distill.embedding.embed_chunks`): not measured on an accelerator.
+Where it pays depends on the width, so it is used from :data:`MIN_WIDTH` output channels up, a fixed rule (a
+timing-based choice would make results depend on machine load: the two paths agree to rounding, not to the
+bit). Measured on 2 AMD EPYC cores (1,280 or 2,560 images, the real side, medians of 10-12 interleaved runs):
+
+- width 128 (DM's and NDPDC's reference setting, 2,560 images): 1.41-1.44 against 1.50-1.57 s, and DM's
+  whole iteration (in-process, 3 interleaved pairs) 1.71 against 1.89 s in float32, 1.13 against 1.30 s with
+  bfloat16 convolutions; on a quieter hour the first block alone took 0.17 against 0.43-0.47 s. There the plain
+  block's map (512 KB an image, 16 MB a 32-image chunk, plus the norm's temporaries) overflows the 32 MB L3
+  and every pass streams memory.
+- width 32 and 64 (DP-GenG's matching and extractor networks): 1.2-1.35x SLOWER. The map of a chunk stays in
+  cache anyway, and the patch moments' fixed cost (~40 µs an image) is not repaid.
+
+On CPU only (:func:`dpdistill.distill.embedding.embed_chunks`): not measured on an accelerator.
 
 Same function to float rounding (~1e-6 relative; tests/test_distill_stem.py), on any input: it is the
 block's own formula, not an approximation. It is used only where it is exact and applies (:func:`split_stem`):
@@ -38,8 +47,9 @@ from torch import nn
 
 from dpdistill.models.convnet import ConvNet
 
-__all__ = ["MAX_PATCH", "STEM_CHUNK", "conv_instance_norm", "split_stem"]
+__all__ = ["MAX_PATCH", "MIN_WIDTH", "STEM_CHUNK", "conv_instance_norm", "split_stem"]
 
+MIN_WIDTH = 128  # output channels from which the stem pays (module docstring)
 MAX_PATCH = 27  # input channels x kernel pixels: 3x3 kernels on 1 (MNIST) or 3 (RGB) channels
 STEM_CHUNK = 8  # images per stem call: 8 x 32x32 x 128 floats = 4 MB, the map stays in cache
 
@@ -67,9 +77,10 @@ def conv_instance_norm(x: torch.Tensor, conv: nn.Conv2d, norm: nn.GroupNorm) -> 
     return out.view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
 
 
-def split_stem(net: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module] | None:
+def split_stem(net: nn.Module, min_width: int = MIN_WIDTH
+               ) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module] | None:
     """``(stem, rest)`` with ``net.embed(x) == rest(stem(x)).flatten(1)`` when the patch-moment first block
-    applies to ``net`` (module docstring), else None.
+    applies to ``net`` (module docstring) and its first conv has at least ``min_width`` output channels, else None.
 
     ``stem`` is the first conv + instance norm (:func:`conv_instance_norm`) followed by the block's own
     activation and pooling modules; ``rest`` is the remaining feature layers as an ``nn.Sequential`` (shared with
@@ -82,7 +93,7 @@ def split_stem(net: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], 
     if len(layers) < 2:
         return None
     conv = getattr(layers[0], "conv", layers[0])  # a low-precision wrapper keeps its original as .conv
-    if not (_plain_conv(conv) and _instance_norm(layers[1], conv.out_channels)):
+    if not (_plain_conv(conv) and _instance_norm(layers[1], conv.out_channels)) or conv.out_channels < min_width:
         return None
     block_end = 2
     while block_end < len(layers) and not isinstance(layers[block_end], nn.Conv2d) \
