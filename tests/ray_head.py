@@ -83,6 +83,13 @@ def alive_nodes(gcs: str, token: str) -> list[tuple[str, bool]]:
     return [(n.node_id.hex(), n.is_head_node) for n in reply.node_info_list]
 
 
+# `ray start` gives the new node a fixed 30 s to register with its GCS (ray/_private/node.py) and exits with
+# "timed out during startup" past it: on a loaded 2-core machine a CI run lost a whole module's cluster that way.
+# Only that exit is retried, with fresh ports and temp dir; any other failure is raised at once.
+STARTUP_ATTEMPTS = 3
+_NODE_START_TIMEOUT = "timed out during startup"
+
+
 @contextmanager
 def ray_head(env: dict[str, str] | None = None, start_params: Sequence[str] = ("--num-cpus=2",),
              token: str | None = None, startup_timeout: float = 120.0) -> Iterator[RayHead]:
@@ -92,28 +99,44 @@ def ray_head(env: dict[str, str] | None = None, start_params: Sequence[str] = ("
     ``ray start`` flags, e.g. a manifest's rayStartParams.
     """
     token = token or secrets.token_hex(32)
-    # Short: Ray's unix socket paths under the temp dir must stay below 108 characters.
-    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
-    log = temp_dir / "head.log"
-    gcs_port, dash_port, client_port, *node_ports = free_ports(3 + _NODE_PORTS)
-    cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--ray-client-server-port={client_port}",
-        f"--temp-dir={temp_dir}", *_node_flags(node_ports), *start_params,
-    ]
-    proc = _start(cmd, _node_env(token, env), log)
-    head = RayHead(proc, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, temp_dir, log)
+    head = _start_head(env, start_params, token, startup_timeout)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while not (alive_nodes(head.gcs, token) and _dashboard_ready(head.dashboard, token)):
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray head exited with {proc.returncode}:\n{head.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ray head not ready after {startup_timeout:.0f} s:\n{head.log_tail()}")
-            time.sleep(0.5)
         yield head
     finally:
         stop_head(head)
+
+
+def _start_head(env: dict[str, str] | None, start_params: Sequence[str], token: str,
+                startup_timeout: float) -> RayHead:
+    """A head whose GCS lists it and whose dashboard answers (up to STARTUP_ATTEMPTS starts, see above)."""
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        # Short: Ray's unix socket paths under the temp dir must stay below 108 characters.
+        temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+        log = temp_dir / "head.log"
+        gcs_port, dash_port, client_port, *node_ports = free_ports(3 + _NODE_PORTS)
+        cmd = [
+            str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--ray-client-server-port={client_port}",
+            f"--temp-dir={temp_dir}", *_node_flags(node_ports), *start_params,
+        ]
+        proc = _start(cmd, _node_env(token, env), log)
+        head = RayHead(proc, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, temp_dir, log)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while not (alive_nodes(head.gcs, token) and _dashboard_ready(head.dashboard, token)):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"ray head exited with {proc.returncode}:\n{head.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ray head not ready after {startup_timeout:.0f} s:\n{head.log_tail()}")
+                time.sleep(0.5)
+            return head
+        except BaseException:
+            retry = attempt < STARTUP_ATTEMPTS and proc.poll() is not None and _NODE_START_TIMEOUT in head.log_tail()
+            stop_head(head)
+            if not retry:
+                raise
+            print(f"ray head: node start timed out (attempt {attempt}); starting again", file=sys.stderr)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 _NODE_PORTS = 6

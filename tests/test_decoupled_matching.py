@@ -295,7 +295,7 @@ def test_options_a_configuration_ignores_are_named_for_sweeps() -> None:
     assert {"augmentations", "batch_real"} <= set(gen) and "projection_dim" not in gen
     # Without feature matching, none of the matching options shapes the run (expert guidance alone remains).
     off = DPGenGConfig(**{**TINY_DPGENG, "feature_matching": False}).overridden_options()
-    assert {"matching", "batch_real", "real_precision", "clip", "sigma", "projection_dim"} <= set(off)
+    assert {"matching", "batch_real", "real_precision", "clip", "sigma", "projection_dim", "dsa_strategy"} <= set(off)
     assert not {"lr_img", "eg_weight", "iterations"} & set(off)
 
 

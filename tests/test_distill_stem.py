@@ -20,6 +20,19 @@ def _net(channels: int = 1, size: int = 28, seed: int = 0, **kwargs: object) -> 
     return embedding.prepare(net)
 
 
+def test_non_square_images_kernels_and_padding() -> None:
+    # A swapped height/width anywhere (unfold, the output view) would fail here.
+    conv = nn.Conv2d(3, 16, (1, 5), padding=(0, 2)).to(memory_format=torch.channels_last)
+    norm = nn.GroupNorm(16, 16)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = embedding.channels_last(torch.randn(5, 3, 9, 13))
+    with torch.no_grad():
+        want = norm(conv(x))
+    torch.testing.assert_close(stem.conv_instance_norm(x, conv, norm), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32), (1, 7)])
 def test_conv_instance_norm_equals_the_plain_layers(channels: int, size: int) -> None:
     net = _net(channels, size, width=24)
@@ -38,14 +51,15 @@ def test_conv_instance_norm_equals_the_plain_layers(channels: int, size: int) ->
 
 @pytest.mark.parametrize("kwargs", [
     {}, {"width": 32, "depth": 1}, {"act": "leakyrelu", "pool": "max"}, {"act": "sigmoid", "pool": "none"},
-    {"depth": 4, "width": 16},
+    {"depth": 4, "width": 16}, {"channels": 3, "size": 32, "width": 16},
 ])
 def test_stem_then_rest_is_the_network_embedding(kwargs: dict[str, object]) -> None:
-    net = _net(**kwargs)
+    channels, size = int(kwargs.pop("channels", 1)), int(kwargs.pop("size", 28))  # type: ignore[call-overload]
+    net = _net(channels, size, **kwargs)
     split = stem.split_stem(net, min_width=1)
     assert split is not None
     first_block, rest = split
-    x = torch.randn(20, 1, 28, 28)
+    x = torch.randn(20, channels, size, size)
     with torch.no_grad():
         want = net.embed(x)
         got = rest(first_block(embedding.channels_last(x))).flatten(1)
@@ -67,6 +81,46 @@ def test_other_networks_and_convolutions_keep_the_plain_layers() -> None:
     assert not stem._plain_conv(nn.Conv2d(1, 8, 3, padding=1, dilation=2))
     assert not stem._plain_conv(nn.Conv2d(1, 8, 3, padding=1, padding_mode="reflect"))
     assert not stem._plain_conv(nn.Conv2d(1, 8, 3, padding="same"))
+
+
+def test_lookalikes_keep_the_plain_layers() -> None:
+    # Exact types only: a subclass or wrapper may compute something else than the block's formula.
+    class Doubled(models.convnet.ConvNet):
+        def embed(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().embed(x)
+
+    class Wrapped(nn.Module):
+        def __init__(self, conv: nn.Conv2d) -> None:
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).abs()
+
+    class HalfNorm(nn.GroupNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * super().forward(x)
+
+    assert stem.split_stem(Doubled(1, 10, 28, width=8), min_width=1) is None
+    wrapped = _net(width=8)
+    wrapped.features[0] = Wrapped(wrapped.features[0])
+    assert stem.split_stem(wrapped, min_width=1) is None
+    half = _net(width=8)
+    half.features[1] = HalfNorm(8, 8)
+    assert stem.split_stem(half, min_width=1) is None
+    assert stem.split_stem(_net(width=8).double(), min_width=1) is None  # the stem computes in float32
+
+
+def test_the_stem_carries_no_gradient_and_runs_on_cpu_only(monkeypatch) -> None:
+    net = _net(width=stem.MIN_WIDTH)
+    split = stem.split_stem(net)
+    assert split is not None
+    x = torch.randn(4, 1, 28, 28, requires_grad=True)
+    assert not split[0](embedding.channels_last(x)).requires_grad  # never a silently partial gradient
+    calls: list[int] = []
+    monkeypatch.setattr(stem, "conv_instance_norm", lambda *a: calls.append(1))
+    out = embedding.embed_chunks(net.to("meta"), torch.randn(4, 1, 28, 28, device="meta"))  # not CPU: plain layers
+    assert calls == [] and out[0].shape == (4, net.feature_dim)
 
 
 def test_the_stem_is_used_from_the_width_where_it_pays() -> None:

@@ -30,7 +30,8 @@ these change how fast, not what is computed:
   3x3 layer: ~490 against ~245 GFLOPS on 2 AMD EPYC cores) and DM's whole width-128 real side ~1.5x (1.50 ->
   0.97 s for 2,560 images: norm, activation and pooling stay float32); the class means move by ~0.1 % relative, far
   below the spread between two halves of the same class batch (~6 %). This one changes results (rounding), so it
-  is a spec field, off by default, never a silent choice. (The first block, below, stays float32.)
+  is a spec field, off by default, never a silent choice. (Where the first block below applies, CPU and
+  width >= 128, that block's convolution stays float32.)
 - **the first block from patch moments** on the no-grad CPU real side (:mod:`dpdistill.distill.stem`): a
   ConvNet's conv (1 or 3 input channels) + instance norm is one batched product whose statistics come from
   each image's 9x9 (or 27x27) patch covariance, in sub-chunks of 8 images that stay in cache. Used from width
@@ -188,9 +189,9 @@ def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
                  precision: Precision = "float32") -> list[torch.Tensor]:
     """``net.embed`` of ``x`` in consecutive chunks (no gradient): one float32 feature tensor per chunk, in order.
 
-    ``precision`` 'bfloat16' computes the convolutions in bfloat16 (:func:`low_precision`), all but a ConvNet's
-    first one. On CPU, a ConvNet whose first block qualifies (:func:`dpdistill.distill.stem.split_stem`) runs
-    that block from patch moments. A network that mixes records (:func:`mixes_records`) gets the whole batch as
+    ``precision`` 'bfloat16' computes the convolutions in bfloat16 (:func:`low_precision`). On CPU, a ConvNet
+    whose first block qualifies (:func:`dpdistill.distill.stem.split_stem`: width >= 128) runs that block from
+    patch moments, in float32 in either precision. A network that mixes records (:func:`mixes_records`) gets the whole batch as
     one chunk, so its batch statistics are those of the whole batch, as without chunking.
     """
     if precision not in ("float32", "bfloat16"):

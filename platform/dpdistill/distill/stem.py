@@ -29,12 +29,14 @@ bit). Measured on 2 AMD EPYC cores (1,280 or 2,560 images, the real side, median
 
 On CPU only (:func:`dpdistill.distill.embedding.embed_chunks`): not measured on an accelerator.
 
-Same function to float rounding (~1e-6 relative; tests/test_distill_stem.py), on any input: it is the
+Same function to float rounding (~1e-6 to 1e-5 relative; tests/test_distill_stem.py), on any input: it is the
 block's own formula, not an approximation. It is used only where it is exact and applies (:func:`split_stem`):
 a :class:`~dpdistill.models.convnet.ConvNet` whose first conv is a plain one (one group, stride 1, no dilation,
 zero padding) over at most :data:`MAX_PATCH` patch values, followed by a one-group-per-channel affine GroupNorm
-(our :class:`~dpdistill.models.instance_norm.InstanceNorm`); everything else runs as before. Without gradient
-only: the differentiable synthetic side keeps the plain layers (and their hand-written backward).
+(our :class:`~dpdistill.models.instance_norm.InstanceNorm`), exact types only, float32 weights; everything else
+runs as before. Without gradient only: the differentiable synthetic side keeps the plain layers (and their
+hand-written backward). The stem calls the block's modules directly, so forward hooks registered on the
+network, its ``features`` or the first conv and norm do not fire on this path (none are registered here).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpdistill.models.convnet import ConvNet
+from dpdistill.models.instance_norm import InstanceNorm
 
 __all__ = ["MAX_PATCH", "MIN_WIDTH", "STEM_CHUNK", "conv_instance_norm", "split_stem"]
 
@@ -87,21 +90,28 @@ def split_stem(net: nn.Module, min_width: int = MIN_WIDTH
     ``net``, not copied). A first conv that :func:`dpdistill.distill.embedding.low_precision` wrapped counts as
     its float32 original (the stem always computes in float32).
     """
+    # embedding imports this module, so its wrapper class is imported at call time
+    from dpdistill.distill.embedding import _BFloat16Conv
+
     if not isinstance(net, ConvNet) or type(net).embed is not ConvNet.embed:
         return None
     layers = list(net.features)
     if len(layers) < 2:
         return None
-    conv = getattr(layers[0], "conv", layers[0])  # a low-precision wrapper keeps its original as .conv
+    # The exact types only: a subclass or another wrapper may compute something else. A low-precision copy's
+    # wrapper keeps the float32 original as .conv.
+    conv = layers[0].conv if type(layers[0]) is _BFloat16Conv else layers[0]
     if not (_plain_conv(conv) and _instance_norm(layers[1], conv.out_channels)) or conv.out_channels < min_width:
         return None
+    if conv.weight.dtype != torch.float32:  # the stem computes in float32; the rest keeps its own dtype
+        return None
     block_end = 2
-    while block_end < len(layers) and not isinstance(layers[block_end], nn.Conv2d) \
-            and not isinstance(getattr(layers[block_end], "conv", None), nn.Conv2d):
+    while block_end < len(layers) and type(layers[block_end]) not in (nn.Conv2d, _BFloat16Conv):
         block_end += 1  # the block's activation and pooling (up to the next conv)
     tail = layers[2:block_end]
     norm = layers[1]
 
+    @torch.no_grad()  # its parameters are read detached: under autograd they would silently get no gradient
     def stem(x: torch.Tensor) -> torch.Tensor:
         h = conv_instance_norm(x, conv, norm)
         for layer in tail:
@@ -119,6 +129,6 @@ def _plain_conv(conv: nn.Module) -> bool:
 
 
 def _instance_norm(norm: nn.Module, channels: int) -> bool:
-    """A GroupNorm with one group per channel and affine parameters (DC's instance norm)."""
-    return (isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels == channels and norm.affine
+    """A GroupNorm (exactly, or our InstanceNorm) with one group per channel and affine parameters."""
+    return (type(norm) in (nn.GroupNorm, InstanceNorm) and norm.num_groups == norm.num_channels == channels and norm.affine
             and norm.weight is not None and norm.bias is not None)

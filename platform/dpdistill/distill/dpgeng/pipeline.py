@@ -205,7 +205,8 @@ class DPGenGConfig(PrivateMatchingOptions, DecoupledMatchingOptions, RealPrecisi
         identical while their specs record different values)."""
         if not self.feature_matching:
             ignored = {k: "feature_matching is off" for k in ("matching", "batch_real", "real_precision", "clip",
-                                                              "sigma", "augmentations", "projection_dim")}
+                                                              "sigma", "augmentations", "projection_dim",
+                                                              "dsa_strategy", "dsa_mode")}
         elif self.matching == "decoupled":
             ignored = {"batch_real": "matching 'decoupled' releases every record's features once, unsampled",
                        "real_precision": "matching 'decoupled' computes its one release in float32"}
