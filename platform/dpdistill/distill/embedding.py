@@ -191,8 +191,8 @@ def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
 
     ``precision`` 'bfloat16' computes the convolutions in bfloat16 (:func:`low_precision`). On CPU, a ConvNet
     whose first block qualifies (:func:`dpdistill.distill.stem.split_stem`: width >= 128) runs that block from
-    patch moments, in float32 in either precision. A network that mixes records (:func:`mixes_records`) gets the whole batch as
-    one chunk, so its batch statistics are those of the whole batch, as without chunking.
+    patch moments, in float32 in either precision. A network that mixes records (:func:`mixes_records`) gets the
+    whole batch as one chunk, so its batch statistics are those of the whole batch, as without chunking.
     """
     if precision not in ("float32", "bfloat16"):
         raise ValueError(f"unknown precision {precision!r}; expected float32 or bfloat16")

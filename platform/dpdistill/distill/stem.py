@@ -130,5 +130,5 @@ def _plain_conv(conv: nn.Module) -> bool:
 
 def _instance_norm(norm: nn.Module, channels: int) -> bool:
     """A GroupNorm (exactly, or our InstanceNorm) with one group per channel and affine parameters."""
-    return (type(norm) in (nn.GroupNorm, InstanceNorm) and norm.num_groups == norm.num_channels == channels and norm.affine
-            and norm.weight is not None and norm.bias is not None)
+    return (type(norm) in (nn.GroupNorm, InstanceNorm) and norm.num_groups == norm.num_channels == channels
+            and norm.affine and norm.weight is not None and norm.bias is not None)
