@@ -30,13 +30,7 @@ these change how fast, not what is computed:
   3x3 layer: ~490 against ~245 GFLOPS on 2 AMD EPYC cores) and DM's whole width-128 real side ~1.5x (1.50 ->
   0.97 s for 2,560 images: norm, activation and pooling stay float32); the class means move by ~0.1 % relative, far
   below the spread between two halves of the same class batch (~6 %). This one changes results (rounding), so it
-  is a spec field, off by default, never a silent choice. (Where the first block below applies, CPU and
-  width >= 128, that block's convolution stays float32.)
-- **the first block from patch moments** on the no-grad CPU real side (:mod:`dpdistill.distill.stem`): a
-  ConvNet's conv (1 or 3 input channels) + instance norm is one batched product whose statistics come from
-  each image's 9x9 (or 27x27) patch covariance, in sub-chunks of 8 images that stay in cache. Used from width
-  128 (a fixed rule: DM's iteration ~10 % faster there; slower at widths 32-64, where the plain block's map
-  already fits in cache). Same function to rounding.
+  is a spec field, off by default, never a silent choice.
 
 Results equal the plain ``net.embed(x)`` up to float rounding (~1e-6; tests/test_distill_embedding.py).
 """
@@ -54,7 +48,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dpdistill.distill.stem import STEM_CHUNK, split_stem
 from dpdistill.errors import SpecError
 from dpdistill.models.registry import mixes_records
 
@@ -189,28 +182,20 @@ def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
                  precision: Precision = "float32") -> list[torch.Tensor]:
     """``net.embed`` of ``x`` in consecutive chunks (no gradient): one float32 feature tensor per chunk, in order.
 
-    ``precision`` 'bfloat16' computes the convolutions in bfloat16 (:func:`low_precision`). On CPU, a ConvNet
-    whose first block qualifies (:func:`dpdistill.distill.stem.split_stem`: width >= 128) runs that block from
-    patch moments, in float32 in either precision. A network that mixes records (:func:`mixes_records`) gets the
-    whole batch as one chunk, so its batch statistics are those of the whole batch, as without chunking.
+    ``precision`` 'bfloat16' computes the convolutions in bfloat16 (:func:`low_precision`). A network that mixes
+    records (:func:`mixes_records`) gets the whole batch as one chunk, so its batch statistics are those of the
+    whole batch, as without chunking.
     """
-    if precision not in ("float32", "bfloat16"):
-        raise ValueError(f"unknown precision {precision!r}; expected float32 or bfloat16")
     if len(x) == 0:
         return []
     if mixes_records(net):
         chunk = len(x)
     if precision == "bfloat16":
         net = low_precision(net)
-    # The first block from patch moments where it pays (dpdistill.distill.stem: same function), in sub-chunks
-    # whose full-resolution map stays in cache; the rest of the network on the whole chunk.
-    split = split_stem(net) if x.device.type == "cpu" else None
+    elif precision != "float32":
+        raise ValueError(f"unknown precision {precision!r}; expected float32 or bfloat16")
     with torch.no_grad():
-        if split is None:
-            return [net.embed(channels_last(part)) for part in x.split(chunk)]  # type: ignore[operator]
-        first_block, rest = split
-        return [rest(torch.cat([first_block(channels_last(sub)) for sub in part.split(STEM_CHUNK)])).flatten(1)
-                for part in x.split(chunk)]
+        return [net.embed(channels_last(part)) for part in x.split(chunk)]  # type: ignore[operator]
 
 
 def embed_no_grad(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
