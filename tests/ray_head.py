@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +122,8 @@ def _start_head(env: dict[str, str] | None, start_params: Sequence[str], token: 
         proc = _start(cmd, _node_env(token, env), log)
         head = RayHead(proc, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, temp_dir, log)
         try:
-            deadline = time.monotonic() + startup_timeout
-            while not (alive_nodes(head.gcs, token) and _dashboard_ready(head.dashboard, token)):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"ray head exited with {proc.returncode}:\n{head.log_tail()}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ray head not ready after {startup_timeout:.0f} s:\n{head.log_tail()}")
-                time.sleep(0.5)
+            _wait_until(lambda h=head: bool(alive_nodes(h.gcs, token)) and _dashboard_ready(h.dashboard, token),
+                        head, "ray head", "not ready", startup_timeout)
             return head
         except BaseException:
             retry = attempt < STARTUP_ATTEMPTS and proc.poll() is not None and _NODE_START_TIMEOUT in head.log_tail()
@@ -211,16 +206,23 @@ def ray_worker(head: RayHead, env: dict[str, str] | None = None, start_params: S
     proc = _start(cmd, _node_env(head.token, env), log)
     worker = RayHead(proc, head.gcs, head.dashboard, head.token, head.temp_dir, log)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while len(alive_nodes(head.gcs, head.token)) <= before:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray worker exited with {proc.returncode}:\n{worker.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ray worker not up after {startup_timeout:.0f} s:\n{worker.log_tail()}")
-            time.sleep(0.5)
+        _wait_until(lambda: len(alive_nodes(head.gcs, head.token)) > before, worker, "ray worker", "not up",
+                    startup_timeout)
         yield worker
     finally:
         stop_head(worker, remove_temp_dir=False)
+
+
+def _wait_until(ready: Callable[[], bool], node: RayHead, what: str, not_ready: str, timeout: float) -> None:
+    """Poll ``ready`` every 0.5 s; RuntimeError with the node's log tail if its process exits or ``timeout``
+    passes first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {node.proc.returncode}:\n{node.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} {not_ready} after {timeout:.0f} s:\n{node.log_tail()}")
+        time.sleep(0.5)
 
 
 def stop_head(head: RayHead, remove_temp_dir: bool = True) -> None:

@@ -228,7 +228,8 @@ def low_precision(net: nn.Module) -> nn.Module:
     """A copy of ``net`` (for no-grad forwards) whose Conv2d layers compute in bfloat16 and return float32.
 
     A network this function returned is returned as it is. Only the convolutions change: normalisation,
-    activations, pooling and linear layers stay float32, as do the outputs. ``net`` itself is untouched (the copy is cheap: a width-128 ConvNet-3 holds ~310k weights, ~1.2 MB).
+    activations, pooling and linear layers stay float32, as do the outputs. ``net`` itself is untouched (the
+    copy is cheap: a width-128 ConvNet-3 holds ~310k weights, ~1.2 MB).
     """
     if getattr(net, _LOW_PRECISION, False):  # already a copy made here: converting again would copy again
         return net
