@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,7 +229,8 @@ def mark_not_private(ctx: Any, method: str) -> None:
 
 
 def report_utility(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
-                   trained_on: str = "", after_submit: Callable[[], None] | None = None) -> dict[str, Any]:
+                   trained_on: str = "", after_submit: Callable[[], None] | None = None,
+                   on_ray: bool | None = None) -> dict[str, Any]:
     """Evaluate the release by the spec's protocol, log its figures and summary rows; the primary model's accuracy.
 
     The one evaluation every job kind runs on its release: ``evaluation.selection`` (none / synv / noisy-senv)
@@ -238,19 +239,19 @@ def report_utility(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
     " trained on the synthetic set"). Returns ``{"test": {...}[, "val": {...}]}`` of the primary model.
     ``after_submit``: called once the first models are queued on Ray (see
     :func:`~dpdistill.runtime.parallel.evaluate_seeds`); not called by in-process evaluation.
+    ``on_ray``: whether the caller's :func:`evaluation_ray` session runs the models on Ray; None opens one here.
     """
     from dpdistill.evaluation.selection import evaluate_protocol, summary_lines
-    from dpdistill.runtime.cluster import ray_session
 
     spec = ctx.spec
     ev = spec.evaluation
     stage = getattr(ctx, "stage", None)
     # One Ray session for every model the protocol trains (a session already open is reused).
-    session = (ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path) if ev.parallel
-               else contextlib.nullcontext())
-    with stage("evaluate") if stage is not None else contextlib.nullcontext(), session:
+    session = evaluation_ray(ctx) if on_ray is None else contextlib.nullcontext(on_ray)
+    with stage("evaluate") if stage is not None else contextlib.nullcontext(), session as use_ray:
         outcome = evaluate_protocol(
-            ev, images, labels, evaluate=_evaluator(ctx, p, after_submit), test=(p.test.images, p.test.labels),
+            ev, images, labels, evaluate=_evaluator(ctx, p, use_ray, after_submit),
+            test=(p.test.images, p.test.labels),
             val=lambda: (p.val.images, p.val.labels) if getattr(p, "val", None) is not None else None,
             num_classes=p.info.num_classes, seed=spec.seed, ledger=ctx.ledger, noise=ctx.noise)
     ctx.log_metrics(outcome.metrics())
@@ -259,19 +260,19 @@ def report_utility(ctx: Any, images: torch.Tensor, labels: torch.Tensor, p: Any,
     return outcome.primary.acc
 
 
-def _evaluator(ctx: Any, p: Any, after_submit: Callable[[], None] | None = None) -> Any:
+def _evaluator(ctx: Any, p: Any, use_ray: bool, after_submit: Callable[[], None] | None = None) -> Any:
     """``evaluate(train_x, train_y, test_x, test_y, *, model, model_kwargs, epochs, lr, extra_sets)`` for the
     spec: its seeds, batch size, augmentation, the dataset's published normalisation and the spec's device.
-    ``after_submit`` runs once, after the first evaluation's models are queued on Ray."""
+    ``use_ray``: one Ray task per seed, else in this process. ``after_submit`` runs once, after the first
+    evaluation's models are queued on Ray."""
     from dpdistill.runtime import parallel
 
-    ev = ctx.spec.evaluation
     pending_hook = [after_submit] if after_submit is not None else []
 
     def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
                  model: str, model_kwargs: dict[str, Any], epochs: int, lr: float,
                  extra_sets: dict[str, Any]) -> dict[str, Any]:
-        if ev.parallel:
+        if use_ray:
             hook = pending_hook.pop() if pending_hook else None
             return parallel.evaluate_seeds(train_x, train_y, test_x, test_y, _seeds(ctx), extra_sets=extra_sets,
                                            use_ray=True, after_submit=hook, model=model, model_kwargs=model_kwargs,
@@ -281,6 +282,40 @@ def _evaluator(ctx: Any, p: Any, after_submit: Callable[[], None] | None = None)
                                        epochs=epochs, lr=lr, **_fixed(ctx, p))
 
     return evaluate
+
+
+@contextlib.contextmanager
+def evaluation_ray(ctx: Any) -> Iterator[bool]:
+    """Ray for the evaluation's models when ``evaluation.parallel`` asks for it; yields whether they run on Ray.
+
+    A session already open is reused. A LOCAL Ray that fails to start (Ray waits a fixed 30 s for its node to
+    register, which a loaded machine can exceed) must not cost the evaluation of a release that is already
+    charged and saved: the models then train in this process, with the same seeds and threads and so the same
+    figures, and the run says so (a warning and a summary line). A cluster the job names (``ray.address``,
+    ``--address``, $RAY_ADDRESS) that cannot be reached still fails the job: that cluster was asked for."""
+    from dpdistill.runtime.cluster import LocalRayStartError, ray_session
+
+    spec = ctx.spec
+    if not spec.evaluation.parallel:
+        yield False
+        return
+    session = ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path)
+    try:
+        session.__enter__()
+    except LocalRayStartError as e:
+        not_started: LocalRayStartError | None = e
+    else:
+        not_started = None
+    if not_started is not None:
+        log.warning("%s: the evaluation's models train in this process instead", not_started)
+        if hasattr(ctx, "add_summary"):
+            ctx.add_summary("evaluation on", f"this process ({not_started})")
+        yield False
+        return
+    # The body's exception goes to the session's exit (which shuts down a Ray it started) and is re-raised.
+    with contextlib.ExitStack() as stack:
+        stack.push(session.__exit__)
+        yield True
 
 
 def _seeds(ctx: Any) -> list[int]:
@@ -317,11 +352,10 @@ def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, b
     """
     from dpdistill.evaluation.selection import reads_validation
     from dpdistill.runtime import parallel
-    from dpdistill.runtime.cluster import ray_session
 
-    spec = ctx.spec
-    ev = spec.evaluation
+    ev = ctx.spec.evaluation
     pending: list[parallel.PendingSeeds] = []
+    on_ray = [False]
 
     # The validation split under the same rule as the release's own evaluation.
     val = getattr(p, "val", None) if reads_validation(ev) else None
@@ -330,16 +364,15 @@ def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, b
     def queue_baseline() -> None:
         if not pending:
             pending.append(parallel.submit_seeds(
-                *baseline, p.test.images, p.test.labels, _seeds(ctx), extra_sets=extra, use_ray=ev.parallel,
+                *baseline, p.test.images, p.test.labels, _seeds(ctx), extra_sets=extra, use_ray=on_ray[0],
                 progress=ctx.progress, model=ev.model, model_kwargs=dict(ev.model_options), epochs=ev.epochs,
                 lr=ev.lr, **_fixed(ctx, p)))
 
     # One Ray session for both evaluations: the queued baseline must outlive the release's evaluation.
-    session = (ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path) if ev.parallel
-               else contextlib.nullcontext())
-    with session:
+    with evaluation_ray(ctx) as use_ray:
+        on_ray[0] = use_ray
         try:
-            report_utility(ctx, images, labels, p, after_submit=queue_baseline)
+            report_utility(ctx, images, labels, p, after_submit=queue_baseline, on_ray=use_ray)
             stage = getattr(ctx, "stage", None)
             with stage("evaluate baseline") if stage is not None else contextlib.nullcontext():
                 queue_baseline()  # in-process, or a protocol that never queued on Ray: now

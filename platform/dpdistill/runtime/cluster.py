@@ -38,6 +38,42 @@ _BANNER_LOGGER = "ray._private.authentication.authentication_token_setup"
 CHECK_TIMEOUT_S = 10.0
 
 
+class LocalRayStartError(ClusterError):
+    """A local Ray (no address given) failed to start in this process.
+
+    On a loaded machine Ray's node start can exceed its fixed 30 s wait for the raylet to register
+    (``ray/_private/node.py``: "The current node timed out during startup"). A caller whose work can run in
+    this process instead (the evaluation of a release already charged and saved) catches this and does so."""
+
+
+def _stop_half_started_node(err: BaseException) -> bool:
+    """Stop the processes of a local node whose start raised ``err``; True if there was one to stop.
+
+    ``ray.init`` builds its head node inside its own call and drops it when the start fails, so its GCS, raylet
+    and reaper would run on (prestarting workers once the raylet registers) until this process exits. The node
+    object is still in the traceback's ``Node.__init__`` frame; stopping it there is best effort (a Ray
+    internal) and never hides the start's own error."""
+    try:
+        from ray._private.node import Node
+    except ImportError:  # pragma: no cover - another Ray layout: nothing we can reach
+        return False
+    tb = err.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("self")
+        if isinstance(node, Node):
+            try:
+                node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+            except Exception as stop_err:  # noqa: BLE001 - best effort; the caller reports the start's error
+                log.warning("could not stop the processes of the failed local Ray start: %s", stop_err)
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 @dataclass(frozen=True)
 class AuthToken:
     """A Ray auth token and where it came from (for error messages; the value is never printed)."""
@@ -223,13 +259,17 @@ def ray_session(
     address = connect_cluster(address, auth_token_path)
     kwargs: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     with _keeping_sigterm_handler():
-        try:
-            if address:
+        if address:
+            try:
                 ray.init(address=address, **kwargs)
-            else:
+            except ConnectionError as e:
+                raise ClusterError(f"Ray cluster {address}: cannot connect ({_first_line(e)})") from None
+        else:
+            try:
                 ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
-        except ConnectionError as e:
-            raise ClusterError(f"Ray cluster {address}: cannot connect ({str(e).splitlines()[0]})") from None
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for its node-start timeout
+                _stop_half_started_node(e)
+                raise LocalRayStartError(f"local Ray did not start ({_first_line(e)})") from None
     try:
         yield ray.cluster_resources()
     finally:
