@@ -30,6 +30,7 @@ from dpdistill.privacy import PrivacyLedger
 from dpdistill.privacy.noise import PrivacyRandomness
 
 DATASET = "digits"
+PUBLIC = "glyphs"  # the public set of a method that needs one (Synthesizer.needs_public)
 DELTA = 1e-5  # below 1/n for digits' 1 000-odd training records
 SEED = 3  # the spec seed of every conformance run (data-independent randomness only)
 NOISE_SEED = 11  # the reproducible (NOT PRIVATE, debugging) noise source of the determinism runs
@@ -296,6 +297,13 @@ def stats() -> tuple[list[float], list[float]]:
     return list(info.mean), list(info.std)
 
 
+@cache
+def public_set(image_size: int) -> data.ImageSet:
+    """The public set a method that needs one pretrains on (:data:`PUBLIC`, at digits' size; a public stand-in,
+    never a sensitive split)."""
+    return data.load(PUBLIC, "train", image_size=image_size)
+
+
 @dataclass
 class Outcome:
     """One run of a method: its release, its ledger and draw log (private methods), and the fitted object."""
@@ -352,6 +360,8 @@ def run(method: Method, noise: str = "reproducible", profile: str = "tiny", seed
         if method.kind == "synthesis":
             obj = synthesis.create(method.name, channels=train.channels, image_size=train.image_size,
                                    num_classes=train.num_classes, seed=seed, noise=source, **opts)
+            if getattr(obj, "needs_public", False):  # e.g. a public feature extractor: free, before the fit
+                obj.pretrain(public_set(train.image_size))
             obj.fit(train, ledger, epsilon=target)
             images, labels = obj.generate(n_per_class=PER_CLASS, seed=LATENT_SEED)
         else:

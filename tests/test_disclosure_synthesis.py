@@ -24,11 +24,15 @@ from dpdistill.pipelines.synthesize_job import DISCLOSURE, disclosure_for
 from dpdistill.privacy.disclosure import RELEASED, kind_of, undeclared
 from dpdistill.spec import validate_spec
 
-METHODS = ("dp-merf", "dp-ntk", "dp-kernel", "dp-gan", "gs-wgan")
+METHODS = ("dp-merf", "dp-mepf", "dp-ntk", "dp-kernel", "dp-gan", "gs-wgan")
+MEAN_EMBEDDINGS = ("dp-merf", "dp-mepf", "dp-ntk")
 
 # Tiny configurations (seconds each on 2 cores, 8x8 digits); 60 steps so that stepped metrics log twice.
 TINY: dict[str, dict[str, Any]] = {
     "dp-merf": {"num_features": 200, "iterations": 60, "batch_size": 100},
+    # pretrain: the job's public set (DP-MEPF's extractor is trained on it)
+    "dp-mepf": {"num_features": 200, "iterations": 60, "batch_size": 100, "pretrain": "glyphs",
+                "pretrain_iterations": 2, "extractor_epochs": 1, "extractor_width": 8, "extractor_depth": 2},
     "dp-ntk": {"ntk_width": 16, "iterations": 60, "batch_size": 100, "embed_batch_size": 512},
     "dp-kernel": {"num_features": 200, "iterations": 60, "batch_size": 100, "gen_batch_size": 50},
     "dp-gan": {"iterations": 60, "batch_size": 32, "critic_width": 8, "gen_width": 8, "gen_hidden": 32},
@@ -151,14 +155,16 @@ def test_every_key_a_run_writes_is_declared(store, method):
     keys = all_keys(c)
     assert undeclared(keys, disclosure_for(method)) == []
     # The run did write what the declarations are about (the collection is not empty by accident).
-    assert {"fit_seconds", "fid", "acc_mean", "privacy_epsilon", "noise_q" if method != "dp-merf" and
-            method != "dp-ntk" else "noise_sigma"} <= keys
+    assert {"fit_seconds", "fid", "acc_mean", "privacy_epsilon", "noise_q" if method not in MEAN_EMBEDDINGS
+            else "noise_sigma"} <= keys
     assert {"fit_report.json", "fidelity.json"} <= set(c["json"])
     assert "method.name" in c["params"]
     # The saved synthesiser's report is the fit report, and its extra state is the release only.
     state = torch.load(c["run_dir"] / "artifacts" / "synthesizer.pt", weights_only=True)
     assert undeclared(flatten(state["report"]), disclosure_for(method)) == []
-    released = {"dp-merf": {"released"}, "dp-ntk": {"released"}}.get(method, set())
+    # DP-MEPF's extractor (weights and input scaling) was trained on the public set alone.
+    released = {"dp-merf": {"released"}, "dp-ntk": {"released"},
+                "dp-mepf": {"released", "extractor", "extractor_stats"}}.get(method, set())
     assert set(state["extra"]) == released
 
 
@@ -186,13 +192,36 @@ def _recompute_release_mmd(synth: Any) -> float:
     per_class = max(1, synth.config.batch_size // k)
     images, labels = synth.generate(n_per_class=per_class, seed=synth.seed)  # the public latents
     d = images[0].numel()
-    if synth.name == "dp-merf":
+    if synth.name in ("dp-merf", "dp-mepf"):
         bw = synth.config.bandwidth or 6.0 * (d / 784.0) ** 0.5
         phi = RandomFourierFeatures(d, synth.config.num_features, bw, seed=synth.seed + 101)(images)
+        if synth.name == "dp-mepf":  # [r·rff, p·ψ], ψ the saved public extractor's pooled block outputs
+            p = synth.config.perceptual_weight
+            phi = torch.cat([(1 - p * p) ** 0.5 * phi, p * _perceptual(synth, images)], dim=1)
         sums = torch.zeros(k, phi.shape[1]).index_add(0, labels, phi)
     else:
         sums = NTKFeatures(d, synth.config.ntk_width, seed=synth.seed + 202).class_sums(images, labels, k)
     return float((sums / per_class - synth.released["means"]).pow(2).sum())
+
+
+def _perceptual(synth: Any, images: torch.Tensor) -> torch.Tensor:
+    """DP-MEPF's ψ from the saved extractor: after each conv block, the g x g average-pooled map (and its
+    squares), concatenated, unit norm per image."""
+    import torch.nn.functional as F
+
+    c = synth.config
+    net = models.get("convnet", channels=synth.channels, num_classes=synth.num_classes,
+                     image_size=synth.image_size, width=c.extractor_width, depth=c.extractor_depth)
+    net.load_state_dict(synth.extractor_state)
+    mean, std = synth.extractor_stats
+    h, parts, layers = (images - mean) / std, [], list(net.eval().features)
+    for i, layer in enumerate(layers):
+        h = layer(h)
+        if i + 1 == len(layers) or isinstance(layers[i + 1], torch.nn.Conv2d):
+            parts += [F.adaptive_avg_pool2d(h, c.grid).flatten(1)]
+            parts += [F.adaptive_avg_pool2d(h * h, c.grid).flatten(1)] if c.second_moment else []
+    psi = torch.cat(parts, dim=1)
+    return psi / psi.norm(dim=1, keepdim=True)
 
 
 RECOMPUTE = {"release_mmd": _recompute_release_mmd}
@@ -214,7 +243,7 @@ def test_released_values_are_recomputed_from_the_artifact_alone(store, method):
     report = json.loads((art / "fit_report.json").read_text())
     released = {k: v for k, v in {**c["metrics"], **flatten(report)}.items()
                 if kind_of(k, declared) == RELEASED}
-    if method in ("dp-merf", "dp-ntk"):
+    if method in MEAN_EMBEDDINGS:
         assert set(released) == {"release_mmd", "extra.release_mmd"}
     for key, value in released.items():
         recipe = RECOMPUTE[key.removeprefix("extra.")]

@@ -63,7 +63,7 @@ def test_listing_names_and_loading_a_spec_import_no_method():
     out = json.loads(done.stdout)
     assert out["kinds"] == ["distill", "evaluate", "sfdd", "synthesize"]
     assert out["distill"] == ["dc", "dm", "dpgeng", "ndpdc", "psg"]
-    assert out["synthesis"] == ["dp-gan", "dp-kernel", "dp-ldm", "dp-lora", "dp-merf", "dp-ntk", "dpdm", "gs-wgan", "pdp-diffusion"]
+    assert out["synthesis"] == ["dp-gan", "dp-kernel", "dp-ldm", "dp-lora", "dp-mepf", "dp-merf", "dp-ntk", "dpdm", "gs-wgan", "pdp-diffusion"]
     assert out["loaded"] == ["dpdistill.distill.registry", "dpdistill.pipelines.registry",
                              "dpdistill.synthesis.base", "dpdistill.synthesis.registry"]
 

@@ -69,6 +69,9 @@ def check_generator(config: Any, seed: int, channels: int, num_classes: int, ima
     if generator is None:
         return
     check_generator_options(generator, options, "<spec>")
+    if synthesis.get(generator).needs_public and not getattr(config, "public", None):
+        raise SpecError(f"field 'method.public': generator '{generator}' trains its feature extractor on a public "
+                        "set; name one (e.g. glyphs)")
     try:
         with torch.random.fork_rng(devices=[]):
             synthesis.create(generator, channels=channels, image_size=image_size, num_classes=num_classes,

@@ -204,6 +204,9 @@ class SynthesizePipeline:
         if job.train_workers > 1 and not cls.runs_dp_sgd:
             raise SpecError(f"field 'method.train_workers': {cls.name} does not train with DP-SGD through an "
                             "executor; only the diffusion synthesisers shard their fit over Ray Train workers")
+        if cls.needs_public and not job.pretrain:
+            raise SpecError(f"field 'method.pretrain': {cls.name} trains its feature extractor on a public set; "
+                            "name one (e.g. glyphs)")
         if getattr(cls, "uses_public_base", False) and not job.pretrain and not getattr(config, "base_checkpoint",
                                                                                           ""):
             raise SpecError(f"field 'method.pretrain': {cls.name} fine-tunes a public base; name a public set "

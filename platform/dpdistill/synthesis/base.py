@@ -158,6 +158,9 @@ class Synthesizer(ABC):
     # Whether execute() trains through a DP-SGD executor (training.dp_sgd / runtime.dp_train), so a job may
     # shard the fit over Ray Train workers.
     runs_dp_sgd: ClassVar[bool] = False
+    # Whether a fit needs pretrain() on a public set first (DP-MEPF's feature extractor): jobs refuse a spec that
+    # names none before anything is read or charged.
+    needs_public: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, *, channels: int, image_size: int, num_classes: int,
                  seed: int = 0, device: str | torch.device = "cpu",

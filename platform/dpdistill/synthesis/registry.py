@@ -21,6 +21,7 @@ _METHODS: dict[str, str | type[Synthesizer]] = {
     "dp-kernel": "dpdistill.synthesis.dp_kernel:DPKernel",
     "dp-ldm": "dpdistill.synthesis.dp_diffusion:DPLDM",
     "dp-merf": "dpdistill.synthesis.dp_merf:DPMERF",
+    "dp-mepf": "dpdistill.synthesis.dp_mepf:DPMEPF",
     "dp-lora": "dpdistill.synthesis.dp_diffusion:DPLoRA",
     "dp-ntk": "dpdistill.synthesis.dp_ntk:DPNTK",
     "dpdm": "dpdistill.synthesis.dp_diffusion:DPDM",
