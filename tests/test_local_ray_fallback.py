@@ -3,7 +3,8 @@
 Ray gives a local node a fixed 30 s to register with its GCS (``ray/_private/node.py``); on a loaded 2-core
 machine that can run out, and ``ray.init`` raises "The current node timed out during startup". A distill job
 enters Ray only to evaluate its release, after the release is saved, so the job trains the evaluation's models
-in-process instead (same seeds, same threads, same figures) and says so. The failure is injected at Ray's own
+in-process instead (same seeds, same threads, same figures) and says so; a synthesize job does the same with its
+generation chunks (the synthesiser is saved before it generates). The failure is injected at Ray's own
 node start: the real head node starts (GCS, raylet, reaper), then raises Ray's own message, so the test also
 checks that those half-started processes are stopped rather than left running beside the evaluation.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dpdistill.errors import ClusterError
 from dpdistill.runner import run_job
@@ -96,3 +98,30 @@ def test_dpgeng_evaluates_its_release_and_baseline_in_process(node_start_times_o
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert 0 <= metrics["acc_mean"] <= 1 and 0 <= metrics["baseline_generated_acc_mean"] <= 1
     assert (result.run_dir / "artifacts" / "distilled.pt").exists()
+
+
+def test_a_synthesize_job_generates_and_evaluates_in_process(node_start_times_out, tmp_path):
+    """Generation in chunks (Ray tasks) and the evaluation both fall back; the images are the in-process
+    chunks' (same chunks, same seeds), and the release was saved before generation began."""
+    import numpy as np
+
+    from dpdistill import synthesis
+    from dpdistill.runtime.generation import generate_parallel
+
+    doc = {"name": "merf-fallback", "kind": "synthesize", "data": {"name": "digits"}, "privacy": {"epsilon": 2.0},
+           "method": {"name": "dp-merf", "num_features": 64, "iterations": 3, "batch_size": 40, "n_per_class": 6,
+                      "generate_chunks": 3, "fidelity": False},
+           "evaluation": {"seeds": 1, "epochs": 1, "model_options": {"width": 8}, "parallel": True},
+           "tracking": {"enabled": False}}
+    result = run_job(validate_spec(doc), tmp_path / "runs", progress=False)
+    assert result.status == "completed"
+    assert len(node_start_times_out) == 2 and all(_stopped(p) for p in node_start_times_out)  # generate, evaluate
+    rows = dict(result.summary)
+    assert rows["generation on"].startswith("this process (local Ray did not start")
+    assert rows["evaluation on"].startswith("this process (local Ray did not start")
+    art = result.run_dir / "artifacts"
+    synth = synthesis.load(art / "synthesizer.pt")
+    images, labels = generate_parallel(synth, 6, 0, chunks=3, use_ray=False)
+    npz = np.load(art / "synthetic.npz")
+    assert np.array_equal(npz["images"], (images * 255).round().to(torch.uint8).numpy())
+    assert np.array_equal(npz["labels"], labels.numpy())

@@ -293,29 +293,21 @@ def evaluation_ray(ctx: Any) -> Iterator[bool]:
     charged and saved: the models then train in this process, with the same seeds and threads and so the same
     figures, and the run says so (a warning and a summary line). A cluster the job names (``ray.address``,
     ``--address``, $RAY_ADDRESS) that cannot be reached still fails the job: that cluster was asked for."""
-    from dpdistill.runtime.cluster import LocalRayStartError, ray_session
+    from dpdistill.runtime.cluster import ray_or_here
 
     spec = ctx.spec
-    if not spec.evaluation.parallel:
-        yield False
-        return
-    session = ray_session(spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path)
-    try:
-        session.__enter__()
-    except LocalRayStartError as e:
-        not_started: LocalRayStartError | None = e
-    else:
-        not_started = None
-    if not_started is not None:
-        log.warning("%s: the evaluation's models train in this process instead", not_started)
-        if hasattr(ctx, "add_summary"):
-            ctx.add_summary("evaluation on", f"this process ({not_started})")
-        yield False
-        return
-    # The body's exception goes to the session's exit (which shuts down a Ray it started) and is re-raised.
-    with contextlib.ExitStack() as stack:
-        stack.push(session.__exit__)
-        yield True
+    with ray_or_here(spec.evaluation.parallel, spec.ray.address, spec.ray.num_cpus,
+                     spec.ray.auth_token_path) as where:
+        if where.not_started:
+            say_in_process(ctx, "evaluation", where.not_started)
+        yield where.on_ray
+
+
+def say_in_process(ctx: Any, work: str, reason: str) -> None:
+    """Log and summarise that ``work`` ran in this process because a local Ray did not start."""
+    log.warning("%s: the %s runs in this process instead", reason, work)
+    if hasattr(ctx, "add_summary"):
+        ctx.add_summary(f"{work} on", f"this process ({reason})")
 
 
 def _seeds(ctx: Any) -> list[int]:

@@ -230,7 +230,8 @@ class SynthesizePipeline:
         from dpdistill import data
         from dpdistill.evaluation.grids import save_class_grid
         from dpdistill.evaluation.selection import charge_selection
-        from dpdistill.pipelines.distill_job import report_utility
+        from dpdistill.pipelines.distill_job import report_utility, say_in_process
+        from dpdistill.runtime.cluster import ray_or_here
         from dpdistill.runtime.device import record_device, resolve_device
 
         spec = ctx.spec
@@ -265,15 +266,21 @@ class SynthesizePipeline:
                                    executor=_dp_sgd_executor(p.job.train_workers, device, ctx))
         if synth.last_plan is not None:  # what was charged, as data (public: σ, q, steps, clip, ...)
             (art / "plan.json").write_text(json.dumps(synth.last_plan.to_dict(), indent=2) + "\n")
-        with ctx.stage("generate"), _ray_if(p.job.generate_chunks > 1, spec):
+        # The release is the fitted synthesiser: saved before generation (post-processing), so that a failed
+        # generation never loses what was charged.
+        synth.save(art / "synthesizer.pt")
+        with ctx.stage("generate"), ray_or_here(p.job.generate_chunks > 1, spec.ray.address, spec.ray.num_cpus,
+                                                spec.ray.auth_token_path) as where:
+            if where.not_started:
+                say_in_process(ctx, "generation", where.not_started)
             if p.job.generate_chunks > 1:
                 from dpdistill.runtime.generation import generate_parallel
 
-                images, labels = generate_parallel(synth, p.job.n_per_class, spec.seed,
+                # In process, the same chunks with the same seeds: the same images.
+                images, labels = generate_parallel(synth, p.job.n_per_class, spec.seed, use_ray=where.on_ray,
                                                    chunks=p.job.generate_chunks, threads=spec.threads or 1)
             else:
                 images, labels = synth.generate(n_per_class=p.job.n_per_class, seed=spec.seed)
-        synth.save(art / "synthesizer.pt")
         np.savez_compressed(
             art / "synthetic.npz", images=(images * 255).round().to(torch.uint8).numpy(),
             labels=labels.numpy(), num_classes=p.info.num_classes, dataset=p.info.name, method=synth.name,

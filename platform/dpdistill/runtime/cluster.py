@@ -240,6 +240,41 @@ def _keeping_sigterm_handler() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+@dataclass(frozen=True)
+class RayOrHere:
+    """Where work that can run either way runs: on Ray (``on_ray``), or in this process because Ray was not
+    wanted or because a local Ray did not start (``not_started``, the one-line reason)."""
+
+    on_ray: bool
+    not_started: str | None = None
+
+
+@contextlib.contextmanager
+def ray_or_here(wanted: bool, address: str | None = None, num_cpus: int | None = None,
+                auth_token_path: str | None = None) -> Iterator[RayOrHere]:
+    """A :func:`ray_session` for work that can also run in this process (evaluation models, generation chunks:
+    same seeds, same results either way). A LOCAL Ray that fails to start is reported in the yielded value and
+    the work runs here; a cluster the job names that cannot be reached still raises (that cluster was asked for).
+    Work that cannot run without Ray (sweeps, Ray Train, actors) uses :func:`ray_session` itself."""
+    if not wanted:
+        yield RayOrHere(False)
+        return
+    session = ray_session(address, num_cpus, auth_token_path)
+    try:
+        session.__enter__()
+    except LocalRayStartError as e:
+        not_started: str | None = str(e)
+    else:
+        not_started = None
+    if not_started is not None:
+        yield RayOrHere(False, not_started)
+        return
+    # The body's exception goes to the session's exit (which shuts down a Ray it started) and is re-raised.
+    with contextlib.ExitStack() as stack:
+        stack.push(session.__exit__)
+        yield RayOrHere(True)
+
+
 @contextlib.contextmanager
 def ray_session(
     address: str | None = None, num_cpus: int | None = None, auth_token_path: str | None = None
