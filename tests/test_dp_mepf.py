@@ -67,11 +67,29 @@ def test_every_record_contributes_at_most_norm_one(digits, glyphs, weight, secon
 
 
 def test_the_fit_never_touches_the_public_extractor(pretrained, digits):
-    before = {k: v.clone() for k, v in pretrained.extractor_state.items()}
+    """Both the saved weights and the live network the features run through stay what public pretraining made."""
+    saved = {k: v.clone() for k, v in pretrained.extractor_state.items()}
+    live = {k: v.clone() for k, v in pretrained.perceptual().net.state_dict().items()}
     ledger = PrivacyLedger(None, 2.0, 1e-5, n_records=len(digits))
     pretrained.fit(digits, ledger, epsilon=2.0)
     assert [e["component"] for e in ledger.entries] == ["dp-mepf/embedding"]
-    assert all(torch.equal(before[k], v) for k, v in pretrained.extractor_state.items())
+    assert all(torch.equal(saved[k], v) for k, v in pretrained.extractor_state.items())
+    assert all(torch.equal(live[k], v) for k, v in pretrained.perceptual().net.state_dict().items())
+    assert all(torch.equal(saved[k], v) for k, v in live.items())
+
+
+def test_removing_one_record_moves_the_sums_by_its_own_vector_only(pretrained, digits):
+    """Add-or-remove-one on a batch: the sums with and without record i differ by exactly i's vector (no
+    coupling between records, e.g. batch statistics), of norm at most 1."""
+    fmap = pretrained.feature_map()
+    x, y = digits.images[:32], digits.labels[:32]
+    full = pretrained.class_sums(fmap, x, y)
+    for i in (0, 7, 31):
+        keep = torch.arange(32) != i
+        diff = full - pretrained.class_sums(fmap, x[keep], y[keep])
+        alone = pretrained.class_sums(fmap, x[i : i + 1], y[i : i + 1])
+        assert torch.allclose(diff, alone, atol=1e-5)
+        assert float(diff.norm()) <= 1 + 1e-5
 
 
 def test_a_fit_without_a_public_extractor_is_refused_before_the_charge(digits):
@@ -93,7 +111,7 @@ def test_the_release_reloads_with_its_extractor(pretrained, digits, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["synthesize", "dpgeng"])
-def test_jobs_refuse_a_spec_without_a_public_set(kind, tmp_path):
+def test_jobs_refuse_a_spec_without_a_public_set(kind, tmp_path, monkeypatch):
     if kind == "synthesize":
         doc = {"name": "mepf", "kind": "synthesize", "data": {"name": "digits"}, "privacy": {"epsilon": 1.0},
                "method": {"name": "dp-mepf", **TINY}, "tracking": {"enabled": False}}
@@ -103,6 +121,22 @@ def test_jobs_refuse_a_spec_without_a_public_set(kind, tmp_path):
                "method": {"name": "dpgeng", "ipc": 1, "generator": "dp-mepf", "generator_options": TINY},
                "tracking": {"enabled": False}}
         field = "method.public"
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the data was read before the spec was refused")
+
+    import dpdistill.pipelines.distill_job as distill_job
+
+    monkeypatch.setattr(distill_job, "load_splits", no_reading)  # both jobs load their splits through it
     with pytest.raises(SpecError, match=f"field '{field}'.*public set"):
         run_job(validate_spec(doc), tmp_path / "runs", progress=False)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("ledger.json"))
+
+
+def test_a_membership_study_refuses_a_synthesiser_that_needs_a_public_set():
+    """Its shadows would each fail in fit (no extractor) after Ray started; the study is refused up front."""
+    from dpdistill.runtime.lira_tasks import release_for_spec
+
+    spec = validate_spec({"name": "mepf-mia", "kind": "synthesize", "data": {"name": "digits"},
+                          "privacy": {"epsilon": 1.0}, "method": {"name": "dp-mepf", **TINY}})
+    with pytest.raises(SpecError, match="dp-mepf needs a public set"):
+        release_for_spec(spec, 10, [0.5], [0.5])

@@ -39,10 +39,13 @@ def node_start_times_out(monkeypatch):
     started: list = []
 
     def start_then_time_out(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
+        try:
+            real_init(self, *args, **kwargs)  # on a loaded machine this may itself time out: recorded all the same
+        finally:
+            if kwargs.get("head"):
+                # Ray forgets a process once it has stopped it: keep the handles to check them afterwards.
+                started.append([info.process for infos in self.all_processes.values() for info in infos])
         if kwargs.get("head"):
-            # Ray forgets a process once it has stopped it: keep the handles to check them afterwards.
-            started.append([info.process for infos in self.all_processes.values() for info in infos])
             raise Exception(RAY_TIMEOUT)  # Ray's own type and words (node.py raises a bare Exception)
 
     monkeypatch.setattr(ray_node.Node, "__init__", start_then_time_out)

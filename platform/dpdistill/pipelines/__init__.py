@@ -69,9 +69,6 @@ def check_generator(config: Any, seed: int, channels: int, num_classes: int, ima
     if generator is None:
         return
     check_generator_options(generator, options, "<spec>")
-    if synthesis.get(generator).needs_public and not getattr(config, "public", None):
-        raise SpecError(f"field 'method.public': generator '{generator}' trains its feature extractor on a public "
-                        "set; name one (e.g. glyphs)")
     try:
         with torch.random.fork_rng(devices=[]):
             synthesis.create(generator, channels=channels, image_size=image_size, num_classes=num_classes,
@@ -80,6 +77,17 @@ def check_generator(config: Any, seed: int, channels: int, num_classes: int, ima
         raise SpecError(f"field 'method.generator_options': {e}") from None
     except (TypeError, ValueError) as e:
         raise SpecError(f"field 'method.generator_options': generator '{generator}': {e}") from None
+
+
+def check_generator_public(config: Any) -> None:
+    """Refuse a nested generator that needs a public set (``Synthesizer.needs_public``: DP-MEPF's extractor) when
+    the method names none in ``method.public``; reads no data, so it runs before the splits are loaded."""
+    from dpdistill import synthesis
+
+    generator = getattr(config, "generator", None)
+    if generator is not None and synthesis.get(generator).needs_public and not getattr(config, "public", None):
+        raise SpecError(f"field 'method.public': generator '{generator}' trains its feature extractor on a public "
+                        "set; name one (e.g. glyphs)")
 
 
 def check_public_source(name: str | None, spec: Any, field: str) -> None:

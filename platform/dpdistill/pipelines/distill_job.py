@@ -28,7 +28,12 @@ import torch
 
 from dpdistill.errors import SpecError
 from dpdistill.evaluation.selection import DISCLOSURE as EVALUATION_DISCLOSURE
-from dpdistill.pipelines import check_evaluation_model, check_generator, check_public_source
+from dpdistill.pipelines import (
+    check_evaluation_model,
+    check_generator,
+    check_generator_public,
+    check_public_source,
+)
 from dpdistill.pipelines.not_private import mark_release_not_private
 from dpdistill.privacy.disclosure import ACCOUNTING, CHARGED, PUBLIC, RELEASED, kind_of
 from dpdistill.spec import JobSpec
@@ -139,6 +144,7 @@ class DistillPipeline:
             value = getattr(config, option, None)
             if value != "sensitive":
                 check_public_source(value, spec, f"method.{option}")
+        check_generator_public(config)
         train, val, test, info = load_splits(spec)
         check_evaluation_model(spec, train.channels, info.num_classes, train.image_size)
         check_plan(spec, train.channels, info.num_classes, train.image_size)
@@ -290,8 +296,8 @@ def evaluation_ray(ctx: Any) -> Iterator[bool]:
 
     A session already open is reused. A LOCAL Ray that fails to start (Ray waits a fixed 30 s for its node to
     register, which a loaded machine can exceed) must not cost the evaluation of a release that is already
-    charged and saved: the models then train in this process, with the same seeds and threads and so the same
-    figures, and the run says so (a warning and a summary line). A cluster the job names (``ray.address``,
+    charged and saved: the models then train in this process, with the same seeds (and, with ``threads``
+    pinned, the same figures to the last digit), and the run says so (a warning and a summary line). A cluster the job names (``ray.address``,
     ``--address``, $RAY_ADDRESS) that cannot be reached still fails the job: that cluster was asked for."""
     from dpdistill.runtime.cluster import ray_or_here
 

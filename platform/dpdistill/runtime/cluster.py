@@ -259,20 +259,16 @@ def ray_or_here(wanted: bool, address: str | None = None, num_cpus: int | None =
     if not wanted:
         yield RayOrHere(False)
         return
-    session = ray_session(address, num_cpus, auth_token_path)
-    try:
-        session.__enter__()
-    except LocalRayStartError as e:
-        not_started: str | None = str(e)
-    else:
-        not_started = None
-    if not_started is not None:
-        yield RayOrHere(False, not_started)
-        return
-    # The body's exception goes to the session's exit (which shuts down a Ray it started) and is re-raised.
     with contextlib.ExitStack() as stack:
-        stack.push(session.__exit__)
-        yield RayOrHere(True)
+        try:
+            stack.enter_context(ray_session(address, num_cpus, auth_token_path))
+        except LocalRayStartError as e:
+            not_started: str | None = str(e)
+        else:
+            not_started = None
+        # Outside the except clause, so that an error in the body is not chained to the failed start. On Ray,
+        # the body's exception goes to the session's exit (which shuts down a Ray it started) and is re-raised.
+        yield RayOrHere(not_started is None, not_started)
 
 
 @contextlib.contextmanager
@@ -302,9 +298,15 @@ def ray_session(
         else:
             try:
                 ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
-            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for its node-start timeout
+            except BaseException as e:  # noqa: BLE001 - Ray raises a bare Exception for its node-start timeout
+                # Nothing of the failed start may outlive it: neither a node ray.init dropped (found in the
+                # traceback) nor one it kept (a failure after the node came up: ray.shutdown stops it).
                 _stop_half_started_node(e)
-                raise LocalRayStartError(f"local Ray did not start ({_first_line(e)})") from None
+                ray.shutdown()
+                if not isinstance(e, Exception):  # Ctrl-C / SIGTERM while starting: cleaned up, re-raised
+                    raise
+                log.debug("local ray.init failed", exc_info=True)
+                raise LocalRayStartError(f"local Ray did not start ({_first_line(e)})") from e
     try:
         yield ray.cluster_resources()
     finally:

@@ -180,6 +180,12 @@ def release_for_spec(spec: Any, num_classes: int, mean: list[float], std: list[f
         if job.pretrain is not None:
             raise SpecError("method.pretrain: a membership-inference study does not pretrain its shadow "
                             "generators; remove pretrain")
+        from dpdistill import synthesis
+
+        if synthesis.get(spec.method.name).needs_public:
+            raise SpecError(f"method.name: {spec.method.name} needs a public set (method.pretrain), which a "
+                            "membership-inference study does not give its shadow generators; study it as DP-GenG's "
+                            "generator (method.public) instead")
         if spec.privacy.epsilon is None:
             raise SpecError(f"privacy.epsilon: method '{spec.method.name}' is private and needs a budget")
         return SynthesisRelease(spec.method.name, spec.method.options(), num_classes, spec.privacy.epsilon,

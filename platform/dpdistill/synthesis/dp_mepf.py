@@ -133,7 +133,8 @@ class DPMEPF(DPMERF):
             raise SpecError(f"{self.name}: needs its feature extractor, trained on a public set: pretrain first "
                             "(a synthesize job's method.pretrain, DP-GenG's method.public; e.g. glyphs)")
         if self._perceptual is None:
-            net = self._build_extractor()
+            with torch.random.fork_rng(devices=[]):  # the weights are overwritten: keep the caller's RNG
+                net = self._build_extractor()
             net.load_state_dict(self.extractor_state)
             self._perceptual = PerceptualFeatures(net.to(self.device), *self.extractor_stats, self.config.grid,
                                                   self.config.second_moment)
