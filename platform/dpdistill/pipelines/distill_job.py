@@ -297,8 +297,9 @@ def evaluation_ray(ctx: Any) -> Iterator[bool]:
     A session already open is reused. A LOCAL Ray that fails to start (Ray waits a fixed 30 s for its node to
     register, which a loaded machine can exceed) must not cost the evaluation of a release that is already
     charged and saved: the models then train in this process, with the same seeds (and, with ``threads``
-    pinned, the same figures to the last digit), and the run says so (a warning and a summary line). A cluster the job names (``ray.address``,
-    ``--address``, $RAY_ADDRESS) that cannot be reached still fails the job: that cluster was asked for."""
+    pinned, the same figures to the last digit), and the run says so (a warning and a summary line). A
+    cluster the job names (``ray.address``, ``--address``, $RAY_ADDRESS) that cannot be reached still fails
+    the job: that cluster was asked for."""
     from dpdistill.runtime.cluster import ray_or_here
 
     spec = ctx.spec

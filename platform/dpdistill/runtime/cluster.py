@@ -253,7 +253,7 @@ class RayOrHere:
 def ray_or_here(wanted: bool, address: str | None = None, num_cpus: int | None = None,
                 auth_token_path: str | None = None) -> Iterator[RayOrHere]:
     """A :func:`ray_session` for work that can also run in this process (evaluation models, generation chunks:
-    same seeds, same results either way). A LOCAL Ray that fails to start is reported in the yielded value and
+    the same seeds either way). A LOCAL Ray that fails to start is reported in the yielded value and
     the work runs here; a cluster the job names that cannot be reached still raises (that cluster was asked for).
     Work that cannot run without Ray (sweeps, Ray Train, actors) uses :func:`ray_session` itself."""
     if not wanted:
