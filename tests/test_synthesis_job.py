@@ -92,6 +92,35 @@ def test_synthesize_job_pretrains_on_public_data(tmp_path, cached_extractor, mon
     assert any(what == "pretrained on" for what, _ in result.summary)
 
 
+def test_a_failed_generation_keeps_the_charged_fit(tmp_path, cached_extractor, monkeypatch):
+    """The release is the fitted synthesiser: it is saved before generation (post-processing), so a generation
+    that fails leaves the charged fit in the run folder, loadable, beside a ledger that holds its charge."""
+    from dpdistill.runner import run_job
+    from dpdistill.synthesis.base import Synthesizer
+
+    real_generate = Synthesizer.generate
+
+    doc = digits_doc()
+    wanted = doc["method"]["n_per_class"]  # the job's generation stage (the fit's release_mmd draws 10 a class)
+
+    def broken(self, labels=None, **kwargs):
+        if kwargs.get("n_per_class") == wanted:
+            raise RuntimeError("generation broke")
+        return real_generate(self, labels, **kwargs)
+
+    monkeypatch.setattr(Synthesizer, "generate", broken)  # fault injection after the real fit
+    doc["method"]["fidelity"] = False
+    with pytest.raises(RuntimeError, match="generation broke"):
+        run_job(validate_spec(doc), tmp_path / "runs", progress=False)
+    (run_dir,) = [p.parent for p in (tmp_path / "runs").rglob("status.json")]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+    assert not (run_dir / "artifacts" / "synthetic.npz").exists()
+    fitted = Synthesizer.load(run_dir / "artifacts" / "synthesizer.pt")
+    assert fitted.name == "dp-merf"
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["entries"] and ledger["composed"]["epsilon"] == pytest.approx(4.0, rel=0.02)
+
+
 def test_spec_errors_before_any_run_folder(tmp_path):
     from dpdistill.runner import run_job
 
