@@ -320,3 +320,21 @@ def test_dp_merf_makes_a_single_release_and_never_reads_the_data_again(digits, m
     # Training after the release depends on the release only: corrupting the data then changes nothing.
     corrupted, *_ = fit_once(True)
     assert torch.equal(clean, corrupted)
+
+
+# -- every synthesiser: a non-finite pixel is refused before the charge --------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_pixel_is_refused_before_anything_is_charged(digits, bad):
+    from dpdistill.errors import DataError
+
+    images = digits.images.clone()
+    images[7, 0, 3, 3] = bad
+    broken = data.ImageSet(images, digits.labels, digits.num_classes, "digits")
+    synth = synthesis.get("dp-merf")(synthesis.get("dp-merf").config_type(iterations=2, num_features=50),
+                                     channels=1, image_size=8, num_classes=10, seed=0)
+    book = ledger(digits, 1.0)
+    with pytest.raises(DataError, match="non-finite pixel"):
+        synth.fit(broken, book)
+    assert book.entries == []

@@ -254,6 +254,10 @@ class Synthesizer(ABC):
             raise DataError(f"{self.name}: {what} has {len(images)} records; need at least 2")
         if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise DataError(f"{self.name}: {what} labels must lie in [0, {self.num_classes - 1}]")
+        # A NaN or inf pixel survives clipping (inf * 0 is NaN) and would turn a whole released coordinate into
+        # NaN: a noise-free signal that the record is there. Refused before anything is charged.
+        if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+            raise DataError(f"{self.name}: {what} holds non-finite pixel values (NaN or inf); clean the data first")
 
     def pretrain(self, public: Any, *, progress: bool = False) -> None:
         """Train the generator non-privately on PUBLIC data (never the sensitive set: it is not charged)."""
