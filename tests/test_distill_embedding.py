@@ -158,3 +158,9 @@ def test_bfloat16_real_side_rounds_the_convolutions_only_and_returns_float32() -
     assert embedding.mixes_records(embedding.low_precision(embedding.prepare(_net("batch")).train()))
     with pytest.raises(ValueError, match="precision"):
         embedding.embed_chunks(net, x, precision="float16")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_an_unknown_precision_is_refused_even_for_an_empty_batch(n: int) -> None:
+    with pytest.raises(ValueError, match="unknown precision"):
+        embedding.embed_chunks(_net("instance"), torch.zeros(n, 1, 28, 28), precision="float16")  # type: ignore[arg-type]

@@ -186,14 +186,14 @@ def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
     records (:func:`mixes_records`) gets the whole batch as one chunk, so its batch statistics are those of the
     whole batch, as without chunking.
     """
+    if precision not in ("float32", "bfloat16"):  # checked first: an empty batch must not hide a bad argument
+        raise ValueError(f"unknown precision {precision!r}; expected float32 or bfloat16")
     if len(x) == 0:
         return []
     if mixes_records(net):
         chunk = len(x)
     if precision == "bfloat16":
         net = low_precision(net)
-    elif precision != "float32":
-        raise ValueError(f"unknown precision {precision!r}; expected float32 or bfloat16")
     with torch.no_grad():
         return [net.embed(channels_last(part)) for part in x.split(chunk)]  # type: ignore[operator]
 
