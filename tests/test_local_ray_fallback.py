@@ -104,8 +104,8 @@ def test_dpgeng_evaluates_its_release_and_baseline_in_process(node_start_times_o
 
 
 def test_a_synthesize_job_generates_and_evaluates_in_process(node_start_times_out, tmp_path):
-    """Generation in chunks (Ray tasks) and the evaluation both fall back; the images are the in-process
-    chunks' (same chunks, same seeds), and the release was saved before generation began."""
+    """Generation in chunks (Ray tasks) and the evaluation both fall back, after ONE failed start; the images
+    are the in-process chunks' (same chunks, same seeds), and the release was saved before generation began."""
     import numpy as np
 
     from dpdistill import synthesis
@@ -118,7 +118,8 @@ def test_a_synthesize_job_generates_and_evaluates_in_process(node_start_times_ou
            "tracking": {"enabled": False}}
     result = run_job(validate_spec(doc), tmp_path / "runs", progress=False)
     assert result.status == "completed"
-    assert len(node_start_times_out) == 2 and all(_stopped(p) for p in node_start_times_out)  # generate, evaluate
+    # One try: the generation's start failed, so the evaluation runs here without waiting for a second one.
+    assert len(node_start_times_out) == 1 and _stopped(node_start_times_out[0])
     rows = dict(result.summary)
     assert rows["generation on"].startswith("this process (local Ray did not start")
     assert rows["evaluation on"].startswith("this process (local Ray did not start")

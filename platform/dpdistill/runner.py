@@ -53,6 +53,8 @@ class RunContext:
     untracked: set[str] = field(default_factory=set)
     # The stage running now (name, start time), for the heartbeat of a run without a terminal.
     current_stage: tuple[str, float] | None = None
+    # Why a local Ray failed to start earlier in this run (later work then runs in-process without retrying).
+    local_ray_failed: str | None = None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Final metrics (step None) go to metrics.json and MLflow; stepped ones to MLflow only."""

@@ -303,8 +303,8 @@ def evaluation_ray(ctx: Any) -> Iterator[bool]:
     from dpdistill.runtime.cluster import ray_or_here
 
     spec = ctx.spec
-    with ray_or_here(spec.evaluation.parallel, spec.ray.address, spec.ray.num_cpus,
-                     spec.ray.auth_token_path) as where:
+    with ray_or_here(spec.evaluation.parallel, spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path,
+                     failed_before=getattr(ctx, "local_ray_failed", None)) as where:
         if where.not_started:
             say_in_process(ctx, "evaluation", where.not_started)
         yield where.on_ray
@@ -313,6 +313,8 @@ def evaluation_ray(ctx: Any) -> Iterator[bool]:
 def say_in_process(ctx: Any, work: str, reason: str) -> None:
     """Log and summarise that ``work`` ran in this process because a local Ray did not start."""
     log.warning("%s: the %s runs in this process instead", reason, work)
+    if hasattr(ctx, "local_ray_failed"):
+        ctx.local_ray_failed = reason  # later work in this run does not wait for another failed start
     if hasattr(ctx, "add_summary"):
         ctx.add_summary(f"{work} on", f"this process ({reason})")
 

@@ -270,7 +270,8 @@ class SynthesizePipeline:
         # generation never loses what was charged.
         synth.save(art / "synthesizer.pt")
         with ctx.stage("generate"), ray_or_here(p.job.generate_chunks > 1, spec.ray.address, spec.ray.num_cpus,
-                                                spec.ray.auth_token_path) as where:
+                                                spec.ray.auth_token_path,
+                                                failed_before=getattr(ctx, "local_ray_failed", None)) as where:
             if where.not_started:
                 say_in_process(ctx, "generation", where.not_started)
             if p.job.generate_chunks > 1:

@@ -251,13 +251,18 @@ class RayOrHere:
 
 @contextlib.contextmanager
 def ray_or_here(wanted: bool, address: str | None = None, num_cpus: int | None = None,
-                auth_token_path: str | None = None) -> Iterator[RayOrHere]:
+                auth_token_path: str | None = None, failed_before: str | None = None) -> Iterator[RayOrHere]:
     """A :func:`ray_session` for work that can also run in this process (evaluation models, generation chunks:
     the same seeds either way). A LOCAL Ray that fails to start is reported in the yielded value and
     the work runs here; a cluster the job names that cannot be reached still raises (that cluster was asked for).
+    ``failed_before``: the reason an earlier local start of the same job failed; the work then runs here
+    without a second try (another 30 s wait on a machine that was already too loaded).
     Work that cannot run without Ray (sweeps, Ray Train, actors) uses :func:`ray_session` itself."""
     if not wanted:
         yield RayOrHere(False)
+        return
+    if failed_before is not None:
+        yield RayOrHere(False, failed_before)
         return
     with contextlib.ExitStack() as stack:
         try:
