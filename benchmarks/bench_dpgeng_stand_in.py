@@ -2,8 +2,8 @@
 
 DP-GenG reads its DP-generated set in two places: DP-Init (k-means picks become the initial distilled images)
 and the feature extractors (trained on it). This benchmark runs the ε = 10 configuration of
-``jobs/dpgeng-mnist.yaml`` (no expert guidance, 1,000 iterations, plus ``--set`` overrides) with the generator
-charged as usual, then hands the pipeline, for the parts ``--stand-in`` names, 500 random REAL training images
+``jobs/dpgeng-mnist.yaml`` with the DP-MERF generator its rows were recorded with (no expert guidance, 1,000
+iterations, plus ``--set`` overrides), the generator charged as usual, then hands the pipeline, for the parts ``--stand-in`` names, 500 random REAL training images
 per class instead of the generated set:
 
 - ``init``: DP-Init clusters the real images; the extractors are still trained on the generated set;
@@ -52,7 +52,9 @@ def run(stand_in: str, splits: dict[str, Any], overrides: list[str], seeds: int,
     from dpdistill.privacy import PrivacyLedger
 
     train, test, val = splits["train"], splits["test"], splits["val"]
-    spec = load_spec("dpgeng", ["method.expert_guidance=false", "method.iterations=1000",
+    # The generator its recorded rows ran (the job's DP-MERF before the job shipped DP-MEPF).
+    spec = load_spec("dpgeng", ["method.generator=dp-merf", "method.public=null",
+                                "method.expert_guidance=false", "method.iterations=1000",
                                 f"privacy.epsilon={epsilon}", *overrides])
     rec = distill.get("dpgeng")
     cfg = rec.make_config(**spec.method.options())
