@@ -2,9 +2,9 @@
 
 DP-GenG reads its DP-generated set in two places: DP-Init (k-means picks become the initial distilled images)
 and the feature extractors (trained on it). This benchmark runs the ε = 10 configuration of
-``jobs/dpgeng-mnist.yaml`` with the DP-MERF generator its rows were recorded with (no expert guidance, 1,000
-iterations, plus ``--set`` overrides), the generator charged as usual, then hands the pipeline, for the parts ``--stand-in`` names, 500 random REAL training images
-per class instead of the generated set:
+``jobs/dpgeng-mnist.yaml`` with the DP-MERF generator and settings its rows were recorded with (no expert
+guidance, 1,000 iterations, plus ``--set`` overrides), the generator charged as usual, then hands the pipeline,
+for the parts ``--stand-in`` names, 500 random REAL training images per class instead of the generated set:
 
 - ``init``: DP-Init clusters the real images; the extractors are still trained on the generated set;
 - ``extractors``: the extractors are trained on the real images; DP-Init still picks generated ones;
@@ -53,8 +53,8 @@ def run(stand_in: str, splits: dict[str, Any], overrides: list[str], seeds: int,
 
     train, test, val = splits["train"], splits["test"], splits["val"]
     # The generator its recorded rows ran (the job's DP-MERF before the job shipped DP-MEPF).
-    spec = load_spec("dpgeng", ["method.generator=dp-merf", "method.public=null",
-                                "method.expert_guidance=false", "method.iterations=1000",
+    spec = load_spec("dpgeng", ["method.generator=dp-merf", "method.public=null", "method.generated_per_class=500",
+                                "method.extractor_epochs=3", "method.expert_guidance=false", "method.iterations=1000",
                                 f"privacy.epsilon={epsilon}", *overrides])
     rec = distill.get("dpgeng")
     cfg = rec.make_config(**spec.method.options())

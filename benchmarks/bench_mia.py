@@ -52,15 +52,18 @@ STUDIES: dict[str, dict] = {
         "spec": "jobs/ndpdc-mnist.yaml", "set": [], "shadows": 16, "pool": 500, "minutes": 15,
         "why": "NDPDC as shipped (ε=10; rows before 551a0b7 ran the job's earlier image step, lr_img 100)"},
     "dpgeng-mnist-eps1": {
-        "spec": "jobs/dpgeng-mnist.yaml", "set": ["method.generator=dp-merf", "method.public=null"],
+        "spec": "jobs/dpgeng-mnist.yaml",
+        "set": ["method.generator=dp-merf", "method.public=null", "method.generated_per_class=500",
+                "method.extractor_epochs=3"],
         "shadows": 16, "pool": 500, "minutes": 70,
-        "why": "DP-GenG at ε=1 with the DP-MERF generator (the job as shipped until it took DP-MEPF); goal TPR @ 0.1 % FPR <= 0.2 %. At a shadow's ~25 records a class "
-               "matching 'auto' plans a per-iteration noise ratio of ~114 (250 MNIST records, ε=1) and so runs "
-               "no feature matching, giving its share to the generator: the row at 929ccad measures that "
+        "why": "DP-GenG at ε=1 with the DP-MERF generator (the job as shipped until it took DP-MEPF); goal TPR @ "
+               "0.1 % FPR <= 0.2 %. At a shadow's ~25 records a class matching 'auto' plans a per-iteration "
+               "noise ratio of ~114 (250 MNIST records, ε=1) and so runs no feature matching, giving its share to the generator: the row at 929ccad measures that "
                "pipeline. The earlier row at f2c320c ran 'auto' as it was then (one decoupled release a class)"},
     "dpgeng-mnist-eps10": {
         "spec": "jobs/dpgeng-mnist.yaml",
-        "set": ["method.generator=dp-merf", "method.public=null", "privacy.epsilon=10",
+        "set": ["method.generator=dp-merf", "method.public=null", "method.generated_per_class=500",
+                "method.extractor_epochs=3", "privacy.epsilon=10",
                 "method.expert_guidance=false", "method.iterations=4000",
                 "method.generator_options={iterations: 3000, num_features: 5000}"],
         "shadows": 16, "pool": 500, "minutes": 300,
