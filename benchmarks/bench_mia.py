@@ -59,7 +59,8 @@ STUDIES: dict[str, dict] = {
         "why": "DP-GenG at ε=1 with the DP-MERF generator (the job as shipped until it took DP-MEPF); goal TPR @ "
                "0.1 % FPR <= 0.2 %. At a shadow's ~25 records a class matching 'auto' plans a per-iteration "
                "noise ratio of ~114 (250 MNIST records, ε=1) and so runs no feature matching, giving its share "
-               "to the generator: the row at 929ccad measures that pipeline. The earlier row at f2c320c ran 'auto' as it was then (one decoupled release a class)"},
+               "to the generator: the row at 929ccad measures that pipeline. The earlier row at f2c320c ran "
+               "'auto' as it was then (one decoupled release a class)"},
     "dpgeng-mnist-eps10": {
         "spec": "jobs/dpgeng-mnist.yaml",
         "set": ["method.generator=dp-merf", "method.public=null", "method.generated_per_class=500",
