@@ -97,3 +97,18 @@ def test_psg_runs_and_spends_exactly_its_budget(digits_train) -> None:
     assert entry["component"] == "psg/gradient_matching" and entry["mechanism"]["mechanism"]["steps"] == 4
     assert ledger.spent_epsilon() == pytest.approx(2.0, rel=0.01)
     assert distill.get("psg").private
+
+
+@pytest.mark.parametrize("method", ["ndpdc", "psg"])
+def test_a_non_finite_pixel_is_refused_before_anything_is_charged(digits_train, method) -> None:
+    from dpdistill.errors import DataError
+
+    images = digits_train.images.clone()
+    images[3, 0, 4, 4] = float("nan")
+    broken = data.ImageSet(images, digits_train.labels, digits_train.num_classes, "digits")
+    ledger = _ledger(len(broken))
+    run, cfg = ((run_ndpdc, NDPDCConfig(ipc=1, iterations=2, net_width=8, batch_real=16)) if method == "ndpdc"
+                else (run_psg, PSGConfig(ipc=1, iterations=2, net_width=8, batch_real=8)))
+    with pytest.raises(DataError, match="non-finite pixel"):
+        run(broken, cfg, seed=0, ledger=ledger, mean=MEAN, std=STD, progress=False)
+    assert ledger.entries == []

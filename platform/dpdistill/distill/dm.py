@@ -140,9 +140,15 @@ def dsa_for(cfg: MatchingConfig) -> DSA | None:
 
 
 def check_real(real: Any, cfg: MatchingConfig) -> None:
-    """Refuse data the distillers cannot use (non-square images; ipc against factor is the config's own check)."""
+    """Refuse data the distillers cannot use (non-square images, non-finite pixels; ipc against factor is the
+    config's own check)."""
     if real.images.shape[-1] != real.images.shape[-2]:
         raise DataError(f"{getattr(real, 'name', 'dataset')}: expected square images, got {tuple(real.images.shape)}")
+    # A NaN or inf pixel survives clipping (inf * 0 is NaN) and would make a released statistic NaN: a noise-free
+    # signal that the record is there. Refused before anything is charged.
+    if real.images.is_floating_point() and not bool(torch.isfinite(real.images).all()):
+        raise DataError(f"{getattr(real, 'name', 'dataset')}: holds non-finite pixel values (NaN or inf); clean the "
+                        "data first")
 
 
 @dataclass
