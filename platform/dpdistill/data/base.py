@@ -18,6 +18,16 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 ENV_ROOT = "DPDISTILL_DATA"
 
 
+def check_finite_pixels(images: torch.Tensor, what: str) -> None:
+    """Refuse images with a NaN or inf pixel (one-line DataError naming ``what``).
+
+    Called by every private method before its first charge: such a pixel survives clipping (inf * 0 is NaN)
+    and would turn a released coordinate into NaN, a noise-free signal that the record is there.
+    """
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        raise DataError(f"{what} holds non-finite pixel values (NaN or inf); clean the data first")
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """Static facts about a dataset: shape of what `load` returns by default, labels, and how it is obtained."""

@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from dpdistill import models
+from dpdistill.data.base import check_finite_pixels
 from dpdistill.distill import embedding
 from dpdistill.distill.augment import DEFAULT_STRATEGY, DSA, make_dsa, siamese_pair
 from dpdistill.distill.loop import RunArgs, RunOptions, image_step
@@ -144,11 +145,7 @@ def check_real(real: Any, cfg: MatchingConfig) -> None:
     config's own check)."""
     if real.images.shape[-1] != real.images.shape[-2]:
         raise DataError(f"{getattr(real, 'name', 'dataset')}: expected square images, got {tuple(real.images.shape)}")
-    # A NaN or inf pixel survives clipping (inf * 0 is NaN) and would make a released statistic NaN: a noise-free
-    # signal that the record is there. Refused before anything is charged.
-    if real.images.is_floating_point() and not bool(torch.isfinite(real.images).all()):
-        raise DataError(f"{getattr(real, 'name', 'dataset')}: holds non-finite pixel values (NaN or inf); clean the "
-                        "data first")
+    check_finite_pixels(real.images, getattr(real, "name", "dataset"))  # before anything is charged
 
 
 @dataclass

@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dpdistill.data.base import check_finite_pixels
 from dpdistill.errors import DataError, PrivacyError, SpecError
 from dpdistill.evaluation.training import thread_limit
 from dpdistill.privacy import ADD_OR_REMOVE_ONE, PrivacyLedger, replace_one_guarantee
@@ -254,10 +255,7 @@ class Synthesizer(ABC):
             raise DataError(f"{self.name}: {what} has {len(images)} records; need at least 2")
         if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise DataError(f"{self.name}: {what} labels must lie in [0, {self.num_classes - 1}]")
-        # A NaN or inf pixel survives clipping (inf * 0 is NaN) and would turn a whole released coordinate into
-        # NaN: a noise-free signal that the record is there. Refused before anything is charged.
-        if images.is_floating_point() and not bool(torch.isfinite(images).all()):
-            raise DataError(f"{self.name}: {what} holds non-finite pixel values (NaN or inf); clean the data first")
+        check_finite_pixels(images, f"{self.name}: {what}")  # before anything is charged
 
     def pretrain(self, public: Any, *, progress: bool = False) -> None:
         """Train the generator non-privately on PUBLIC data (never the sensitive set: it is not charged)."""
