@@ -322,6 +322,11 @@ def test_sigterm_keeps_the_finished_shadows_and_resume_finishes_the_study(ray_cl
     finished = len(_shadow_files(folder))
     assert 1 <= finished < 8 and not (folder / "mia.json").exists(), (finished, err[-3000:])
     assert not list(folder.rglob("*.tmp"))
+    # The unfinished shadows did not outlive the driver (nothing cancels them: Ray ends a job's tasks with it).
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], ray.available_resources()
     main(["mia", "--resume", str(folder)])
     attempts = json.loads((folder / "study.json").read_text())["attempts"]
     assert [t["outcome"] for t in attempts] == ["interrupted", "completed"]

@@ -10,8 +10,8 @@ import torch
 
 from dpdistill import data
 from dpdistill.evaluation.training import THREADS_ENV, resolve_threads, thread_limit
-from dpdistill.runner import pinned_threads, run_job
-from dpdistill.runtime.parallel import evaluate_seeds, submit_seeds
+from dpdistill.runner import Terminated, pinned_threads, run_job
+from dpdistill.runtime.parallel import PendingSeeds, evaluate_seeds, submit_seeds
 from dpdistill.spec import validate_spec
 
 
@@ -71,6 +71,19 @@ def test_an_evaluation_queued_behind_another_gives_its_own_figures(ray_cluster):
 
     with pytest.raises(RuntimeError, match="failed to start"):  # the first evaluation's tasks are cancelled
         evaluate_seeds(a.images, a.labels, test.images, test.labels, [0, 1], **kw, after_submit=broken)
+
+
+def test_abandoned_seeds_are_cancelled_after_a_failure_but_not_after_an_interrupt() -> None:
+    """A failure may leave the driver running: its queued seeds are stopped. Ctrl-C or SIGTERM ends the driver
+    (Ray then kills the job's workers) and a cancel would race the tasks' replies (Ray 2.60 aborts the driver):
+    nothing is cancelled."""
+    cancels = []
+    pending = PendingSeeds(lambda: {}, lambda: cancels.append(1))
+    pending.abandon(RuntimeError("the queued evaluation failed to start"))
+    assert cancels == [1]
+    for interrupt in (KeyboardInterrupt(), Terminated()):
+        pending.abandon(interrupt)
+    assert cancels == [1]
 
 
 def test_a_job_with_threads_pinned_gives_the_same_figure_on_ray_and_in_process(ray_cluster, tmp_path):

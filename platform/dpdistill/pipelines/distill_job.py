@@ -378,9 +378,9 @@ def report_with_baseline(ctx: Any, images: torch.Tensor, labels: torch.Tensor, b
             with stage("evaluate baseline") if stage is not None else contextlib.nullcontext():
                 queue_baseline()  # in-process, or a protocol that never queued on Ray: now
                 base = pending[0].result()
-        except BaseException:
+        except BaseException as err:
             for job in pending:
-                job.cancel()
+                job.abandon(err)
             raise
     ctx.log_metrics({"baseline_generated_acc_mean": base["test"]["mean"],
                      "baseline_generated_acc_std": base["test"]["std"]})

@@ -50,6 +50,15 @@ class PendingSeeds:
         if self._cancel is not None:
             self._cancel()
 
+    def abandon(self, err: BaseException) -> None:
+        """After ``err`` left the wait for these seeds: cancel them, unless ``err`` is an interrupt (Ctrl-C,
+        SIGTERM). An interrupt ends the driver, and Ray then kills its job's workers, running or queued; a cancel
+        racing the tasks' replies makes Ray 2.60's core worker abort the driver ("Tried to complete task that
+        was not pending"), which would turn a clean interrupted exit into a crash (seen in LiRA studies, see
+        runtime.lira_tasks.ray_map). A failure, by contrast, may leave the driver running: its seeds are stopped."""
+        if not isinstance(err, KeyboardInterrupt):  # runner.Terminated (SIGTERM) is a KeyboardInterrupt
+            self.cancel()
+
 
 def submit_seeds(
     train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, seeds: list[int],
@@ -124,6 +133,6 @@ def evaluate_seeds(
         if after_submit is not None:
             after_submit()
         return pending.result()
-    except BaseException:
-        pending.cancel()
+    except BaseException as err:
+        pending.abandon(err)
         raise
