@@ -5,6 +5,7 @@ not charge its plan twice, and a plan survives the trip to a worker as data."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -126,3 +127,21 @@ def test_check_config_allows_zero_only_where_the_field_says_so() -> None:
         check_config(Config(lr=0.0))
     with pytest.raises(SpecError, match="'weight_decay' must be >= 0"):
         check_config(Config(weight_decay=-1.0))
+
+
+@pytest.mark.parametrize(("name", "option", "value", "message"), [
+    ("dp-mepf", "grid", 2.5, "'grid' must be an integer, got 2.5"),
+    ("dp-merf", "num_features", "5e3", "'num_features' must be an integer, got '5e3'"),  # YAML 1.1: a string
+    ("dp-merf", "iterations", True, "'iterations' must be an integer, got True"),
+    ("dp-merf", "lr", "0.01", "'lr' must be a number, got '0.01'"),
+    ("dp-merf", "bandwidth", "wide", "'bandwidth' must be a number, got 'wide'"),  # float | None
+    ("dp-mepf", "second_moment", 1, "'second_moment' must be true or false, got 1"),
+])
+def test_check_config_refuses_a_value_of_the_wrong_type(name, option, value, message) -> None:
+    """A method option of the wrong type is one line naming it, before anything is built or read: a float in an
+    integer field would otherwise crash deep in torch (a 2.5 pooling grid), a string pass the positivity check."""
+    from dpdistill import synthesis
+
+    with pytest.raises(SpecError, match=re.escape(message)):
+        check_config(synthesis.make_config(name, **{option: value}))
+    check_config(synthesis.make_config(name))  # the defaults pass

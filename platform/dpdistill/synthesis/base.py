@@ -128,12 +128,24 @@ calibrate_for_ledger = solve_free_sigma
 def check_config(config: Any) -> None:
     """Every number in a method config must be finite and > 0 (sizes, rates, steps): one-line SpecError.
 
-    A field that may be zero (a weight decay, a dropout rate) says so in its metadata:
-    ``field(default=0.0, metadata={"zero_ok": True})``.
+    A field declared ``int`` takes an integer only (not 2.5, True or "5e3", which YAML reads as a string), one
+    declared ``float`` any real number, one declared ``bool`` true or false (``X | None``: also None). A field that may be zero (a weight decay, a dropout rate) says so in its
+    metadata: ``field(default=0.0, metadata={"zero_ok": True})``.
     """
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if value is None and declared.endswith(" | None"):
+            continue
+        declared = declared.removesuffix(" | None")
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if declared == "int" and not (is_number and isinstance(value, int)):
+            raise SpecError(f"method option '{f.name}' must be an integer, got {value!r}")
+        if declared == "float" and not is_number:
+            raise SpecError(f"method option '{f.name}' must be a number, got {value!r}")
+        if declared == "bool" and not isinstance(value, bool):
+            raise SpecError(f"method option '{f.name}' must be true or false, got {value!r}")
+        if not is_number:
             continue
         zero_ok = bool(f.metadata.get("zero_ok"))
         if not math.isfinite(float(value)) or value < 0 or (value == 0 and not zero_ok):

@@ -97,10 +97,6 @@ class DPMEPF(DPMERF):
         c = self.config
         if not 0 <= c.perceptual_weight <= 1:
             raise SpecError(f"{self.name}: perceptual_weight must lie in [0, 1], got {c.perceptual_weight}")
-        for what in ("grid", "extractor_width", "extractor_depth", "extractor_epochs", "extractor_batch"):
-            value = getattr(c, what)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SpecError(f"{self.name}: {what} must be a positive integer, got {value!r}")
         self._perceptual: PerceptualFeatures | None = None
 
     # -- the public extractor ---------------------------------------------------------------------------------
