@@ -129,8 +129,9 @@ def check_config(config: Any) -> None:
     """Every number in a method config must be finite and > 0 (sizes, rates, steps): one-line SpecError.
 
     A field declared ``int`` takes an integer only (not 2.5, True or "5e3", which YAML reads as a string), one
-    declared ``float`` any real number, one declared ``bool`` true or false (``X | None``: also None). A field that may be zero (a weight decay, a dropout rate) says so in its
-    metadata: ``field(default=0.0, metadata={"zero_ok": True})``.
+    declared ``float`` any real number, one declared ``bool`` true or false (``X | None``: also None). A field
+    that may be zero (a weight decay, a dropout rate) says so in its metadata:
+    ``field(default=0.0, metadata={"zero_ok": True})``.
     """
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
