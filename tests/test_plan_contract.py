@@ -133,6 +133,7 @@ def test_check_config_allows_zero_only_where_the_field_says_so() -> None:
     ("dp-mepf", "grid", 2.5, "'grid' must be an integer, got 2.5"),
     ("dp-merf", "num_features", "5e3", "'num_features' must be an integer, got '5e3'"),  # YAML 1.1: a string
     ("dp-merf", "iterations", True, "'iterations' must be an integer, got True"),
+    ("dp-merf", "iterations", 3.0, "'iterations' must be an integer, got 3.0"),  # a dataclass keeps the float
     ("dp-merf", "lr", "0.01", "'lr' must be a number, got '0.01'"),
     ("dp-merf", "bandwidth", "wide", "'bandwidth' must be a number, got 'wide'"),  # float | None
     ("dp-mepf", "second_moment", 1, "'second_moment' must be true or false, got 1"),
@@ -145,3 +146,22 @@ def test_check_config_refuses_a_value_of_the_wrong_type(name, option, value, mes
     with pytest.raises(SpecError, match=re.escape(message)):
         check_config(synthesis.make_config(name, **{option: value}))
     check_config(synthesis.make_config(name))  # the defaults pass
+
+
+def test_every_registered_method_config_declares_types_check_config_can_read() -> None:
+    """check_config reads each option's declared type through spec.type_hints: a config whose annotations did
+    not resolve would lose its type checks, so each registered method's must resolve, field by field."""
+    from dpdistill import synthesis
+    from dpdistill.spec import scalar_types, type_hints
+    from dpdistill.synthesis import registry
+
+    names = registry.names()
+    assert len(names) >= 10
+    typed = 0
+    for name in names:
+        config = synthesis.make_config(name)
+        hints = type_hints(type(config))
+        assert {f.name for f in dataclasses.fields(config)} <= set(hints), name
+        typed += sum(scalar_types(hints[f.name]) is not None for f in dataclasses.fields(config))
+        check_config(config)
+    assert typed > 10 * len(names)  # scalar options are the rule, so the checks are not vacuous

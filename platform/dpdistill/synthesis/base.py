@@ -53,6 +53,7 @@ from dpdistill.privacy.dp_ops import solve_free_sigma
 from dpdistill.privacy.ledger import BUDGET_REL_TOL
 from dpdistill.privacy.noise import PrivacyRandomness, resolve
 from dpdistill.privacy.plan import Plan
+from dpdistill.spec import scalar_types, type_hints
 
 FORMAT = "dpdistill.synthesizer/1"
 
@@ -128,23 +129,28 @@ calibrate_for_ledger = solve_free_sigma
 def check_config(config: Any) -> None:
     """Every number in a method config must be finite and > 0 (sizes, rates, steps): one-line SpecError.
 
-    A field declared ``int`` takes an integer only (not 2.5, True or "5e3", which YAML reads as a string), one
-    declared ``float`` any real number, one declared ``bool`` true or false (``X | None``: also None). A field
-    that may be zero (a weight decay, a dropout rate) says so in its metadata:
-    ``field(default=0.0, metadata={"zero_ok": True})``.
+    A field declared ``int`` takes an integer only (not 2.5, 3.0, True or "5e3", which YAML reads as a string),
+    one declared ``float`` any real number, one declared ``bool`` true or false (``X | None``: also None). The
+    declared types are read as the spec layer reads a job's fields (:func:`dpdistill.spec.scalar_types`), but
+    stricter: a job's whole float 3.0 is coerced to 3 by its model, while a dataclass keeps what it is given, so
+    3.0 would reach ``range()``. A field that may be zero (a weight decay, a dropout rate) says so in its
+    metadata: ``field(default=0.0, metadata={"zero_ok": True})``.
     """
+    hints = type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        if value is None and declared.endswith(" | None"):
+        if f.name not in hints:  # every config's annotations resolve (test_plan_contract); a guard, not a path
+            raise SpecError(f"method option '{f.name}': its declared type {f.type!r} does not resolve")
+        allowed = scalar_types(hints[f.name]) or set()
+        if value is None and type(None) in allowed:
             continue
-        declared = declared.removesuffix(" | None")
+        kinds = allowed - {type(None)}
         is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        if declared == "int" and not (is_number and isinstance(value, int)):
+        if kinds == {int} and not (is_number and isinstance(value, int)):
             raise SpecError(f"method option '{f.name}' must be an integer, got {value!r}")
-        if declared == "float" and not is_number:
+        if kinds in ({float}, {int, float}) and not is_number:
             raise SpecError(f"method option '{f.name}' must be a number, got {value!r}")
-        if declared == "bool" and not isinstance(value, bool):
+        if kinds == {bool} and not isinstance(value, bool):
             raise SpecError(f"method option '{f.name}' must be true or false, got {value!r}")
         if not is_number:
             continue
