@@ -89,7 +89,14 @@ def test_synthesize_job_pretrains_on_public_data(tmp_path, cached_extractor, mon
     doc["evaluation"]["enabled"] = False
     result = run_job(validate_spec(doc), tmp_path / "runs", progress=False)
     assert result.status == "completed" and "glyphs" in seen
-    assert any(what == "pretrained on" for what, _ in result.summary)
+    pretrained = [value for what, value in result.summary if what == "pretrained on"]
+    assert pretrained and "cache" not in pretrained[0]
+    # A second run of the same spec restores the public pre-training from the cache (DPDISTILL_CACHE here).
+    assert any((tmp_path / "cache" / "synth-pretrain").iterdir())
+    again = run_job(validate_spec(doc), tmp_path / "runs", progress=False)
+    assert again.status == "completed"
+    assert any(what == "pretrained on" and "restored from the public pre-training cache" in value
+               for what, value in again.summary)
 
 
 def test_a_failed_generation_keeps_the_charged_fit(tmp_path, cached_extractor, monkeypatch):

@@ -248,8 +248,9 @@ class SynthesizePipeline:
         if p.job.pretrain is not None:
             public = data.load(p.job.pretrain, "train", image_size=p.train.image_size)
             with ctx.stage("pretrain (public data)"):
-                synth.pretrain(public, progress=ctx.progress)
-            ctx.add_summary("pretrained on", f"{public.name} ({len(public)} public images, no privacy cost)")
+                cached = synth.pretrain(public, progress=ctx.progress, cache=True)
+            ctx.add_summary("pretrained on", f"{public.name} ({len(public)} public images, no privacy cost"
+                            f"{'; restored from the public pre-training cache' if cached else ''})")
 
         def on_step(step: int, values: dict[str, float]) -> None:
             ctx.log_metrics({k: float(v) for k, v in values.items()}, step=step)

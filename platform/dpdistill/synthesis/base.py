@@ -181,6 +181,9 @@ class Synthesizer(ABC):
     # Whether a fit needs pretrain() on a public set first (DP-MEPF's feature extractor): jobs refuse a spec that
     # names none before anything is read or charged.
     needs_public: ClassVar[bool] = False
+    # Whether _pretrain is a deterministic function of (config, shape, seed, public images) that only sets the
+    # generator and extra_state, so pretrain(cache=True) may restore it from the public pre-training cache.
+    pretrain_cacheable: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, *, channels: int, image_size: int, num_classes: int,
                  seed: int = 0, device: str | torch.device = "cpu",
@@ -276,17 +279,29 @@ class Synthesizer(ABC):
             raise DataError(f"{self.name}: {what} labels must lie in [0, {self.num_classes - 1}]")
         check_finite_pixels(images, f"{self.name}: {what}")  # before anything is charged
 
-    def pretrain(self, public: Any, *, progress: bool = False) -> None:
-        """Train the generator non-privately on PUBLIC data (never the sensitive set: it is not charged)."""
+    def pretrain(self, public: Any, *, progress: bool = False, cache: bool = False) -> bool:
+        """Train the generator non-privately on PUBLIC data (never the sensitive set: it is not charged).
+
+        ``cache``: for a class with ``pretrain_cacheable``, restore the result of this exact pre-training (config,
+        shape, seed, public images, package source) from the public pre-training cache when it holds it, and store
+        it there otherwise (:func:`dpdistill.synthesis.cache.cached_pretrain`). Returns True on a cache hit.
+        """
         if getattr(public, "num_classes", self.num_classes) != self.num_classes:
             raise DataError(
                 f"{self.name}: public set has {public.num_classes} classes; the synthesiser generates "
                 f"{self.num_classes} (pretrain on a public set with the same label space)"
             )
         self._check_set(public, "public set")
+        hit = False
         with thread_limit(None):
-            self._pretrain(public, progress)
+            if cache and self.pretrain_cacheable:
+                from dpdistill.synthesis.cache import cached_pretrain
+
+                hit = cached_pretrain(self, public, progress)
+            else:
+                self._pretrain(public, progress)
         self.pretrained_on = str(getattr(public, "name", "public"))
+        return hit
 
     def fit(self, sensitive: Any, ledger: PrivacyLedger, *, epsilon: float | None = None,
             progress: bool = False, callback: Callback | None = None, executor: Any = None,

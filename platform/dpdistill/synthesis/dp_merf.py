@@ -68,6 +68,9 @@ MEAN_EMBEDDING_DISCLOSURE = fit_disclosure(noise={"sigma": ACCOUNTING}, extra={"
 class MeanEmbeddingSynthesizer(Synthesizer):
     """Shared machinery of DP-MERF and DP-NTK: release noisy per-class feature sums once, then match them."""
 
+    # _pretrain: public feature means and seeded generator steps (DP-MEPF: its seeded extractor first).
+    pretrain_cacheable = True
+
     released: dict[str, torch.Tensor] | None = None
 
     # -- features (subclasses) ---------------------------------------------------------------------------

@@ -283,7 +283,9 @@ def generate_stage(real: Any, cfg: DPGenGConfig, ledger: Any, epsilon_total: flo
                              noise=privacy_noise.resolve(noise), **cfg.generator_options)
     if cfg.public:
         public = data.load(cfg.public, "train", image_size=real.image_size)
-        synth.pretrain(public, progress=progress)
+        # Public only: a rerun, another noise draw or a sweep's next trial restores it from the cache.
+        if synth.pretrain(public, progress=progress, cache=True):
+            log.info("dpgeng: the generator's public pre-training (%s) restored from the cache", cfg.public)
     report = synth.fit(real, ComponentLedger(ledger, GEN_COMPONENT), epsilon=epsilon_total, progress=progress)
     images, labels = synth.generate(n_per_class=cfg.generated_per_class, seed=seed)
     generated = data.ImageSet(images.float().contiguous(), labels.long(), real.num_classes,

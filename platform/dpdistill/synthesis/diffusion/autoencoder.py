@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from dpdistill.data.base import ImageSet
 from dpdistill.errors import DataError, SpecError
-from dpdistill.synthesis.diffusion.pretrain import cached_entry, content_hash, default_cache_root
+from dpdistill.synthesis.cache import cached_entry, content_hash, default_cache_root
 from dpdistill.synthesis.diffusion.unet import from_model, pad_to_model
 
 # Bump when the training algorithm below changes what a given key produces (old cache entries then miss).

@@ -26,34 +26,28 @@ Checkpoints. :func:`load_checkpoint` opens a user's local diffusers UNet directo
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dpdistill.data.base import ImageSet
 from dpdistill.errors import DataError, SpecError
+
+# The cache directory machinery is shared with the synthesisers' own pre-training cache (synthesis/cache.py).
+from dpdistill.synthesis.cache import cached_entry, content_hash, default_cache_root
 from dpdistill.synthesis.diffusion.objective import DiffusionObjective, NoiseSchedule
 from dpdistill.synthesis.diffusion.unet import UNetConfig, contiguous_conv_inputs
 
 # Bump when the training algorithm below changes what a given key produces (old cache entries then miss).
 ALGORITHM_VERSION = "diffusion-pretrain-1"
 META_FILE = "dpdistill_pretrain.json"
-T = TypeVar("T")
-
-
-def default_cache_root() -> Path:
-    """$DPDISTILL_CACHE, else ~/.cache/dpdistill (shared with the other caches of the package)."""
-    return Path(os.environ.get("DPDISTILL_CACHE", Path.home() / ".cache" / "dpdistill"))
 
 
 def entry_dir(key: str, cache_root: str | os.PathLike[str] | None = None) -> Path:
@@ -103,14 +97,6 @@ class Pretrained:
     def state_dict(self) -> dict[str, Tensor]:
         """CPU tensors of the base UNet: what ``DiffusionObjective(init_state=...)`` takes."""
         return {k: v.detach().cpu().clone() for k, v in load_checkpoint(self.path).state_dict().items()}
-
-
-def content_hash(data: ImageSet) -> str:
-    """SHA-256 of an image set's images (float32, contiguous) and labels (int64)."""
-    h = hashlib.sha256()
-    h.update(data.images.detach().cpu().contiguous().numpy().tobytes())
-    h.update(data.labels.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def cache_key(unet: UNetConfig, schedule: NoiseSchedule, cfg: PretrainConfig, data_hash: str) -> tuple[str, dict]:
@@ -170,36 +156,6 @@ def pretrain(unet: UNetConfig, schedule: NoiseSchedule | None = None, cfg: Pretr
         return Pretrained(entry_dir(key, cache_root), key, True, losses, conditional)
 
     return cached_entry(entry_dir(key, cache_root), key, _cached, make)
-
-
-def cached_entry(target: Path, key: str, load: Callable[[Path, str], T | None], make: Callable[[Path], T]) -> T:
-    """A cache entry directory made once per key: ``load(target, key)`` when ``target`` holds ``key``; else
-    ``make(tmp)`` writes the entry into a temporary directory beside ``target``, which is renamed onto it.
-
-    One process makes a key at a time: others asking for the same key meanwhile (Ray tasks on one node, two jobs
-    sharing the cache, parallel test workers) wait for the key's lock file and load the entry instead of making
-    it again and replacing the directory under a reader. A killed maker leaves only its temporary directory's
-    removal undone, never a half-written entry.
-    """
-    found = load(target, key)
-    if found is not None:
-        return found
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{key[:32]}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        found = load(target, key)
-        if found is not None:
-            return found
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:32]}-", dir=target.parent))
-        try:
-            made = make(tmp)
-            if target.exists():  # a stale entry (a key prefix clash or an old version): replace it
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return made
 
 
 def _cached(target: Path, key: str) -> Pretrained | None:
