@@ -31,11 +31,11 @@ def _mepf(seed: int = 0, **options):
 
 def _state(synth) -> dict:
     return {"generator": synth.generator_state(), "extractor": synth.extractor_state,
-            "stats": synth.extractor_stats}
+            "stats": synth.extractor_stats, "training": synth.generator_net.training}
 
 
 def _same(a: dict, b: dict) -> bool:
-    return (a["stats"] == b["stats"]
+    return (a["training"] == b["training"] and a["stats"] == b["stats"]
             and all(torch.equal(a[part][k], b[part][k]) for part in ("generator", "extractor") for k in a[part])
             and a["generator"].keys() == b["generator"].keys() and a["extractor"].keys() == b["extractor"].keys())
 
@@ -84,16 +84,50 @@ def test_anything_that_changes_the_result_changes_the_key(tmp_path, glyphs, chan
     assert cache.synth_pretrain_key(_mepf(), glyphs)[0] == base
 
 
-def test_the_key_covers_the_package_source():
-    """Any source change misses old entries: the fingerprint hashes every module of the package."""
+def test_the_key_covers_the_package_source(tmp_path):
+    """Any source change misses old entries: the fingerprint hashes every module's path and bytes."""
+    import shutil
     from pathlib import Path
 
     import dpdistill
 
-    cache.source_fingerprint.cache_clear()
-    first = cache.source_fingerprint()
-    modules = list(Path(dpdistill.__file__).parent.rglob("*.py"))
-    assert len(modules) > 50 and first == cache.source_fingerprint()
+    package = Path(dpdistill.__file__).parent
+    copy = tmp_path / "dpdistill"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert cache.source_fingerprint(copy) == cache.source_fingerprint() == cache.source_fingerprint(package)
+    module = copy / "synthesis" / "dp_merf.py"
+    module.write_bytes(module.read_bytes() + b"\n")
+    assert cache.source_fingerprint(copy) != cache.source_fingerprint()
+    module.rename(copy / "synthesis" / "dp_merf2.py")
+    assert cache.source_fingerprint(copy) != cache.source_fingerprint()
+
+
+def test_a_second_pretraining_keys_another_entry(tmp_path, glyphs, monkeypatch):
+    """pre-training continues from the current weights: a synthesiser pre-trained once already must not store its
+    twice-trained weights under a fresh synthesiser's key (a later fresh hit would restore them)."""
+    monkeypatch.setenv("DPDISTILL_CACHE", str(tmp_path))
+    twice = _mepf()
+    twice.pretrain(glyphs)
+    assert cache.synth_pretrain_key(twice, glyphs)[0] != cache.synth_pretrain_key(_mepf(), glyphs)[0]
+    assert twice.pretrain(glyphs, cache=True) is False
+    fresh = _mepf()
+    assert fresh.pretrain(glyphs, cache=True) is False  # a miss: the entry above is another key
+    plain = _mepf()
+    plain.pretrain(glyphs)
+    assert _same(_state(fresh), _state(plain)) and not _same(_state(twice), _state(plain))
+
+
+def test_a_damaged_entry_is_a_miss_and_is_replaced(tmp_path, glyphs, monkeypatch):
+    monkeypatch.setenv("DPDISTILL_CACHE", str(tmp_path))
+    _mepf().pretrain(glyphs, cache=True)
+    (entry,) = (p for p in (tmp_path / cache.SYNTH_PRETRAIN_DIR).iterdir() if not p.name.startswith("."))
+    (entry / cache.SYNTH_STATE_FILE).write_bytes(b"truncated")
+    again = _mepf()
+    assert again.pretrain(glyphs, cache=True) is False
+    plain = _mepf()
+    plain.pretrain(glyphs)
+    assert _same(_state(again), _state(plain))
+    assert _mepf().pretrain(glyphs, cache=True) is True  # rewritten whole
 
 
 def test_an_unwritable_cache_root_trains_uncached(tmp_path, glyphs, caplog, monkeypatch):
@@ -106,6 +140,26 @@ def test_an_unwritable_cache_root_trains_uncached(tmp_path, glyphs, caplog, monk
     plain.pretrain(glyphs)
     assert _same(_state(synth), _state(plain))
     assert "cache unavailable" in caplog.text
+
+
+def test_a_failed_save_keeps_the_trained_synthesiser_and_trains_once(tmp_path, glyphs, monkeypatch, caplog):
+    monkeypatch.setenv("DPDISTILL_CACHE", str(tmp_path))
+    synth = _mepf()
+    calls = []
+    real = synth._pretrain
+    monkeypatch.setattr(synth, "_pretrain", lambda *a: (calls.append(1), real(*a))[1])
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("PytorchStreamWriter failed writing file: No space left on device")
+
+    monkeypatch.setattr(cache.torch, "save", full_disk)
+    assert synth.pretrain(glyphs, cache=True) is False
+    assert calls == [1] and "cache unavailable" in caplog.text
+    monkeypatch.undo()
+    plain = _mepf()
+    plain.pretrain(glyphs)
+    assert _same(_state(synth), _state(plain))
+    assert not [p for p in (tmp_path / cache.SYNTH_PRETRAIN_DIR).iterdir() if not p.name.startswith(".")]
 
 
 def test_a_fitted_synthesiser_is_never_stored(tmp_path, glyphs):
