@@ -181,8 +181,8 @@ class Synthesizer(ABC):
     # Whether a fit needs pretrain() on a public set first (DP-MEPF's feature extractor): jobs refuse a spec that
     # names none before anything is read or charged.
     needs_public: ClassVar[bool] = False
-    # Whether _pretrain is a deterministic function of (config, shape, seed, public images) that only sets the
-    # generator and extra_state, so pretrain(cache=True) may restore it from the public pre-training cache.
+    # Whether _pretrain is a deterministic function of (config, shape, seed, starting weights, public images) that
+    # only sets the generator and extra_state, so pretrain(cache=True) may restore it from the public cache.
     pretrain_cacheable: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, *, channels: int, image_size: int, num_classes: int,
@@ -283,8 +283,9 @@ class Synthesizer(ABC):
         """Train the generator non-privately on PUBLIC data (never the sensitive set: it is not charged).
 
         ``cache``: for a class with ``pretrain_cacheable``, restore the result of this exact pre-training (config,
-        shape, seed, public images, package source) from the public pre-training cache when it holds it, and store
-        it there otherwise (:func:`dpdistill.synthesis.cache.cached_pretrain`). Returns True on a cache hit.
+        shape, seed, starting weights, public images, package source) from the public pre-training cache when it
+        holds it, and store it there otherwise (:func:`dpdistill.synthesis.cache.cached_pretrain`). Returns True on
+        a cache hit.
         """
         if getattr(public, "num_classes", self.num_classes) != self.num_classes:
             raise DataError(

@@ -10,12 +10,13 @@ sensitive record. Two kinds of entry live under the cache root (``$DPDISTILL_CAC
   ``pretrain_cacheable`` (the mean-embedding family: DP-MERF, DP-NTK, DP-MEPF, whose pre-training on glyphs is a
   deterministic function of the config, the shape, the seed, the starting weights and the public images).
   :func:`cached_pretrain` keys an entry by all of those and by :func:`source_fingerprint`, the hash of this
-  package's source, so ANY code change misses the old entries (no version constant to forget to bump). A job pre-trains through it
-  (``pretrain(..., cache=True)``): DP-GenG's generate stage and synthesize jobs with ``method.pretrain``, where
-  every trial of a sweep, every noise draw of a benchmark and every rerun otherwise repeats the same public
-  training (DP-MEPF on the shipped DP-GenG job: its perceptual extractor and 1,000 generator steps). On CPU a
-  restored entry is bitwise what training leaves at the thread count it was made with; at another thread count
-  (or on a GPU, whose kernels need not be deterministic) training would differ only in floating-point order.
+  package's source, so ANY code change misses the old entries (no version constant to forget to bump). A job
+  pre-trains through it (``pretrain(..., cache=True)``): DP-GenG's generate stage and synthesize jobs with
+  ``method.pretrain``, where every trial of a sweep, every noise draw of a benchmark and every rerun otherwise
+  repeats the same public training (DP-MEPF on the shipped DP-GenG job: its perceptual extractor and 1,000
+  generator steps). On CPU a restored entry is bitwise what training leaves at the thread count it was made
+  with; at another thread count (or on a GPU, whose kernels need not be deterministic) training would differ
+  only in floating-point order.
 
 Every entry is written under a temporary name and renamed, so a killed run leaves no half-written entry; a lock
 file per key makes concurrent callers of one key (Ray tasks, parallel test workers, two jobs) make it once.
