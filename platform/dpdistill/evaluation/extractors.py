@@ -36,8 +36,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def cache_dir() -> Path:
-    """Where trained domain extractors are kept: $DPDISTILL_CACHE or ~/.cache/dpdistill."""
-    return Path(os.environ.get("DPDISTILL_CACHE", Path.home() / ".cache" / "dpdistill"))
+    """Where trained domain extractors are kept: the package's cache root ($DPDISTILL_CACHE or ~/.cache/dpdistill)."""
+    from dpdistill.synthesis.cache import default_cache_root  # one definition of the root for every cache
+
+    return default_cache_root()
 
 
 class Extractor:

@@ -24,6 +24,7 @@ file per key makes concurrent callers of one key (Ray tasks, parallel test worke
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -136,8 +137,6 @@ def starting_state_hash(synth: Any) -> str:
 
 def synth_pretrain_key(synth: Any, public: Any) -> tuple[str, dict[str, Any]]:
     """(hex key, the JSON document hashed): everything that determines what ``synth._pretrain(public)`` leaves."""
-    import dataclasses
-
     doc = {"method": synth.name, "config": dataclasses.asdict(synth.config),
            "shape": [synth.channels, synth.image_size, synth.num_classes], "seed": synth.seed,
            "device": torch.device(synth.device).type, "start": starting_state_hash(synth),
