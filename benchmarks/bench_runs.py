@@ -61,6 +61,9 @@ PACKAGES = ("torch", "torchvision", "opacus", "dp-accounting", "ray", "mlflow", 
 # Resolved-spec fields that say where a run ran, not what it computed: left out of the spec hash.
 PER_RUN_FIELDS = (("tracking",), ("ray", "address"), ("ray", "auth_token_path"), ("data", "root"),
                   ("data", "download"))
+# Fields added after rows were recorded, left out of the hash at the value that reproduces the old behaviour
+# (so those rows keep their hashes); any other value is part of the configuration and stays in.
+LATER_FIELD_DEFAULTS = ((("compile",), False),)
 # Code that seeded private noise from spec.seed before issue 19's fix (Synthesizer.noise_generator, opacus'
 # noise_generator fed a seeded torch.Generator, DP-GenG's feature-matching generator); a draw records any hit.
 SEEDED_NOISE_PATTERN = r"noise_generator\(|noise_generator=torch\.Generator|manual_seed\(base_seed \+ 6\)"
@@ -110,6 +113,12 @@ def spec_hash(resolved: dict[str, Any]) -> str:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(path[-1], None)
+    for path, default in LATER_FIELD_DEFAULTS:
+        node = doc
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == default:
+            del node[path[-1]]
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -10,6 +10,8 @@ run folder), with ``threads`` pinned (default 2: the whole 2-core machine; run i
   cores it finds, its evaluation models train as parallel one-thread Ray tasks): wall time, the stages' times
   and the test accuracy (one noise draw each; the accuracy over draws is benchmarks/results/runs.md's row),
   twice on a fresh cache root: cold, then warm (the generator's public pre-training restored from the cache).
+- ``dpgeng_compiled``: the same with ``--set compile=true`` (dpdistill.models.compiled), cold (an empty torch
+  compile cache too: every graph compiled) and warm (the compiled graphs loaded from that cache).
 - ``scaling``: seconds per DM iteration (difference of a 13- and a 3-iteration run, over 10) and the run's peak
   memory (max RSS of the run's process) at n = 10k, 30k, 55k sensitive records (``data.train_limit``; 55k is
   MNIST's whole training split) and at IPC 1, 10, 50 (n = 55k).
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import RESULTS, machine, record  # noqa: E402
 from bench_runs import REPO, VENV_BIN, Source  # noqa: E402
 
-PARTS = ("dm", "dm_reference", "dpgeng", "scaling", "dpsgd")
+PARTS = ("dm", "dm_reference", "dpgeng", "dpgeng_compiled", "scaling", "dpsgd")
 COLUMNS = ["part", "figure", "value", "unit", "setting"]
 HISTORY_COLUMNS = ["part", "figure", "value", "unit", "date", "cpu", "commit"]
 REFERENCE_DIR: Path | None = None  # --reference-dir: the DM authors' checkout (dm_reference)
@@ -171,23 +173,38 @@ def part_dpgeng(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[
     # second noise draw or a sweep's next trial pays).
     # The fresh root also empties the package's other caches (fidelity extractors, diffusion bases); this job
     # uses none of them today, so the cold/warm gap is the generator's pre-training alone.
+    return _dpgeng_cold_warm(threads, runs_dir, env, [], "")
+
+
+def part_dpgeng_compiled(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    # The same job with compile: true (dpdistill.models.compiled), cold and warm: cold also starts from an
+    # empty torch compile cache (every graph compiled), warm loads the compiled graphs the cold run stored.
+    return _dpgeng_cold_warm(threads, runs_dir, env, ["compile=true"], "compiled, ")
+
+
+def _dpgeng_cold_warm(threads: int, runs_dir: Path, env: dict[str, str], overrides: list[str],
+                      label: str) -> list[dict[str, Any]]:
     runs_dir.mkdir(parents=True, exist_ok=True)
     cache_root = Path(tempfile.mkdtemp(prefix="cache-", dir=runs_dir))
+    env = dict(env, DPDISTILL_CACHE=str(cache_root), TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"))
+    part = "dpgeng_compiled" if overrides else "dpgeng"
     rows = []
     for when in ("cold", "warm"):
-        r = run_job("jobs/dpgeng-mnist.yaml", [], None, runs_dir, dict(env, DPDISTILL_CACHE=str(cache_root)))
+        r = run_job("jobs/dpgeng-mnist.yaml", overrides, None, runs_dir, env)
         m = r["metrics"]
-        setting = (f"jobs/dpgeng-mnist.yaml (ε=1, as shipped, threads unpinned on {threads} cores), public "
-                   f"pre-training cache {when}")
-        rows += [{"part": "dpgeng", "figure": f"DP-GenG ε=1 end to end ({when} cache)",
+        tag = f"{label}{when} cache"
+        setting = (f"jobs/dpgeng-mnist.yaml{''.join(' --set ' + o for o in overrides)} (ε=1, as shipped, threads "
+                   f"unpinned on {threads} cores), public pre-training{' and compile' if overrides else ''} "
+                   f"cache {when}")
+        rows += [{"part": part, "figure": f"DP-GenG ε=1 end to end ({tag})",
                   "value": round(m["wall_seconds"], 1), "unit": "s", "setting": setting},
-                 {"part": "dpgeng", "figure": f"test accuracy (this draw, {when} cache)",
+                 {"part": part, "figure": f"test accuracy (this draw, {tag})",
                   "value": round(100 * m["acc_mean"], 2), "unit": "%", "setting": f"{r['run_dir']}"}]
         for name, seconds in r["stages"].items():
-            rows.append({"part": "dpgeng", "figure": f"stage {name} ({when} cache)", "value": round(seconds, 1),
+            rows.append({"part": part, "figure": f"stage {name} ({tag})", "value": round(seconds, 1),
                          "unit": "s", "setting": ""})
         for key in sorted(k for k in m if k.startswith("seconds_")):
-            rows.append({"part": "dpgeng", "figure": f"DP-GenG {key.removeprefix('seconds_')} ({when} cache)",
+            rows.append({"part": part, "figure": f"DP-GenG {key.removeprefix('seconds_')} ({tag})",
                          "value": round(m[key], 1), "unit": "s", "setting": "the method's own stage timer"})
     shutil.rmtree(cache_root, ignore_errors=True)
     return rows

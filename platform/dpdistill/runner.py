@@ -148,6 +148,24 @@ def pinned_threads(threads: int | None) -> Iterator[None]:
             os.environ[THREADS_ENV] = prior_env
 
 
+@contextlib.contextmanager
+def compiled_loops(enabled: bool) -> Iterator[None]:
+    """With the spec's ``compile``: $DPDISTILL_COMPILE set for the job, so every training step and embedding
+    that can (dpdistill.models.compiled) runs through torch.compile, Ray evaluation tasks included; off: the
+    variable is cleared for the job (an outer shell's setting does not leak into a run whose spec says no)."""
+    from dpdistill.models.compiled import COMPILE_ENV
+
+    prior = os.environ.get(COMPILE_ENV)
+    os.environ[COMPILE_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if prior is None:
+            os.environ.pop(COMPILE_ENV, None)
+        else:
+            os.environ[COMPILE_ENV] = prior
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``ray job stop``, pod eviction, ``activeDeadlineSeconds``) seen during a run: handled as Ctrl-C."""
 
@@ -351,7 +369,7 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
         # Without a terminal there are no progress bars: say every 30 s that the run is alive, and where.
         quiet = not (progress and sys.stderr.isatty())
         with (heartbeat([ctx], started, console=quiet) if quiet else contextlib.nullcontext(),
-              pinned_threads(spec.threads)):
+              pinned_threads(spec.threads), compiled_loops(spec.compile)):
             pipeline.execute(ctx, prepared)
         status = "completed"
     except KeyboardInterrupt as e:

@@ -32,12 +32,18 @@ these change how fast, not what is computed:
   below the spread between two halves of the same class batch (~6 %). This one changes results (rounding), so it
   is a spec field, off by default, never a silent choice.
 
+- **torch.compile**, when the job asks for it (``compile: true``, :mod:`dpdistill.models.compiled`): each chunk's
+  ``net.embed`` / forward runs compiled code that fuses the norm, activation and pooling around each convolution
+  (width-32 ConvNet, 2 threads: 1,280 real images 92 -> 56 ms, 400 synthetic images forward and backward
+  96 -> 70 ms). Off by default; it moves results by float rounding only.
+
 Results equal the plain ``net.embed(x)`` up to float rounding (~1e-6; tests/test_distill_embedding.py).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -49,6 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dpdistill.errors import SpecError
+from dpdistill.models.compiled import compiled
 from dpdistill.models.registry import mixes_records
 
 __all__ = ["CHECKPOINT_ENV", "CHUNK", "channels_last", "checkpoint_pays", "embed", "embed_chunks", "embed_no_grad",
@@ -88,11 +95,27 @@ def run_chunked(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: t
     the recomputation gives the same values and the RNG state need not be saved. Without gradient, or for a
     network that mixes records, or a batch of at most one chunk, it is one plain call.
     """
+    fn = _network_call(fn, net)
     if len(x) <= chunk or mixes_records(net) or not (torch.is_grad_enabled() and x.requires_grad):
         return fn(channels_last(x))
     if not checkpoint_pays(fn, net, x, chunk):
         return torch.cat([fn(channels_last(part)) for part in x.split(chunk)])
     return _checkpointed(fn, x, chunk)
+
+
+def _network_call(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (``net`` itself or ``net.embed``) through torch.compile when the job asks for it
+    (:func:`dpdistill.models.compiled.compiled`); any other function as it is. A compiled call is named
+    ``compiled_<method>`` so checkpoint_pays measures it apart from the eager one."""
+    method = "forward" if fn is net else "embed" if getattr(fn, "__self__", None) is net and \
+        getattr(fn, "__name__", "") == "embed" else None
+    if method is None:
+        return fn
+    call = compiled(net, method)
+    if not isinstance(call, functools.partial):  # not compiled: the caller's own function
+        return fn
+    call.__name__ = f"compiled_{method}"  # type: ignore[attr-defined]  (a functools.partial takes attributes)
+    return call
 
 
 def _checkpointed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -194,8 +217,9 @@ def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
         chunk = len(x)
     if precision == "bfloat16":
         net = low_precision(net)
+    call = _network_call(net.embed, net)  # type: ignore[arg-type]
     with torch.no_grad():
-        return [net.embed(channels_last(part)) for part in x.split(chunk)]  # type: ignore[operator]
+        return [call(channels_last(part)) for part in x.split(chunk)]
 
 
 def embed_no_grad(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,

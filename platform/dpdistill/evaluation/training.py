@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dpdistill.models.compiled import compiled
 from dpdistill.models.registry import mixes_records
 
 Augment = Callable[..., torch.Tensor]
@@ -220,6 +221,7 @@ def train_classifier(
     on_epoch: Callable[[int], None] | None = None,
     num_threads: int | None = None,
     micro_batch: int | None = None,
+    compile: bool | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with DC's schedule (SGD, lr x0.1 at epochs//2) and return it in eval mode.
 
@@ -234,6 +236,9 @@ def train_classifier(
     accumulated to the whole batch's mean loss, so the SGD step is the same up to float summation order. Ignored
     on other devices, for models without convolutions, and with batch normalisation (its statistics depend on
     the whole batch). None: one forward per batch, as before.
+
+    ``compile``: the model's forward through ``torch.compile`` on CPU (:mod:`dpdistill.models.compiled`; None:
+    the job's ``compile`` field, ``$DPDISTILL_COMPILE``). The same training up to float rounding.
     """
     with thread_limit(num_threads):
         return _train(
@@ -252,6 +257,7 @@ def train_classifier(
             generator,
             on_epoch,
             micro_batch,
+            compile,
         )
 
 
@@ -283,6 +289,7 @@ def _train(
     generator: torch.Generator | None,
     on_epoch: Callable[[int], None] | None,
     micro_batch: int | None = None,
+    compile: bool | None = None,
 ) -> nn.Module:
     device = torch.device(device)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -305,8 +312,10 @@ def _train(
         model.to(memory_format=torch.channels_last)
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
+    call = compiled(model, "forward", compile) if device.type == "cpu" else model
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        return call(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
     for epoch in range(epochs):
         if epochs > 1 and epoch == epochs // 2:

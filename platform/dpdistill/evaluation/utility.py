@@ -114,6 +114,7 @@ def evaluate_utility(
     extra_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     workers: int | None = None,
     micro_batch: int | None = MICRO_BATCH,
+    compile: bool | None = None,
 ) -> UtilityResult:
     """Train one fresh ``model`` per seed on the train set and return its test accuracy, mean ± std over seeds.
 
@@ -131,7 +132,8 @@ def evaluate_utility(
     than one only on CPU, for several seeds with enough work, as many as the cores allow at the pinned thread
     count, or one thread each; ``$DPDISTILL_EVAL_WORKERS`` overrides). A seed's model is the same whichever path
     trains it when the thread count is the same (pinned ``threads``). ``micro_batch``: see
-    :func:`~dpdistill.evaluation.training.train_classifier` (None: whole batches, as before).
+    :func:`~dpdistill.evaluation.training.train_classifier` (None: whole batches, as before). ``compile``: the
+    training step through ``torch.compile`` (:mod:`dpdistill.models.compiled`; None: the job's ``compile``).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise SpecError(f"evaluate_utility: num_classes must be an integer >= 2, got {num_classes!r}")
@@ -188,7 +190,7 @@ def evaluate_utility(
         extra_sets={k: (x, y.long()) for k, (x, y) in extra_sets.items()}, num_classes=num_classes, model=model,
         model_kwargs=kwargs, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, augment=augment, mean=mean, std=std, device=device,
-        eval_batch_size=eval_batch_size, micro_batch=micro_batch,
+        eval_batch_size=eval_batch_size, micro_batch=micro_batch, compile=compile,
     )
     n_workers, worker_threads = plan_workers(job, seeds, workers, num_threads)
     bar = None

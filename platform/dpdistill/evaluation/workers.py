@@ -72,6 +72,7 @@ class SeedJob:
     eval_batch_size: int
     micro_batch: int | None
     extra_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    compile: bool | None = None  # torch.compile the training step (None: $DPDISTILL_COMPILE)
 
 
 def fit_and_score(
@@ -100,7 +101,7 @@ def fit_and_score(
                 net, job.train_images, job.train_labels, epochs=job.epochs, batch_size=job.batch_size,
                 lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay, augment=job.augment,
                 mean=job.mean, std=job.std, device=device, generator=torch.Generator().manual_seed(seed),
-                on_epoch=on_epoch, num_threads=threads, micro_batch=job.micro_batch,
+                on_epoch=on_epoch, num_threads=threads, micro_batch=job.micro_batch, compile=job.compile,
             )
 
         def score(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -57,7 +57,10 @@ def normalise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 def _fast_path(x: torch.Tensor) -> bool:
     """A real channels-last CPU image batch (not under a functorch transform, whose batched tensors have
-    their own layouts): the case the hand-written kernels are for."""
+    their own layouts, nor while torch.compile traces: inductor fuses the plain formula with its neighbours,
+    which beats these kernels, see :mod:`dpdistill.models.compiled`): the case the hand-written kernels are for."""
+    if torch.compiler.is_compiling():
+        return False
     if x.dim() != 4 or x.device.type != "cpu" or x.shape[1] < 2 or x.shape[2] * x.shape[3] < 2:
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(x):

@@ -87,12 +87,15 @@ def submit_seeds(
 
     import ray
 
+    from dpdistill.models.compiled import requested as compile_requested
     from dpdistill.runtime.device import ray_gpus, worker_device
 
     # A CUDA evaluation's tasks ask for a share of a GPU (Ray hides GPUs from tasks that do not) and name
     # the device as the worker sees it.
     device = torch.device(kwargs.get("device", "cpu"))
-    kwargs = {**kwargs, "device": worker_device(device), "num_threads": pinned or 1}
+    # A Ray worker does not see the driver's environment: the job's thread count and compile choice go along.
+    kwargs = {**kwargs, "device": worker_device(device), "num_threads": pinned or 1,
+              "compile": compile_requested(kwargs.get("compile"))}
     task = ray.remote(num_cpus=pinned or 1, num_gpus=ray_gpus(device, len(seeds)))(_evaluate_one_seed)
     refs = [ray.put(t) for t in (train_x, train_y, test_x, test_y)]
     extra_ref = ray.put(extra_sets)
