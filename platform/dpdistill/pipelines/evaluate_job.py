@@ -44,7 +44,8 @@ RELEASE_FILE = Path("artifacts") / "distilled.pt"
 BASELINE_FILE = Path("artifacts") / "baseline_generated.pt"  # DP-GenG's DP-generated baseline, when kept
 # The top-level fields an override may change: how a release is scored and where the scoring runs. The data,
 # the method and the privacy block come from the source run (the release was made from them).
-OVERRIDABLE = ("evaluation", "seed", "device", "threads", "ray", "resources", "tracking", "name", "description")
+OVERRIDABLE = ("evaluation", "seed", "device", "threads", "compile", "ray", "resources", "tracking", "name",
+               "description")
 # The data fields that say where the files are, not which records: they may differ from the source's.
 DATA_LOCATION = ("root", "download")
 
@@ -163,7 +164,8 @@ def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> An
             raise SpecError(f"--set {text}: field '{'.'.join(keys)}' comes from the source run; evaluate can set "
                             f"only {', '.join(OVERRIDABLE)} and data.{' / data.'.join(DATA_LOCATION)}")
     doc = src.model_dump(mode="json")
-    doc = {k: doc[k] for k in ("seed", "device", "threads", "data", "evaluation", "ray", "resources", "tracking")}
+    doc = {k: doc[k] for k in ("seed", "device", "threads", "compile", "data", "evaluation", "ray", "resources",
+                               "tracking")}
     doc.update(name=f"{src.name[:90]}-evaluate", kind="evaluate", method={"name": METHOD, "run": source["run"]},
                description=f"re-score of {source['run']}")
     return validate_spec(apply_overrides(doc, overrides or []), f"evaluate {run_dir}")

@@ -40,7 +40,8 @@ METHODS = ("sfdd",)
 DISCLOSURE: dict[str, str] = {
     **EVALUATION_DISCLOSURE,  # the evaluation protocol's selection and per-model rows
     # MLflow params: the resolved spec, public by construction.
-    "name": PUBLIC, "kind": PUBLIC, "description": PUBLIC, "seed": PUBLIC, "device": PUBLIC, "threads": PUBLIC, "data.*": PUBLIC,
+    "name": PUBLIC, "kind": PUBLIC, "description": PUBLIC, "seed": PUBLIC, "device": PUBLIC, "threads": PUBLIC, "compile": PUBLIC,
+    "data.*": PUBLIC,
     "method.*": PUBLIC, "privacy.*": PUBLIC, "evaluation.*": PUBLIC, "ray.*": PUBLIC, "resources.*": PUBLIC,
     "tracking.*": PUBLIC,
     # Per-round MLflow metrics: which clients answered (actor failures). Not the round's wall time: it is the

@@ -65,6 +65,7 @@ DISCLOSURE: dict[str, str] = {
     "seed": PUBLIC,
     "device": PUBLIC,
     "threads": PUBLIC,
+    "compile": PUBLIC,
     "data.*": PUBLIC,
     "method.*": PUBLIC,
     "evaluation.*": PUBLIC,
