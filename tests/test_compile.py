@@ -27,9 +27,9 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _net(seed: int = 0) -> torch.nn.Module:
+def _net(seed: int = 0, width: int = 8) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return models.get("convnet", channels=1, num_classes=4, image_size=16, width=8)
+    return models.get("convnet", channels=1, num_classes=4, image_size=16, width=width)
 
 
 def test_this_machine_compiles() -> None:
@@ -57,9 +57,15 @@ def test_a_compiled_training_step_trains_the_same_model() -> None:
     assert not fast.training and not any("_orig_mod" in k for k in fast.state_dict())
 
 
-def test_compiled_embeddings_equal_the_eager_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    net = embedding.prepare(_net(3))
-    x = torch.randn(70, 1, 16, 16)  # chunks of 32, 32 and 6
+# A width of its own per case: weights of new shapes need a new graph, so each case's counter check is its own.
+@pytest.mark.parametrize(("checkpointed", "width"), [("never", 6), ("always", 5)])
+def test_compiled_embeddings_equal_the_eager_ones(monkeypatch: pytest.MonkeyPatch, checkpointed: str,
+                                                  width: int) -> None:
+    # Both synthetic-side paths: chunks that keep their activations, and checkpointed chunks recomputed in the
+    # backward (the compiled function then runs again under the checkpoint's saved-tensor hooks).
+    monkeypatch.setenv(embedding.CHECKPOINT_ENV, checkpointed)
+    net = embedding.prepare(_net(3, width))
+    x = torch.randn(64, 1, 16, 16)  # two chunks of 32 (the training test covers a second chunk size)
     monkeypatch.setenv(COMPILE_ENV, "0")
     want = embedding.embed_no_grad(net, x)
     xg = x.clone().requires_grad_(True)
@@ -84,6 +90,20 @@ def test_a_module_with_hooks_keeps_its_eager_call(monkeypatch: pytest.MonkeyPatc
     assert call is net
     call(torch.rand(2, 1, 16, 16))
     assert seen == [2]
+
+
+def test_evaluation_ray_tasks_get_the_compile_choice_explicitly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Ray worker does not inherit the driver's environment, so the job's choice must travel in the task's
+    # arguments (as the thread count does).
+    from dpdistill.runtime.parallel import task_kwargs
+
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    assert task_kwargs({"epochs": 3}, None) == {"epochs": 3, "device": task_kwargs({}, None)["device"],
+                                                "num_threads": 1, "compile": True}
+    assert task_kwargs({"compile": False}, 2)["compile"] is False
+    assert task_kwargs({}, 2)["num_threads"] == 2
+    monkeypatch.setenv(COMPILE_ENV, "0")
+    assert task_kwargs({}, None)["compile"] is False
 
 
 def test_the_runner_sets_the_variable_for_the_job_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,12 +104,13 @@ def run_chunked(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: t
 
 
 def _network_call(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``fn`` (``net`` itself or ``net.embed``) through torch.compile when the job asks for it
-    (:func:`dpdistill.models.compiled.compiled`); any other function as it is. A compiled call is named
+    """``fn`` (``net`` itself or ``net.embed``, on CPU) through torch.compile when the job asks for it
+    (:func:`dpdistill.models.compiled.compiled`); any other function, or a network on an accelerator, as it is. A compiled call is named
     ``compiled_<method>`` so checkpoint_pays measures it apart from the eager one."""
     method = "forward" if fn is net else "embed" if getattr(fn, "__self__", None) is net and \
         getattr(fn, "__name__", "") == "embed" else None
-    if method is None:
+    on_cpu = all(p.device.type == "cpu" for p in net.parameters())  # measured on CPU only (inductor's C++)
+    if method is None or not on_cpu:
         return fn
     call = compiled(net, method)
     if not isinstance(call, functools.partial):  # not compiled: the caller's own function

@@ -60,6 +60,19 @@ class PendingSeeds:
             self.cancel()
 
 
+def task_kwargs(kwargs: dict[str, Any], pinned: int | None) -> dict[str, Any]:
+    """evaluate_utility's options for one seed's Ray task. A Ray worker does not see the driver's environment,
+    so the job's choices that live there go along explicitly: the thread count (``pinned``, else one thread) and
+    whether to compile ($DPDISTILL_COMPILE, unless ``compile`` is given); the device is named as the worker sees
+    it."""
+    from dpdistill.models.compiled import requested as compile_requested
+    from dpdistill.runtime.device import worker_device
+
+    device = torch.device(kwargs.get("device", "cpu"))
+    return {**kwargs, "device": worker_device(device), "num_threads": pinned or 1,
+            "compile": compile_requested(kwargs.get("compile"))}
+
+
 def submit_seeds(
     train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, seeds: list[int],
     *, extra_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, use_ray: bool = True,
@@ -87,15 +100,11 @@ def submit_seeds(
 
     import ray
 
-    from dpdistill.models.compiled import requested as compile_requested
-    from dpdistill.runtime.device import ray_gpus, worker_device
+    from dpdistill.runtime.device import ray_gpus
 
-    # A CUDA evaluation's tasks ask for a share of a GPU (Ray hides GPUs from tasks that do not) and name
-    # the device as the worker sees it.
+    # A CUDA evaluation's tasks ask for a share of a GPU (Ray hides GPUs from tasks that do not).
     device = torch.device(kwargs.get("device", "cpu"))
-    # A Ray worker does not see the driver's environment: the job's thread count and compile choice go along.
-    kwargs = {**kwargs, "device": worker_device(device), "num_threads": pinned or 1,
-              "compile": compile_requested(kwargs.get("compile"))}
+    kwargs = task_kwargs(kwargs, pinned)
     task = ray.remote(num_cpus=pinned or 1, num_gpus=ray_gpus(device, len(seeds)))(_evaluate_one_seed)
     refs = [ray.put(t) for t in (train_x, train_y, test_x, test_y)]
     extra_ref = ray.put(extra_sets)
