@@ -12,6 +12,9 @@ run folder), with ``threads`` pinned (default 2: the whole 2-core machine; run i
   twice on a fresh cache root: cold, then warm (the generator's public pre-training restored from the cache).
 - ``dpgeng_compiled``: the same with ``--set compile=true`` (dpdistill.models.compiled), cold (an empty torch
   compile cache too: every graph compiled) and warm (the compiled graphs loaded from that cache).
+- ``dpgeng_compile_ab``: eager against compiled side by side on one cache root, warm runs in ABBA order (eager,
+  compiled, compiled, eager) after one compiled run that fills the caches; the machine's speed drifts too much
+  between parts for two separate parts to compare.
 - ``scaling``: seconds per DM iteration (difference of a 13- and a 3-iteration run, over 10) and the run's peak
   memory (max RSS of the run's process) at n = 10k, 30k, 55k sensitive records (``data.train_limit``; 55k is
   MNIST's whole training split) and at IPC 1, 10, 50 (n = 55k).
@@ -50,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import RESULTS, machine, record  # noqa: E402
 from bench_runs import REPO, VENV_BIN, Source  # noqa: E402
 
-PARTS = ("dm", "dm_reference", "dpgeng", "dpgeng_compiled", "scaling", "dpsgd")
+PARTS = ("dm", "dm_reference", "dpgeng", "dpgeng_compiled", "dpgeng_compile_ab", "scaling", "dpsgd")
 COLUMNS = ["part", "figure", "value", "unit", "setting"]
 HISTORY_COLUMNS = ["part", "figure", "value", "unit", "date", "cpu", "commit"]
 REFERENCE_DIR: Path | None = None  # --reference-dir: the DM authors' checkout (dm_reference)
@@ -180,6 +183,42 @@ def part_dpgeng_compiled(threads: int, runs_dir: Path, env: dict[str, str]) -> l
     # The same job with compile: true (dpdistill.models.compiled), cold and warm: cold also starts from an
     # empty torch compile cache (every graph compiled), warm loads the compiled graphs the cold run stored.
     return _dpgeng_cold_warm(threads, runs_dir, env, ["compile=true"], "compiled, ")
+
+
+def part_dpgeng_compile_ab(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    # Side by side, because this VM's speed drifts by up to ~1.5x within an hour: one fresh cache root, one
+    # compiled run to fill it (pre-training and compiled graphs: recorded as the compiled cold figure), then
+    # warm runs in the order eager, compiled, compiled, eager (ABBA, so a steady drift cancels in the means),
+    # each with a machine probe just before it.
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    cache_root = Path(tempfile.mkdtemp(prefix="cache-", dir=runs_dir))
+    env = dict(env, DPDISTILL_CACHE=str(cache_root), TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"))
+    part, rows = "dpgeng_compile_ab", []
+    walls: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for i, (mode, when) in enumerate([("compiled", "cold"), ("eager", "warm"), ("compiled", "warm"),
+                                      ("compiled", "warm"), ("eager", "warm")]):
+        probe = machine_probe(threads)
+        r = run_job("jobs/dpgeng-mnist.yaml", ["compile=true"] if mode == "compiled" else [], None, runs_dir, env)
+        m = r["metrics"]
+        tag = f"run {i + 1}: {mode}, {when} cache"
+        if when == "warm":
+            walls[mode].append(m["wall_seconds"])
+        rows += [{"part": part, "figure": f"DP-GenG ε=1 end to end ({tag})", "value": round(m["wall_seconds"], 1),
+                  "unit": "s", "setting": f"jobs/dpgeng-mnist.yaml{' --set compile=true' if mode == 'compiled' else ''}"
+                                          f", threads unpinned on {threads} cores; probe before {probe} ms"},
+                 {"part": part, "figure": f"test accuracy ({tag})", "value": round(100 * m["acc_mean"], 2),
+                  "unit": "%", "setting": f"{r['run_dir']}"}]
+        for key in sorted(k for k in m if k.startswith("seconds_")):
+            rows.append({"part": part, "figure": f"DP-GenG {key.removeprefix('seconds_')} ({tag})",
+                         "value": round(m[key], 1), "unit": "s", "setting": "the method's own stage timer"})
+        rows += [{"part": part, "figure": f"stage {name} ({tag})", "value": round(seconds, 1), "unit": "s",
+                  "setting": ""} for name, seconds in r["stages"].items() if name == "evaluate"]
+    for mode, values in walls.items():
+        rows.append({"part": part, "figure": f"DP-GenG ε=1 end to end, {mode}, warm (mean of 2)",
+                     "value": round(sum(values) / len(values), 1), "unit": "s",
+                     "setting": "runs " + ("2 and 5" if mode == "eager" else "3 and 4")})
+    shutil.rmtree(cache_root, ignore_errors=True)
+    return rows
 
 
 def _dpgeng_cold_warm(threads: int, runs_dir: Path, env: dict[str, str], overrides: list[str],
