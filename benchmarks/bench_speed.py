@@ -6,6 +6,8 @@ run folder), with ``threads`` pinned (default 2: the whole 2-core machine; run i
 - ``dm``: seconds per DM iteration at the reference setting (MNIST, IPC 10, batch_real 256, ConvNet-3 width 128
   instance norm, full DSA): the difference of a 35- and a 5-iteration run's distillation stage, over 30
   (``jobs/dm-mnist.yaml --set method.net_width=128 --set method.batch_real=256``, evaluation off).
+- ``dm_compiled``: the ``dm`` figure eager and with ``--set compile=true``, the same hour (the compiled runs
+  load their graphs from a cache a first short run filled, so the compile cancels in the difference).
 - ``dpgeng``: ``jobs/dpgeng-mnist.yaml`` at ε=1 end to end, as shipped (threads not pinned: the job takes the
   cores it finds, its evaluation models train as parallel one-thread Ray tasks): wall time, the stages' times
   and the test accuracy (one noise draw each; the accuracy over draws is benchmarks/results/runs.md's row),
@@ -53,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import RESULTS, machine, record  # noqa: E402
 from bench_runs import REPO, VENV_BIN, Source  # noqa: E402
 
-PARTS = ("dm", "dm_reference", "dpgeng", "dpgeng_compiled", "dpgeng_compile_ab", "scaling", "dpsgd")
+PARTS = ("dm", "dm_compiled", "dm_reference", "dpgeng", "dpgeng_compiled", "dpgeng_compile_ab", "scaling", "dpsgd")
 COLUMNS = ["part", "figure", "value", "unit", "setting"]
 HISTORY_COLUMNS = ["part", "figure", "value", "unit", "date", "cpu", "commit"]
 REFERENCE_DIR: Path | None = None  # --reference-dir: the DM authors' checkout (dm_reference)
@@ -143,6 +145,26 @@ def part_dm(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str,
         rows.append({"part": "dm", "figure": f"DM seconds per iteration{label}", "value": round(s, 3),
                      "unit": "s/iter", "setting": "jobs/dm-mnist.yaml --set " + " --set ".join(overrides)
                      + "; 35 - 5 iterations"})
+    return rows
+
+
+def part_dm_compiled(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    # DM's reference setting eager and with compile=true, the same hour. The compiled runs share a fresh compile
+    # cache, filled by a first short run, so both runs of the difference load their graphs (the compile itself
+    # cancels instead of landing in the 5-iteration run only).
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="inductor-", dir=runs_dir))
+    env = dict(env, TORCHINDUCTOR_CACHE_DIR=str(cache))
+    rows = []
+    eager, _ = per_iteration("jobs/dm-mnist.yaml", DM_REFERENCE, 5, 35, threads, runs_dir, env)
+    overrides = [*DM_REFERENCE, "compile=true"]
+    run_job("jobs/dm-mnist.yaml", [*overrides, "method.iterations=5"], threads, runs_dir, env)  # fills the cache
+    fast, _ = per_iteration("jobs/dm-mnist.yaml", overrides, 5, 35, threads, runs_dir, env)
+    for label, value, o in (("eager, same hour", eager, DM_REFERENCE), ("compiled", fast, overrides)):
+        rows.append({"part": "dm_compiled", "figure": f"DM seconds per iteration ({label})", "value": round(value, 3),
+                     "unit": "s/iter", "setting": "jobs/dm-mnist.yaml --set " + " --set ".join(o)
+                     + "; 35 - 5 iterations"})
+    shutil.rmtree(cache, ignore_errors=True)
     return rows
 
 

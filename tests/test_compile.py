@@ -152,3 +152,21 @@ def test_recorded_spec_hashes_ignore_compile_only_when_it_is_off() -> None:
     resolved = {"name": "x", "seed": 0, "method": {"name": "dm"}}
     assert bench_runs.spec_hash({**resolved, "compile": False}) == bench_runs.spec_hash(resolved)
     assert bench_runs.spec_hash({**resolved, "compile": True}) != bench_runs.spec_hash(resolved)
+
+
+def test_the_real_side_compiles_one_graph_whatever_the_poisson_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A compiled call compiles, and caches on disk, a graph per input shape: the no-grad real side must show it
+    # only the chunk size, never a Poisson batch's private size (its last chunk is padded).
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    net = embedding.prepare(_net(4, width=7)).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    embedding.embed_no_grad(net, torch.randn(32, 1, 16, 16))
+    after_first = _graphs()
+    for n in (1, 2, 17, 33, 63):
+        x = torch.randn(n, 1, 16, 16)
+        got = embedding.embed_no_grad(net, x)
+        with torch.no_grad():
+            want = net.embed(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert _graphs() == after_first, "a batch size reached the compiler"

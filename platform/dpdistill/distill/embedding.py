@@ -35,7 +35,9 @@ these change how fast, not what is computed:
 - **torch.compile**, when the job asks for it (``compile: true``, :mod:`dpdistill.models.compiled`): each chunk's
   ``net.embed`` / forward runs compiled code that fuses the norm, activation and pooling around each convolution
   (width-32 ConvNet, 2 threads: 1,280 real images 92 -> 56 ms, 400 synthetic images forward and backward
-  96 -> 70 ms). Off by default; it moves results by float rounding only.
+  96 -> 70 ms). Off by default; it moves results by float rounding only. Compiled, the no-grad real side pads
+  its last chunk to the full chunk with zero images (their outputs dropped), so no graph is compiled for, and
+  no compile-cache entry records, a Poisson batch's size.
 
 Results equal the plain ``net.embed(x)`` up to float rounding (~1e-6; tests/test_distill_embedding.py).
 """
@@ -105,8 +107,8 @@ def run_chunked(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: t
 
 def _network_call(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``fn`` (``net`` itself or ``net.embed``, on CPU) through torch.compile when the job asks for it
-    (:func:`dpdistill.models.compiled.compiled`); any other function, or a network on an accelerator, as it is. A compiled call is named
-    ``compiled_<method>`` so checkpoint_pays measures it apart from the eager one."""
+    (:func:`dpdistill.models.compiled.compiled`); any other function, or a network on an accelerator, as it is.
+    A compiled call is named ``compiled_<method>`` so checkpoint_pays measures it apart from the eager one."""
     method = "forward" if fn is net else "embed" if getattr(fn, "__self__", None) is net and \
         getattr(fn, "__name__", "") == "embed" else None
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())  # measured on CPU only (inductor's C++)
@@ -218,9 +220,24 @@ def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
         chunk = len(x)
     if precision == "bfloat16":
         net = low_precision(net)
-    call = _network_call(net.embed, net)  # type: ignore[arg-type]
+    call = _network_call(net.embed, net) if not mixes_records(net) else net.embed  # type: ignore[arg-type]
     with torch.no_grad():
-        return [call(channels_last(part)) for part in x.split(chunk)]
+        if not isinstance(call, functools.partial):
+            return [call(channels_last(part)) for part in x.split(chunk)]
+        return [_padded_call(call, part, chunk) for part in x.split(chunk)]
+
+
+def _padded_call(call: Callable[[torch.Tensor], torch.Tensor], part: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``call`` of a chunk padded with zero images to ``chunk`` rows, the padding's outputs dropped.
+
+    The real side's last chunk has as many images as the Poisson batch leaves over, a private quantity. A
+    compiled call compiles (and caches on disk) a graph per input shape it meets, so unpadded chunks would record
+    batch sizes in the compile cache; padded, every real chunk has the one public shape. The networks here treat
+    records independently (chunking is refused for those that do not), so the padding changes no real row."""
+    n = len(part)
+    if n < chunk:
+        part = torch.cat([part, part.new_zeros((chunk - n, *part.shape[1:]))])
+    return call(channels_last(part))[:n]
 
 
 def embed_no_grad(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,

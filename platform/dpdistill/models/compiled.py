@@ -1,6 +1,6 @@
 """Opt-in ``torch.compile`` of the CPU hot loops: the job field ``compile`` (``$DPDISTILL_COMPILE``).
 
-Where it pays, measured on this project's 2-core CPU machines (inductor's C++ backend; README "Speed"): the
+Where it pays, measured on this project's 2-core CPU machines (inductor's C++ backend; README "Performance"): the
 small-network loops whose time goes to memory-bound elementwise work that inductor fuses (instance norm, ReLU,
 average pooling around each convolution):
 
@@ -18,7 +18,10 @@ about a second. So it is for long runs, off by default.
 
 What changes: the same functions, computed with differently fused kernels, so results move by float rounding
 only (as a different thread count moves them). Nothing about privacy depends on it: clipping and noise act on
-the features after the network, whatever kernels computed them. The compiled kernels follow the caller's
+the features after the network, whatever kernels computed them. Shapes are what a compile cache records, so
+every compiled call on sensitive records sees public shapes only (the matchers' real side pads its last chunk,
+:mod:`dpdistill.distill.embedding`); the training steps compiled here see released or public data. The
+compiled kernels follow the caller's
 thread count at run time (inductor's dynamic threads), so a one-thread evaluation task does not run kernels
 compiled for two.
 
