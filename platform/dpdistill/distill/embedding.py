@@ -35,9 +35,10 @@ these change how fast, not what is computed:
 - **torch.compile**, when the job asks for it (``compile: true``, :mod:`dpdistill.models.compiled`): each chunk's
   ``net.embed`` / forward runs compiled code that fuses the norm, activation and pooling around each convolution
   (width-32 ConvNet, 2 threads: 1,280 real images 92 -> 56 ms, 400 synthetic images forward and backward
-  96 -> 70 ms). Off by default; it moves results by float rounding only. Compiled, the no-grad real side pads
-  its last chunk to the full chunk with zero images (their outputs dropped), so no graph is compiled for, and
-  no compile-cache entry records, a Poisson batch's size.
+  96 -> 70 ms). Off by default; it moves results by float rounding only. Compiled, every forward without
+  gradient (the real side, the decoupled release's sums) pads its last chunk to the full chunk with zero images
+  (their outputs dropped), so no graph is compiled for, and no compile-cache entry records, a Poisson batch's
+  size or a class's count.
 
 Results equal the plain ``net.embed(x)`` up to float rounding (~1e-6; tests/test_distill_embedding.py).
 """
@@ -98,7 +99,12 @@ def run_chunked(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: t
     network that mixes records, or a batch of at most one chunk, it is one plain call.
     """
     fn = _network_call(fn, net)
-    if len(x) <= chunk or mixes_records(net) or not (torch.is_grad_enabled() and x.requires_grad):
+    wants_grad = torch.is_grad_enabled() and x.requires_grad
+    if not wants_grad and isinstance(fn, functools.partial) and not mixes_records(net):
+        # Compiled and without gradient, the input may be sensitive (the decoupled release's per-class sums):
+        # padded chunks, so the compiler only ever sees the chunk size (see _padded_call).
+        return torch.cat([_padded_call(fn, part, chunk) for part in x.split(chunk)])
+    if len(x) <= chunk or mixes_records(net) or not wants_grad:
         return fn(channels_last(x))
     if not checkpoint_pays(fn, net, x, chunk):
         return torch.cat([fn(channels_last(part)) for part in x.split(chunk)])
