@@ -104,20 +104,24 @@ def load_configs(path: Path = CONFIGS) -> dict[str, dict[str, Any]]:
     return configs
 
 
+def _parent(doc: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
+    """The dict holding ``path``'s last key in ``doc`` (None when a step is missing or not a dict)."""
+    node: Any = doc
+    for key in path[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
 def spec_hash(resolved: dict[str, Any]) -> str:
     """sha256 (first 16 hex digits) of a resolved spec without the fields that only say where it ran."""
     doc = json.loads(json.dumps(resolved))
     for path in PER_RUN_FIELDS:
-        node = doc
-        for key in path[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node = _parent(doc, path)
+        if node is not None:
             node.pop(path[-1], None)
     for path, default in LATER_FIELD_DEFAULTS:
-        node = doc
-        for key in path[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == default:
+        node = _parent(doc, path)
+        if node is not None and path[-1] in node and node[path[-1]] == default:
             del node[path[-1]]
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -225,21 +225,30 @@ def part_dpgeng_compile_ab(threads: int, runs_dir: Path, env: dict[str, str]) ->
         tag = f"run {i + 1}: {mode}, {when} cache"
         if when == "warm":
             walls[mode].append(m["wall_seconds"])
-        rows += [{"part": part, "figure": f"DP-GenG ε=1 end to end ({tag})", "value": round(m["wall_seconds"], 1),
-                  "unit": "s", "setting": f"jobs/dpgeng-mnist.yaml{' --set compile=true' if mode == 'compiled' else ''}"
-                                          f", threads unpinned on {threads} cores; probe before {probe} ms"},
-                 {"part": part, "figure": f"test accuracy ({tag})", "value": round(100 * m["acc_mean"], 2),
-                  "unit": "%", "setting": f"{r['run_dir']}"}]
-        for key in sorted(k for k in m if k.startswith("seconds_")):
-            rows.append({"part": part, "figure": f"DP-GenG {key.removeprefix('seconds_')} ({tag})",
-                         "value": round(m[key], 1), "unit": "s", "setting": "the method's own stage timer"})
-        rows += [{"part": part, "figure": f"stage {name} ({tag})", "value": round(seconds, 1), "unit": "s",
-                  "setting": ""} for name, seconds in r["stages"].items() if name == "evaluate"]
+        setting = (f"jobs/dpgeng-mnist.yaml{' --set compile=true' if mode == 'compiled' else ''}, threads "
+                   f"unpinned on {threads} cores; probe before {probe} ms")
+        rows += _dpgeng_rows(part, tag, setting, r, stages=("evaluate",))
     for mode, values in walls.items():
         rows.append({"part": part, "figure": f"DP-GenG ε=1 end to end, {mode}, warm (mean of 2)",
                      "value": round(sum(values) / len(values), 1), "unit": "s",
                      "setting": "runs " + ("2 and 5" if mode == "eager" else "3 and 4")})
     shutil.rmtree(cache_root, ignore_errors=True)
+    return rows
+
+
+def _dpgeng_rows(part: str, tag: str, setting: str, r: dict[str, Any], *, accuracy_label: str = "",
+                 stages: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """One DP-GenG run's rows: end to end, test accuracy, the runner's stages (``stages``: only those; None:
+    all) and the method's own stage timers, each figure labelled ``(tag)``."""
+    m = r["metrics"]
+    rows = [{"part": part, "figure": f"DP-GenG ε=1 end to end ({tag})", "value": round(m["wall_seconds"], 1),
+             "unit": "s", "setting": setting},
+            {"part": part, "figure": f"test accuracy ({accuracy_label}{tag})", "value": round(100 * m["acc_mean"], 2),
+             "unit": "%", "setting": f"{r['run_dir']}"}]
+    rows += [{"part": part, "figure": f"stage {name} ({tag})", "value": round(seconds, 1), "unit": "s",
+              "setting": ""} for name, seconds in r["stages"].items() if stages is None or name in stages]
+    rows += [{"part": part, "figure": f"DP-GenG {key.removeprefix('seconds_')} ({tag})", "value": round(m[key], 1),
+              "unit": "s", "setting": "the method's own stage timer"} for key in sorted(m) if key.startswith("seconds_")]
     return rows
 
 
@@ -252,21 +261,11 @@ def _dpgeng_cold_warm(threads: int, runs_dir: Path, env: dict[str, str], overrid
     rows = []
     for when in ("cold", "warm"):
         r = run_job("jobs/dpgeng-mnist.yaml", overrides, None, runs_dir, env)
-        m = r["metrics"]
         tag = f"{label}{when} cache"
         setting = (f"jobs/dpgeng-mnist.yaml{''.join(' --set ' + o for o in overrides)} (ε=1, as shipped, threads "
                    f"unpinned on {threads} cores), public pre-training{' and compile' if overrides else ''} "
                    f"cache {when}")
-        rows += [{"part": part, "figure": f"DP-GenG ε=1 end to end ({tag})",
-                  "value": round(m["wall_seconds"], 1), "unit": "s", "setting": setting},
-                 {"part": part, "figure": f"test accuracy (this draw, {tag})",
-                  "value": round(100 * m["acc_mean"], 2), "unit": "%", "setting": f"{r['run_dir']}"}]
-        for name, seconds in r["stages"].items():
-            rows.append({"part": part, "figure": f"stage {name} ({tag})", "value": round(seconds, 1),
-                         "unit": "s", "setting": ""})
-        for key in sorted(k for k in m if k.startswith("seconds_")):
-            rows.append({"part": part, "figure": f"DP-GenG {key.removeprefix('seconds_')} ({tag})",
-                         "value": round(m[key], 1), "unit": "s", "setting": "the method's own stage timer"})
+        rows += _dpgeng_rows(part, tag, setting, r, accuracy_label="this draw, ")
     shutil.rmtree(cache_root, ignore_errors=True)
     return rows
 

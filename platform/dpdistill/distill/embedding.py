@@ -101,9 +101,8 @@ def run_chunked(fn: Callable[[torch.Tensor], torch.Tensor], net: nn.Module, x: t
     fn = _network_call(fn, net)
     wants_grad = torch.is_grad_enabled() and x.requires_grad
     if not wants_grad and isinstance(fn, functools.partial) and not mixes_records(net):
-        # Compiled and without gradient, the input may be sensitive (the decoupled release's per-class sums):
-        # padded chunks, so the compiler only ever sees the chunk size (see _padded_call).
-        return torch.cat([_padded_call(fn, part, chunk) for part in x.split(chunk)])
+        # Compiled and without gradient, the input may be sensitive (the decoupled release's per-class sums).
+        return torch.cat(_padded_chunks(fn, x, chunk))
     if len(x) <= chunk or mixes_records(net) or not wants_grad:
         return fn(channels_last(x))
     if not checkpoint_pays(fn, net, x, chunk):
@@ -230,20 +229,24 @@ def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
     with torch.no_grad():
         if not isinstance(call, functools.partial):
             return [call(channels_last(part)) for part in x.split(chunk)]
-        return [_padded_call(call, part, chunk) for part in x.split(chunk)]
+        return _padded_chunks(call, x, chunk)
 
 
-def _padded_call(call: Callable[[torch.Tensor], torch.Tensor], part: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``call`` of a chunk padded with zero images to ``chunk`` rows, the padding's outputs dropped.
+def _padded_chunks(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    """``call`` of each ``chunk``-row piece of ``x``, the last one padded with zero images to ``chunk`` rows and the
+    padding's outputs dropped (for a compiled ``call``).
 
     The real side's last chunk has as many images as the Poisson batch leaves over, a private quantity. A
     compiled call compiles (and caches on disk) a graph per input shape it meets, so unpadded chunks would record
     batch sizes in the compile cache; padded, every real chunk has the one public shape. The networks here treat
     records independently (chunking is refused for those that do not), so the padding changes no real row."""
-    n = len(part)
-    if n < chunk:
-        part = torch.cat([part, part.new_zeros((chunk - n, *part.shape[1:]))])
-    return call(channels_last(part))[:n]
+    out = []
+    for part in x.split(chunk):
+        n = len(part)
+        if n < chunk:
+            part = torch.cat([part, part.new_zeros((chunk - n, *part.shape[1:]))])
+        out.append(call(channels_last(part))[:n])
+    return out
 
 
 def embed_no_grad(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
