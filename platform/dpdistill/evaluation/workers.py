@@ -178,6 +178,7 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
     """Stop every worker of ``pool`` now (the running seeds' work is abandoned) and reap them."""
     # ProcessPoolExecutor (3.11) has no public way to stop running work; its _processes are the live workers.
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
@@ -187,6 +188,11 @@ def _terminate(pool: ProcessPoolExecutor) -> None:
         if process.is_alive():
             process.kill()
             process.join()
+    # The pool's manager thread joins the same processes: when its waitpid reaps a worker, ours sees no child
+    # and that Process object keeps looking alive until the manager thread records the exit code. Wait for it
+    # (the workers are dead, so it finishes at once), or a worker still shows in active_children() after we return.
+    if manager is not None:
+        manager.join(TERMINATE_GRACE_S)
 
 
 def train_in_workers(
