@@ -24,7 +24,8 @@ run folder), with ``threads`` pinned (default 2: the whole 2-core machine; run i
 - ``dpsgd``: benchmarks/bench_dp_step.py's table (a DP-SGD step against a non-private step per backend).
 - ``dm_reference`` (only with ``--reference-dir DIR``, a local checkout of the DM authors' repository, which is
   not part of this one): their ``main_DM.py`` loop at the same setting, timed by
-  benchmarks/time_reference_dm.py, and the product's DM figures of the ``dm`` part as multiples of it.
+  benchmarks/time_reference_dm.py, and the product's DM figures of the ``dm`` and ``dm_compiled`` parts
+  recorded on the same CPU model as multiples of it.
 
     .venv/bin/python benchmarks/bench_speed.py                 # everything (~25 min on 2 cores)
     .venv/bin/python benchmarks/bench_speed.py --only dm,scaling --threads 2
@@ -187,9 +188,12 @@ def part_dm_reference(threads: int, runs_dir: Path, env: dict[str, str]) -> list
                f"batch_real 256, ConvNet-3 width 128, full DSA; median of {ref['iterations']} iterations after 5")
     rows = [{"part": "dm_reference", "figure": "reference DM seconds per iteration", "value": round(ref["median_s"], 3),
              "unit": "s/iter", "setting": setting}]
+    # Ratios only against the product's DM rows measured on this CPU model (the dm and dm_compiled parts): a
+    # reference timed on one machine over a product figure from another compares the machines, not the code.
     previous = RESULTS / "speed.json"
+    here = machine()["cpu"]
     ours = [r for r in (json.loads(previous.read_text()).get("rows", []) if previous.exists() else [])
-            if r.get("part") == "dm" and r.get("unit") == "s/iter"]
+            if r.get("part") in ("dm", "dm_compiled") and r.get("unit") == "s/iter" and r.get("cpu") == here]
     for r in ours:
         rows.append({"part": "dm_reference", "figure": f"reference / product ({r['figure']})",
                      "value": round(ref["median_s"] / r["value"], 2), "unit": "x",
