@@ -18,6 +18,8 @@ run folder), with ``threads`` pinned (default 2: the whole 2-core machine; run i
 - ``dpgeng_compile_ab``: eager against compiled side by side on one cache root, warm runs in ABBA order (eager,
   compiled, compiled, eager) after one compiled run that fills the caches; the machine's speed drifts too much
   between parts for two separate parts to compare.
+- ``dpgeng_fast_ab``: the same ABBA against ``--set compile=true --set method.real_precision=bfloat16`` (the
+  matching's real side in bfloat16 as well).
 - ``scaling``: seconds per DM iteration (difference of a 13- and a 3-iteration run, over 10) and the run's peak
   memory (max RSS of the run's process) at n = 10k, 30k, 55k sensitive records (``data.train_limit``; 55k is
   MNIST's whole training split) and at IPC 1, 10, 50 (n = 55k).
@@ -57,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import RESULTS, machine, record  # noqa: E402
 from bench_runs import REPO, VENV_BIN, Source  # noqa: E402
 
-PARTS = ("dm", "dm_compiled", "dm_reference", "dpgeng", "dpgeng_compiled", "dpgeng_compile_ab", "scaling", "dpsgd")
+PARTS = ("dm", "dm_compiled", "dm_reference", "dpgeng", "dpgeng_compiled", "dpgeng_compile_ab", "dpgeng_fast_ab",
+         "scaling", "dpsgd")
 COLUMNS = ["part", "figure", "value", "unit", "setting"]
 HISTORY_COLUMNS = ["part", "figure", "value", "unit", "date", "cpu", "commit"]
 REFERENCE_DIR: Path | None = None  # --reference-dir: the DM authors' checkout (dm_reference)
@@ -218,25 +221,37 @@ def part_dpgeng_compiled(threads: int, runs_dir: Path, env: dict[str, str]) -> l
 
 
 def part_dpgeng_compile_ab(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
-    # Side by side, because this VM's speed drifts by up to ~1.5x within an hour: one fresh cache root, one
-    # compiled run to fill it (pre-training and compiled graphs: recorded as the compiled cold figure), then
-    # warm runs in the order eager, compiled, compiled, eager (ABBA, so a steady drift cancels in the means),
-    # each with a machine probe just before it.
+    # Side by side, because this VM's speed drifts by up to ~1.5x within an hour: eager against compile=true.
+    return _dpgeng_ab("dpgeng_compile_ab", ["compile=true"], "compiled", threads, runs_dir, env)
+
+
+def part_dpgeng_fast_ab(threads: int, runs_dir: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    # The same against the fastest setting: compiled, and the matching's real side in bfloat16
+    # (method.real_precision; on CPUs with AMX its convolutions run several times faster).
+    return _dpgeng_ab("dpgeng_fast_ab", ["compile=true", "method.real_precision=bfloat16"], "compiled + bf16",
+                      threads, runs_dir, env)
+
+
+def _dpgeng_ab(part: str, overrides: list[str], mode_name: str, threads: int, runs_dir: Path,
+               env: dict[str, str]) -> list[dict[str, Any]]:
+    """One fresh cache root, one run with ``overrides`` to fill it (pre-training and compiled graphs: recorded as
+    its cold figure), then warm runs in the order eager, overrides, overrides, eager (ABBA, so a steady drift
+    cancels in the means), each with a machine probe just before it."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     cache_root = Path(tempfile.mkdtemp(prefix="cache-", dir=runs_dir))
     env = dict(env, DPDISTILL_CACHE=str(cache_root), TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"))
-    part, rows = "dpgeng_compile_ab", []
-    walls: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for i, (mode, when) in enumerate([("compiled", "cold"), ("eager", "warm"), ("compiled", "warm"),
-                                      ("compiled", "warm"), ("eager", "warm")]):
+    rows = []
+    walls: dict[str, list[float]] = {"eager": [], mode_name: []}
+    for i, (mode, when) in enumerate([(mode_name, "cold"), ("eager", "warm"), (mode_name, "warm"),
+                                      (mode_name, "warm"), ("eager", "warm")]):
         probe = machine_probe(threads)
-        r = run_job("jobs/dpgeng-mnist.yaml", ["compile=true"] if mode == "compiled" else [], None, runs_dir, env)
+        r = run_job("jobs/dpgeng-mnist.yaml", overrides if mode == mode_name else [], None, runs_dir, env)
         m = r["metrics"]
         tag = f"run {i + 1}: {mode}, {when} cache"
         if when == "warm":
             walls[mode].append(m["wall_seconds"])
-        setting = (f"jobs/dpgeng-mnist.yaml{' --set compile=true' if mode == 'compiled' else ''}, threads "
-                   f"unpinned on {threads} cores; probe before {probe} ms")
+        sets = "".join(" --set " + o for o in overrides) if mode == mode_name else ""
+        setting = f"jobs/dpgeng-mnist.yaml{sets}, threads unpinned on {threads} cores; probe before {probe} ms"
         rows += _dpgeng_rows(part, tag, setting, r, stages=("evaluate",))
     for mode, values in walls.items():
         rows.append({"part": part, "figure": f"DP-GenG ε=1 end to end, {mode}, warm (mean of 2)",
