@@ -237,9 +237,7 @@ def _dpgeng_ab(part: str, overrides: list[str], mode_name: str, threads: int, ru
     """One fresh cache root, one run with ``overrides`` to fill it (pre-training and compiled graphs: recorded as
     its cold figure), then warm runs in the order eager, overrides, overrides, eager (ABBA, so a steady drift
     cancels in the means), each with a machine probe just before it."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    cache_root = Path(tempfile.mkdtemp(prefix="cache-", dir=runs_dir))
-    env = dict(env, DPDISTILL_CACHE=str(cache_root), TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"))
+    cache_root, env = _fresh_caches(runs_dir, env)
     rows = []
     walls: dict[str, list[float]] = {"eager": [], mode_name: []}
     for i, (mode, when) in enumerate([(mode_name, "cold"), ("eager", "warm"), (mode_name, "warm"),
@@ -261,6 +259,13 @@ def _dpgeng_ab(part: str, overrides: list[str], mode_name: str, threads: int, ru
     return rows
 
 
+def _fresh_caches(runs_dir: Path, env: dict[str, str]) -> tuple[Path, dict[str, str]]:
+    """A new cache root under ``runs_dir`` and ``env`` pointing the package's and inductor's caches into it."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    cache_root = Path(tempfile.mkdtemp(prefix="cache-", dir=runs_dir))
+    return cache_root, dict(env, DPDISTILL_CACHE=str(cache_root), TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"))
+
+
 def _dpgeng_rows(part: str, tag: str, setting: str, r: dict[str, Any], *, accuracy_label: str = "",
                  stages: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """One DP-GenG run's rows: end to end, test accuracy, the runner's stages (``stages``: only those; None:
@@ -279,9 +284,7 @@ def _dpgeng_rows(part: str, tag: str, setting: str, r: dict[str, Any], *, accura
 
 def _dpgeng_cold_warm(threads: int, runs_dir: Path, env: dict[str, str], overrides: list[str],
                       label: str) -> list[dict[str, Any]]:
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    cache_root = Path(tempfile.mkdtemp(prefix="cache-", dir=runs_dir))
-    env = dict(env, DPDISTILL_CACHE=str(cache_root), TORCHINDUCTOR_CACHE_DIR=str(cache_root / "inductor"))
+    cache_root, env = _fresh_caches(runs_dir, env)
     part = "dpgeng_compiled" if overrides else "dpgeng"
     rows = []
     for when in ("cold", "warm"):

@@ -49,7 +49,7 @@ def fresh_measure(monkeypatch):
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="free_cores measures from /proc")
 def test_other_processes_busy_on_every_core_leave_one_thread(fresh_measure):
-    cores = len(os.sched_getaffinity(0))
+    cores = len(training._affinity())
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
         time.sleep(0.5)  # the interpreters start and spin
@@ -71,7 +71,7 @@ def test_a_stale_load_average_and_this_process_s_own_work_do_not_count(fresh_mea
 
     monkeypatch.setattr(os, "getloadavg", stale)
     free_cores()  # measures from /proc only
-    cores = sorted(os.sched_getaffinity(0))
+    cores = training._affinity()
     hz = os.sysconf("SC_CLK_TCK")
     machine0, own0 = training._busy_ticks(cores), training._own_ticks()
     x = torch.randn(512, 512)
