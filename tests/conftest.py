@@ -8,15 +8,27 @@ the first setup hook, before the test's fixtures are set up, so function- and mo
 from the global generators are covered too (a session-scoped one is set up once, at its first test). Privacy
 noise never comes from these generators (it comes from the secret source, ``dpdistill.privacy.noise``), so
 this fixes no noise draw; the statistical tests of the noise draw from that source as the product does.
+
+The suite also pins torch's intra-op threads to one ($DPDISTILL_THREADS, as a spec's ``threads: 1`` does, set
+before any test or Ray cluster starts so every run, subprocess and Ray worker inherits it). Unpinned, a job
+uses the cores other processes leave free when a stage starts (``evaluation.training.free_cores``), and float
+reductions depend on the thread count: two consecutive runs that a test compares to the last digit picked
+different counts on a shared CI machine (two xdist workers on two cores), and differed. Tests of the unpinned
+rule clear the variable themselves (tests/test_threads.py, tests/test_eval_parallel.py).
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+from dpdistill.evaluation.training import THREADS_ENV
+
+os.environ.setdefault(THREADS_ENV, "1")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from dpdistill import data
-from dpdistill.evaluation.training import THREADS_ENV, resolve_threads, thread_limit
+from dpdistill.evaluation import training
+from dpdistill.evaluation.training import THREADS_ENV, free_cores, resolve_threads, thread_limit
 from dpdistill.runner import Terminated, pinned_threads, run_job
 from dpdistill.runtime.parallel import PendingSeeds, evaluate_seeds, submit_seeds
 from dpdistill.spec import validate_spec
@@ -34,6 +38,60 @@ def test_a_pinned_count_wins_over_the_load_heuristic(monkeypatch):
     with pinned_threads(1):
         assert os.environ[THREADS_ENV] == "1" and torch.get_num_threads() == 1
     assert THREADS_ENV not in os.environ and torch.get_num_threads() == prior
+
+
+@pytest.fixture
+def fresh_measure(monkeypatch):
+    """free_cores measures anew (no answer reused from an earlier test) and no pinned count hides it."""
+    monkeypatch.setattr(training, "_free_cores_seen", None)
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="free_cores measures from /proc")
+def test_other_processes_busy_on_every_core_leave_one_thread(fresh_measure):
+    cores = len(training._affinity())
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.5)  # the interpreters start and spin
+        assert free_cores() == 1
+        assert resolve_threads(None) == 1
+    finally:
+        for proc in spinners:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="free_cores measures from /proc")
+def test_a_stale_load_average_and_this_process_s_own_work_do_not_count(fresh_measure, monkeypatch):
+    """The 1-min load average counted work that had ended, the job's own included: a job started within a minute
+    of heavy work ran a whole stage on one thread of an idle machine. It is no longer read where /proc exists,
+    and this process's own CPU time is taken out of the busy time."""
+    def stale(*_):
+        raise AssertionError("free_cores read the load average")
+
+    monkeypatch.setattr(os, "getloadavg", stale)
+    free_cores()  # measures from /proc only
+    cores = training._affinity()
+    hz = os.sysconf("SC_CLK_TCK")
+    machine0, own0 = training._busy_ticks(cores), training._own_ticks()
+    x = torch.randn(512, 512)
+    deadline = time.monotonic() + 30  # CPU time, not wall time: the machine may be shared with other tests
+    while training._own_ticks() - own0 < 0.3 * hz and time.monotonic() < deadline:
+        x = (x @ x).tanh()
+    own = training._own_ticks() - own0
+    machine = training._busy_ticks(cores) - machine0
+    assert own >= 0.3 * hz  # our own work is seen ...
+    assert machine >= 0.9 * own  # ... inside the machine's busy time (two clocks), from which free_cores takes it
+
+
+def test_without_proc_the_load_average_decides(fresh_measure, monkeypatch):
+    monkeypatch.setattr(training, "_others_busy", lambda cores: None)
+    cores = len(training._affinity())
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
+    assert free_cores() == 1
+    monkeypatch.setattr(training, "_free_cores_seen", None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert free_cores() == cores
 
 
 @pytest.mark.parametrize("threads", [1, 2])

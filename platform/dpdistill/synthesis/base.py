@@ -33,6 +33,7 @@ kept past ``fit``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from abc import ABC, abstractmethod
@@ -54,6 +55,8 @@ from dpdistill.privacy.ledger import BUDGET_REL_TOL
 from dpdistill.privacy.noise import PrivacyRandomness, resolve
 from dpdistill.privacy.plan import Plan
 from dpdistill.spec import scalar_types, type_hints
+
+log = logging.getLogger(__name__)
 
 FORMAT = "dpdistill.synthesizer/1"
 
@@ -329,8 +332,10 @@ class Synthesizer(ABC):
                                f"{ledger.epsilon_budget:g}]")
         before = len(ledger.entries)
         started = time.perf_counter()
-        # Intra-op threads capped at the usable cores, 1 on a loaded machine (OpenMP spin-waits otherwise).
-        with thread_limit(None):
+        # Intra-op threads: the cores other processes leave free (OpenMP spin-waits otherwise); logged, because a
+        # fit on one thread of an idle 2-core machine takes twice as long.
+        with thread_limit(None) as threads:
+            log.info("%s: fitting on %d intra-op thread%s", self.name, threads, "" if threads == 1 else "s")
             if plan is not None and plan.method != self.name:
                 raise PrivacyError(f"{self.name}: cannot resume a plan made by {plan.method!r}")
             plan = plan or self.plan(len(sensitive.images), ledger, target)
