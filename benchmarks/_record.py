@@ -22,16 +22,25 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     cpu = platform.processor() or platform.machine()
+    isa = ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    # The vector / matrix units that decide CPU speed here: one "Intel Xeon" VM had AMX (bfloat16
+                    # convolutions 6x float32) and another did not, under the same model name.
+                    flags = set(line.split(":", 1)[1].split())
+                    isa = " ".join(f for f in ISA_FLAGS if f in flags)
                     break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory": mem_gib, "python": sys.version.split()[0],
-            "os": platform.platform()}
+    return {"cpu": cpu, "isa": isa, "cores": str(os.cpu_count()), "memory": mem_gib,
+            "python": sys.version.split()[0], "os": platform.platform()}
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def record(name: str, command: str, rows: list[dict], columns: list[str], notes: str = "",
@@ -49,7 +58,8 @@ def record(name: str, command: str, rows: list[dict], columns: list[str], notes:
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     m = meta["machine"]
     lines = [f"# {name}", "", f"- date: {meta['date']}", f"- command: `{command}`",
-             f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, Python {m['python']}", ""]
+             f"- machine: {m['cpu']}{' (' + m['isa'] + ')' if m.get('isa') else ''}, {m['cores']} cores, "
+             f"{m['memory']}, Python {m['python']}", ""]
     if notes:
         lines += [notes, ""]
     lines.append("| " + " | ".join(columns) + " |")

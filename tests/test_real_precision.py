@@ -59,3 +59,37 @@ def test_a_bad_checkpoint_policy_is_refused_before_any_folder_or_charge(tmp_path
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "$DPDISTILL_CHUNK_CHECKPOINT: expected auto, always or never" in err, err
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("status.json"))
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_amx(amx: bool, tmp_path: Path, monkeypatch, caplog) -> None:
+    """``real_precision: auto`` (the DM job's) converts the real side exactly when the CPU has AMX bf16 tiles, and
+    the run's log says which arithmetic it used; a GPU device stays float32 either way."""
+    converted = []
+    real_low_precision = embedding.low_precision
+    monkeypatch.setattr(embedding, "low_precision", lambda net: converted.append(1) or real_low_precision(net))
+    monkeypatch.setattr(embedding, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(embedding, "_AUTO_LOGGED", set())
+    doc = {"name": "prec-auto", "kind": "distill", "threads": 1, "data": {"name": "digits"},
+           "method": {"name": "dm", **OPTIONS["dm"], "real_precision": "auto"},
+           "evaluation": {"enabled": False}, "tracking": {"enabled": False}}
+    with caplog.at_level("INFO", logger="dpdistill.distill.embedding"):
+        result = run_job(validate_spec(doc, "<test>"), tmp_path, progress=False)
+    assert result.status == "completed"
+    assert (len(converted) >= OPTIONS["dm"]["iterations"]) == amx, converted
+    expected = "bfloat16" if amx else "float32"
+    assert f"real side computes in {expected}" in caplog.text
+    assert embedding.resolve_precision("auto", "cuda") == "float32"
+    assert embedding.resolve_precision("bfloat16", "cuda") == "bfloat16"
+
+
+def test_cpu_has_amx_reads_the_flags_of_proc_cpuinfo(tmp_path: Path, monkeypatch) -> None:
+    import builtins
+
+    real_open = builtins.open
+    for flags, expected in (("fpu sse avx512f amx_bf16 amx_tile", True), ("fpu sse avx512f avx512_bf16", False)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, _i=info, **k: real_open(_i if p == "/proc/cpuinfo"
+                                                                                     else p, *a, **k))
+        assert embedding.cpu_has_amx.__wrapped__() is expected

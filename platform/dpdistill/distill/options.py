@@ -3,7 +3,8 @@
 - :class:`CheckedNetworkOptions`: ``dsa_strategy`` must parse and ``net`` must be a registered model; used by
   every matching config (DM, DC and through them NDPDC, PSG, SFDD) and by DP-GenG's.
 - :class:`RealPrecisionOptions`: ``real_precision``, the arithmetic of the no-grad real-side forward of the
-  feature matchers (DM, NDPDC, DP-GenG): float32, or bfloat16 convolutions (faster on CPUs with native bf16).
+  feature matchers (DM, NDPDC, DP-GenG): float32, bfloat16 convolutions (faster on CPUs with native bf16), or
+  'auto' (bfloat16 where the CPU has AMX tiles).
 - :class:`PrivateMatchingOptions`: what every DP matcher adds (NDPDC, PSG, DP-GenG): the per-record clip norm
   C, an optional fixed noise multiplier, and the refusal of batch norm, which mixes records inside a batch so
   that clipping each record's contribution would no longer bound the sensitivity of the noisy sum.
@@ -50,10 +51,11 @@ class RealPrecisionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    real_precision: Literal["float32", "bfloat16"] = Field(
+    real_precision: Literal["float32", "bfloat16", "auto"] = Field(
         "float32", description="arithmetic of the per-iteration real-side forward (no gradient): 'bfloat16' "
-        "computes its convolutions in bf16 (the convolutions ~2x and DM's real side ~1.5x faster on CPUs "
-        "with AVX512-BF16/AMX; the features, clipping and noise stay float32)")
+        "computes its convolutions in bf16 (DM's real side ~1.5x faster on CPUs with AVX512-BF16, ~1.6x "
+        "eager and ~3x compiled with AMX; the features, clipping and noise stay float32); 'auto': bfloat16 on "
+        "a CPU with AMX bf16 tiles, float32 elsewhere (logged)")
 
 
 class PrivateMatchingOptions(BaseModel):

@@ -224,6 +224,7 @@ def dp_feature_matching_loss(
     """
     targets, syns, sizes = [], [], []
     # The real side's network: for bfloat16, one low-precision copy per step (not one per class).
+    precision = embedding.resolve_precision(precision, next(net.parameters()).device)
     real_net = embedding.low_precision(net) if precision == "bfloat16" else net
     for c in range(syn.num_classes):
         xr = normalize(sampler.sample(c, noise))
