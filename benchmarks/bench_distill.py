@@ -44,7 +44,9 @@ COLUMNS = ["row", "method", "epsilon", "acc", "acc_mean", "acc_std", "acc_by_see
 def load_spec(method: str, overrides: list[str]) -> Any:
     from dpdistill.spec import load_spec as _load
 
-    return _load(ROOT / "jobs" / f"{method}-mnist.yaml", overrides)
+    # The history rows ran eager float32, before the jobs shipped compile and real_precision 'auto'.
+    pins = ["method.real_precision=float32"] if method in ("dm", "ndpdc", "dpgeng") else []
+    return _load(ROOT / "jobs" / f"{method}-mnist.yaml", [*pins, *overrides])
 
 
 def evaluate(images: torch.Tensor, labels: torch.Tensor, test: Any, spec: Any, seeds: int,

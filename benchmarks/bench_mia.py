@@ -42,7 +42,10 @@ DPDISTILL = Path(sys.executable).parent / "dpdistill"
 # name -> (job spec, overrides, shadows, pool, expected minutes on 2 cores)
 STUDIES: dict[str, dict] = {
     "dm-mnist-200it": {
-        "spec": "jobs/dm-mnist.yaml", "set": ["method.iterations=200"], "shadows": 16, "pool": 500, "minutes": 30,
+        "spec": "jobs/dm-mnist.yaml",
+        # compile / real_precision pinned to what the study ran before the job shipped them (same spec)
+        "set": ["compile=false", "method.real_precision=float32", "method.iterations=200"],
+        "shadows": 16, "pool": 500, "minutes": 30,
         "why": "the non-private reference at NDPDC's 200-iteration schedule (the shipped 2,000 would take ~2 h)"},
     "ndpdc-mnist-eps1": {
         "spec": "jobs/ndpdc-mnist.yaml", "set": ["privacy.epsilon=1"], "shadows": 16, "pool": 500, "minutes": 15,
@@ -53,7 +56,7 @@ STUDIES: dict[str, dict] = {
         "why": "NDPDC as shipped (ε=10; rows before 551a0b7 ran the job's earlier image step, lr_img 100)"},
     "dpgeng-mnist-eps1": {
         "spec": "jobs/dpgeng-mnist.yaml",
-        "set": ["method.generator=dp-merf", "method.public=null", "method.generated_per_class=500",
+        "set": ["compile=false", "method.generator=dp-merf", "method.public=null", "method.generated_per_class=500",
                 "method.extractor_epochs=3"],
         "shadows": 16, "pool": 500, "minutes": 70,
         "why": "DP-GenG at ε=1 with the DP-MERF generator (the job as shipped until it took DP-MEPF); goal TPR @ "
@@ -63,7 +66,7 @@ STUDIES: dict[str, dict] = {
                "'auto' as it was then (one decoupled release a class)"},
     "dpgeng-mnist-eps10": {
         "spec": "jobs/dpgeng-mnist.yaml",
-        "set": ["method.generator=dp-merf", "method.public=null", "method.generated_per_class=500",
+        "set": ["compile=false", "method.generator=dp-merf", "method.public=null", "method.generated_per_class=500",
                 "method.extractor_epochs=3", "privacy.epsilon=10",
                 "method.expert_guidance=false", "method.iterations=4000",
                 "method.generator_options={iterations: 3000, num_features: 5000}"],

@@ -5,17 +5,20 @@ run folder), with ``threads`` pinned (default 2: the whole 2-core machine; run i
 
 - ``dm``: seconds per DM iteration at the reference setting (MNIST, IPC 10, batch_real 256, ConvNet-3 width 128
   instance norm, full DSA): the difference of a 35- and a 5-iteration run's distillation stage, over 30
-  (``jobs/dm-mnist.yaml --set method.net_width=128 --set method.batch_real=256``, evaluation off).
+  (``jobs/dm-mnist.yaml --set method.net_width=128 --set method.batch_real=256``, evaluation off), eager
+  (``compile=false``), real side float32 and bfloat16.
 - ``dm_compiled``: the ``dm`` figure eager and with ``--set compile=true``, each with the real side in float32
-  and in bfloat16, the same hour (the compiled runs load their graphs from a cache a first short run filled, so
-  the compile cancels in the difference).
+  and in bfloat16, and the job as shipped (``compile: true``, ``real_precision: auto``), the same hour (the
+  compiled runs load their graphs from a cache a first short run filled, so the compile cancels in the
+  difference).
 - ``dpgeng``: ``jobs/dpgeng-mnist.yaml`` at ε=1 end to end, as shipped (threads not pinned: the job takes the
   cores it finds, its evaluation models train as parallel one-thread Ray tasks): wall time, the stages' times
   and the test accuracy (one noise draw each; the accuracy over draws is benchmarks/results/runs.md's row),
-  twice on a fresh cache root: cold, then warm (the generator's public pre-training restored from the cache).
-- ``dpgeng_compiled``: the same with ``--set compile=true`` (dpdistill.models.compiled), cold (an empty torch
-  compile cache too: every graph compiled) and warm (the compiled graphs loaded from that cache).
-- ``dpgeng_compile_ab``: eager against compiled side by side on one cache root, warm runs in ABBA order (eager,
+  three times on a fresh cache root: cold, then twice warm (the generator's public pre-training and the compiled
+  graphs restored from the caches).
+- ``dpgeng_compiled``: the same with ``--set compile=true`` (dpdistill.models.compiled), which the job ships
+  since a8f3ab3, so the two parts now run the same spec.
+- ``dpgeng_compile_ab``: eager (``--set compile=false``) against compiled side by side on one cache root, warm runs in ABBA order (eager,
   compiled, compiled, eager) after one compiled run that fills the caches; the machine's speed drifts too much
   between parts for two separate parts to compare.
 - ``dpgeng_fast_ab``: the same ABBA against ``--set compile=true --set method.real_precision=bfloat16`` (the
@@ -201,9 +204,10 @@ def part_dm_reference(threads: int, runs_dir: Path, env: dict[str, str]) -> list
     # Ratios only against the product's DM rows measured on this CPU model (the dm and dm_compiled parts): a
     # reference timed on one machine over a product figure from another compares the machines, not the code.
     previous = RESULTS / "speed.json"
-    here = machine()["cpu"]
+    here, isa = machine()["cpu"], machine()["isa"]
     ours = [r for r in (json.loads(previous.read_text()).get("rows", []) if previous.exists() else [])
-            if r.get("part") in ("dm", "dm_compiled") and r.get("unit") == "s/iter" and r.get("cpu") == here]
+            if r.get("part") in ("dm", "dm_compiled") and r.get("unit") == "s/iter" and r.get("cpu") == here
+            and r.get("isa", isa) == isa]  # and the same vector / matrix units where the row recorded them
     for r in ours:
         rows.append({"part": "dm_reference", "figure": f"reference / product ({r['figure']})",
                      "value": round(ref["median_s"] / r["value"], 2), "unit": "x",

@@ -79,6 +79,10 @@ def test_auto_precision_is_bfloat16_only_on_a_cpu_with_amx(amx: bool, tmp_path: 
     assert (len(converted) >= OPTIONS["dm"]["iterations"]) == amx, converted
     expected = "bfloat16" if amx else "float32"
     assert f"real side computes in {expected}" in caplog.text
+    # recorded per run, not only logged once per process: the spec and its hash say only 'auto'
+    assert result.metrics["real_precision_bfloat16"] == (1.0 if amx else 0.0)
+    assert ("real precision", f"auto: {expected} ({'the CPU has AMX bf16 tiles' if amx else 'no AMX bf16 tiles'})"
+            ) in result.summary
     assert embedding.resolve_precision("auto", "cuda") == "float32"
     assert embedding.resolve_precision("bfloat16", "cuda") == "bfloat16"
 

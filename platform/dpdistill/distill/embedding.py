@@ -34,7 +34,8 @@ these change how fast, not what is computed:
   takes bfloat16 only on a CPU with AMX matrix tiles (``amx_bf16`` in /proc/cpuinfo), where the gain is large:
   DM's width-128 iteration 1.31 -> 0.83 s eager and 0.43 s compiled on 2 Xeon cores, at the same accuracy
   (benchmarks/results/speed.md, runs.md dm-mnist-w128-it200-bf16*); float32 elsewhere (GPUs included). The
-  choice is logged once per process, and a run's log says which arithmetic it used.
+  choice is logged once per process, and each distill run records it (``real_precision_bfloat16`` in its
+  metrics, a summary row), since the spec and its hash say only 'auto'.
 
 - **torch.compile**, when the job asks for it (``compile: true``, :mod:`dpdistill.models.compiled`): each chunk's
   ``net.embed`` / forward runs compiled code that fuses the norm, activation and pooling around each convolution

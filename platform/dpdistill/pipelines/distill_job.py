@@ -94,6 +94,21 @@ def load_splits(spec: Any) -> tuple[Any, Any, Any, Any]:
     return train, val, test, source.info
 
 
+def record_real_precision(ctx: Any, config: Any, device: Any) -> None:
+    """With ``method.real_precision: auto``: the arithmetic it resolves to on this run's host, in the run's
+    metrics (``real_precision_bfloat16``: 1 or 0) and summary, since the spec (and its hash) only say 'auto'.
+    A property of the machine, not of the data."""
+    from dpdistill.distill.embedding import cpu_has_amx, resolve_precision
+
+    if getattr(config, "real_precision", None) != "auto":
+        return
+    resolved = resolve_precision("auto", device)
+    ctx.log_metrics({"real_precision_bfloat16": 1.0 if resolved == "bfloat16" else 0.0})
+    why = "the CPU has AMX bf16 tiles" if resolved == "bfloat16" else (
+        "no AMX bf16 tiles" if device.type == "cpu" and not cpu_has_amx() else f"device {device.type}")
+    ctx.add_summary("real precision", f"auto: {resolved} ({why})")
+
+
 class DistillPipeline:
     """The ``distill`` job kind."""
 
@@ -160,6 +175,7 @@ class DistillPipeline:
         torch.manual_seed(spec.seed)
         device = resolve_device(spec.device)
         record_device(ctx, device)
+        record_real_precision(ctx, p.config, device)
         if not p.method.private:
             mark_not_private(ctx, spec.method.name)
         # A private method's step loss is logged only if the method declares it a function of charged noisy
