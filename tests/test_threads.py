@@ -50,6 +50,8 @@ def fresh_measure(monkeypatch):
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="free_cores measures from /proc")
 def test_other_processes_busy_on_every_core_leave_one_thread(fresh_measure):
     cores = len(training._affinity())
+    if (training.cgroup_cpus() or cores) < cores:  # throttled spinners would not fill every core of the mask
+        pytest.skip("this container's CPU quota is below its affinity mask")
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
         time.sleep(0.5)  # the interpreters start and spin
@@ -82,6 +84,24 @@ def test_a_stale_load_average_and_this_process_s_own_work_do_not_count(fresh_mea
     machine = training._busy_ticks(cores) - machine0
     assert own >= 0.3 * hz  # our own work is seen ...
     assert machine >= 0.9 * own  # ... inside the machine's busy time (two clocks), from which free_cores takes it
+
+
+def test_a_container_quota_caps_the_threads(fresh_measure, monkeypatch, tmp_path):
+    """A pod limited to fewer CPUs than its affinity mask shows (Kubernetes on a large node) gets at most its
+    quota, however idle the node; the quota files of cgroup v2 and v1 are both read."""
+    monkeypatch.setattr(training, "_affinity", lambda: list(range(8)))
+    monkeypatch.setattr(training, "_others_busy", lambda cores: 0.0)  # an idle node
+    v2 = tmp_path / "cpu.max"
+    v1 = tmp_path / "cpu" / "cpu.cfs_quota_us"
+    v1.parent.mkdir()
+    (v1.parent / "cpu.cfs_period_us").write_text("100000\n")
+    for files, text, expected in (((str(v2),), "150000 100000\n", 2), ((str(v2),), "max 100000\n", 8),
+                                  ((str(tmp_path / "none"), str(v1)), "300000\n", 3),
+                                  ((str(tmp_path / "none"), str(v1)), "-1\n", 8)):
+        (v2 if files == (str(v2),) else v1).write_text(text)
+        monkeypatch.setattr(training, "CGROUP_CPU_FILES", files)
+        monkeypatch.setattr(training, "_free_cores_seen", None)
+        assert free_cores() == expected, (files, text)
 
 
 def test_without_proc_the_load_average_decides(fresh_measure, monkeypatch):

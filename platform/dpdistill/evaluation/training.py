@@ -74,22 +74,51 @@ def free_cores() -> int:
     used before counted both: a job started within a minute of heavy work (the previous run's evaluation, even
     its own) saw a loaded machine and ran a whole stage on one of two idle cores (DP-GenG's DP-MEPF fit took
     204 s instead of 105 s in half the runs of benchmarks/results/speed.md's dpgeng_fast_ab). Without /proc
-    (macOS, Windows), the load average still decides: all cores, or 1 when it exceeds them."""
+    (macOS, Windows), the load average still decides: all cores, or 1 when it exceeds them.
+
+    Never more than the container's CPU quota (:func:`cgroup_cpus`): a Kubernetes pod limited to 2 CPUs on a
+    64-core node sees all 64 in its affinity mask, and 64 spin-waiting threads throttled to 2 CPUs' time would
+    run far slower than 2."""
     global _free_cores_seen
     now = time.monotonic()
     if _free_cores_seen is not None and now - _free_cores_seen[0] < BUSY_REUSE_S:
         return _free_cores_seen[1]
     cores = _affinity()
+    allowed = min(len(cores), cgroup_cpus() or len(cores))
     others = _others_busy(cores)
     if others is None:
         try:
-            free = 1 if os.getloadavg()[0] > len(cores) else len(cores)
+            free = 1 if os.getloadavg()[0] > allowed else allowed
         except (AttributeError, OSError):  # no load average on this platform either
-            free = len(cores)
+            free = allowed
     else:
-        free = max(1, min(len(cores), round(len(cores) - others)))
+        free = max(1, min(allowed, round(len(cores) - others)))
     _free_cores_seen = (time.monotonic(), free)
     return free
+
+
+CGROUP_CPU_FILES = ("/sys/fs/cgroup/cpu.max",  # cgroup v2: "<quota> <period>" or "max <period>"
+                    "/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # cgroup v1: quota (-1: none), period beside it
+
+
+def cgroup_cpus() -> int | None:
+    """The CPUs this process's cgroup may use per period (its quota over its period, rounded up), or None when
+    no quota is set or none can be read."""
+    for path in CGROUP_CPU_FILES:
+        try:
+            with open(path) as f:
+                fields = f.read().split()
+            if path.endswith("cpu.max"):
+                quota, period = fields[0], fields[1]
+            else:
+                with open(os.path.join(os.path.dirname(path), "cpu.cfs_period_us")) as f:
+                    quota, period = fields[0], f.read().split()[0]
+            if quota in ("max", "-1"):
+                return None
+            return max(1, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError, IndexError, ZeroDivisionError):
+            continue
+    return None
 
 
 def _affinity() -> list[int]:
