@@ -97,3 +97,16 @@ def test_cpu_has_amx_reads_the_flags_of_proc_cpuinfo(tmp_path: Path, monkeypatch
         monkeypatch.setattr(builtins, "open", lambda p, *a, _i=info, **k: real_open(_i if p == "/proc/cpuinfo"
                                                                                      else p, *a, **k))
         assert embedding.cpu_has_amx.__wrapped__() is expected
+
+
+def test_auto_is_not_recorded_where_the_configuration_ignores_it(tmp_path: Path, monkeypatch) -> None:
+    """DP-GenG's decoupled matching computes its one release in float32 whatever real_precision says: a run must
+    not record bfloat16 for it."""
+    monkeypatch.setattr(embedding, "cpu_has_amx", lambda: True)
+    options = {**OPTIONS["dpgeng"], "matching": "decoupled", "real_precision": "auto"}
+    doc = {"name": "prec-auto-decoupled", "kind": "distill", "threads": 1, "data": {"name": "digits"},
+           "privacy": {"epsilon": 50.0, "delta": 1e-5}, "method": {"name": "dpgeng", **options},
+           "evaluation": {"enabled": False}, "tracking": {"enabled": False}}
+    result = run_job(validate_spec(doc, "<test>"), tmp_path, progress=False)
+    assert result.status == "completed"
+    assert "real_precision_bfloat16" not in result.metrics

@@ -102,6 +102,9 @@ def record_real_precision(ctx: Any, config: Any, device: Any) -> None:
 
     if getattr(config, "real_precision", None) != "auto":
         return
+    overridden = getattr(config, "overridden_options", None)
+    if overridden is not None and "real_precision" in overridden():  # e.g. decoupled matching: float32 anyway
+        return
     resolved = resolve_precision("auto", device)
     ctx.log_metrics({"real_precision_bfloat16": 1.0 if resolved == "bfloat16" else 0.0})
     why = "the CPU has AMX bf16 tiles" if resolved == "bfloat16" else (
