@@ -210,3 +210,18 @@ def test_dpgeng_queues_its_baseline_behind_the_release_on_ray(ray_cluster, tmp_p
     assert events == [("queued", 40), ("queued", 10), ("waited", 40), ("waited", 10)]
     assert 0 <= metrics["baseline_generated_acc_mean"] <= 1 and 0 <= metrics["acc_mean"] <= 1
 
+
+
+def test_an_unpinned_job_fits_on_the_cores_free_cores_measures(fresh_measure, tmp_path, monkeypatch, caplog):
+    """The unpinned path end to end (the rest of the suite pins one thread): a synthesize job with no ``threads``
+    fits on free_cores()'s count and its log says so; here the measurement is fixed to a known answer."""
+    monkeypatch.setattr(training, "free_cores", lambda: 2)
+    doc = {"name": "unpinned-fit", "kind": "synthesize", "data": {"name": "digits"},
+           "privacy": {"epsilon": 10.0, "delta": 1e-5},
+           "method": {"name": "dp-merf", "iterations": 3, "num_features": 50, "batch_size": 50},
+           "evaluation": {"enabled": False}, "tracking": {"enabled": False}}
+    with caplog.at_level("INFO", logger="dpdistill.synthesis.base"):
+        result = run_job(validate_spec(doc), tmp_path / "runs", progress=False)
+    assert result.status == "completed"
+    expected = min(torch.get_num_threads(), 2)
+    assert f"dp-merf: fitting on {expected} intra-op thread{'' if expected == 1 else 's'}" in caplog.text
