@@ -21,13 +21,12 @@ def machine() -> dict[str, str]:
         mem_gib = f"{kib / 2**20:.0f} GiB"
     except OSError:
         pass
-    cpu = platform.processor() or platform.machine()
-    isa = ""
+    cpu, model, isa = platform.processor() or platform.machine(), "", ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
-                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("model name") and not model:  # the first CPU's (all are alike here)
+                    cpu = model = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
                     # The vector / matrix units that decide CPU speed here: one "Intel Xeon" VM had AMX (bfloat16
                     # convolutions 6x float32) and another did not, under the same model name.

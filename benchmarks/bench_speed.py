@@ -18,9 +18,9 @@ run folder), with ``threads`` pinned (default 2: the whole 2-core machine; run i
   graphs restored from the caches).
 - ``dpgeng_compiled``: the same with ``--set compile=true`` (dpdistill.models.compiled), which the job ships
   since a8f3ab3, so the two parts now run the same spec.
-- ``dpgeng_compile_ab``: eager (``--set compile=false``) against compiled side by side on one cache root, warm runs in ABBA order (eager,
-  compiled, compiled, eager) after one compiled run that fills the caches; the machine's speed drifts too much
-  between parts for two separate parts to compare.
+- ``dpgeng_compile_ab``: eager (``--set compile=false``) against compiled side by side on one cache root, warm
+  runs in ABBA order (eager, compiled, compiled, eager) after one compiled run that fills the caches; the
+  machine's speed drifts too much between parts for two separate parts to compare.
 - ``dpgeng_fast_ab``: the same ABBA against ``--set compile=true --set method.real_precision=bfloat16`` (the
   matching's real side in bfloat16 as well).
 - ``scaling``: seconds per DM iteration (difference of a 13- and a 3-iteration run, over 10) and the run's peak

@@ -226,11 +226,9 @@ def embed_chunks(net: nn.Module, x: torch.Tensor, chunk: int = CHUNK,
     :func:`resolve_precision`. A network that mixes records (:func:`mixes_records`) gets the whole batch as one
     chunk, so its batch statistics are those of the whole batch, as without chunking.
     """
-    if precision not in PRECISIONS:  # checked first: an empty batch must not hide a bad argument
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    precision = resolve_precision(precision, x.device)  # first: an empty batch must not hide a bad argument
     if len(x) == 0:
         return []
-    precision = resolve_precision(precision, x.device)
     if mixes_records(net):
         chunk = len(x)
     if precision == "bfloat16":
@@ -271,12 +269,18 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> Lit
         "bfloat16" if torch.device(device).type == "cpu" and cpu_has_amx() else "float32")
     if resolved not in _AUTO_LOGGED:
         _AUTO_LOGGED.add(resolved)
-        log.info("real_precision 'auto': the real side computes in %s (%s)", resolved,
-                 "this CPU has AMX bf16 tiles" if resolved == "bfloat16" else "no AMX bf16 tiles on this device")
+        log.info("real_precision 'auto': the real side computes in %s (%s)", resolved, auto_precision_reason(device))
     return resolved
 
 
 _AUTO_LOGGED: set[str] = set()
+
+
+def auto_precision_reason(device: torch.device | str) -> str:
+    """Why 'auto' resolves as it does on ``device``, in words (the run log's and the run summary's)."""
+    if torch.device(device).type != "cpu":
+        return f"device {torch.device(device).type}"
+    return "the CPU has AMX bf16 tiles" if cpu_has_amx() else "no AMX bf16 tiles"
 
 
 @functools.cache

@@ -98,7 +98,7 @@ def record_real_precision(ctx: Any, config: Any, device: Any) -> None:
     """With ``method.real_precision: auto``: the arithmetic it resolves to on this run's host, in the run's
     metrics (``real_precision_bfloat16``: 1 or 0) and summary, since the spec (and its hash) only say 'auto'.
     A property of the machine, not of the data."""
-    from dpdistill.distill.embedding import cpu_has_amx, resolve_precision
+    from dpdistill.distill.embedding import auto_precision_reason, resolve_precision
 
     if getattr(config, "real_precision", None) != "auto":
         return
@@ -107,9 +107,7 @@ def record_real_precision(ctx: Any, config: Any, device: Any) -> None:
         return
     resolved = resolve_precision("auto", device)
     ctx.log_metrics({"real_precision_bfloat16": 1.0 if resolved == "bfloat16" else 0.0})
-    why = "the CPU has AMX bf16 tiles" if resolved == "bfloat16" else (
-        "no AMX bf16 tiles" if device.type == "cpu" and not cpu_has_amx() else f"device {device.type}")
-    ctx.add_summary("real precision", f"auto: {resolved} ({why})")
+    ctx.add_summary("real precision", f"auto: {resolved} ({auto_precision_reason(device)})")
 
 
 class DistillPipeline:
