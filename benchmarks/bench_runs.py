@@ -365,8 +365,7 @@ def run_draw(name: str, config: dict[str, Any], source: Source, runs_dir: Path, 
         proc = subprocess.run(cmd, cwd=config_runs, env=source.env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     text = log_path.read_text(errors="replace")
-    found = re.findall(r"^run folder: (.+)$", text, flags=re.M)
-    run_dir = Path(found[-1].strip()) if found else _newest_run(config_runs, started)
+    run_dir = _run_folder_in(text) or _newest_run(config_runs, started)
     record: dict[str, Any] = {
         "config": name, "draw_id": claim_id or uuid.uuid4().hex[:12], "spec": config["spec"],
         "set": list(config["set"]), "command": " ".join(cmd), "started": started, "ended": _now(),
@@ -390,8 +389,18 @@ def run_draw(name: str, config: dict[str, Any], source: Source, runs_dir: Path, 
     return record
 
 
+def _run_folder_in(text: str) -> Path | None:
+    """The run folder a `dpdistill run` output names: its summary's "run folder:" line, else (a run stopped
+    before its summary) the runner's "run <folder> started" line, which a run without a terminal prints first.
+    Not the newest folder on disk: draws of one configuration run side by side."""
+    found = (re.findall(r"^run folder: (.+)$", text, flags=re.M)
+             or re.findall(r" INFO run (.+) started \(kind=", text))
+    return Path(found[-1].strip()) if found else None
+
+
 def _newest_run(config_runs: Path, started: str) -> Path | None:
-    """The newest run folder under ``config_runs`` made after ``started`` (when the CLI died before printing)."""
+    """The newest run folder under ``config_runs`` made after ``started``: the last resort, when the output names
+    none (the CLI died before the runner's first line); wrong when draws of the configuration run side by side."""
     cutoff = datetime.strptime(started, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp() - 1
     folders = [p for p in config_runs.glob("*/*") if (p / "status.json").exists() and p.stat().st_mtime >= cutoff]
     return max(folders, key=lambda p: p.name) if folders else None

@@ -119,6 +119,8 @@ def test_run_without_a_terminal_says_every_interval_it_is_alive_and_where(tmp_pa
     assert result.status == "completed" and re.search(line, (result.run_dir / "log.txt").read_text())
     err = capfd.readouterr().err
     assert re.search(line, err) and "stage distil (dm) completed" in err  # the console sees the stages too
+    # ... and where the run folder is, from the start (a run stopped before its summary is still found).
+    assert f"run {result.run_dir} started (kind=distill" in err
 
 
 def test_a_sigterm_that_reaches_the_caller_as_a_plain_keyboardinterrupt_is_still_a_sigterm():

@@ -365,11 +365,13 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
             ctx.add_summary("NOT PRIVATE", not_private)
             run.log_metrics({"not_private": 1.0})
             run.set_status("running", not_private=not_private)
-        log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
         # Without a terminal there are no progress bars: say every 30 s that the run is alive, and where.
         quiet = not (progress and sys.stderr.isatty())
         with (heartbeat([ctx], started, console=quiet) if quiet else contextlib.nullcontext(),
               pinned_threads(spec.threads), compiled_loops(spec.compile)):
+            # Inside the heartbeat: a run without a terminal prints where its folder is at once, so a caller
+            # can find it even when the run is stopped before the summary (bench_runs, a Ray Job's log).
+            log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
             pipeline.execute(ctx, prepared)
         status = "completed"
     except KeyboardInterrupt as e:
