@@ -23,16 +23,15 @@ from dpdistill.pipelines.not_private import RELEASE_NOT_PRIVATE
 from dpdistill.privacy.disclosure import COMMON, RELEASED, kind_of, undeclared
 from dpdistill.runner import run_job
 from dpdistill.spec import validate_spec
+from tiny_jobs import tiny_dpgeng
 
 EVAL = {"seeds": 1, "epochs": 2, "parallel": False, "model_options": {"width": 8}}
 TINY: dict[str, dict[str, Any]] = {
     "ndpdc": {"ipc": 1, "iterations": 12, "batch_real": 16, "net_width": 8, "net_depth": 2},
     "psg": {"ipc": 1, "iterations": 12, "batch_real": 8, "net_width": 8, "net_depth": 2, "outer_loop": 1,
             "inner_loop": 1},
-    "dpgeng": {"ipc": 1, "factor": 1, "generated_per_class": 20, "extractors": 2, "extractor_epochs": 1,
-               "net_width": 8, "net_depth": 2, "expert_pretrain_epochs": 1, "expert_dp_epochs": 0.5,
-               "expert_batch": 128, "iterations": 12, "batch_real": 16,
-               "generator_options": {"iterations": 20, "num_features": 400, "batch_size": 100}},
+    "dpgeng": tiny_dpgeng(extractors=2, iterations=12,
+                          generator_options={"iterations": 20, "num_features": 400, "batch_size": 100}),
 }
 
 

@@ -16,6 +16,7 @@ from dpdistill.cli import main
 from dpdistill.pipelines.evaluate_job import evaluate_spec
 from dpdistill.runner import run_job
 from dpdistill.spec import validate_spec
+from tiny_jobs import tiny_dpgeng
 
 SOURCE = {
     "name": "src",
@@ -241,10 +242,8 @@ DPGENG_SOURCE = {
     "threads": 1,
     "data": {"name": "digits"},
     "privacy": {"epsilon": 5.0, "delta": 1e-5},
-    "method": {"name": "dpgeng", "ipc": 1, "factor": 1, "generated_per_class": 20, "extractors": 2,
-               "extractor_epochs": 1, "net_width": 8, "net_depth": 2, "expert_pretrain_epochs": 1,
-               "expert_dp_epochs": 0.5, "expert_batch": 128, "iterations": 4, "batch_real": 16,
-               "generator_options": {"iterations": 20, "num_features": 400, "batch_size": 100}},
+    "method": tiny_dpgeng(extractors=2, iterations=4,
+                          generator_options={"iterations": 20, "num_features": 400, "batch_size": 100}),
     "evaluation": {"seeds": 2, "epochs": 5, "parallel": False, "model_options": {"width": 16}},
     "tracking": {"enabled": False},
 }

@@ -22,6 +22,7 @@ from dpdistill.errors import ClusterError
 from dpdistill.runner import run_job
 from dpdistill.runtime.cluster import LocalRayStartError, ray_session
 from dpdistill.spec import validate_spec
+from tiny_jobs import tiny_dpgeng
 
 RAY_TIMEOUT = ("The current node timed out during startup. This could happen because some of the raylet failed "
                "to startup or the GCS has become overloaded.")
@@ -89,10 +90,7 @@ def test_the_evaluation_runs_in_process_with_the_same_figures(node_start_times_o
 def test_dpgeng_evaluates_its_release_and_baseline_in_process(node_start_times_out, tmp_path):
     """The job that evaluates two sets in one session (release, DP-generated baseline) tries Ray once."""
     doc = {"name": "dpgeng-fallback", "kind": "distill", "data": {"name": "digits"}, "privacy": {"epsilon": 2.0},
-           "method": {"name": "dpgeng", "ipc": 1, "factor": 1, "generated_per_class": 20, "extractors": 1,
-                      "extractor_epochs": 1, "net_width": 8, "net_depth": 2, "expert_pretrain_epochs": 1,
-                      "expert_dp_epochs": 0.5, "expert_batch": 128, "iterations": 2, "batch_real": 16,
-                      "generator_options": {"iterations": 10, "num_features": 200, "batch_size": 100}},
+           "method": tiny_dpgeng(),
            "evaluation": {"seeds": 1, "epochs": 2, "model_options": {"width": 8}, "parallel": True},
            "tracking": {"enabled": False}}
     result = run_job(validate_spec(doc), tmp_path / "runs", progress=False)

@@ -17,6 +17,7 @@ from dpdistill.evaluation.training import THREADS_ENV, free_cores, resolve_threa
 from dpdistill.runner import Terminated, pinned_threads, run_job
 from dpdistill.runtime.parallel import PendingSeeds, evaluate_seeds, submit_seeds
 from dpdistill.spec import validate_spec
+from tiny_jobs import tiny_dpgeng
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +199,7 @@ def test_dpgeng_queues_its_baseline_behind_the_release_on_ray(ray_cluster, tmp_p
 
     monkeypatch.setattr(parallel, "submit_seeds", recording_submit)
     doc = {"name": "dpgeng-queue", "kind": "distill", "data": {"name": "digits"}, "privacy": {"epsilon": 2.0},
-           "method": {"name": "dpgeng", "ipc": 1, "factor": 2, "generated_per_class": 20, "extractors": 1,
-                      "extractor_epochs": 1, "net_width": 8, "net_depth": 2, "expert_pretrain_epochs": 1,
-                      "expert_dp_epochs": 0.5, "expert_batch": 128, "iterations": 2, "batch_real": 16,
-                      "generator_options": {"iterations": 10, "num_features": 200, "batch_size": 100}},
+           "method": tiny_dpgeng(factor=2),
            "evaluation": {"seeds": 2, "epochs": 2, "model_options": {"width": 8}, "parallel": True},
            "tracking": {"enabled": False}}
     result = run_job(validate_spec(doc), tmp_path / "runs", progress=False)
