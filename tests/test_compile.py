@@ -3,7 +3,6 @@ path computes (to float rounding), and a machine that cannot compile runs eagerl
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from benchmark_scripts import load_benchmark
 from dpdistill import models
 from dpdistill.distill import embedding
 from dpdistill.evaluation.training import train_classifier
@@ -139,16 +139,8 @@ def test_a_machine_that_cannot_compile_trains_eagerly_with_one_warning(tmp_path:
     assert proc.stderr.count("torch.compile is unavailable here") == 1, proc.stderr[-2000:]
 
 
-def _bench_runs():
-    spec = importlib.util.spec_from_file_location("bench_runs", REPO / "benchmarks" / "bench_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_recorded_spec_hashes_ignore_compile_only_when_it_is_off() -> None:
-    bench_runs = _bench_runs()
+    bench_runs = load_benchmark("bench_runs")
     resolved = {"name": "x", "seed": 0, "method": {"name": "dm"}}
     assert bench_runs.spec_hash({**resolved, "compile": False}) == bench_runs.spec_hash(resolved)
     assert bench_runs.spec_hash({**resolved, "compile": True}) != bench_runs.spec_hash(resolved)

@@ -3,20 +3,17 @@ MLflow run is FAILED with wall_seconds; run_job's SIGTERM handler lives only as 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import signal
 import threading
-from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load_benchmark
 from dpdistill.errors import SpecError
 from dpdistill.runner import run_job, sigterm_interrupts
 from dpdistill.spec import validate_spec
-
-REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
     "name": "outcome",
@@ -126,10 +123,7 @@ def test_run_without_a_terminal_says_every_interval_it_is_alive_and_where(tmp_pa
     # ... and where the run folder is, from the start (a run stopped before its summary is still found):
     # benchmarks/bench_runs.py reads it from such output when draws of one configuration run side by side.
     assert f"run {result.run_dir} started (kind=distill" in err
-    spec = importlib.util.spec_from_file_location("bench_runs", REPO / "benchmarks" / "bench_runs.py")
-    bench_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_runs)
-    assert bench_runs._run_folder_in(err) == result.run_dir
+    assert load_benchmark("bench_runs")._run_folder_in(err) == result.run_dir
 
 
 def test_a_sigterm_that_reaches_the_caller_as_a_plain_keyboardinterrupt_is_still_a_sigterm():
