@@ -159,3 +159,19 @@ def test_a_sigterm_that_reaches_the_caller_as_a_plain_keyboardinterrupt_is_still
     with pytest.raises(KeyboardInterrupt) as ctrl_c, sigterm_interrupts():
         raise KeyboardInterrupt
     assert not is_sigterm(ctrl_c.value) and not isinstance(ctrl_c.value, Terminated)
+
+
+def test_a_run_that_fails_before_its_pipeline_still_says_where_its_folder_is(tmp_path, capfd):
+    """A quiet run whose tracking cannot open its store fails before any stage: its console output still names
+    its folder, first and in the outcome line, so bench_runs records the failure against that folder and not
+    against another draw's (draws run side by side; the folder line used to come only once stages began)."""
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    spec = validate_spec({**TINY, "tracking": {"uri": f"sqlite:///{not_a_folder / 'mlflow.db'}"}})
+    with pytest.raises(OSError):
+        run_job(spec, tmp_path / "runs", progress=False)
+    (run_dir,) = (tmp_path / "runs" / "outcome").iterdir()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+    err = capfd.readouterr().err
+    assert f"run {run_dir} started (kind=distill" in err and f"run {run_dir} failed after" in err
+    assert load_benchmark("bench_runs")._run_folder_in(err) == run_dir

@@ -201,3 +201,42 @@ def test_a_local_cluster_prints_no_opt_out_banner(tmp_path):
                           env=env | {"HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert "token auth on: True" in proc.stdout, proc.stderr[-2000:]
     assert "RAY_AUTH_MODE=disabled" not in proc.stdout + proc.stderr
+
+
+def _open_store_at_once(uri: str, barrier, results, name: str) -> None:
+    """A job's tracking start in a fresh process, released together with the others by ``barrier``."""
+    import mlflow  # noqa: F401 - imported before the barrier, so the processes reach the store together
+
+    from dpdistill.runtime.tracking import Tracker
+
+    barrier.wait(timeout=120)
+    try:
+        tracker = Tracker(True, uri, "side-by-side")
+        tracker.start(name, {"p": "1"}, {})
+        tracker.end()
+        results.put((name, None))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results.put((name, f"{type(e).__name__}: {e}"))
+
+
+def test_jobs_started_side_by_side_open_one_fresh_sqlite_store(tmp_path):
+    """Draws of a benchmark start together in one runs directory: each process's first open of a fresh SQLite
+    store migrates its schema, and without store_opening_lock one of them failed (alembic: "expected to match
+    one row", "table ... already exists") before its run began."""
+    import multiprocessing
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spawn = multiprocessing.get_context("spawn")
+    n = 4
+    barrier, results = spawn.Barrier(n), spawn.Queue()
+    procs = [spawn.Process(target=_open_store_at_once, args=(uri, barrier, results, f"job{i}")) for i in range(n)]
+    for p in procs:
+        p.start()
+    outcomes = dict(results.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == {f"job{i}": None for i in range(n)}
+    exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("side-by-side")
+    assert len(mlflow.MlflowClient(tracking_uri=uri).search_runs([exp.experiment_id])) == n

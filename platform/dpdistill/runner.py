@@ -89,20 +89,34 @@ HEARTBEAT_ENV = "DPDISTILL_HEARTBEAT_SECONDS"
 
 
 @contextlib.contextmanager
-def heartbeat(ctx_holder: list[RunContext], started: float, console: bool) -> Iterator[None]:
+def console_log(enabled: bool) -> Iterator[None]:
+    """While the block runs, the package's log lines (stages, heartbeat, the outcome) also go to stderr.
+
+    For runs without a terminal (Ray Jobs, Kubernetes, CI, bench_runs), which show no progress bars. Entered by
+    :func:`run_job` around the whole run, so the first line (where the run folder is) and the last (how it
+    ended) reach the console even when the run fails before its pipeline starts.
+    """
+    if not enabled:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.getLogger("dpdistill").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("dpdistill").removeHandler(handler)
+
+
+@contextlib.contextmanager
+def heartbeat(ctx_holder: list[RunContext], started: float) -> Iterator[None]:
     """A line every 30 s (``$DPDISTILL_HEARTBEAT_SECONDS``) saying the run is alive and which stage it is in.
 
-    For runs without a terminal (Ray Jobs, Kubernetes, CI), which show no progress bars: the lines go to
-    log.txt and, with ``console``, to stderr together with the run's other log lines (stages, outcome).
-    Only timings: nothing computed from the data.
+    For runs without a terminal: the lines go to log.txt and (with :func:`console_log`) to stderr. Only
+    timings: nothing computed from the data.
     """
     every = float(os.environ.get(HEARTBEAT_ENV, "") or 30.0)
     stop = threading.Event()
-    handler: logging.Handler | None = None
-    if console:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        logging.getLogger("dpdistill").addHandler(handler)
 
     def beat() -> None:
         while not stop.wait(every):
@@ -120,8 +134,6 @@ def heartbeat(ctx_holder: list[RunContext], started: float, console: bool) -> It
     finally:
         stop.set()
         thread.join(timeout=5)
-        if handler is not None:
-            logging.getLogger("dpdistill").removeHandler(handler)
 
 
 @contextlib.contextmanager
@@ -287,8 +299,13 @@ def run_job(
     SIGTERM during the call is handled like Ctrl-C: the run is marked interrupted and :class:`Terminated` (a
     KeyboardInterrupt) propagates.
     """
-    with sigterm_interrupts():
+    with sigterm_interrupts(), console_log(_quiet(progress)):
         return _run_job(spec, runs_dir, address=address, progress=progress)
+
+
+def _quiet(progress: bool) -> bool:
+    """No progress bars (asked for none, or no terminal): the run says what it does in log lines instead."""
+    return not (progress and sys.stderr.isatty())
 
 
 def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progress: bool) -> RunResult:
@@ -335,6 +352,9 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
         if owner is not None:  # nothing ran: the reservation settles to no charge
             owner.settle(reservation, None, None, "not started")
         raise
+    # First, before anything else can fail: where the run's folder is (a run without a terminal prints it to
+    # stderr at once, so a caller can find the folder of a run that dies early: bench_runs, a Ray Job's log).
+    log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
     tracker = Tracker(
         spec.tracking.enabled, resolve_tracking_uri(spec.tracking.uri, runs_dir), spec.tracking.experiment
     )
@@ -366,12 +386,8 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
             run.log_metrics({"not_private": 1.0})
             run.set_status("running", not_private=not_private)
         # Without a terminal there are no progress bars: say every 30 s that the run is alive, and where.
-        quiet = not (progress and sys.stderr.isatty())
-        with (heartbeat([ctx], started, console=quiet) if quiet else contextlib.nullcontext(),
+        with (heartbeat([ctx], started) if _quiet(progress) else contextlib.nullcontext(),
               pinned_threads(spec.threads), compiled_loops(spec.compile)):
-            # Inside the heartbeat: a run without a terminal prints where its folder is at once, so a caller
-            # can find it even when the run is stopped before the summary (bench_runs, a Ray Job's log).
-            log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
             pipeline.execute(ctx, prepared)
         status = "completed"
     except KeyboardInterrupt as e:

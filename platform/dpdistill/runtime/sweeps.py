@@ -461,7 +461,10 @@ class SweepTracking:
 
         for noisy in ("alembic", "mlflow"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        return mlflow.MlflowClient(tracking_uri=self.uri)
+        from dpdistill.runtime.tracking import store_opening_lock
+
+        with store_opening_lock(self.uri):  # opening a fresh SQLite store migrates it: one process at a time
+            return mlflow.MlflowClient(tracking_uri=self.uri)
 
     def _experiment_id(self, client: Any) -> str:
         from dpdistill.runtime.tracking import local_artifact_root

@@ -10,8 +10,10 @@ artifacts from the run folder's ``artifacts/``, which never holds sensitive reco
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,43 @@ def resolve_tracking_uri(spec_uri: str | None, runs_dir: Path) -> str:
     return f"sqlite:///{(Path(runs_dir).expanduser().resolve() / 'mlflow.db')}"
 
 
-def local_artifact_root(uri: str) -> str | None:
-    """Where a new experiment in a SQLite store keeps its artifacts: ``mlartifacts/`` beside the database.
-
-    None for anything else (a tracking server or a remote database chooses its own artifact store).
-    """
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store; None for anything else (a server, an in-memory store)."""
     if not uri.startswith("sqlite:///"):
         return None
     db = uri.removeprefix("sqlite:///").split("?", 1)[0]
     if not db or db == ":memory:":
         return None
-    return (Path(db).expanduser().resolve().parent / "mlartifacts").as_uri()
+    return Path(db).expanduser().resolve()
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """Where a new experiment in a SQLite store keeps its artifacts: ``mlartifacts/`` beside the database.
+
+    None for anything else (a tracking server or a remote database chooses its own artifact store).
+    """
+    db = sqlite_file(uri)
+    return None if db is None else (db.parent / "mlartifacts").as_uri()
+
+
+@contextlib.contextmanager
+def store_opening_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock (``<db>.lock`` beside a SQLite store) while this process opens the store.
+
+    MLflow creates and migrates a SQLite store's schema the first time a process opens it; two processes that
+    open a fresh store at once both migrate and one fails (alembic: "expected to match one row", "table ...
+    already exists") — seen with draws of one benchmark started side by side in one runs directory. Once open,
+    the store is cached per process, so only the opening needs the lock. Nothing for other stores.
+    """
+    db = sqlite_file(uri)
+    if db is None:
+        yield
+        return
+    from dpdistill.runtime.runfolder import exclusive_lock
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(db.with_name(db.name + ".lock"), "", wait=True):
+        yield
 
 
 def ensure_experiment(mlflow: Any, name: str, uri: str) -> None:
@@ -90,8 +118,9 @@ class Tracker:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = prior
-        ensure_experiment(mlflow, self.experiment, self.uri)
-        mlflow.set_experiment(self.experiment)
+        with store_opening_lock(self.uri):
+            ensure_experiment(mlflow, self.experiment, self.uri)
+            mlflow.set_experiment(self.experiment)
         run = mlflow.start_run(run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = list(params.items())
