@@ -391,10 +391,12 @@ def run_draw(name: str, config: dict[str, Any], source: Source, runs_dir: Path, 
 
 def _run_folder_in(text: str) -> Path | None:
     """The run folder a `dpdistill run` output names: its summary's "run folder:" line, else (a run stopped
-    before its summary) the runner's "run <folder> started" line, which a run without a terminal prints first.
+    before its summary) the runner's "run <folder> started" line, which a run without a terminal prints as its
+    pipeline starts, else (a run that failed before that) its outcome line "run <folder> failed after".
     Not the newest folder on disk: draws of one configuration run side by side."""
     found = (re.findall(r"^run folder: (.+)$", text, flags=re.M)
-             or re.findall(r" INFO run (.+) started \(kind=", text))
+             or re.findall(r" INFO run (.+) started \(kind=", text)
+             or re.findall(r" ERROR run (.+) (?:failed|interrupted) after [0-9.]+ s", text))
     return Path(found[-1].strip()) if found else None
 
 

@@ -93,8 +93,8 @@ def console_log(enabled: bool) -> Iterator[None]:
     """While the block runs, the package's log lines (stages, heartbeat, the outcome) also go to stderr.
 
     For runs without a terminal (Ray Jobs, Kubernetes, CI, bench_runs), which show no progress bars. Entered by
-    :func:`run_job` around the whole run, so the first line (where the run folder is) and the last (how it
-    ended) reach the console even when the run fails before its pipeline starts.
+    :func:`run_job` around the whole run, so the last line (how it ended, and where its folder is) reaches the
+    console even when the run fails before its pipeline starts.
     """
     if not enabled:
         yield
@@ -352,9 +352,6 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
         if owner is not None:  # nothing ran: the reservation settles to no charge
             owner.settle(reservation, None, None, "not started")
         raise
-    # First, before anything else can fail: where the run's folder is (a run without a terminal prints it to
-    # stderr at once, so a caller can find the folder of a run that dies early: bench_runs, a Ray Job's log).
-    log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
     tracker = Tracker(
         spec.tracking.enabled, resolve_tracking_uri(spec.tracking.uri, runs_dir), spec.tracking.experiment
     )
@@ -388,6 +385,10 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
         # Without a terminal there are no progress bars: say every 30 s that the run is alive, and where.
         with (heartbeat([ctx], started) if _quiet(progress) else contextlib.nullcontext(),
               pinned_threads(spec.threads), compiled_loops(spec.compile)):
+            # A run without a terminal prints where its folder is as its pipeline starts (console_log), so a
+            # caller finds it even when the run is stopped before the summary (bench_runs, a Ray Job's log); a run
+            # that fails before this line names its folder in its outcome line ("run <folder> failed after").
+            log.info("run %s started (kind=%s, method=%s)", run.path, spec.kind, spec.method.name)
             pipeline.execute(ctx, prepared)
         status = "completed"
     except KeyboardInterrupt as e:
