@@ -1,7 +1,9 @@
 """Re-score recorded releases under another evaluation protocol, through `dpdistill evaluate`.
 
 A rescore (benchmarks/configs.yaml, ``rescores:``) names a bench_runs configuration (``of``) and ``--set``
-overrides of how a release is scored (``evaluation.*``, ``threads``). Each counted draw of that configuration's
+overrides of how a release is scored (``evaluation.*``, ``threads``) and, for a synthesize configuration, of
+the fresh set drawn from its released generator (``method.n_per_class``, ``method.guidance_scale``,
+``method.sample_steps``: post-processing as well). Each counted draw of that configuration's
 row in results/runs.json (its run folder holds the release) is re-scored once with
 
     .venv/bin/dpdistill evaluate RUN_DIR --set ... --runs-dir DIR --no-progress
@@ -11,7 +13,7 @@ and the figures say only how the SAME releases score under another protocol; the
 the source's noise draws (a one-draw reference: ± over its evaluation seeds), beside the source row's own.
 This separates the evaluation protocol's share of a gap to a paper from the method's (issue 23).
 
-    .venv/bin/python benchmarks/bench_rescore.py run NAME [--jobs 2] [--deadline 2026-12-05T01:30Z]
+    .venv/bin/python benchmarks/bench_rescore.py run NAME [--jobs 2] [--deadline 2026-12-05T01:30Z] [--snapshot HEAD]
     .venv/bin/python benchmarks/bench_rescore.py record NAME SOURCE_RUN_DIR EVALUATE_RUN_DIR
     .venv/bin/python benchmarks/bench_rescore.py render
 
@@ -44,6 +46,7 @@ from bench_runs import (  # noqa: E402
     DEFAULT_RUNS_DIR,
     RESULTS_JSON,
     VENV_BIN,
+    Source,
     _mean_std,
     load_configs,
     superseded_by,
@@ -53,7 +56,7 @@ from bench_runs import _pct as bench_runs_pct  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 RESCORE_JSON = RESULTS / "rescore.json"
 RESCORE_MD = RESULTS / "rescore.md"
-ALLOWED = ("evaluation.", "threads=")
+ALLOWED = ("evaluation.", "threads=", "method.n_per_class=", "method.guidance_scale=", "method.sample_steps=")
 
 
 def load_rescores(path: Path = CONFIGS) -> dict[str, dict[str, Any]]:
@@ -69,7 +72,8 @@ def load_rescores(path: Path = CONFIGS) -> dict[str, dict[str, Any]]:
             raise SystemExit(f"{path}: rescore {name}: 'of: {r['of']}' is not a configuration")
         bad = [s for s in r["set"] if not s.replace(" ", "").startswith(ALLOWED)]
         if bad:
-            raise SystemExit(f"{path}: rescore {name}: only evaluation.* and threads may be set, got {bad}")
+            raise SystemExit(f"{path}: rescore {name}: only evaluation.*, threads and a fresh draw's "
+                             f"method.n_per_class / guidance_scale / sample_steps may be set, got {bad}")
         if "evaluation.parallel=false" not in [s.replace(" ", "") for s in r["set"]]:
             raise SystemExit(f"{path}: rescore {name}: set evaluation.parallel=false (one core per re-score)")
     return out
@@ -107,7 +111,10 @@ def read_evaluate_run(run_dir: Path) -> dict[str, Any]:
             "dirty": prov.get("dirty"), "versions": prov.get("versions"), "seconds": status.get("seconds"),
             "test_acc_mean": metrics.get("acc_mean"), "test_acc_std": metrics.get("acc_std"),
             "val_acc_mean": metrics.get("val_acc_mean"), "val_acc_std": metrics.get("val_acc_std"),
-            "release_sha256": (source.get("sha256") or "")[:16], "source_epsilon": source.get("epsilon")}
+            "release_sha256": (source.get("sha256") or "")[:16], "source_epsilon": source.get("epsilon"),
+            # A fresh draw from a synthesize run's generator: which generator, with which sampling options.
+            "generator_sha256": (source.get("generator_sha256") or "")[:16] or None,
+            "generated": source.get("generated")}
 
 
 def _doc() -> dict[str, Any]:
@@ -142,9 +149,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     row = source_row(r)
     done = {x["source_run"] for x in _doc()["records"] if x["rescore"] == args.name and x["status"] == "completed"}
     deadline = datetime.strptime(args.deadline, "%Y-%m-%dT%H:%MZ").replace(tzinfo=UTC) if args.deadline else None
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               DPDISTILL_EVAL_WORKERS="1", PYTHONUNBUFFERED="1")
-    env.setdefault("DPDISTILL_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    # The code the re-scores run: the working tree, or (--snapshot) one commit's, as bench_runs draws do (one
+    # torch thread, one evaluation worker; a snapshot's provenance names its commit).
+    source = Source(args.snapshot, args.runs_dir)
+    source.versions()  # refuses a snapshot whose runs would import another dpdistill
+    env = source.env
     out_dir = args.runs_dir / "rescore" / args.name
     todo = [(i, run) for i, run in enumerate(row["counted_runs"]) if run not in done]
     minutes = r.get("expected_minutes") or 0
@@ -161,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd = ["nice", "-n", "10", str(VENV_BIN / "dpdistill"), "evaluate", source_run, *sets,
                "--runs-dir", str(runs), "--no-progress"]
         print(f"{args.name}: re-scoring {source_run}", flush=True)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, cwd=source.root, capture_output=True, text=True)
         found = re.findall(r"^run folder: (.+)$", proc.stdout, flags=re.M)
         if proc.returncode != 0 or not found:
             print(f"{args.name}: failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-400:]}")
@@ -242,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--deadline", help="UTC, e.g. 2026-12-05T01:30Z: start no re-score that would pass it")
     r.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     r.add_argument("--jobs", type=int, default=1, help="re-scores at once (one core each)")
+    r.add_argument("--snapshot", metavar="REV", help="run the code of this commit, not the working tree")
     rec = sub.add_parser("record", help="record an evaluate run folder made by hand")
     rec.add_argument("name")
     rec.add_argument("source_run")

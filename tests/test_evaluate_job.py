@@ -69,7 +69,10 @@ def test_same_protocol_reproduces_the_source_figures_and_charges_nothing(source_
     # The release is referenced, not copied: no image leaves the source folder.
     assert not list((result.run_dir / "artifacts").glob("*.pt"))
     spec = yaml.safe_load((result.run_dir / "spec.yaml").read_text())
-    assert spec["kind"] == "evaluate" and spec["method"] == {"name": "release", "run": str(source_run.resolve())}
+    # The resolved method block: the source and (unset: no fresh draw) the sampling options of a synthesize source.
+    assert spec["kind"] == "evaluate" and spec["method"] == {"name": "release", "run": str(source_run.resolve()),
+                                                             "n_per_class": None, "guidance_scale": None,
+                                                             "sample_steps": None}
     assert spec["data"]["name"] == "digits" and (spec.get("privacy") or {}).get("epsilon") is None
 
 
@@ -97,6 +100,7 @@ def test_another_protocol_scores_each_model_on_the_same_release(source_run: Path
     (["--set", "privacy.epsilon=1"], "field 'privacy.epsilon' comes from the source run"),
     (["--set", "evaluation.selection=noisy-senv", "--set", "evaluation.selection_epsilon=0.1"], "noisy-senv"),
     (["--set", "evaluation.model=nosuchnet"], "evaluation.model"),
+    (["--set", "method.n_per_class=5"], "released an image set, not a generator"),
 ])
 def test_overrides_that_change_the_release_or_charge_it_are_refused(source_run, tmp_path, capsys, args, needle):
     code, err = _run_cli(capsys, ["evaluate", str(source_run), "--runs-dir", str(tmp_path), *args])

@@ -63,9 +63,12 @@ def _run_and_summarise(job, runs_dir: Path, address: str | None, progress: bool)
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a finished run folder (holding spec.yaml, status.json and "
-                                            "artifacts/distilled.pt)")],
+                                            "artifacts/distilled.pt, or a synthesize run's artifacts/synthesizer.pt "
+                                            "and synthetic.npz)")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override how the release is scored: "
-                                                   "--set 'evaluation.models=[convnet, resnet18]'")] = None,
+                                                   "--set 'evaluation.models=[convnet, resnet18]'; a synthesize "
+                                                   "run's fresh draw: --set method.n_per_class=1000 --set "
+                                                   "method.guidance_scale=3")] = None,
     runs_dir: Annotated[Path, typer.Option(help="where the evaluate run's folder (and the default MLflow store) "
                                            "go")] = Path("runs"),
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
@@ -76,7 +79,9 @@ def evaluate(
     Post-processing of a DP release: fresh models are trained on the released images and scored on the test
     split (and validation, as the protocol says), in a run folder of its own. Only evaluation.*, seed, device,
     threads, ray.*, resources.*, tracking.*, name, description, data.root and data.download can be overridden;
-    noisy-senv is refused (it would charge a ledger this job does not have).
+    noisy-senv is refused (it would charge a ledger this job does not have). A synthesize run's set is re-scored,
+    or with method.n_per_class / method.guidance_scale / method.sample_steps a fresh set is drawn from its
+    released generator and scored (post-processing as well).
     """
     from dpdistill.pipelines.evaluate_job import evaluate_spec
 

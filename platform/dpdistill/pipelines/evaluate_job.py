@@ -13,6 +13,14 @@ and evaluation block, with ``--set`` overrides restricted to the fields that des
 The source is checked before any sensitive byte is read: the run finished (``status.json`` says completed), its
 release file is there, and the release's dataset, classes and image shape match the data the spec loads.
 
+A synthesize run's release is its fitted generator (``artifacts/synthesizer.pt``); the set it drew
+(``artifacts/synthetic.npz``) is post-processing of it. evaluate re-scores that set, or, given any of the sampling
+options in ``GENERATION`` (``--set method.n_per_class=1000 --set method.guidance_scale=3``), draws a fresh set from
+the released generator first (seeded by the evaluate spec's public seed, like the synthesize job's own draw) and
+scores that: more images, or another guidance scale or DDIM schedule, without spending budget again. The fresh set
+is written to the evaluate run's folder as a synthesize run writes its own. With the source's own options and seed
+it is the source's set, so the source's figures are reproduced.
+
 A DP-GenG run also keeps its DP-generated baseline (``artifacts/baseline_generated.pt``: ipc images per class of
 the generator's output, a DP output charged with the generator). When the source has one, it is checked the same
 way and re-scored beside the release under the same protocol (``baseline_generated_*``), as the distill job
@@ -21,6 +29,7 @@ reports it, so "the release against its own generator" can be read under any pro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +51,9 @@ from dpdistill.spec import JobSpec
 
 METHOD = "release"
 RELEASE_FILE = Path("artifacts") / "distilled.pt"
+# Sampling options of a synthesize run's released generator that an evaluate job may set (method.<name>): a fresh
+# draw from the release is post-processing. guidance_scale and sample_steps exist for the diffusion synthesisers.
+GENERATION = ("n_per_class", "guidance_scale", "sample_steps")
 BASELINE_FILE = Path("artifacts") / "baseline_generated.pt"  # DP-GenG's DP-generated baseline, when kept
 # The top-level fields an override may change: how a release is scored and where the scoring runs. The data,
 # the method and the privacy block come from the source run (the release was made from them).
@@ -58,6 +71,8 @@ DISCLOSURE: dict[str, str] = {
     "baseline": PUBLIC, "baseline_sha256": PUBLIC,  # source.json: the DP-generated baseline file, when re-scored
     **{f"baseline_generated_{split}acc_{stat}": EVALUATION for split in ("", "val_") for stat in ("mean", "std")},
     "epsilon": ACCOUNTING, "delta": ACCOUNTING,  # source.json: the source ledger's composed (ε, δ)
+    # source.json of a synthesize source: the released generator, its sha256, and the options of a fresh draw
+    "generator": PUBLIC, "generator_sha256": PUBLIC, "generated": PUBLIC,
     **{k: PUBLIC for name in JobSpec.model_fields for k in (name, f"{name}.*")},  # MLflow params: the spec
 }
 
@@ -67,7 +82,16 @@ class ReleaseSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    run: str = Field(min_length=1, description="the finished run folder whose artifacts/distilled.pt is re-scored")
+    run: str = Field(min_length=1, description="the finished run folder whose release is re-scored")
+    # A synthesize source only: draw a fresh set from its released generator with these sampling options (unset:
+    # the source's own) and score that instead of the source's synthetic.npz.
+    n_per_class: int | None = Field(default=None, ge=1, description="images per class to draw from the generator")
+    guidance_scale: float | None = Field(default=None, ge=0, description="classifier-free guidance (diffusion)")
+    sample_steps: int | None = Field(default=None, ge=1, description="DDIM steps (diffusion)")
+
+    def generation(self) -> dict[str, Any]:
+        """The sampling options this job sets (empty: score the source's own set)."""
+        return {k: getattr(self, k) for k in GENERATION if getattr(self, k) is not None}
 
 
 @dataclass
@@ -81,6 +105,8 @@ class PreparedEvaluate:
     test: Any
     info: Any
     baseline: tuple[torch.Tensor, torch.Tensor] | None = None  # DP-GenG's DP-generated baseline, when kept
+    generator: Any = None  # a synthesize source's loaded generator, when this job draws a fresh set from it
+    n_per_class: int = 0  # how many images per class that draw makes
 
     @property
     def n_sensitive(self) -> int:  # nothing is charged: no ledger is made for this job
@@ -102,12 +128,17 @@ def read_source(run_dir: Path) -> dict[str, Any]:
     if status.get("status") != "completed":
         raise SpecError(f"{status_path}: the run is '{status.get('status')}', not completed; only a finished "
                         "run's release can be re-scored")
+    from dpdistill.pipelines.synthesize_job import GENERATOR_FILE, SYNTHETIC_FILE
+
     release = run_dir / RELEASE_FILE
+    generator = run_dir / GENERATOR_FILE
+    if not release.is_file() and generator.is_file():  # a synthesize run: the set drawn from its generator
+        release = run_dir / SYNTHETIC_FILE
+        if not release.is_file():
+            raise SpecError(f"{release}: missing; a finished synthesize run holds the set it drew from its generator")
     if not release.is_file():
-        made = "a synthesizer (artifacts/synthesizer.pt)" if (run_dir / "artifacts" / "synthesizer.pt").is_file() \
-            else "no image set"
-        raise SpecError(f"{release}: missing; the run released {made}. evaluate re-scores released image sets "
-                        "(distill and sfdd runs)")
+        raise SpecError(f"{release}: missing; the run released no image set. evaluate re-scores released image "
+                        "sets (distill, sfdd and synthesize runs)")
     epsilon = delta = None
     ledger_path = run_dir / "ledger.json"
     if ledger_path.is_file():
@@ -124,7 +155,8 @@ def read_source(run_dir: Path) -> dict[str, Any]:
     baseline = run_dir / BASELINE_FILE
     return {"run": str(run_dir.resolve()), "release": str(release.resolve()), "epsilon": epsilon, "delta": delta,
             "not_private": not_private, "commit": (status.get("provenance") or {}).get("commit"),
-            "baseline": str(baseline.resolve()) if baseline.is_file() else None}
+            "baseline": str(baseline.resolve()) if baseline.is_file() else None,
+            "generator": str(generator.resolve()) if generator.is_file() else None}
 
 
 def load_release(source: dict[str, Any], key: str = "release") -> tuple[dict[str, Any], str]:
@@ -133,8 +165,14 @@ def load_release(source: dict[str, Any], key: str = "release") -> tuple[dict[str
     path = source[key]
     try:
         raw = open(path, "rb").read()  # noqa: SIM115 - one read, hashed and loaded
-        saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)  # tensors, ints, strings
-        saved["images"], saved["labels"] = saved["images"].float(), saved["labels"].long()
+        if str(path).endswith(".npz"):  # a synthesize run's set: uint8 images over `scale`
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                saved = {"images": torch.from_numpy(z["images"]).float() / float(z["scale"]),
+                         "labels": torch.from_numpy(z["labels"]).long(), "dataset": str(z["dataset"]),
+                         "method": str(z["method"])}
+        else:
+            saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)  # tensors, ints, strings
+            saved["images"], saved["labels"] = saved["images"].float(), saved["labels"].long()
     except Exception as e:  # noqa: BLE001 - any unreadable release is the same one-line error
         raise SpecError(f"{path}: not a readable release ({type(e).__name__})") from None
     return saved, hashlib.sha256(raw).hexdigest()
@@ -160,9 +198,11 @@ def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> An
     src = source_spec(run_dir)
     for text in overrides or []:
         keys, _ = parse_override(text)
-        if keys[0] not in OVERRIDABLE and not (keys[0] == "data" and keys[1:2] and keys[1] in DATA_LOCATION):
+        if keys[0] not in OVERRIDABLE and not (keys[0] == "data" and keys[1:2] and keys[1] in DATA_LOCATION) \
+                and not (keys[0] == "method" and keys[1:] and keys[1] in GENERATION and len(keys) == 2):
             raise SpecError(f"--set {text}: field '{'.'.join(keys)}' comes from the source run; evaluate can set "
-                            f"only {', '.join(OVERRIDABLE)} and data.{' / data.'.join(DATA_LOCATION)}")
+                            f"only {', '.join(OVERRIDABLE)}, data.{' / data.'.join(DATA_LOCATION)} and (a "
+                            f"synthesize run's fresh draw) method.{' / method.'.join(GENERATION)}")
     doc = src.model_dump(mode="json")
     doc = {k: doc[k] for k in ("seed", "device", "threads", "compile", "data", "evaluation", "ray", "resources",
                                "tracking")}
@@ -208,7 +248,8 @@ class EvaluatePipeline:
         if spec.evaluation.model not in models.names():
             raise SpecError(f"field 'evaluation.model': unknown model '{spec.evaluation.model}'; "
                             f"expected one of: {', '.join(models.names())}")
-        run_dir = Path(ReleaseSource(**spec.method.options()).run)
+        release_source = ReleaseSource(**spec.method.options())
+        run_dir = Path(release_source.run)
         source = read_source(run_dir)
         check_same_data(spec, run_dir)
         saved, source["sha256"] = load_release(source)
@@ -223,12 +264,16 @@ class EvaluatePipeline:
             saved_baseline, source["baseline_sha256"] = load_release(source, "baseline")
             check_images(saved_baseline, source["baseline"], info, size)
             baseline = (saved_baseline["images"], saved_baseline["labels"])
+        generator, n_per_class = None, 0
+        if release_source.generation():
+            generator, n_per_class = load_generator(source, release_source, run_dir, info, size, spec.device,
+                                                    len(labels))
         check_evaluation_model(spec, info.channels, info.num_classes, size)
         check_plan(spec, info.channels, info.num_classes, size)
         _, val, test, info = load_splits(spec)
         source["method"] = saved.get("method")
         return PreparedEvaluate(images=images, labels=labels, source=source, val=val, test=test, info=info,
-                                baseline=baseline)
+                                baseline=baseline, generator=generator, n_per_class=n_per_class)
 
     def execute(self, ctx: Any, p: PreparedEvaluate) -> dict[str, Any]:
         from dpdistill.runtime.device import record_device, resolve_device
@@ -236,8 +281,14 @@ class EvaluatePipeline:
         record_device(ctx, resolve_device(ctx.spec.device))
         src = p.source
         eps = "no privacy" if src["epsilon"] is None else f"ε={src['epsilon']:.3f} (its own ledger)"
-        ctx.add_summary("release", f"{len(p.labels)} images by {src['method'] or 'unknown'} from {src['run']}, "
-                        f"{eps}; sha256 {src['sha256'][:16]}; re-scored here, nothing charged")
+        if p.generator is not None:
+            p.images, p.labels = draw_fresh_set(ctx, p)
+            ctx.add_summary("release", f"{len(p.labels)} images drawn here from the generator {src['method']} "
+                            f"released by {src['run']}, {eps}; sha256 {src['generator_sha256'][:16]}; sampling "
+                            f"{src['generated']}; post-processing, nothing charged")
+        else:
+            ctx.add_summary("release", f"{len(p.labels)} images by {src['method'] or 'unknown'} from {src['run']}, "
+                            f"{eps}; sha256 {src['sha256'][:16]}; re-scored here, nothing charged")
         if src["not_private"]:
             # The figures describe a release without a guarantee: the run says so wherever a reader looks (it
             # writes no images, so there are none to keep out of MLflow).
@@ -250,6 +301,61 @@ class EvaluatePipeline:
         else:
             report_with_baseline(ctx, p.images, p.labels, p.baseline, p)
         return {}
+
+
+def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path, info: Any, size: int,
+                   device: str, source_count: int) -> tuple[Any, int]:
+    """A synthesize source's released generator with this job's sampling options applied, and the images per
+    class to draw (the job's, else the source's own). SpecError naming the field when the source has no
+    generator or the generator has no such option. Reads the release only (no sensitive data)."""
+    from dpdistill.errors import DataError
+    from dpdistill.runtime.device import resolve_device
+    from dpdistill.synthesis import Synthesizer
+
+    wanted = options.generation()
+    first = next(iter(wanted))
+    if source["generator"] is None:
+        raise SpecError(f"field 'method.{first}': {run_dir} released an image set, not a generator; only a "
+                        "synthesize run's generator can draw a fresh set")
+    path = Path(source["generator"])
+    raw = path.read_bytes()
+    try:
+        synth = Synthesizer.load(path, device=resolve_device(device))
+    except (DataError, SpecError) as e:
+        raise SpecError(f"{path}: cannot load the released generator ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable release is the same one-line error
+        raise SpecError(f"{path}: not a readable generator ({type(e).__name__})") from None
+    if (synth.channels, synth.image_size, synth.num_classes) != (info.channels, size, info.num_classes):
+        raise SpecError(f"{path}: a generator of {synth.channels}x{synth.image_size}x{synth.image_size} images in "
+                        f"{synth.num_classes} classes, the spec's data {info.channels}x{size}x{size} in "
+                        f"{info.num_classes}")
+    sampling = {k: v for k, v in wanted.items() if k != "n_per_class"}
+    for key in sampling:
+        if not hasattr(synth.config, key):
+            raise SpecError(f"field 'method.{key}': {synth.name}'s generator has no such option (only the "
+                            "diffusion synthesisers sample with a guidance scale and DDIM steps)")
+    if "sample_steps" in sampling and sampling["sample_steps"] > synth.config.train_timesteps:
+        raise SpecError(f"field 'method.sample_steps': {sampling['sample_steps']} DDIM steps, more than the "
+                        f"generator's {synth.config.train_timesteps} training timesteps")
+    synth.config = dataclasses.replace(synth.config, **sampling)
+    # Unset: as many per class as the source drew (its set is balanced: n_per_class of each class).
+    n_per_class = wanted.get("n_per_class") or max(1, source_count // info.num_classes)
+    source["generator_sha256"] = hashlib.sha256(raw).hexdigest()
+    source["generated"] = {"n_per_class": n_per_class,
+                           **{k: getattr(synth.config, k) for k in GENERATION[1:] if hasattr(synth.config, k)}}
+    return synth, n_per_class
+
+
+def draw_fresh_set(ctx: Any, p: PreparedEvaluate) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fresh set from the released generator (seeded by the spec's public seed), written to this run's
+    artifacts as a synthesize run writes its own."""
+    from dpdistill.pipelines.synthesize_job import save_synthetic
+
+    with ctx.stage("generate"):
+        images, labels = p.generator.generate(n_per_class=p.n_per_class, seed=ctx.spec.seed)
+    ctx.run.artifacts.mkdir(parents=True, exist_ok=True)
+    save_synthetic(ctx.run.artifacts, images, labels, p.info, p.generator.name)
+    return images, labels
 
 
 def check_images(saved: dict[str, Any], path: str, info: Any, size: int) -> None:

@@ -23,6 +23,7 @@ import json
 import logging
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,10 @@ import torch
 from dpdistill.errors import SpecError
 from dpdistill.evaluation.selection import DISCLOSURE as EVALUATION_DISCLOSURE
 from dpdistill.privacy.disclosure import ACCOUNTING, EVALUATION, PUBLIC
+
+# A synthesize run's release (the fitted generator) and the set it drew from it (post-processing), in its folder.
+GENERATOR_FILE = Path("artifacts") / "synthesizer.pt"
+SYNTHETIC_FILE = Path("artifacts") / "synthetic.npz"
 
 log = logging.getLogger("dpdistill.pipelines.synthesize")
 
@@ -193,8 +198,6 @@ class SynthesizePipeline:
             raise SpecError(f"field 'method.fidelity_extractor': expected 'domain' or 'inception-v3', got "
                             f"'{job.fidelity_extractor}'")
         if job.fidelity and job.fidelity_extractor == "inception-v3":
-            from pathlib import Path
-
             if not job.inception_weights or not Path(job.inception_weights).is_file():
                 raise SpecError(f"field 'method.inception_weights': Inception-v3 weights file "
                                 f"'{job.inception_weights}' not found (or use fidelity_extractor: domain)")
@@ -229,7 +232,6 @@ class SynthesizePipeline:
 
     def execute(self, ctx: Any, p: PreparedSynthesize) -> dict[str, Any]:
         from dpdistill import data
-        from dpdistill.evaluation.grids import save_class_grid
         from dpdistill.evaluation.selection import charge_selection
         from dpdistill.pipelines.distill_job import report_utility, say_in_process
         from dpdistill.runtime.cluster import ray_or_here
@@ -270,7 +272,7 @@ class SynthesizePipeline:
             (art / "plan.json").write_text(json.dumps(synth.last_plan.to_dict(), indent=2) + "\n")
         # The release is the fitted synthesiser: saved before generation (post-processing), so that a failed
         # generation never loses what was charged.
-        synth.save(art / "synthesizer.pt")
+        synth.save(art / GENERATOR_FILE.name)
         with ctx.stage("generate"), ray_or_here(p.job.generate_chunks > 1, spec.ray.address, spec.ray.num_cpus,
                                                 spec.ray.auth_token_path,
                                                 failed_before=getattr(ctx, "local_ray_failed", None)) as where:
@@ -284,13 +286,7 @@ class SynthesizePipeline:
                                                    chunks=p.job.generate_chunks, threads=spec.threads or 1)
             else:
                 images, labels = synth.generate(n_per_class=p.job.n_per_class, seed=spec.seed)
-        np.savez_compressed(
-            art / "synthetic.npz", images=(images * 255).round().to(torch.uint8).numpy(),
-            labels=labels.numpy(), num_classes=p.info.num_classes, dataset=p.info.name, method=synth.name,
-            scale=255,
-        )
-        save_class_grid(images, labels, art / "synthetic_grid.png", num_classes=p.info.num_classes, per_class=10)
-        _per_class_grids(images, labels, p.info.num_classes, art)
+        save_synthetic(art, images, labels, p.info, synth.name)
         ctx.add_summary("made", f"{len(labels)} DP synthetic images ({p.job.n_per_class}/class) of {p.info.name} "
                         f"by {synth.name.upper()}")
         ctx.add_summary("privacy", f"ε={report.epsilon:.3f}, δ={report.delta:.3g} (add-or-remove-one; "
@@ -342,6 +338,21 @@ def _dp_sgd_executor(workers: int, device: torch.device, ctx: Any) -> Any:
     return functools.partial(fit_dp_sgd, executor="ray-train", num_workers=workers,
                              use_gpu=device.type == "cuda", storage_path=ctx.run.path / "train",
                              progress=ctx.progress)
+
+
+def save_synthetic(folder: Any, images: torch.Tensor, labels: torch.Tensor, info: Any, method: str) -> None:
+    """A generated set as a run writes it: ``synthetic.npz`` (uint8 images, labels, dataset, method), an overview
+    grid and one grid per class. Post-processing of a DP release (a synthesize run, or an evaluate run that draws
+    a fresh set from one)."""
+    from dpdistill.evaluation.grids import save_class_grid
+
+    np.savez_compressed(
+        Path(folder) / SYNTHETIC_FILE.name, images=(images * 255).round().to(torch.uint8).numpy(),
+        labels=labels.numpy(), num_classes=info.num_classes, dataset=info.name, method=method, scale=255,
+    )
+    save_class_grid(images, labels, Path(folder) / "synthetic_grid.png", num_classes=info.num_classes,
+                    per_class=10)
+    _per_class_grids(images, labels, info.num_classes, folder)
 
 
 def _per_class_grids(images: torch.Tensor, labels: torch.Tensor, num_classes: int, folder: Any,

@@ -1,0 +1,160 @@
+"""`dpdistill evaluate` on a synthesize run: it re-scores the set the run drew from its released generator, or
+draws a fresh set from that generator (`--set method.n_per_class=… method.guidance_scale=…`) and scores it. Either
+is post-processing: no ledger, nothing charged. With the source's own options and seed the fresh draw IS the
+source's set (same pixels, same figures); other options change it; options the generator does not have, a draw
+from a release that is not a generator, and fields that would change the release are refused (exit 2, one line,
+no run folder) before any split is read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpdistill.cli import main
+from dpdistill.pipelines.evaluate_job import evaluate_spec
+from dpdistill.runner import run_job
+from dpdistill.spec import validate_spec
+
+EVALUATION = {"epochs": 3, "seeds": 1, "parallel": False, "model_options": {"width": 16}}
+DIFFUSION = {
+    "name": "src-pdp", "kind": "synthesize", "seed": 2, "threads": 1, "data": {"name": "digits"},
+    "privacy": {"epsilon": 4.0},
+    "method": {"name": "pdp-diffusion", "pretrain": "glyphs", "block_out_channels": [16, 16],
+               "attention": [False, False], "norm_num_groups": 8, "iterations": 3, "batch_size": 64,
+               "sample_steps": 3, "pretrain_iterations": 10, "pretrain_batch": 32, "n_per_class": 4,
+               "fidelity": False},
+    "evaluation": EVALUATION, "tracking": {"enabled": False},
+}
+MERF = {
+    "name": "src-merf", "kind": "synthesize", "seed": 1, "threads": 1, "data": {"name": "digits"},
+    "privacy": {"epsilon": 4.0},
+    "method": {"name": "dp-merf", "num_features": 200, "iterations": 10, "batch_size": 100, "n_per_class": 5,
+               "fidelity": False},
+    "evaluation": EVALUATION, "tracking": {"enabled": False},
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """A finished PDP-Diffusion run and a finished DP-MERF run on digits (tiny schedules), one cache for both."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DPDISTILL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    runs = tmp_path_factory.mktemp("sources")
+    out = {}
+    for key, doc in (("diffusion", DIFFUSION), ("merf", MERF)):
+        result = run_job(validate_spec(doc), runs, progress=False)
+        assert result.status == "completed"
+        out[key] = result.run_dir
+    yield out
+    mp.undo()
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _cli(capsys, args: list[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_the_set_a_synthesize_run_drew_is_rescored_and_nothing_is_charged(sources, tmp_path) -> None:
+    source = sources["diffusion"]
+    result = run_job(evaluate_spec(source), tmp_path, progress=False)
+    assert result.status == "completed"
+    assert not (result.run_dir / "ledger.json").exists()
+    assert not any(k.startswith("privacy_epsilon") for k in result.metrics)
+    recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
+    drawn = source / "artifacts" / "synthetic.npz"
+    assert recorded["release"] == str(drawn.resolve())
+    assert recorded["sha256"] == hashlib.sha256(drawn.read_bytes()).hexdigest()
+    assert recorded["method"] == "pdp-diffusion" and recorded["epsilon"] == pytest.approx(4.0, rel=1e-2)
+    assert recorded["generator"] == str((source / "artifacts" / "synthesizer.pt").resolve())
+    assert result.metrics["n_released"] == 40
+    # No fresh draw: the run scored the source's set and wrote no images of its own.
+    assert not (result.run_dir / "artifacts" / "synthetic.npz").exists()
+
+
+def test_a_fresh_draw_with_the_sources_options_is_the_sources_set(sources, tmp_path) -> None:
+    """Same generator, seed and sampling options: the same pixels and, trained the same way, the same figures.
+    A draw from another generator, seed or option would differ."""
+    source = sources["diffusion"]
+    result = run_job(evaluate_spec(source, ["method.n_per_class=4"]), tmp_path, progress=False)
+    assert result.status == "completed"
+    mine, theirs = _npz(result.run_dir / "artifacts" / "synthetic.npz"), _npz(source / "artifacts" / "synthetic.npz")
+    assert np.array_equal(mine["images"], theirs["images"]) and np.array_equal(mine["labels"], theirs["labels"])
+    assert result.metrics["acc_mean"] == pytest.approx(json.loads((source / "metrics.json").read_text())["acc_mean"],
+                                                       abs=1e-9)
+    recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
+    generator = source / "artifacts" / "synthesizer.pt"
+    assert recorded["generator_sha256"] == hashlib.sha256(generator.read_bytes()).hexdigest()
+    assert recorded["generated"] == {"n_per_class": 4, "guidance_scale": 2.0, "sample_steps": 3}
+    assert not (result.run_dir / "ledger.json").exists()
+
+
+def test_a_fresh_draw_takes_other_sampling_options_and_declares_what_it_logs(sources, tmp_path, monkeypatch) -> None:
+    import mlflow
+
+    from dpdistill.pipelines.evaluate_job import DISCLOSURE
+    from dpdistill.privacy.disclosure import undeclared
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    source = sources["diffusion"]
+    spec = evaluate_spec(source, ["method.n_per_class=6", "method.guidance_scale=0", "method.sample_steps=2",
+                                  "tracking.enabled=true"])
+    result = run_job(spec, tmp_path, progress=False)
+    assert result.status == "completed"
+    drawn = _npz(result.run_dir / "artifacts" / "synthetic.npz")
+    assert len(drawn["labels"]) == 60 and np.bincount(drawn["labels"]).tolist() == [6] * 10
+    assert result.metrics["n_released"] == 60 and result.metrics["ipc"] == 6
+    theirs = _npz(source / "artifacts" / "synthetic.npz")
+    first4 = np.concatenate([drawn["images"][drawn["labels"] == k][:4] for k in range(10)])
+    assert not np.array_equal(first4, np.concatenate([theirs["images"][theirs["labels"] == k] for k in range(10)]))
+    assert (result.run_dir / "artifacts" / "grid_class0.png").is_file()
+    recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
+    assert recorded["generated"] == {"n_per_class": 6, "guidance_scale": 0.0, "sample_steps": 2}
+    client = mlflow.MlflowClient(tracking_uri=result.mlflow_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["method.guidance_scale"] == "0.0"
+    for place, keys in {"metrics.json": list(json.loads((result.run_dir / "metrics.json").read_text())),
+                        "mlflow metrics": list(run.data.metrics), "mlflow params": list(run.data.params),
+                        "source.json": list(recorded)}.items():
+        assert undeclared(keys, DISCLOSURE) == [], place
+
+
+def test_a_generator_without_guidance_draws_more_images_only(sources, tmp_path) -> None:
+    result = run_job(evaluate_spec(sources["merf"], ["method.n_per_class=9"]), tmp_path, progress=False)
+    assert result.status == "completed" and result.metrics["n_released"] == 90
+    recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
+    assert recorded["generated"] == {"n_per_class": 9} and recorded["method"] == "dp-merf"
+
+
+@pytest.mark.parametrize("which, args, needle", [
+    ("merf", ["method.guidance_scale=3"], "field 'method.guidance_scale': dp-merf's generator has no such option"),
+    ("diffusion", ["method.sample_steps=5000"], "more than the generator's 1000 training timesteps"),
+    ("diffusion", ["method.n_per_class=0"], "method.n_per_class"),
+    ("diffusion", ["method.run=/elsewhere"], "field 'method.run' comes from the source run"),
+    ("diffusion", ["method.iterations=10"], "field 'method.iterations' comes from the source run"),
+    ("no-generator", ["method.n_per_class=3"], "synthetic.npz: missing"),
+])
+def test_what_a_fresh_draw_cannot_do_is_refused_before_any_split_is_read(sources, tmp_path, capsys, monkeypatch,
+                                                                        which, args, needle) -> None:
+    reads: list[str] = []
+    monkeypatch.setattr("dpdistill.pipelines.evaluate_job.load_splits", lambda s: reads.append("read"))
+    source = sources.get(which)
+    if which == "no-generator":  # a synthesize run folder whose drawn set is gone
+        source = Path(shutil.copytree(sources["diffusion"], tmp_path / "copy"))
+        (source / "artifacts" / "synthetic.npz").unlink()
+    runs = tmp_path / "runs"
+    code, err = _cli(capsys, ["evaluate", str(source), "--runs-dir", str(runs),
+                              *[x for a in args for x in ("--set", a)]])
+    assert code == 2, err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert reads == [] and not list(runs.rglob("status.json"))
