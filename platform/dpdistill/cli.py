@@ -236,7 +236,13 @@ def report(run_dir: Annotated[Path, typer.Argument(
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     c = _console()
     c.print(f"run folder: {run_dir}", soft_wrap=True)
-    line = f"status: {status.get('status')}"
+    from dpdistill.runtime.liveness import LOST, shown_status
+
+    line = f"status: {shown_status(status)}"
+    if shown_status(status) == LOST:  # status.json says running; liveness.py says why it is shown otherwise
+        process = status.get("process") or {}
+        line += (f" (status.json says running, but its process {process.get('pid')} on {process.get('host')} is "
+                 "gone: killed before it could record an outcome)")
     if status.get("seconds") is not None:
         line += f" after {status['seconds']:.1f} s"
     if status.get("interrupted_by"):

@@ -56,7 +56,7 @@ def load_row(run_dir: str | Path) -> CompareRow:
                       acc_mean=_float(m.get("acc_mean")), acc_std=_float(m.get("acc_std")),
                       val_acc=_float(m.get("val_acc_mean")), fid=_float(m.get("fid")),
                       fld=_float(m.get("fld")),
-                      status=str(run.status.get("status", "?")), not_private=run.not_private)
+                      status=run.state, not_private=run.not_private)
 
 
 def load_rows(run_dirs: Iterable[str | Path]) -> list[CompareRow]:

@@ -71,6 +71,13 @@ class RunFiles:
         return str(self.spec.get("kind", "?"))
 
     @property
+    def state(self) -> str:
+        """status.json's status as shown: ``lost`` for a ``running`` folder whose process is gone (liveness.py)."""
+        from dpdistill.runtime.liveness import shown_status
+
+        return shown_status(self.status)
+
+    @property
     def method(self) -> str:
         if self.rescore:
             return f"{self.source.get('method') or '?'} (re-scored)"
@@ -235,7 +242,7 @@ def _job_section(run: RunFiles) -> str:
     ev = run.spec.get("evaluation") or {}
     rows = [("name", run.name), ("description", run.spec.get("description") or "—"), ("kind", run.kind),
             ("method", run.method), ("dataset", run.dataset), ("seed", run.spec.get("seed", "")),
-            ("status", st.get("status", "?"))]
+            ("status", run.state)]
     if st.get("error"):
         rows.append(("error", st["error"]))
     if st.get("interrupted_by"):
@@ -441,7 +448,7 @@ def render_run_report(run_dir: str | Path, *, status: dict[str, Any] | None = No
     privacy, shown = _privacy_section(run)
     title = f"dpdistill · {run.name} ({run.kind}/{run.method})"
     body = [f"<h1>{_e(title)}</h1>",
-            f'<p class="muted">{_e(run.dataset)} · status {_e(run.status.get("status", "?"))} · '
+            f'<p class="muted">{_e(run.dataset)} · status {_e(run.state)} · '
             f"{_e(run.path.name)}</p>",
             _job_section(run), privacy, _metrics_sections(run, shown), _images_section(run, withhold),
             _summary_section(run)]
@@ -555,7 +562,7 @@ def render_sweep_report(sweep_dir: str | Path) -> str:
         flag = run.not_private or ""
         rows.append(
             f'<tr class="trial{" best" if best else ""}" data-trial="{_e(trial)}"><td>{_e(trial)}</td>'
-            f"<td>{_e(run.status.get('status', '?'))}</td>{searched}"
+            f"<td>{_e(run.state)}</td>{searched}"
             f"{_num(value, metric=metric, percent=is_fraction(metric))}"
             f"{_num(run.metrics.get('acc_mean'), metric='acc_mean', percent=True)}"
             f'{_num(eps)}{_num(run.delta)}<td>{len(folders)}</td><td>{_e(flag)}</td>'

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dpdistill.runtime.liveness import owner
 from dpdistill.runtime.provenance import code_provenance
 
 
@@ -140,7 +141,8 @@ class RunFolder:
         self._log_handler = handler
 
     def set_status(self, status: str, **extra: Any) -> None:
-        """Record the run's state (running / completed / interrupted / failed) atomically."""
+        """Record the run's state (running / completed / interrupted / failed) atomically; ``running`` also
+        records this process as the folder's owner."""
         path = self.path / "status.json"
         current: dict[str, Any] = {}
         if path.exists():
@@ -150,6 +152,8 @@ class RunFolder:
         current["status"] = status
         if status != "running":
             current["ended"] = now
+        else:  # who writes the outcome: readers show the folder as lost once this process is gone (liveness.py)
+            current["process"] = owner()
         current.update(extra)
         atomic_write_json(path, current)
 
