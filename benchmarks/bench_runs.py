@@ -599,12 +599,14 @@ def render_md(doc: dict[str, Any], path: Path) -> None:
         lines += ["", "Versions (shared by every draw of a row; a list where draws differ):", ""]
         for r in current:
             lines.append(f"- `{r['config']}`: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
-    lines += ["", "## Draws", "", "| config | started | run folder | test % | val % | ledger ε | noise | wall s "
-              "| commit | release sha256 | load before/after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Draws", "", "| config | started | run folder | test % | val % | FID | ledger ε | noise | wall s "
+              "| commit | release sha256 | load before/after |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in draws:
         lines.append(
             f"| `{d['config']}` | {d['started']} | `{d['run_dir']}` | {_pct(d.get('test_acc_mean'), None)}"
             f" | {_pct(d.get('val_acc_mean'), None)}"
+            # A synthesiser's FID against the real test split (its job's extractor), where the run computed one.
+            f" | {'' if d.get('fid') is None else format(d['fid'], '.1f')}"
             f" | {'' if d.get('ledger_epsilon') is None else format(d['ledger_epsilon'], '.3f')}"
             f" | {'NOT PRIVATE' if d['not_private'] else d.get('noise') or ''} | {d['wall_s']:.0f}"
             f" | {d['commit'][:10]}{'+dirty' if d['dirty'] else ''} | `{d.get('release_sha256', '')}`"
