@@ -238,5 +238,6 @@ def test_jobs_started_side_by_side_open_one_fresh_sqlite_store(tmp_path):
     for p in procs:
         p.join(timeout=60)
     assert outcomes == {f"job{i}": None for i in range(n)}
-    exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("side-by-side")
-    assert len(mlflow.MlflowClient(tracking_uri=uri).search_runs([exp.experiment_id])) == n
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("side-by-side")
+    assert len(client.search_runs([exp.experiment_id])) == n

@@ -299,8 +299,9 @@ def run_job(
     SIGTERM during the call is handled like Ctrl-C: the run is marked interrupted and :class:`Terminated` (a
     KeyboardInterrupt) propagates.
     """
-    with sigterm_interrupts(), console_log(_quiet(progress)):
-        return _run_job(spec, runs_dir, address=address, progress=progress)
+    quiet = _quiet(progress)
+    with sigterm_interrupts(), console_log(quiet):
+        return _run_job(spec, runs_dir, address=address, progress=progress, quiet=quiet)
 
 
 def _quiet(progress: bool) -> bool:
@@ -308,7 +309,8 @@ def _quiet(progress: bool) -> bool:
     return not (progress and sys.stderr.isatty())
 
 
-def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progress: bool) -> RunResult:
+def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progress: bool,
+             quiet: bool) -> RunResult:
     from dpdistill.pipelines import get_pipeline
     from dpdistill.spec import check_nested_options, validate_method_options
 
@@ -383,7 +385,7 @@ def _run_job(spec: JobSpec, runs_dir: str | Path, *, address: str | None, progre
             run.log_metrics({"not_private": 1.0})
             run.set_status("running", not_private=not_private)
         # Without a terminal there are no progress bars: say every 30 s that the run is alive, and where.
-        with (heartbeat([ctx], started) if _quiet(progress) else contextlib.nullcontext(),
+        with (heartbeat([ctx], started) if quiet else contextlib.nullcontext(),
               pinned_threads(spec.threads), compiled_loops(spec.compile)):
             # A run without a terminal prints where its folder is as its pipeline starts (console_log), so a
             # caller finds it even when the run is stopped before the summary (bench_runs, a Ray Job's log); a run

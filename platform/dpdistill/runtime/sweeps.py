@@ -448,7 +448,8 @@ class SweepTracking:
     A child carries the trial's full resolved spec (params, from its run folder's spec.yaml), its metrics and
     ledger figures, a link to its run folder (tag ``dpdistill.run_dir``) and spec.yaml / ledger.json /
     metrics.json / status.json as artifacts; the released set stays in the run folder. Trials themselves run
-    with tracking off, so the store has one writer (SQLite allows no more). Pickled into Tune's experiment
+    with tracking off, so the sweep's runs are logged by one writer, in trial order under one parent (SQLite
+    takes writers side by side once its store is open, tracking.store_opening_lock). Pickled into Tune's experiment
     state, so a resumed sweep keeps logging under the same parent.
     """
 
@@ -467,12 +468,9 @@ class SweepTracking:
             return mlflow.MlflowClient(tracking_uri=self.uri)
 
     def _experiment_id(self, client: Any) -> str:
-        from dpdistill.runtime.tracking import local_artifact_root
+        from dpdistill.runtime.tracking import ensure_experiment
 
-        exp = client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        return client.create_experiment(self.experiment, artifact_location=local_artifact_root(self.uri))
+        return ensure_experiment(client, self.experiment, self.uri)
 
     def open_parent(self, tags: dict[str, str]) -> str | None:
         """Create the sweep's parent run (before the first trial); None if the store cannot be reached."""

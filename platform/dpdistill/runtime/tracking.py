@@ -69,21 +69,23 @@ def store_opening_lock(uri: str) -> Iterator[None]:
         yield
 
 
-def ensure_experiment(mlflow: Any, name: str, uri: str) -> None:
-    """Create the experiment with its artifacts beside a SQLite store; an existing one keeps its location."""
-    if mlflow.get_experiment_by_name(name) is not None:
-        return
-    location = local_artifact_root(uri)
-    if location is None:
-        return  # mlflow.set_experiment creates it where the server says
+def ensure_experiment(mlflow: Any, name: str, uri: str) -> str:
+    """The experiment's id, creating it first if needed (its artifacts beside a SQLite store; where the server
+    says otherwise); an existing one keeps its location. ``mlflow``: the module or an ``MlflowClient``."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
     from mlflow.exceptions import MlflowException
 
     try:
-        mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=local_artifact_root(uri))
     except MlflowException:
-        # Created meanwhile by a concurrent job (sweep trials share one store): theirs is as good.
-        if mlflow.get_experiment_by_name(name) is None:
+        # Created meanwhile by a concurrent job (sweep trials and side-by-side runs share one store): theirs is
+        # as good.
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
             raise
+        return exp.experiment_id
 
 
 class Tracker:
