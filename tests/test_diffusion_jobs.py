@@ -116,6 +116,15 @@ def _tiny(method: str, **options):
     return synth, train
 
 
+def test_a_bad_lr_schedule_is_refused_before_any_run_folder(tmp_path):
+    from dpdistill.runner import run_job
+
+    with pytest.raises(SpecError, match="field 'method.lr_schedule': expected one of constant, cosine"):
+        run_job(validate_spec(doc("pdp-diffusion", pretrain="glyphs", lr_schedule="linear")), tmp_path / "runs",
+                progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_bad_option_is_refused_before_the_budget_is_charged():
     from dpdistill.privacy import PrivacyLedger
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dp_objectives import ZeroGradient
-from dpdistill.errors import PrivacyError
+from dpdistill.errors import PrivacyError, SpecError
 from dpdistill.privacy.dp_ops import clip_tensor
 from dpdistill.privacy.noise import PrivacyRandomness
 from dpdistill.runtime.dp_train import fit_dp_sgd
@@ -184,6 +184,32 @@ def test_sgd_momentum_acts_on_the_noisy_averaged_updates():
     z2 = moved(2, 0.0) - z1
     assert torch.allclose(moved(2, 0.9), 1.9 * z1 + z2, atol=1e-5)
     assert not torch.allclose(moved(2, 0.9), z1 + z2, atol=1e-3)
+
+
+def test_a_cosine_lr_scales_each_steps_update():
+    """Zero per-sample gradients, SGD, the same reproducible draws z1, z2, z3 (read off constant-lr runs of 1, 2
+    and 3 steps): a cosine schedule over 3 steps moves the weights by Σ lr_t z_t with lr_t = (1 + cos(π t/3))/2,
+    i.e. 1, 0.75, 0.25 — not by z1 + z2 + z3 (no schedule) nor with the curve shifted by a step."""
+    obj = ZeroGradient()
+    x, y = _data(60, obj.d)
+    start = obj.build().state_dict()
+
+    def moved(steps: int, lr_schedule: str) -> torch.Tensor:
+        sched = DPSGDSchedule(sigma=1.0, q=0.2, steps=steps, clip=1.0, n_records=60, lr=1.0, optimizer="sgd",
+                              lr_schedule=lr_schedule)
+        final = train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(5))
+        return torch.cat([(final[k] - start[k]).reshape(-1) for k in start])
+
+    one, two, three = moved(1, "constant"), moved(2, "constant"), moved(3, "constant")
+    z = [one, two - one, three - two]
+    sched = DPSGDSchedule(sigma=1.0, q=0.2, steps=3, clip=1.0, n_records=60, lr=1.0, lr_schedule="cosine")
+    assert [sched.lr_at(t) for t in range(3)] == pytest.approx([1.0, 0.75, 0.25])
+    cosine = moved(3, "cosine")
+    assert torch.allclose(cosine, z[0] + 0.75 * z[1] + 0.25 * z[2], atol=1e-5)
+    assert not torch.allclose(cosine, three, atol=1e-3)
+    assert not torch.allclose(cosine, 0.75 * z[0] + 0.25 * z[1], atol=1e-3)
+    with pytest.raises(SpecError, match="lr_schedule"):
+        DPSGDSchedule(sigma=1.0, q=0.2, steps=3, clip=1.0, n_records=60, lr_schedule="linear")
 
 
 @pytest.mark.parametrize("bad", [{"momentum": 1.0}, {"momentum": -0.1}, {"momentum": 0.5, "optimizer": "adam"}])

@@ -60,6 +60,8 @@ class DiffusionConfig:
     batch_size: int = 256
     clip: float = 1.0
     lr: float = 1e-3
+    # constant, or cosine: lr decays towards 0 over the DP-SGD steps (public; training/dp_sgd.py lr_at).
+    lr_schedule: str = "constant"
     weight_decay: float = field(default=0.0, metadata={"zero_ok": True})
     multiplicity: int = 1
     max_physical_batch: int = 256
@@ -119,7 +121,11 @@ class DiffusionSynthesizer(Synthesizer):
 
     def build(self) -> nn.Module:
         from dpdistill.synthesis.diffusion.unet import build_unet
+        from dpdistill.training.dp_sgd import LR_SCHEDULES
 
+        if self.config.lr_schedule not in LR_SCHEDULES:  # here: the job builds the synthesiser before any read
+            raise SpecError(f"field 'method.lr_schedule': expected one of {', '.join(LR_SCHEDULES)}, got "
+                            f"'{self.config.lr_schedule}'")
         self.base_ref: dict[str, Any] | None = None  # where the public base came from (pretrain / checkpoint)
         return build_unet(self.unet_config())
 
@@ -186,7 +192,8 @@ class DiffusionSynthesizer(Synthesizer):
         from dpdistill.training.dp_sgd import resolve_grad_sample_mode
 
         params = {"sigma": sigma, "q": q, "steps": c.iterations, "clip": c.clip, "n_records": n_records,
-                  "lr": c.lr, "optimizer": "adam", "weight_decay": c.weight_decay, "multiplicity": c.multiplicity,
+                  "lr": c.lr, "lr_schedule": c.lr_schedule, "optimizer": "adam", "weight_decay": c.weight_decay,
+                  "multiplicity": c.multiplicity,
                   "checkpoint_every": c.checkpoint_every, "max_physical_batch": c.max_physical_batch,
                   "grad_sample_mode": resolve_grad_sample_mode(self.objective(None), c.grad_sample_mode)}
         note = (f"DP-SGD on the {'LoRA adapters' if self.trains_adapters_only else self.dp_sgd_target}: per-record gradient "
