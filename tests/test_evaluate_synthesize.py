@@ -46,7 +46,8 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     mp.setenv("DPDISTILL_CACHE", str(tmp_path_factory.mktemp("cache")))
     runs = tmp_path_factory.mktemp("sources")
     out = {}
-    for key, doc in (("diffusion", DIFFUSION), ("merf", MERF)):
+    reproducible = {**MERF, "name": "src-merf-reproducible", "privacy": {"epsilon": 4.0, "reproducible_noise": True}}
+    for key, doc in (("diffusion", DIFFUSION), ("merf", MERF), ("not-private", reproducible)):
         result = run_job(validate_spec(doc), runs, progress=False)
         assert result.status == "completed"
         out[key] = result.run_dir
@@ -134,6 +135,23 @@ def test_a_generator_without_guidance_draws_more_images_only(sources, tmp_path) 
     assert result.status == "completed" and result.metrics["n_released"] == 90
     recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
     assert recorded["generated"] == {"n_per_class": 9} and recorded["method"] == "dp-merf"
+
+
+def test_a_fresh_draw_from_a_not_private_release_is_stamped_and_keeps_its_images_out_of_mlflow(sources, tmp_path,
+                                                                                             monkeypatch) -> None:
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = evaluate_spec(sources["not-private"], ["method.n_per_class=3", "tracking.enabled=true"])
+    result = run_job(spec, tmp_path, progress=False)
+    assert result.status == "completed" and result.metrics["not_private"] == 1.0
+    assert (result.run_dir / "artifacts" / "RELEASE_NOT_PRIVATE.txt").is_file()
+    assert (result.run_dir / "artifacts" / "synthetic_grid.png").is_file()  # in the folder, not in MLflow
+    client = mlflow.MlflowClient(tracking_uri=result.mlflow_uri)
+    logged = [a.path for a in client.list_artifacts(result.mlflow_run_id)]
+    logged += [a.path for d in logged for a in client.list_artifacts(result.mlflow_run_id, d)]
+    assert "artifacts/source.json" in logged or any(x.endswith("source.json") for x in logged), logged
+    assert not [x for x in logged if x.endswith(".png")], logged
 
 
 @pytest.mark.parametrize("which, args, needle", [

@@ -290,9 +290,11 @@ class EvaluatePipeline:
             ctx.add_summary("release", f"{len(p.labels)} images by {src['method'] or 'unknown'} from {src['run']}, "
                             f"{eps}; sha256 {src['sha256'][:16]}; re-scored here, nothing charged")
         if src["not_private"]:
-            # The figures describe a release without a guarantee: the run says so wherever a reader looks (it
-            # writes no images, so there are none to keep out of MLflow).
-            mark_release_not_private(ctx, f"re-score of a release that is {src['not_private']}", ())
+            # The figures describe a release without a guarantee: the run says so wherever a reader looks, and
+            # the images of a fresh draw (the only ones it writes) stay out of MLflow.
+            drawn = () if p.generator is None else (
+                "synthetic_grid.png", *(f"grid_class{k}.png" for k in range(p.info.num_classes)))
+            mark_release_not_private(ctx, f"re-score of a release that is {src['not_private']}", drawn)
         (ctx.run.artifacts / "source.json").write_text(json.dumps(src, indent=2) + "\n")
         ipc = len(p.labels) // p.info.num_classes
         ctx.log_metrics({"ipc": float(ipc), "n_released": float(len(p.labels))})
@@ -318,9 +320,10 @@ def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path
         raise SpecError(f"field 'method.{first}': {run_dir} released an image set, not a generator; only a "
                         "synthesize run's generator can draw a fresh set")
     path = Path(source["generator"])
-    raw = path.read_bytes()
     try:
-        synth = Synthesizer.load(path, device=resolve_device(device))
+        raw = path.read_bytes()  # one read, hashed and loaded
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        synth = Synthesizer.from_state(state, device=resolve_device(device))
     except (DataError, SpecError) as e:
         raise SpecError(f"{path}: cannot load the released generator ({e})") from None
     except Exception as e:  # noqa: BLE001 - any unreadable release is the same one-line error
