@@ -42,12 +42,27 @@ MERF = {
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     """A finished PDP-Diffusion run and a finished DP-MERF run on digits (tiny schedules), one cache for both."""
+    import torch
+
+    from dpdistill import models
+    from dpdistill.evaluation.extractors import DomainSpec
+
     mp = pytest.MonkeyPatch()
-    mp.setenv("DPDISTILL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    cache = tmp_path_factory.mktemp("cache")
+    mp.setenv("DPDISTILL_CACHE", str(cache))
+    # A pre-cached (untrained) glyph extractor for 8x8 images: the fidelity stage finds it instead of training one.
+    extractor = DomainSpec(public="glyphs", image_size=8)
+    path = cache / "extractors" / f"{extractor.name}.pt"
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(models.get("convnet", channels=1, num_classes=10, image_size=8, width=extractor.width,
+                          depth=extractor.depth).state_dict(), path)
     runs = tmp_path_factory.mktemp("sources")
     out = {}
     reproducible = {**MERF, "name": "src-merf-reproducible", "privacy": {"epsilon": 4.0, "reproducible_noise": True}}
-    for key, doc in (("diffusion", DIFFUSION), ("merf", MERF), ("not-private", reproducible)):
+    measured = {**MERF, "name": "src-merf-fidelity", "method": {**MERF["method"], "fidelity": True}}
+    for key, doc in (("diffusion", DIFFUSION), ("merf", MERF), ("not-private", reproducible),
+                     ("fidelity", measured)):
         result = run_job(validate_spec(doc), runs, progress=False)
         assert result.status == "completed"
         out[key] = result.run_dir
@@ -152,6 +167,25 @@ def test_a_fresh_draw_from_a_not_private_release_is_stamped_and_keeps_its_images
     logged += [a.path for d in logged for a in client.list_artifacts(result.mlflow_run_id, d)]
     assert "artifacts/source.json" in logged or any(x.endswith("source.json") for x in logged), logged
     assert not [x for x in logged if x.endswith(".png")], logged
+
+
+def test_a_fresh_draw_is_measured_as_its_source_measured_its_own_set(sources, tmp_path) -> None:
+    """The source ran fidelity: the fresh draw gets the same metrics with the same extractor, so with the source's
+    options (the same set) the same FID; a source without fidelity gives a draw without it."""
+    source = sources["fidelity"]
+    theirs = json.loads((source / "metrics.json").read_text())
+    same = run_job(evaluate_spec(source, ["method.n_per_class=5"]), tmp_path / "same", progress=False)
+    assert same.metrics["fid"] == pytest.approx(theirs["fid"], rel=1e-9)
+    assert same.metrics["precision"] == pytest.approx(theirs["precision"])
+    from dpdistill.pipelines.evaluate_job import DISCLOSURE
+    from dpdistill.privacy.disclosure import undeclared
+
+    fidelity = json.loads((same.run_dir / "artifacts" / "fidelity.json").read_text())
+    assert undeclared(list(same.metrics), DISCLOSURE) == [] and undeclared(list(fidelity), DISCLOSURE) == []
+    more = run_job(evaluate_spec(source, ["method.n_per_class=8"]), tmp_path / "more", progress=False)
+    assert more.metrics["fid"] != pytest.approx(theirs["fid"], rel=1e-6)
+    none = run_job(evaluate_spec(sources["merf"], ["method.n_per_class=5"]), tmp_path / "none", progress=False)
+    assert "fid" not in none.metrics and not (none.run_dir / "artifacts" / "fidelity.json").exists()
 
 
 @pytest.mark.parametrize("which, args, needle", [

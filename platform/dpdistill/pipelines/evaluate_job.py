@@ -46,6 +46,7 @@ from dpdistill.evaluation.selection import DISCLOSURE as EVALUATION_DISCLOSURE
 from dpdistill.pipelines import check_evaluation_model
 from dpdistill.pipelines.distill_job import load_splits, report_utility, report_with_baseline
 from dpdistill.pipelines.not_private import mark_release_not_private
+from dpdistill.pipelines.synthesize_job import FIDELITY_DISCLOSURE
 from dpdistill.privacy.disclosure import ACCOUNTING, EVALUATION, PUBLIC
 from dpdistill.spec import JobSpec
 
@@ -73,6 +74,7 @@ DISCLOSURE: dict[str, str] = {
     "epsilon": ACCOUNTING, "delta": ACCOUNTING,  # source.json: the source ledger's composed (ε, δ)
     # source.json of a synthesize source: the released generator, its sha256, and the options of a fresh draw
     "generator": PUBLIC, "generator_sha256": PUBLIC, "generated": PUBLIC,
+    **FIDELITY_DISCLOSURE,  # a fresh draw's fidelity, when the source measured its own set's
     **{k: PUBLIC for name in JobSpec.model_fields for k in (name, f"{name}.*")},  # MLflow params: the spec
 }
 
@@ -107,6 +109,7 @@ class PreparedEvaluate:
     baseline: tuple[torch.Tensor, torch.Tensor] | None = None  # DP-GenG's DP-generated baseline, when kept
     generator: Any = None  # a synthesize source's loaded generator, when this job draws a fresh set from it
     n_per_class: int = 0  # how many images per class that draw makes
+    fidelity: Any = None  # the source's fidelity settings (SynthesizeOptions), when it measured its own set
 
     @property
     def n_sensitive(self) -> int:  # nothing is charged: no ledger is made for this job
@@ -264,16 +267,18 @@ class EvaluatePipeline:
             saved_baseline, source["baseline_sha256"] = load_release(source, "baseline")
             check_images(saved_baseline, source["baseline"], info, size)
             baseline = (saved_baseline["images"], saved_baseline["labels"])
-        generator, n_per_class = None, 0
+        generator, n_per_class, fidelity = None, 0, None
         if release_source.generation():
             generator, n_per_class = load_generator(source, release_source, run_dir, info, size, spec.device,
                                                     len(labels))
+            fidelity = source_fidelity(run_dir)
         check_evaluation_model(spec, info.channels, info.num_classes, size)
         check_plan(spec, info.channels, info.num_classes, size)
         _, val, test, info = load_splits(spec)
         source["method"] = saved.get("method")
         return PreparedEvaluate(images=images, labels=labels, source=source, val=val, test=test, info=info,
-                                baseline=baseline, generator=generator, n_per_class=n_per_class)
+                                baseline=baseline, generator=generator, n_per_class=n_per_class,
+                                fidelity=fidelity)
 
     def execute(self, ctx: Any, p: PreparedEvaluate) -> dict[str, Any]:
         from dpdistill.runtime.device import record_device, resolve_device
@@ -283,6 +288,12 @@ class EvaluatePipeline:
         eps = "no privacy" if src["epsilon"] is None else f"ε={src['epsilon']:.3f} (its own ledger)"
         if p.generator is not None:
             p.images, p.labels = draw_fresh_set(ctx, p)
+            if p.fidelity is not None:  # measured as the source measured its own set: comparable figures
+                from dpdistill.pipelines.synthesize_job import report_fidelity
+                from dpdistill.runtime.device import resolve_device
+
+                report_fidelity(ctx, p.fidelity, p.images, p.test.images, p.images.shape[-1],
+                                resolve_device(ctx.spec.device))
             ctx.add_summary("release", f"{len(p.labels)} images drawn here from the generator {src['method']} "
                             f"released by {src['run']}, {eps}; sha256 {src['generator_sha256'][:16]}; sampling "
                             f"{src['generated']}; post-processing, nothing charged")
@@ -347,6 +358,16 @@ def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path
     source["generated"] = {"n_per_class": n_per_class,
                            **{k: getattr(synth.config, k) for k in GENERATION[1:] if hasattr(synth.config, k)}}
     return synth, n_per_class
+
+
+def source_fidelity(run_dir: Path) -> Any:
+    """The source synthesize run's fidelity settings (extractor, public set, samples), or None when it measured
+    none: a fresh draw is measured the same way, so its FID reads beside the source's."""
+    from dpdistill.pipelines.synthesize_job import split_options
+
+    src = source_spec(run_dir)
+    _, job = split_options(src.method.name, src.method.options())
+    return job if job.fidelity else None
 
 
 def draw_fresh_set(ctx: Any, p: PreparedEvaluate) -> tuple[torch.Tensor, torch.Tensor]:

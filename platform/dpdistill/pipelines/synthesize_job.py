@@ -41,9 +41,9 @@ log = logging.getLogger("dpdistill.pipelines.synthesize")
 
 # The keys this job writes beside the method's own (metrics.json / MLflow, fit_report.json, fidelity.json,
 # MLflow params) and why each is safe; runner/ledger/evaluation keys are privacy.disclosure.COMMON.
-DISCLOSURE: dict[str, str] = {
-    **EVALUATION_DISCLOSURE,  # the evaluation protocol's selection and per-model rows
-    # fidelity: the release against the real TEST split (never the sensitive training split)
+# fidelity (metrics and fidelity.json): a generated set against the real TEST split (never the sensitive training
+# split). Also an evaluate job's, for a set it draws afresh from a released generator.
+FIDELITY_DISCLOSURE: dict[str, str] = {
     "fid": EVALUATION,
     "fld": EVALUATION,  # its bandwidths are fitted on half the real test split, the other half is scored
     "is_mean": EVALUATION,
@@ -56,6 +56,10 @@ DISCLOSURE: dict[str, str] = {
     "n_real": PUBLIC,
     "n_fake": PUBLIC,
     "k": PUBLIC,
+}
+DISCLOSURE: dict[str, str] = {
+    **EVALUATION_DISCLOSURE,  # the evaluation protocol's selection and per-model rows
+    **FIDELITY_DISCLOSURE,
     # fit_report.json's additions to the FitReport
     "privacy_note": PUBLIC,
     # plan.json: the charged plan (the mechanisms are what ledger.json holds; params are the public schedule)
@@ -298,19 +302,7 @@ class SynthesizePipeline:
         (art / "fit_report.json").write_text(json.dumps(fit_info, indent=2, default=str) + "\n")
 
         if p.job.fidelity:
-            from dpdistill.evaluation.extractors import get_extractor
-            from dpdistill.evaluation.fidelity import evaluate_fidelity
-
-            extractor = get_extractor(p.job.fidelity_extractor, image_size=p.train.image_size,
-                                      inception_weights=p.job.inception_weights, public=p.job.fidelity_public,
-                                      device=device)
-            with ctx.stage("fidelity"):
-                fid = evaluate_fidelity(p.test.images, images, extractor, max_samples=p.job.fidelity_samples,
-                                        seed=spec.seed)
-            ctx.log_metrics(fid.as_metrics())
-            (art / "fidelity.json").write_text(json.dumps(fid.as_dict(), indent=2) + "\n")
-            ctx.add_summary("fidelity", f"FID {fid.fid:.2f}, FLD {fid.fld:.2f}, IS {fid.inception_score:.2f}, precision "
-                            f"{fid.precision:.3f}, recall {fid.recall:.3f} (extractor {fid.extractor}; vs real test)")
+            report_fidelity(ctx, p.job, images, p.test.images, p.train.image_size, device)
         if spec.evaluation.enabled:
             report_utility(ctx, images, labels, p, trained_on=" trained on the synthetic set")
         return {}
@@ -338,6 +330,23 @@ def _dp_sgd_executor(workers: int, device: torch.device, ctx: Any) -> Any:
     return functools.partial(fit_dp_sgd, executor="ray-train", num_workers=workers,
                              use_gpu=device.type == "cuda", storage_path=ctx.run.path / "train",
                              progress=ctx.progress)
+
+
+def report_fidelity(ctx: Any, job: Any, images: torch.Tensor, real_test: torch.Tensor, image_size: int,
+                    device: Any) -> None:
+    """FID, FLD, IS, precision and recall of ``images`` against the real TEST split, with ``job``'s fidelity
+    settings (a SynthesizeOptions): logged, written to artifacts/fidelity.json and summarised."""
+    from dpdistill.evaluation.extractors import get_extractor
+    from dpdistill.evaluation.fidelity import evaluate_fidelity
+
+    extractor = get_extractor(job.fidelity_extractor, image_size=image_size, inception_weights=job.inception_weights,
+                              public=job.fidelity_public, device=device)
+    with ctx.stage("fidelity"):
+        fid = evaluate_fidelity(real_test, images, extractor, max_samples=job.fidelity_samples, seed=ctx.spec.seed)
+    ctx.log_metrics(fid.as_metrics())
+    (ctx.run.artifacts / "fidelity.json").write_text(json.dumps(fid.as_dict(), indent=2) + "\n")
+    ctx.add_summary("fidelity", f"FID {fid.fid:.2f}, FLD {fid.fld:.2f}, IS {fid.inception_score:.2f}, precision "
+                    f"{fid.precision:.3f}, recall {fid.recall:.3f} (extractor {fid.extractor}; vs real test)")
 
 
 def save_synthetic(folder: Any, images: torch.Tensor, labels: torch.Tensor, info: Any, method: str) -> None:
