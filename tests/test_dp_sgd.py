@@ -167,44 +167,35 @@ def test_noise_std_of_the_update_is_sigma_C_over_expected_batch():
     assert abs(float(moved.mean())) < 0.05 * expected
 
 
-def test_sgd_momentum_acts_on_the_noisy_averaged_updates():
-    """Zero per-sample gradients, lr 1, the same reproducible draws z1, z2: two plain steps move the weights by
-    z1 + z2, two steps with momentum β by (1 + β) z1 + z2 (heavy ball on the noisy mean; nothing else changes)."""
+def _noise_moves(steps: int, **schedule) -> torch.Tensor:
+    """How far SGD at lr 1 moves a ZeroGradient model's weights in ``steps`` steps: the noise alone, from the same
+    reproducible draws z1, z2, ... whatever the schedule (so runs of different lengths share their first draws)."""
     obj = ZeroGradient()
     x, y = _data(60, obj.d)
     start = obj.build().state_dict()
+    sched = DPSGDSchedule(sigma=1.0, q=0.2, steps=steps, clip=1.0, n_records=60, lr=1.0, optimizer="sgd", **schedule)
+    final = train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(5))
+    return torch.cat([(final[k] - start[k]).reshape(-1) for k in start])
 
-    def moved(steps: int, momentum: float) -> torch.Tensor:
-        sched = DPSGDSchedule(sigma=1.0, q=0.2, steps=steps, clip=1.0, n_records=60, lr=1.0, optimizer="sgd",
-                              momentum=momentum)
-        final = train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(5))
-        return torch.cat([(final[k] - start[k]).reshape(-1) for k in start])
 
-    z1 = moved(1, 0.0)
-    z2 = moved(2, 0.0) - z1
-    assert torch.allclose(moved(2, 0.9), 1.9 * z1 + z2, atol=1e-5)
-    assert not torch.allclose(moved(2, 0.9), z1 + z2, atol=1e-3)
+def test_sgd_momentum_acts_on_the_noisy_averaged_updates():
+    """Zero per-sample gradients, lr 1, the same reproducible draws z1, z2: two plain steps move the weights by
+    z1 + z2, two steps with momentum β by (1 + β) z1 + z2 (heavy ball on the noisy mean; nothing else changes)."""
+    z1 = _noise_moves(1)
+    z2 = _noise_moves(2) - z1
+    assert torch.allclose(_noise_moves(2, momentum=0.9), 1.9 * z1 + z2, atol=1e-5)
+    assert not torch.allclose(_noise_moves(2, momentum=0.9), z1 + z2, atol=1e-3)
 
 
 def test_a_cosine_lr_scales_each_steps_update():
     """Zero per-sample gradients, SGD, the same reproducible draws z1, z2, z3 (read off constant-lr runs of 1, 2
     and 3 steps): a cosine schedule over 3 steps moves the weights by Σ lr_t z_t with lr_t = (1 + cos(π t/3))/2,
     i.e. 1, 0.75, 0.25 — not by z1 + z2 + z3 (no schedule) nor with the curve shifted by a step."""
-    obj = ZeroGradient()
-    x, y = _data(60, obj.d)
-    start = obj.build().state_dict()
-
-    def moved(steps: int, lr_schedule: str) -> torch.Tensor:
-        sched = DPSGDSchedule(sigma=1.0, q=0.2, steps=steps, clip=1.0, n_records=60, lr=1.0, optimizer="sgd",
-                              lr_schedule=lr_schedule)
-        final = train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(5))
-        return torch.cat([(final[k] - start[k]).reshape(-1) for k in start])
-
-    one, two, three = moved(1, "constant"), moved(2, "constant"), moved(3, "constant")
+    one, two, three = _noise_moves(1), _noise_moves(2), _noise_moves(3)
     z = [one, two - one, three - two]
     sched = DPSGDSchedule(sigma=1.0, q=0.2, steps=3, clip=1.0, n_records=60, lr=1.0, lr_schedule="cosine")
     assert [sched.lr_at(t) for t in range(3)] == pytest.approx([1.0, 0.75, 0.25])
-    cosine = moved(3, "cosine")
+    cosine = _noise_moves(3, lr_schedule="cosine")
     assert torch.allclose(cosine, z[0] + 0.75 * z[1] + 0.25 * z[2], atol=1e-5)
     assert not torch.allclose(cosine, three, atol=1e-3)
     assert not torch.allclose(cosine, 0.75 * z[0] + 0.25 * z[1], atol=1e-3)

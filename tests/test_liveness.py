@@ -8,10 +8,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from dpdistill.runtime.liveness import LOST, owner, owner_gone, shown_status
+from run_processes import wait_for_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,13 +52,7 @@ def test_a_killed_run_is_shown_lost_by_report_and_compare(tmp_path, capsys) -> N
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 120
-        logs: list[Path] = []
-        while time.time() < deadline and not any("started (kind=" in p.read_text() for p in logs):
-            logs = list(runs.glob("dm-digits/*/log.txt"))
-            time.sleep(0.5)
-        assert logs, "the run never started"
-        run_dir = logs[0].parent
+        run_dir = wait_for_pipeline(runs, "dm-digits")
         status = json.loads((run_dir / "status.json").read_text())
         assert status["process"]["pid"] == proc.pid
         assert read_run(run_dir).state == "running" and load_row(run_dir).status == "running"

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from run_processes import wait_for_pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
@@ -144,19 +146,12 @@ def test_sigterm_marks_the_run_interrupted_and_the_mlflow_run_killed(tmp_path):
          "--no-progress", "--set", "method.iterations=100000", "--set", "evaluation.parallel=false"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    deadline = time.time() + 120
-    logs: list[Path] = []
-    # The 'started' line is logged once the MLflow run is open: from then on the run is inside the pipeline.
-    while time.time() < deadline and not any("started (kind=" in p.read_text() for p in logs):
-        logs = list(runs.glob("dm-digits/*/log.txt"))
-        time.sleep(0.5)
-    assert logs, "the run never started"
+    run_dir = wait_for_pipeline(runs, "dm-digits")
     time.sleep(2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert "SIGTERM" in err and "Traceback" not in err
-    run_dir = logs[0].parent
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "interrupted" and status["interrupted_by"] == "SIGTERM" and "ended" in status
     metrics = json.loads((run_dir / "metrics.json").read_text())  # the partial metrics are kept

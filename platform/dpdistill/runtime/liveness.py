@@ -22,27 +22,27 @@ from typing import Any
 LOST = "lost"
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux /proc; None elsewhere or if unreadable)."""
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat from field 3 (state) on, or [] (not Linux, no such process, unreadable). The command name
+    (field 2) may hold spaces and parentheses, so the fields are counted from its closing one."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return None
-    # Field 22; the command name (field 2) may hold spaces and parentheses, so count from its closing one.
-    fields = stat[stat.rfind(")") + 2:].split()
+        return []
+    return stat[stat.rfind(")") + 2:].split()
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22), or None."""
     try:
-        return int(fields[19])
+        return int(_stat_fields(pid)[19])
     except (IndexError, ValueError):
         return None
 
 
 def _state(pid: int) -> str | None:
-    """The process's state letter (R, S, D, Z, ...) from /proc, or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()
+    """The process's state letter (R, S, D, Z, ...; field 3), or None."""
+    fields = _stat_fields(pid)
     return fields[0] if fields else None
 
 
