@@ -222,7 +222,8 @@ def render() -> None:
                 and x["source_run"] in row["counted_runs"]]
         if not recs:
             continue
-        one = recs[0] if len(recs) == 1 else {}
+        # As runs.md: a one-draw reference row's ± is its evaluation seeds' spread; a one-draw private row has none.
+        one = recs[0] if len(recs) == 1 and row["reference"] else {}
         test = _pct([x["test_acc_mean"] for x in recs], one.get("test_acc_std"))
         val = _pct([x["val_acc_mean"] for x in recs if x.get("val_acc_mean") is not None], one.get("val_acc_std"))
         src = _pct(row["test_acc_by_draw"], row["test_acc_std"] if row["draws"] == 1 else None)

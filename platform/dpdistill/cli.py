@@ -238,8 +238,9 @@ def report(run_dir: Annotated[Path, typer.Argument(
     c.print(f"run folder: {run_dir}", soft_wrap=True)
     from dpdistill.runtime.liveness import LOST, shown_status
 
-    line = f"status: {shown_status(status)}"
-    if shown_status(status) == LOST:  # status.json says running; liveness.py says why it is shown otherwise
+    shown = shown_status(status)  # probes the owner process once: the line and the note agree
+    line = f"status: {shown}"
+    if shown == LOST:  # status.json says running; liveness.py says why it is shown otherwise
         process = status.get("process") or {}
         line += (f" (status.json says running, but its process {process.get('pid')} on {process.get('host')} is "
                  "gone: killed before it could record an outcome)")

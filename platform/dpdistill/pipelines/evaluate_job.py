@@ -214,11 +214,12 @@ def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> An
     return validate_spec(apply_overrides(doc, overrides or []), f"evaluate {run_dir}")
 
 
-def check_same_data(spec: Any, run_dir: Path) -> None:
-    """Refuse an evaluate spec whose data block names other records than the source run's: another
-    ``val_seed`` (or image size, subset, dataset) would carve the validation or test split out of records
-    the release was made from, and report a figure on them as held out. Only where the files are may differ."""
-    theirs = source_spec(run_dir).data.model_dump(mode="json")
+def check_same_data(spec: Any, src: Any, run_dir: Path) -> None:
+    """Refuse an evaluate spec whose data block names other records than the source run's (``src``, its
+    resolved spec): another ``val_seed`` (or image size, subset, dataset) would carve the validation or test
+    split out of records the release was made from, and report a figure on them as held out. Only where the
+    files are may differ."""
+    theirs = src.data.model_dump(mode="json")
     ours = spec.data.model_dump(mode="json")
     for key in sorted(set(theirs) | set(ours)):
         if key not in DATA_LOCATION and theirs.get(key) != ours.get(key):
@@ -254,7 +255,8 @@ class EvaluatePipeline:
         release_source = ReleaseSource(**spec.method.options())
         run_dir = Path(release_source.run)
         source = read_source(run_dir)
-        check_same_data(spec, run_dir)
+        src_spec = source_spec(run_dir)  # read once: the data check and the fidelity settings agree
+        check_same_data(spec, src_spec, run_dir)
         saved, source["sha256"] = load_release(source)
         images, labels = saved["images"], saved["labels"]
         from dpdistill import data
@@ -271,7 +273,7 @@ class EvaluatePipeline:
         if release_source.generation():
             generator, n_per_class = load_generator(source, release_source, run_dir, info, size, spec.device,
                                                     len(labels))
-            fidelity = source_fidelity(run_dir)
+            fidelity = source_fidelity(src_spec)
         check_evaluation_model(spec, info.channels, info.num_classes, size)
         check_plan(spec, info.channels, info.num_classes, size)
         _, val, test, info = load_splits(spec)
@@ -360,12 +362,12 @@ def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path
     return synth, n_per_class
 
 
-def source_fidelity(run_dir: Path) -> Any:
-    """The source synthesize run's fidelity settings (extractor, public set, samples), or None when it measured
-    none: a fresh draw is measured the same way, so its FID reads beside the source's."""
+def source_fidelity(src: Any) -> Any:
+    """The source synthesize run's fidelity settings (extractor, public set, samples) from its resolved spec
+    ``src``, or None when it measured none: a fresh draw is measured the same way, so its FID reads beside the
+    source's."""
     from dpdistill.pipelines.synthesize_job import split_options
 
-    src = source_spec(run_dir)
     _, job = split_options(src.method.name, src.method.options())
     return job if job.fidelity else None
 

@@ -20,6 +20,7 @@ are kept out too.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import math
@@ -70,9 +71,10 @@ class RunFiles:
     def kind(self) -> str:
         return str(self.spec.get("kind", "?"))
 
-    @property
+    @functools.cached_property
     def state(self) -> str:
-        """status.json's status as shown: ``lost`` for a ``running`` folder whose process is gone (liveness.py)."""
+        """status.json's status as shown: ``lost`` for a ``running`` folder whose process is gone (liveness.py).
+        Cached: the page shows it twice and both must agree, so the owner process is probed once."""
         from dpdistill.runtime.liveness import shown_status
 
         return shown_status(self.status)
