@@ -313,3 +313,28 @@ def test_lora_trains_only_adapters_and_the_adapter_state_round_trips():
         load_adapter_state(fresh, {**release, "conv_in.weight": before["conv_in.weight"]})
     with pytest.raises(SpecError, match="no adapters"):
         load_adapter_state(build_unet(TINY), release)
+
+
+def test_pretrain_seed_shares_one_public_base_between_synthesisers_of_different_seeds(tmp_path, monkeypatch):
+    """DP-GenG builds its generator with a seed derived from the job's: ``pretrain_seed`` lets it reuse the synth
+    job's cached base instead of pre-training its own; without it the seed stays part of the key."""
+    from dpdistill import synthesis
+
+    monkeypatch.setenv("DPDISTILL_CACHE", str(tmp_path))
+    glyphs = render(num_per_class=4, seed=1)
+    opts = {"block_out_channels": [8, 16], "attention": [False, False], "mid_attention": False,
+            "norm_num_groups": 4, "pretrain_iterations": 3, "pretrain_batch": 8}
+
+    def base(seed: int, **extra) -> dict:
+        synth = synthesis.create("pdp-diffusion", channels=1, image_size=28, num_classes=10, seed=seed,
+                                 **opts, **extra)
+        synth.pretrain(glyphs)
+        return synth.base_ref
+
+    first = base(0)
+    shared = base(398764591, pretrain_seed=0)
+    own = base(398764591)
+    assert first["trained_now"] and not shared["trained_now"] and own["trained_now"]
+    assert shared["key"] == first["key"] != own["key"]
+    with pytest.raises(SpecError, match="pretrain_seed"):
+        synthesis.create("pdp-diffusion", channels=1, image_size=28, num_classes=10, seed=0, pretrain_seed=-1)

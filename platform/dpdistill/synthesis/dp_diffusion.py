@@ -80,6 +80,10 @@ class DiffusionConfig:
     pretrain_iterations: int = 3000
     pretrain_lr: float = 2e-4
     pretrain_batch: int = 64
+    # The seed of public pre-training (its init and batches; part of the cache key). None: this synthesiser's
+    # seed. Set it where the synthesiser's own seed differs but the same public base is wanted: DP-GenG builds
+    # its generator with a seed derived from the job's, so without this it pre-trains a base of its own.
+    pretrain_seed: int | None = field(default=None, metadata={"zero_ok": True})
     base_checkpoint: str = ""
 
 
@@ -149,6 +153,11 @@ class DiffusionSynthesizer(Synthesizer):
 
     # -- public pre-training ----------------------------------------------------------------------------
 
+    @property
+    def public_seed(self) -> int:
+        """The seed public pre-training runs with: ``pretrain_seed``, else this synthesiser's seed."""
+        return self.seed if self.config.pretrain_seed is None else int(self.config.pretrain_seed)
+
     def _pretrain(self, public: Any, progress: bool) -> None:
         from dpdistill.synthesis.diffusion.pretrain import PretrainConfig, pretrain
 
@@ -158,7 +167,7 @@ class DiffusionSynthesizer(Synthesizer):
         c = self.config
         cfg = PretrainConfig(public_set=str(getattr(public, "name", "public")), steps=c.pretrain_iterations,
                              lr=c.pretrain_lr, batch_size=c.pretrain_batch, label_dropout=c.label_dropout,
-                             seed=self.seed)
+                             seed=self.public_seed)
         show = (lambda step, loss: print(f"{self.name} pretrain step {step}: loss {loss:.4f}")) if progress \
             else None
         done = pretrain(self.unet_config(), self.schedule(), cfg, device=str(self.device), public=public,
@@ -477,7 +486,7 @@ class DPLDM(DiffusionSynthesizer):
 
         ae_cfg = self.ae_config()
         train_cfg = AutoencoderTrainConfig(public_set=name, steps=c.ae_pretrain_iterations, lr=c.ae_lr,
-                                           batch_size=c.ae_batch, kl_weight=c.ae_kl_weight, seed=self.seed)
+                                           batch_size=c.ae_batch, kl_weight=c.ae_kl_weight, seed=self.public_seed)
         ae = pretrain_autoencoder(ae_cfg, train_cfg, public, device=str(self.device),
                                   progress=show("autoencoder pretrain"))
         self.autoencoder = self._frozen(ae.load())
@@ -489,7 +498,7 @@ class DPLDM(DiffusionSynthesizer):
         magnitudes = latents.images.abs().flatten()
         self.latent_clip = float(magnitudes.kthvalue(max(1, int(0.999 * len(magnitudes)))).values)
         cfg = PretrainConfig(public_set=name, steps=c.pretrain_iterations, lr=c.pretrain_lr,
-                             batch_size=c.pretrain_batch, label_dropout=c.label_dropout, seed=self.seed,
+                             batch_size=c.pretrain_batch, label_dropout=c.label_dropout, seed=self.public_seed,
                              autoencoder_key=ae.key)
         done = pretrain(self.unet_config(), self.schedule(), cfg, device=str(self.device), public=latents,
                         progress=show("latent UNet pretrain"))
