@@ -156,7 +156,7 @@ class DiffusionSynthesizer(Synthesizer):
     @property
     def public_seed(self) -> int:
         """The seed public pre-training runs with: ``pretrain_seed``, else this synthesiser's seed."""
-        return self.seed if self.config.pretrain_seed is None else int(self.config.pretrain_seed)
+        return self.seed if self.config.pretrain_seed is None else self.config.pretrain_seed
 
     def _pretrain(self, public: Any, progress: bool) -> None:
         from dpdistill.synthesis.diffusion.pretrain import PretrainConfig, pretrain
