@@ -13,15 +13,20 @@ from dpdistill.errors import SpecError
 from dpdistill.spec import validate_spec
 
 TINY_UNET = {"block_out_channels": [16, 16], "attention": [False, False], "norm_num_groups": 8,
-             "iterations": 4, "batch_size": 64, "sample_steps": 3, "pretrain_iterations": 20,
-             "pretrain_batch": 32, "n_per_class": 5, "fidelity": False}
+             "iterations": 4, "batch_size": 64, "sample_steps": 3, "n_per_class": 5, "fidelity": False}
+# Public pre-training: options of the methods with a public base only (dpdm's config has no such fields).
+TINY_BASE = {"pretrain_iterations": 20, "pretrain_batch": 32}
+
+
+def tiny_options(method: str) -> dict:
+    return {**TINY_UNET, **({} if method == "dpdm" else TINY_BASE)}
 
 
 def doc(method: str, **options) -> dict:
     return {
         "name": f"diff-{method}", "kind": "synthesize", "seed": 0, "data": {"name": "digits"},
         "privacy": {"epsilon": 4.0, "reproducible_noise": False},
-        "method": {"name": method, **TINY_UNET, **options},
+        "method": {"name": method, **tiny_options(method), **options},
         "evaluation": {"epochs": 2, "seeds": 1, "parallel": False, "model_options": {"width": 16}},
         "tracking": {"enabled": False},
         "ray": {"num_cpus": 2},
@@ -110,7 +115,7 @@ def _tiny(method: str, **options):
     from dpdistill.privacy.noise import PrivacyRandomness
 
     train = data.load("digits", "train")
-    opts = {k: v for k, v in TINY_UNET.items() if k not in ("n_per_class", "fidelity")}
+    opts = {k: v for k, v in tiny_options(method).items() if k not in ("n_per_class", "fidelity")}
     synth = synthesis.create(method, channels=1, image_size=train.image_size, num_classes=10, seed=0,
                              noise=PrivacyRandomness.reproducible(3), **{**opts, **options})
     return synth, train
@@ -122,6 +127,28 @@ def test_a_bad_lr_schedule_is_refused_before_any_run_folder(tmp_path):
     with pytest.raises(SpecError, match="field 'method.lr_schedule': expected one of constant, cosine"):
         run_job(validate_spec(doc("pdp-diffusion", pretrain="glyphs", lr_schedule="linear")), tmp_path / "runs",
                 progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_public_pre_training_is_refused_for_dpdm_before_any_run_folder(tmp_path):
+    """dpdm trains from scratch: a public set to pre-train on, or an option that would shape that pre-training,
+    has no effect there, so the spec is refused (naming the field) before any run folder or data read."""
+    from dpdistill.runner import run_job
+
+    with pytest.raises(SpecError, match=r"field 'method.pretrain': dpdm trains from scratch"):
+        run_job(validate_spec(doc("dpdm", pretrain="glyphs")), tmp_path / "runs", progress=False)
+    for option in ("pretrain_iterations", "pretrain_seed", "base_checkpoint"):
+        with pytest.raises(SpecError, match=rf"unknown key 'method.{option}'"):
+            validate_spec(doc("dpdm", **{option: 1 if option != "base_checkpoint" else "/a/unet"}))
+    # DP-GenG's generator: a public set for dpdm is refused, and none for a method that fine-tunes a public base.
+    dpgeng = {"name": "dpgeng-gen", "kind": "distill", "seed": 0, "data": {"name": "digits"},
+              "privacy": {"epsilon": 10.0}, "tracking": {"enabled": False},
+              "method": {"name": "dpgeng", "generator": "dpdm", "public": "glyphs"}}
+    with pytest.raises(SpecError, match=r"field 'method.public': generator 'dpdm' trains from scratch"):
+        run_job(validate_spec(dpgeng), tmp_path / "runs", progress=False)
+    dpgeng["method"] = {"name": "dpgeng", "generator": "pdp-diffusion"}
+    with pytest.raises(SpecError, match=r"field 'method.public': generator 'pdp-diffusion' fine-tunes a public"):
+        run_job(validate_spec(dpgeng), tmp_path / "runs", progress=False)
     assert not (tmp_path / "runs").exists()
 
 
@@ -180,7 +207,8 @@ def test_dpgeng_runs_with_a_diffusion_generator(tmp_path):
         "name": "dpgeng-diffusion-tiny", "kind": "distill", "seed": 0, "data": {"name": "digits"},
         "privacy": {"epsilon": 10.0},
         "method": {"name": "dpgeng", "ipc": 2, "factor": 1, "generator": "pdp-diffusion", "public": "glyphs",
-                   "generator_options": {k: v for k, v in TINY_UNET.items() if k not in ("n_per_class", "fidelity")},
+                   "generator_options": {k: v for k, v in tiny_options("pdp-diffusion").items()
+                                         if k not in ("n_per_class", "fidelity")},
                    "generated_per_class": 10, "extractors": 1, "extractor_epochs": 0, "net_width": 8,
                    "expert_pretrain_epochs": 1, "expert_dp_epochs": 0.5, "iterations": 3, "batch_real": 32},
         "evaluation": {"epochs": 2, "seeds": 1, "parallel": False, "model_options": {"width": 8}},

@@ -80,14 +80,30 @@ def check_generator(config: Any, seed: int, channels: int, num_classes: int, ima
 
 
 def check_generator_public(config: Any) -> None:
-    """Refuse a nested generator that needs a public set (``Synthesizer.needs_public``: DP-MEPF's extractor) when
-    the method names none in ``method.public``; reads no data, so it runs before the splits are loaded."""
+    """Match a nested generator with ``method.public``: refuse none named for one that needs a public set
+    (``Synthesizer.needs_public``: DP-MEPF's extractor) or fine-tunes a public base (pdp-diffusion, dp-lora,
+    dp-ldm, unless ``generator_options.base_checkpoint`` names one), and one named for a generator without public
+    pre-training (dpdm). Reads no data, so it runs before the splits are loaded."""
     from dpdistill import synthesis
 
     generator = getattr(config, "generator", None)
-    if generator is not None and synthesis.get(generator).needs_public and not getattr(config, "public", None):
+    if generator is None:
+        return
+    cls, public = synthesis.get(generator), getattr(config, "public", None)
+    if cls.needs_public and not public:
         raise SpecError(f"field 'method.public': generator '{generator}' trains its feature extractor on a public "
                         "set; name one (e.g. glyphs)")
+    base_checkpoint = (getattr(config, "generator_options", None) or {}).get("base_checkpoint")
+    if getattr(cls, "uses_public_base", False) and not public and not base_checkpoint:
+        raise SpecError(f"field 'method.public': generator '{generator}' fine-tunes a public base; name a public "
+                        "set to pre-train it on (e.g. glyphs) or a local diffusers checkpoint in "
+                        "method.generator_options.base_checkpoint")
+    if public and base_checkpoint:
+        raise SpecError(f"field 'method.public': generator '{generator}' cannot take both a public set to "
+                        "pre-train on and generator_options.base_checkpoint (choose one public base)")
+    if public and not cls.pretrains_on_public:
+        raise SpecError(f"field 'method.public': generator '{generator}' trains from scratch and has no public "
+                        "pre-training; leave method.public unset (or choose pdp-diffusion, dp-lora or dp-ldm)")
 
 
 def check_public_source(name: str | None, spec: Any, field: str) -> None:

@@ -184,6 +184,9 @@ class Synthesizer(ABC):
     # Whether a fit needs pretrain() on a public set first (DP-MEPF's feature extractor): jobs refuse a spec that
     # names none before anything is read or charged.
     needs_public: ClassVar[bool] = False
+    # Whether pretrain() on a public set does anything: False (dpdm, which trains from scratch) makes jobs refuse
+    # a public set named for it before anything is read, rather than fail in the pretrain stage.
+    pretrains_on_public: ClassVar[bool] = True
     # Whether _pretrain is a deterministic function of (config, shape, seed, starting weights, public images) that
     # only sets the generator and extra_state, so pretrain(cache=True) may restore it from the public cache.
     pretrain_cacheable: ClassVar[bool] = False

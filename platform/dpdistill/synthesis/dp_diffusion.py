@@ -76,6 +76,13 @@ class DiffusionConfig:
     sample_steps: int = 50
     guidance_scale: float = 2.0
     sample_batch: int = 500
+
+
+@dataclass
+class PublicBaseConfig(DiffusionConfig):
+    """The diffusion options plus a public base (pdp-diffusion, dp-lora, dp-ldm). DPDM trains from scratch, so its
+    config has none of these fields and a spec that sets one is refused as an unknown key."""
+
     # Public pre-training (pretrain(public)): steps, learning rate, batch; or a local diffusers UNet directory.
     pretrain_iterations: int = 3000
     pretrain_lr: float = 2e-4
@@ -88,7 +95,7 @@ class DiffusionConfig:
 
 
 @dataclass
-class LoRAConfig(DiffusionConfig):
+class LoRAConfig(PublicBaseConfig):
     """DP-LoRA: the diffusion options plus the adapters' rank and scale (only they are trained)."""
 
     lora_rank: int = 4
@@ -106,6 +113,9 @@ class DiffusionSynthesizer(Synthesizer):
     dp_sgd_target: ClassVar[str] = "UNet"  # what DP-SGD trains, in the plan's note
     disclosure = fit_disclosure(noise={"sigma": ACCOUNTING, "q": ACCOUNTING},
                                 extra={"trainable_parameters": PUBLIC})
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.pretrains_on_public = cls.uses_public_base  # a diffusion model pre-trains only as a public base
 
     # -- the network ------------------------------------------------------------------------------------
 
@@ -225,7 +235,7 @@ class DiffusionSynthesizer(Synthesizer):
                                f"T={schedule.steps}) is not what it charges ({'; '.join(m.describe() for m in charged)})")
         objective = self.objective(None)  # validates the UNet, schedule, dropout and LoRA options
         ddim_scheduler(objective.schedule, self.config.sample_steps)
-        if self.config.base_checkpoint and self.base_ref is None:
+        if getattr(self.config, "base_checkpoint", "") and self.base_ref is None:
             self._load_base_checkpoint()
 
     def execute(self, plan: Plan, sensitive: Any, executor: Any, progress: bool,
@@ -296,6 +306,7 @@ class DPDM(DiffusionSynthesizer):
 
 class PDPDiffusion(DiffusionSynthesizer):
     name = "pdp-diffusion"
+    config_type = PublicBaseConfig
     uses_public_base = True
     paper_neighbouring = "add-or-remove-one"
     privacy_note = ("public pre-training (free), then DP-SGD fine-tuning of every UNet parameter, Poisson "
@@ -358,7 +369,7 @@ class DPLoRA(DiffusionSynthesizer):
 
 
 @dataclass
-class LDMConfig(DiffusionConfig):
+class LDMConfig(PublicBaseConfig):
     """DP-LDM: the diffusion options for the LATENT UNet, plus the public autoencoder's architecture and
     pre-training (``ae_*``). What DP-SGD fine-tunes is fixed: the class embedding and the attention blocks.
 
