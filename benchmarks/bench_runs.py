@@ -14,7 +14,8 @@ completes, under a file lock, so a configuration can be run one draw at a time, 
 and across sessions; a draw in progress is "claimed" in the file so that two processes never overshoot a
 configuration's draws.
 
-    .venv/bin/python benchmarks/bench_runs.py check                      # validate every configuration
+    .venv/bin/python benchmarks/bench_runs.py check                      # validate every configuration; name
+                                                                         # those whose row has another spec
     .venv/bin/python benchmarks/bench_runs.py run dpgeng-mnist-eps1      # run it until it has its draws
     .venv/bin/python benchmarks/bench_runs.py run ndpdc-mnist-eps1 --draws 1   # one more draw, now
     .venv/bin/python benchmarks/bench_runs.py run A B --snapshot HEAD --deadline 2026-12-02T19:00Z
@@ -622,6 +623,17 @@ def render_md(doc: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------- commands
 
 
+def row_status(rows: list[dict[str, Any]], name: str, resolved_hash: str) -> str:
+    """Whether a configuration's current (not superseded) row was recorded under the spec it resolves to now."""
+    current = [r for r in rows if r["config"] == name and not r.get("superseded")]
+    if any(r["spec_hash"] == resolved_hash for r in current):
+        return "its row matches"
+    if current:
+        return "recorded under " + ", ".join(f"{r['spec_hash']} ({r['draws']} draws at {'/'.join(r['commits'])})"
+                                             for r in current)
+    return "no row yet"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     configs = load_configs()
     source = Source(args.snapshot, args.runs_dir)
@@ -630,10 +642,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     hits = source.seeded_noise_hits()
     print(f"seeded-noise code (issue 19): {len(hits)} line(s)" + "".join(f"\n  {h}" for h in hits))
+    # Rows whose spec hash differs from what the configuration resolves to now: a draw now would start a new
+    # row beside them instead of adding to them (a field added since at a value the old code did not have, a
+    # job-file edit the configuration does not pin, or a description change: the hash covers the whole spec).
+    rows = json.loads(args.results.read_text()).get("rows", []) if args.results.exists() else []
+    apart = []
     for name, c in configs.items():
         resolved = source.resolve(c)
-        print(f"{name}: {c['spec']} {' '.join(c['set'])} -> spec hash {spec_hash(resolved)}, "
-              f"ε {resolved['privacy']['epsilon']}, {c['draws']} draws")
+        h = spec_hash(resolved)
+        row = row_status(rows, name, h)
+        if row.startswith("recorded under"):
+            apart.append(name)
+        print(f"{name}: {c['spec']} {' '.join(c['set'])} -> spec hash {h}, ε {resolved['privacy']['epsilon']}, "
+              f"{c['draws']} draws; {row}")
+    if apart:
+        print(f"{len(apart)} configuration(s) resolve to another spec than their row's; a draw now starts a new "
+              f"row (diff the resolved specs with --snapshot <the row's commit>): {', '.join(apart)}")
     return 0
 
 
@@ -729,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run folders (one sub-folder per configuration), logs and snapshots; keep it outside "
                         "the repository (default: /work/bench_runs)")
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="validate every configuration and print its spec hash")
+    c = sub.add_parser("check", help="validate every configuration, print its spec hash, and whether its row "
+                       "was recorded under that spec")
     c.add_argument("--snapshot", metavar="REV", help="check the code of this commit")
     r = sub.add_parser("run", help="run configurations until each has its draws (or --draws more each)")
     r.add_argument("configs", nargs="+")
