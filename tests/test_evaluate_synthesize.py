@@ -111,7 +111,8 @@ def test_a_fresh_draw_with_the_sources_options_is_the_sources_set(sources, tmp_p
     recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
     generator = source / "artifacts" / "synthesizer.pt"
     assert recorded["generator_sha256"] == hashlib.sha256(generator.read_bytes()).hexdigest()
-    assert recorded["generated"] == {"n_per_class": 4, "guidance_scale": 2.0, "sample_steps": 3}
+    assert recorded["generated"] == {"n_per_class": 4, "guidance_scale": 2.0, "sample_steps": 3,
+                                   "generate_chunks": 1}
     assert not (result.run_dir / "ledger.json").exists()
 
 
@@ -135,7 +136,8 @@ def test_a_fresh_draw_takes_other_sampling_options_and_declares_what_it_logs(sou
     assert not np.array_equal(first4, np.concatenate([theirs["images"][theirs["labels"] == k] for k in range(10)]))
     assert (result.run_dir / "artifacts" / "grid_class0.png").is_file()
     recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
-    assert recorded["generated"] == {"n_per_class": 6, "guidance_scale": 0.0, "sample_steps": 2}
+    assert recorded["generated"] == {"n_per_class": 6, "guidance_scale": 0.0, "sample_steps": 2,
+                                   "generate_chunks": 1}
     client = mlflow.MlflowClient(tracking_uri=result.mlflow_uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["method.guidance_scale"] == "0.0"
@@ -149,7 +151,27 @@ def test_a_generator_without_guidance_draws_more_images_only(sources, tmp_path) 
     result = run_job(evaluate_spec(sources["merf"], ["method.n_per_class=9"]), tmp_path, progress=False)
     assert result.status == "completed" and result.metrics["n_released"] == 90
     recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
-    assert recorded["generated"] == {"n_per_class": 9} and recorded["method"] == "dp-merf"
+    assert recorded["generated"] == {"n_per_class": 9, "generate_chunks": 1} and recorded["method"] == "dp-merf"
+
+
+def test_a_fresh_draw_runs_in_the_sources_chunks_on_ray_and_is_its_set(tmp_path) -> None:
+    """A source that drew its set as 2 Ray tasks: the fresh draw runs as 2 Ray tasks too (its chunks fix the
+    latents' seeds), so with the source's options it is the source's set; 1 chunk is another set."""
+    doc = {**MERF, "name": "src-merf-chunks", "method": {**MERF["method"], "n_per_class": 6, "generate_chunks": 2},
+           "ray": {"num_cpus": 2}}
+    source = run_job(validate_spec(doc), tmp_path / "src", progress=False)
+    assert source.status == "completed" and dict(source.summary).get("generation on") is None  # on Ray
+    theirs = _npz(source.run_dir / "artifacts" / "synthetic.npz")
+    chunked = run_job(evaluate_spec(source.run_dir, ["method.n_per_class=6", "ray.num_cpus=2"]), tmp_path / "a",
+                      progress=False)
+    assert chunked.status == "completed" and dict(chunked.summary).get("generation on") is None
+    mine = _npz(chunked.run_dir / "artifacts" / "synthetic.npz")
+    assert np.array_equal(mine["images"], theirs["images"]) and np.array_equal(mine["labels"], theirs["labels"])
+    recorded = json.loads((chunked.run_dir / "artifacts" / "source.json").read_text())
+    assert recorded["generated"] == {"n_per_class": 6, "generate_chunks": 2}
+    one = run_job(evaluate_spec(source.run_dir, ["method.n_per_class=6", "method.generate_chunks=1"]),
+                  tmp_path / "b", progress=False)
+    assert not np.array_equal(_npz(one.run_dir / "artifacts" / "synthetic.npz")["images"], theirs["images"])
 
 
 def test_a_fresh_draw_from_a_not_private_release_is_stamped_and_keeps_its_images_out_of_mlflow(sources, tmp_path,

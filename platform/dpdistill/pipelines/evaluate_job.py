@@ -17,7 +17,9 @@ A synthesize run's release is its fitted generator (``artifacts/synthesizer.pt``
 (``artifacts/synthetic.npz``) is post-processing of it. evaluate re-scores that set, or, given any of the sampling
 options in ``GENERATION`` (``--set method.n_per_class=1000 --set method.guidance_scale=3``), draws a fresh set from
 the released generator first (seeded by the evaluate spec's public seed, like the synthesize job's own draw) and
-scores that: more images, or another guidance scale or DDIM schedule, without spending budget again. The fresh set
+scores that: more images, or another guidance scale or DDIM schedule, without spending budget again. The draw
+runs as the synthesize job's does (``synthesize_job.draw_set``): in ``method.generate_chunks`` parallel Ray tasks
+when that is above 1 — unset, the source's own setting, since the chunks fix the latents' seeds. The fresh set
 is written to the evaluate run's folder as a synthesize run writes its own. With the source's own options and seed
 it is the source's set, so the source's figures are reproduced.
 
@@ -55,6 +57,9 @@ RELEASE_FILE = Path("artifacts") / "distilled.pt"
 # Sampling options of a synthesize run's released generator that an evaluate job may set (method.<name>): a fresh
 # draw from the release is post-processing. guidance_scale and sample_steps exist for the diffusion synthesisers.
 GENERATION = ("n_per_class", "guidance_scale", "sample_steps")
+# How a fresh draw runs, not what it samples from: chunks (each a Ray task, runtime/generation.py), unset as the
+# source's method.generate_chunks, so that with the source's options the draw is the source's set.
+CHUNKS = "generate_chunks"
 BASELINE_FILE = Path("artifacts") / "baseline_generated.pt"  # DP-GenG's DP-generated baseline, when kept
 # The top-level fields an override may change: how a release is scored and where the scoring runs. The data,
 # the method and the privacy block come from the source run (the release was made from them).
@@ -90,10 +95,12 @@ class ReleaseSource(BaseModel):
     n_per_class: int | None = Field(default=None, ge=1, description="images per class to draw from the generator")
     guidance_scale: float | None = Field(default=None, ge=0, description="classifier-free guidance (diffusion)")
     sample_steps: int | None = Field(default=None, ge=1, description="DDIM steps (diffusion)")
+    generate_chunks: int | None = Field(default=None, ge=1, description="draw as this many parallel Ray tasks "
+                                        "(unset: as the source did; the chunks fix the images' seeds)")
 
     def generation(self) -> dict[str, Any]:
         """The sampling options this job sets (empty: score the source's own set)."""
-        return {k: getattr(self, k) for k in GENERATION if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in (*GENERATION, CHUNKS) if getattr(self, k) is not None}
 
 
 @dataclass
@@ -109,6 +116,7 @@ class PreparedEvaluate:
     baseline: tuple[torch.Tensor, torch.Tensor] | None = None  # DP-GenG's DP-generated baseline, when kept
     generator: Any = None  # a synthesize source's loaded generator, when this job draws a fresh set from it
     n_per_class: int = 0  # how many images per class that draw makes
+    chunks: int = 1  # > 1: that draw runs as this many Ray tasks (the source's generate_chunks unless set)
     fidelity: Any = None  # the source's fidelity settings (SynthesizeOptions), when it measured its own set
 
     @property
@@ -167,7 +175,7 @@ def load_release(source: dict[str, Any], key: str = "release") -> tuple[dict[str
     the very bytes loaded; SpecError naming the file."""
     path = source[key]
     try:
-        raw = open(path, "rb").read()  # noqa: SIM115 - one read, hashed and loaded
+        raw = Path(path).read_bytes()  # one read (closed at once), hashed and loaded
         if str(path).endswith(".npz"):  # a synthesize run's set: uint8 images over `scale`
             with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                 saved = {"images": torch.from_numpy(z["images"]).float() / float(z["scale"]),
@@ -202,10 +210,10 @@ def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> An
     for text in overrides or []:
         keys, _ = parse_override(text)
         if keys[0] not in OVERRIDABLE and not (keys[0] == "data" and keys[1:2] and keys[1] in DATA_LOCATION) \
-                and not (keys[0] == "method" and keys[1:] and keys[1] in GENERATION and len(keys) == 2):
+                and not (keys[0] == "method" and keys[1:] and keys[1] in (*GENERATION, CHUNKS) and len(keys) == 2):
             raise SpecError(f"--set {text}: field '{'.'.join(keys)}' comes from the source run; evaluate can set "
                             f"only {', '.join(OVERRIDABLE)}, data.{' / data.'.join(DATA_LOCATION)} and (a "
-                            f"synthesize run's fresh draw) method.{' / method.'.join(GENERATION)}")
+                            f"synthesize run's fresh draw) method.{' / method.'.join((*GENERATION, CHUNKS))}")
     doc = src.model_dump(mode="json")
     doc = {k: doc[k] for k in ("seed", "device", "threads", "compile", "data", "evaluation", "ray", "resources",
                                "tracking")}
@@ -269,10 +277,11 @@ class EvaluatePipeline:
             saved_baseline, source["baseline_sha256"] = load_release(source, "baseline")
             check_images(saved_baseline, source["baseline"], info, size)
             baseline = (saved_baseline["images"], saved_baseline["labels"])
-        generator, n_per_class, fidelity = None, 0, None
+        generator, n_per_class, fidelity, chunks = None, 0, None, 1
         if release_source.generation():
+            chunks = release_source.generate_chunks or source_options(src_spec).generate_chunks
             generator, n_per_class = load_generator(source, release_source, run_dir, info, size, spec.device,
-                                                    len(labels))
+                                                    len(labels), chunks)
             fidelity = source_fidelity(src_spec)
         check_evaluation_model(spec, info.channels, info.num_classes, size)
         check_plan(spec, info.channels, info.num_classes, size)
@@ -280,7 +289,7 @@ class EvaluatePipeline:
         source["method"] = saved.get("method")
         return PreparedEvaluate(images=images, labels=labels, source=source, val=val, test=test, info=info,
                                 baseline=baseline, generator=generator, n_per_class=n_per_class,
-                                fidelity=fidelity)
+                                fidelity=fidelity, chunks=chunks)
 
     def execute(self, ctx: Any, p: PreparedEvaluate) -> dict[str, Any]:
         from dpdistill.runtime.device import record_device, resolve_device
@@ -319,7 +328,7 @@ class EvaluatePipeline:
 
 
 def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path, info: Any, size: int,
-                   device: str, source_count: int) -> tuple[Any, int]:
+                   device: str, source_count: int, chunks: int = 1) -> tuple[Any, int]:
     """A synthesize source's released generator with this job's sampling options applied, and the images per
     class to draw (the job's, else the source's own). SpecError naming the field when the source has no
     generator or the generator has no such option. Reads the release only (no sensitive data)."""
@@ -345,7 +354,7 @@ def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path
         raise SpecError(f"{path}: a generator of {synth.channels}x{synth.image_size}x{synth.image_size} images in "
                         f"{synth.num_classes} classes, the spec's data {info.channels}x{size}x{size} in "
                         f"{info.num_classes}")
-    sampling = {k: v for k, v in wanted.items() if k != "n_per_class"}
+    sampling = {k: v for k, v in wanted.items() if k not in ("n_per_class", CHUNKS)}
     for key in sampling:
         if not hasattr(synth.config, key):
             raise SpecError(f"field 'method.{key}': {synth.name}'s generator has no such option (only the "
@@ -358,27 +367,32 @@ def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path
     n_per_class = wanted.get("n_per_class") or max(1, source_count // info.num_classes)
     source["generator_sha256"] = hashlib.sha256(raw).hexdigest()
     source["generated"] = {"n_per_class": n_per_class,
-                           **{k: getattr(synth.config, k) for k in GENERATION[1:] if hasattr(synth.config, k)}}
+                           **{k: getattr(synth.config, k) for k in GENERATION[1:] if hasattr(synth.config, k)},
+                           CHUNKS: int(chunks)}
     return synth, n_per_class
+
+
+def source_options(src: Any) -> Any:
+    """The source synthesize run's job options (SynthesizeOptions) from its resolved spec ``src``."""
+    from dpdistill.pipelines.synthesize_job import split_options
+
+    return split_options(src.method.name, src.method.options())[1]
 
 
 def source_fidelity(src: Any) -> Any:
     """The source synthesize run's fidelity settings (extractor, public set, samples) from its resolved spec
     ``src``, or None when it measured none: a fresh draw is measured the same way, so its FID reads beside the
     source's."""
-    from dpdistill.pipelines.synthesize_job import split_options
-
-    _, job = split_options(src.method.name, src.method.options())
+    job = source_options(src)
     return job if job.fidelity else None
 
 
 def draw_fresh_set(ctx: Any, p: PreparedEvaluate) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fresh set from the released generator (seeded by the spec's public seed), written to this run's
-    artifacts as a synthesize run writes its own."""
-    from dpdistill.pipelines.synthesize_job import save_synthetic
+    """The fresh set from the released generator, drawn as the synthesize job draws its own (the spec's public
+    seed; ``p.chunks`` Ray tasks when > 1) and written to this run's artifacts as a synthesize run writes it."""
+    from dpdistill.pipelines.synthesize_job import draw_set, save_synthetic
 
-    with ctx.stage("generate"):
-        images, labels = p.generator.generate(n_per_class=p.n_per_class, seed=ctx.spec.seed)
+    images, labels = draw_set(ctx, p.generator, p.n_per_class, p.chunks)
     ctx.run.artifacts.mkdir(parents=True, exist_ok=True)
     save_synthetic(ctx.run.artifacts, images, labels, p.info, p.generator.name)
     return images, labels

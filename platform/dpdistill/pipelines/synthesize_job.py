@@ -239,8 +239,7 @@ class SynthesizePipeline:
     def execute(self, ctx: Any, p: PreparedSynthesize) -> dict[str, Any]:
         from dpdistill import data
         from dpdistill.evaluation.selection import charge_selection
-        from dpdistill.pipelines.distill_job import report_utility, say_in_process
-        from dpdistill.runtime.cluster import ray_or_here
+        from dpdistill.pipelines.distill_job import report_utility
         from dpdistill.runtime.device import record_device, resolve_device
 
         spec = ctx.spec
@@ -279,19 +278,7 @@ class SynthesizePipeline:
         # The release is the fitted synthesiser: saved before generation (post-processing), so that a failed
         # generation never loses what was charged.
         synth.save(art / GENERATOR_FILE.name)
-        with ctx.stage("generate"), ray_or_here(p.job.generate_chunks > 1, spec.ray.address, spec.ray.num_cpus,
-                                                spec.ray.auth_token_path,
-                                                failed_before=getattr(ctx, "local_ray_failed", None)) as where:
-            if where.not_started:
-                say_in_process(ctx, "generation", where.not_started)
-            if p.job.generate_chunks > 1:
-                from dpdistill.runtime.generation import generate_parallel
-
-                # In process, the same chunks with the same seeds: the same images.
-                images, labels = generate_parallel(synth, p.job.n_per_class, spec.seed, use_ray=where.on_ray,
-                                                   chunks=p.job.generate_chunks, threads=spec.threads or 1)
-            else:
-                images, labels = synth.generate(n_per_class=p.job.n_per_class, seed=spec.seed)
+        images, labels = draw_set(ctx, synth, p.job.n_per_class, p.job.generate_chunks)
         save_synthetic(art, images, labels, p.info, synth.name)
         ctx.add_summary("made", f"{len(labels)} DP synthetic images ({p.job.n_per_class}/class) of {p.info.name} "
                         f"by {synth.name.upper()}")
@@ -308,6 +295,26 @@ class SynthesizePipeline:
         if spec.evaluation.enabled:
             report_utility(ctx, images, labels, p, trained_on=" trained on the synthetic set")
         return {}
+
+
+def draw_set(ctx: Any, synth: Any, n_per_class: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_per_class`` images of every class from a fitted ``synth`` in the run's ``generate`` stage, seeded by
+    the spec's public seed: one ``generate`` call, or ``chunks`` > 1 parallel Ray tasks (in this process, with
+    the same chunks and seeds, when a local Ray does not start: the same images). Post-processing: no charge."""
+    from dpdistill.pipelines.distill_job import say_in_process
+    from dpdistill.runtime.cluster import ray_or_here
+    from dpdistill.runtime.generation import generate_parallel
+
+    spec = ctx.spec
+    with ctx.stage("generate"), ray_or_here(chunks > 1, spec.ray.address, spec.ray.num_cpus,
+                                            spec.ray.auth_token_path,
+                                            failed_before=getattr(ctx, "local_ray_failed", None)) as where:
+        if where.not_started:
+            say_in_process(ctx, "generation", where.not_started)
+        if chunks > 1:
+            return generate_parallel(synth, n_per_class, spec.seed, use_ray=where.on_ray, chunks=chunks,
+                                     threads=spec.threads or 1)
+        return synth.generate(n_per_class=n_per_class, seed=spec.seed)
 
 
 def _ray_if(needed: bool, spec: Any) -> Any:
