@@ -66,7 +66,9 @@ PER_RUN_FIELDS = (("tracking",), ("ray", "address"), ("ray", "auth_token_path"),
 # (so those rows keep their hashes); any other value is part of the configuration and stays in.
 LATER_FIELD_DEFAULTS = ((("compile",), False),
                         # a diffusion synthesiser's pretrain_seed: None pre-trains with its own seed, as before
-                        (("method", "pretrain_seed"), None))
+                        (("method", "pretrain_seed"), None),
+                        # the same for DP-GenG's diffusion generator (its job sets 0 since the 6,000-step base)
+                        (("method", "generator_options", "pretrain_seed"), None))
 # Code that seeded private noise from spec.seed before issue 19's fix (Synthesizer.noise_generator, opacus'
 # noise_generator fed a seeded torch.Generator, DP-GenG's feature-matching generator); a draw records any hit.
 SEEDED_NOISE_PATTERN = r"noise_generator\(|noise_generator=torch\.Generator|manual_seed\(base_seed \+ 6\)"
