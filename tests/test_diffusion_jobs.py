@@ -152,6 +152,34 @@ def test_public_pre_training_is_refused_for_dpdm_before_any_run_folder(tmp_path)
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_dpdm_run_folder_from_before_its_public_options_were_retired_still_loads(tmp_path):
+    """dpdm's config had the public-base options (at values that did nothing) until they moved to
+    PublicBaseConfig: an old run folder's resolved spec.yaml and an old saved synthesiser still load, without
+    them; a value that is not the retired one is still refused."""
+    import yaml
+
+    from dpdistill import synthesis
+    from dpdistill.spec import load_run_spec
+    from dpdistill.synthesis import Synthesizer
+
+    retired = synthesis.get("dpdm").retired_options
+    assert set(retired) == {"pretrain_iterations", "pretrain_lr", "pretrain_batch", "pretrain_seed",
+                            "base_checkpoint"}
+    old = validate_spec(doc("dpdm")).model_dump(mode="json")
+    old["method"].update(retired)  # what a run folder of then holds
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(old))
+    spec = load_run_spec(tmp_path / "spec.yaml")
+    assert not set(retired) & set(spec.method.options())
+    old["method"]["pretrain_iterations"] = 20
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(SpecError, match="unknown key 'method.pretrain_iterations'"):
+        load_run_spec(tmp_path / "spec.yaml")
+    synth, _ = _tiny("dpdm")
+    state = synth.state()
+    state["config"] = {**state["config"], **retired}
+    assert Synthesizer.from_state(state).config == synth.config
+
+
 def test_a_bad_option_is_refused_before_the_budget_is_charged():
     from dpdistill.privacy import PrivacyLedger
 

@@ -68,7 +68,8 @@ def evaluate(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override how the release is scored: "
                                                    "--set 'evaluation.models=[convnet, resnet18]'; a synthesize "
                                                    "run's fresh draw: --set method.n_per_class=1000 --set "
-                                                   "method.guidance_scale=3")] = None,
+                                                   "method.guidance_scale=3 (method.generate_chunks=N: as N "
+                                                   "Ray tasks; unset, as the source drew)")] = None,
     runs_dir: Annotated[Path, typer.Option(help="where the evaluate run's folder (and the default MLflow store) "
                                            "go")] = Path("runs"),
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local cluster)")] = None,
@@ -81,7 +82,8 @@ def evaluate(
     threads, ray.*, resources.*, tracking.*, name, description, data.root and data.download can be overridden;
     noisy-senv is refused (it would charge a ledger this job does not have). A synthesize run's set is re-scored,
     or with method.n_per_class / method.guidance_scale / method.sample_steps a fresh set is drawn from its
-    released generator and scored (post-processing as well).
+    released generator and scored (post-processing as well), in method.generate_chunks Ray tasks (unset: as the
+    source drew; the chunks fix the latents' seeds).
     """
     from dpdistill.pipelines.evaluate_job import evaluate_spec
 
@@ -357,7 +359,7 @@ def mia(
     from dpdistill.errors import SpecError
     from dpdistill.runner import is_sigterm
     from dpdistill.runtime.lira_tasks import NOT_PRIVATE_REASON, check_mia_spec, resume_mia, run_mia
-    from dpdistill.spec import load_spec
+    from dpdistill.spec import load_run_spec, load_spec
 
     try:
         if resume is not None:
@@ -365,7 +367,7 @@ def mia(
                 raise SpecError("mia --resume DIR takes no spec, --set, --shadows or --pool: the folder's spec.yaml "
                                 "and study.json are the study")
             study, run_dir = resume_mia(resume, address=address)
-            job = load_spec(run_dir / "spec.yaml")
+            job = load_run_spec(run_dir / "spec.yaml")
         elif spec is None:
             raise SpecError("mia: give a job spec (e.g. jobs/ndpdc-mnist.yaml) or --resume STUDY_DIR")
         else:

@@ -530,6 +530,30 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     return validate_spec(doc, str(path))
 
 
+def load_run_spec(path: str | Path) -> JobSpec:
+    """A run folder's resolved spec.yaml, which an earlier version may have written: options a synthesiser has
+    since retired (``Synthesizer.retired_options``) are dropped where they hold the value that version resolved
+    them to (they did nothing there), then the spec is validated as :func:`load_spec` does. Any other value of a
+    retired option stays and is refused as an unknown key."""
+    path = Path(path)
+    return validate_spec(drop_retired_options(read_yaml(path)), str(path))
+
+
+def drop_retired_options(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` without the retired options of its synthesiser (``method``) or nested generator
+    (``method.generator_options``) that hold their retired value."""
+    from dpdistill.synthesis import registry as synthesis
+
+    method = doc.get("method")
+    if not isinstance(method, dict):
+        return doc
+    for block, name in ((method, method.get("name")), (method.get("generator_options"), method.get("generator"))):
+        if isinstance(block, dict) and isinstance(name, str) and name.lower() in synthesis.names():
+            for key in synthesis.get(name).retired(block):
+                del block[key]
+    return doc
+
+
 def validate_spec(doc: dict[str, Any], source: str = "<spec>") -> JobSpec:
     """Validate a spec mapping (already overridden) into a fully resolved :class:`JobSpec`."""
     try:

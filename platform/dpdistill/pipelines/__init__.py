@@ -96,8 +96,8 @@ def check_generator_public(config: Any) -> None:
     base_checkpoint = (getattr(config, "generator_options", None) or {}).get("base_checkpoint")
     if getattr(cls, "uses_public_base", False) and not public and not base_checkpoint:
         raise SpecError(f"field 'method.public': generator '{generator}' fine-tunes a public base; name a public "
-                        "set to pre-train it on (e.g. glyphs) or a local diffusers checkpoint in "
-                        "method.generator_options.base_checkpoint")
+                        "set to pre-train it on (e.g. glyphs)" + ("" if generator == "dp-ldm" else
+                        " or a local diffusers checkpoint in method.generator_options.base_checkpoint"))
     if public and base_checkpoint:
         raise SpecError(f"field 'method.public': generator '{generator}' cannot take both a public set to "
                         "pre-train on and generator_options.base_checkpoint (choose one public base)")

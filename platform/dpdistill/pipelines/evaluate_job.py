@@ -57,8 +57,8 @@ RELEASE_FILE = Path("artifacts") / "distilled.pt"
 # Sampling options of a synthesize run's released generator that an evaluate job may set (method.<name>): a fresh
 # draw from the release is post-processing. guidance_scale and sample_steps exist for the diffusion synthesisers.
 GENERATION = ("n_per_class", "guidance_scale", "sample_steps")
-# How a fresh draw runs, not what it samples from: chunks (each a Ray task, runtime/generation.py), unset as the
-# source's method.generate_chunks, so that with the source's options the draw is the source's set.
+# A fresh draw's chunks (each a Ray task, runtime/generation.py). They fix the latents' seeds, so 1 chunk and 2
+# draw different sets; unset, the source's method.generate_chunks, so that the source's options give its set.
 CHUNKS = "generate_chunks"
 BASELINE_FILE = Path("artifacts") / "baseline_generated.pt"  # DP-GenG's DP-generated baseline, when kept
 # The top-level fields an override may change: how a release is scored and where the scoring runs. The data,
@@ -191,12 +191,12 @@ def load_release(source: dict[str, Any], key: str = "release") -> tuple[dict[str
 
 def source_spec(run_dir: Path) -> Any:
     """The source run's resolved spec.yaml; SpecError naming the file when it is missing or invalid."""
-    from dpdistill.spec import load_spec
+    from dpdistill.spec import load_run_spec
 
     spec_path = run_dir / "spec.yaml"
     if not spec_path.is_file():
         raise SpecError(f"{spec_path}: missing; cannot tell which data and protocol the release belongs to")
-    return load_spec(spec_path)
+    return load_run_spec(spec_path)
 
 
 def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> Any:
@@ -279,9 +279,8 @@ class EvaluatePipeline:
             baseline = (saved_baseline["images"], saved_baseline["labels"])
         generator, n_per_class, fidelity, chunks = None, 0, None, 1
         if release_source.generation():
-            chunks = release_source.generate_chunks or source_options(src_spec).generate_chunks
-            generator, n_per_class = load_generator(source, release_source, run_dir, info, size, spec.device,
-                                                    len(labels), chunks)
+            generator, n_per_class, chunks = load_generator(source, release_source, run_dir, info, size,
+                                                            spec.device, len(labels), src_spec)
             fidelity = source_fidelity(src_spec)
         check_evaluation_model(spec, info.channels, info.num_classes, size)
         check_plan(spec, info.channels, info.num_classes, size)
@@ -328,10 +327,10 @@ class EvaluatePipeline:
 
 
 def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path, info: Any, size: int,
-                   device: str, source_count: int, chunks: int = 1) -> tuple[Any, int]:
-    """A synthesize source's released generator with this job's sampling options applied, and the images per
-    class to draw (the job's, else the source's own). SpecError naming the field when the source has no
-    generator or the generator has no such option. Reads the release only (no sensitive data)."""
+                   device: str, source_count: int, src_spec: Any) -> tuple[Any, int, int]:
+    """A synthesize source's released generator with this job's sampling options applied, the images per class
+    to draw and the chunks to draw them in (the job's, else the source's own). SpecError naming the field when
+    the source has no generator or the generator has no such option. Reads the release only (no sensitive data)."""
     from dpdistill.errors import DataError
     from dpdistill.runtime.device import resolve_device
     from dpdistill.synthesis import Synthesizer
@@ -365,11 +364,12 @@ def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path
     synth.config = dataclasses.replace(synth.config, **sampling)
     # Unset: as many per class as the source drew (its set is balanced: n_per_class of each class).
     n_per_class = wanted.get("n_per_class") or max(1, source_count // info.num_classes)
+    chunks = wanted.get(CHUNKS) or source_options(src_spec).generate_chunks
     source["generator_sha256"] = hashlib.sha256(raw).hexdigest()
     source["generated"] = {"n_per_class": n_per_class,
                            **{k: getattr(synth.config, k) for k in GENERATION[1:] if hasattr(synth.config, k)},
                            CHUNKS: int(chunks)}
-    return synth, n_per_class
+    return synth, n_per_class, int(chunks)
 
 
 def source_options(src: Any) -> Any:

@@ -158,9 +158,11 @@ def release_for_spec(spec: Any, num_classes: int, mean: list[float], std: list[f
     """The spec's release pipeline as a picklable ``(images, labels, seed) -> (images, labels)``."""
     if spec.kind == "distill":
         from dpdistill import distill
+        from dpdistill.pipelines import check_generator_public
 
         record = distill.get(spec.method.name)
-        record.make_config(**spec.method.options())  # a bad option fails here, before any data is read
+        config = record.make_config(**spec.method.options())  # a bad option fails here, before any data is read
+        check_generator_public(config)  # a nested generator and method.public agree, as the distill job checks
         if record.private and spec.privacy.epsilon is None:
             raise SpecError(f"privacy.epsilon: method '{spec.method.name}' is private and needs a budget")
         if not record.private and spec.privacy.epsilon is not None:
@@ -259,11 +261,11 @@ def resume_mia(study_dir: Path, *, use_ray: bool = True, address: str | None = N
     is being run by another process.
     """
     from dpdistill.runtime.runfolder import RunFolder, exclusive_lock
-    from dpdistill.spec import load_spec
+    from dpdistill.spec import load_run_spec
 
     study_dir = Path(study_dir).expanduser().resolve()
     state = _read_study(study_dir)
-    spec = load_spec(study_dir / "spec.yaml")
+    spec = load_run_spec(study_dir / "spec.yaml")
     check_mia_spec(spec)
     with exclusive_lock(study_dir / STUDY_LOCK, _busy(study_dir)):
         done = load_shadows(study_dir, state["shadows"], state["pool"])

@@ -187,6 +187,9 @@ class Synthesizer(ABC):
     # Whether pretrain() on a public set does anything: False (dpdm, which trains from scratch) makes jobs refuse
     # a public set named for it before anything is read, rather than fail in the pretrain stage.
     pretrains_on_public: ClassVar[bool] = True
+    # Options the config no longer has, with the value earlier versions resolved them to: a run folder's spec.yaml
+    # or a saved synthesiser of then still loads (spec.load_run_spec, from_state) where they hold that value.
+    retired_options: ClassVar[dict[str, Any]] = {}
     # Whether _pretrain is a deterministic function of (config, shape, seed, starting weights, public images) that
     # only sets the generator and extra_state, so pretrain(cache=True) may restore it from the public cache.
     pretrain_cacheable: ClassVar[bool] = False
@@ -443,6 +446,11 @@ class Synthesizer(ABC):
             raise DataError(f"{path}: not a dpdistill synthesiser file (expected format {FORMAT})")
         return Synthesizer.from_state(state, device=device, noise=noise)
 
+    @classmethod
+    def retired(cls, options: dict[str, Any]) -> list[str]:
+        """The keys of ``options`` that are retired options holding their retired value (safe to drop)."""
+        return [k for k, v in options.items() if k in cls.retired_options and v == cls.retired_options[k]]
+
     @staticmethod
     def from_state(state: dict[str, Any], device: str | torch.device = "cpu",
                    noise: PrivacyRandomness | None = None) -> Synthesizer:
@@ -452,7 +460,9 @@ class Synthesizer(ABC):
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise DataError(f"not a dpdistill synthesiser state (expected format {FORMAT})")
         cls = get(state["method"])
-        synth = cls(cls.config_type(**state["config"]), seed=state["seed"], device=device, noise=noise,
+        retired = cls.retired(state["config"])
+        config = {k: v for k, v in state["config"].items() if k not in retired}
+        synth = cls(cls.config_type(**config), seed=state["seed"], device=device, noise=noise,
                     **state["shape"])
         synth.load_extra_state(state["extra"])
         synth.load_generator_state(state["generator"])

@@ -113,9 +113,6 @@ class DiffusionSynthesizer(Synthesizer):
     dp_sgd_target: ClassVar[str] = "UNet"  # what DP-SGD trains, in the plan's note
     disclosure = fit_disclosure(noise={"sigma": ACCOUNTING, "q": ACCOUNTING},
                                 extra={"trainable_parameters": PUBLIC})
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.pretrains_on_public = cls.uses_public_base  # a diffusion model pre-trains only as a public base
 
     # -- the network ------------------------------------------------------------------------------------
 
@@ -166,7 +163,8 @@ class DiffusionSynthesizer(Synthesizer):
     @property
     def public_seed(self) -> int:
         """The seed public pre-training runs with: ``pretrain_seed``, else this synthesiser's seed."""
-        return self.seed if self.config.pretrain_seed is None else self.config.pretrain_seed
+        seed = getattr(self.config, "pretrain_seed", None)  # a PublicBaseConfig field; dpdm has no public base
+        return self.seed if seed is None else seed
 
     def _pretrain(self, public: Any, progress: bool) -> None:
         from dpdistill.synthesis.diffusion.pretrain import PretrainConfig, pretrain
@@ -299,6 +297,10 @@ class DPDMConfig(DiffusionConfig):
 class DPDM(DiffusionSynthesizer):
     name = "dpdm"
     config_type = DPDMConfig
+    pretrains_on_public = False  # trains from scratch: jobs refuse a public set named for it
+    # Its config had the public-base options until they moved to PublicBaseConfig; what they resolved to then.
+    retired_options = {"pretrain_iterations": 3000, "pretrain_lr": 2e-4, "pretrain_batch": 64, "pretrain_seed": None,
+                       "base_checkpoint": ""}
     paper_neighbouring = "add-or-remove-one"
     privacy_note = ("DP-SGD on the UNet from scratch, Poisson sampling, per-record clip C after averaging the "
                     "record's noise-multiplicity draws; add-or-remove sensitivity C")
