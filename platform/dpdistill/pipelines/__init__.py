@@ -89,21 +89,30 @@ def check_generator_public(config: Any) -> None:
     generator = getattr(config, "generator", None)
     if generator is None:
         return
-    cls, public = synthesis.get(generator), getattr(config, "public", None)
+    check_public_start(synthesis.get(generator), getattr(config, "public", None),
+                       (getattr(config, "generator_options", None) or {}).get("base_checkpoint"),
+                       f"generator '{generator}'", "method.public", "method.generator_options.base_checkpoint")
+
+
+def check_public_start(cls: Any, public: str | None, base_checkpoint: str | None, who: str, public_field: str,
+                       checkpoint_field: str) -> None:
+    """A synthesiser's public start against what the spec names for it: a public set (``public_field``) for one
+    that needs it (DP-MEPF's extractor) or fine-tunes a public base (pdp-diffusion, dp-lora, dp-ldm; or a local
+    checkpoint in ``checkpoint_field``), not both, and none for one without public pre-training (dpdm). Shared by a
+    synthesize job's method and a distill job's nested generator; reads no data."""
     if cls.needs_public and not public:
-        raise SpecError(f"field 'method.public': generator '{generator}' trains its feature extractor on a public "
-                        "set; name one (e.g. glyphs)")
-    base_checkpoint = (getattr(config, "generator_options", None) or {}).get("base_checkpoint")
+        raise SpecError(f"field '{public_field}': {who} trains its feature extractor on a public set; name one "
+                        "(e.g. glyphs)")
     if getattr(cls, "uses_public_base", False) and not public and not base_checkpoint:
-        raise SpecError(f"field 'method.public': generator '{generator}' fine-tunes a public base; name a public "
-                        "set to pre-train it on (e.g. glyphs)" + ("" if generator == "dp-ldm" else
-                        " or a local diffusers checkpoint in method.generator_options.base_checkpoint"))
+        raise SpecError(f"field '{public_field}': {who} fine-tunes a public base; name a public set to pre-train on "
+                        "(e.g. glyphs)" + ("" if cls.name == "dp-ldm" else  # dp-ldm refuses a base checkpoint
+                                           f" or a local diffusers checkpoint in {checkpoint_field}"))
     if public and base_checkpoint:
-        raise SpecError(f"field 'method.public': generator '{generator}' cannot take both a public set to "
-                        "pre-train on and generator_options.base_checkpoint (choose one public base)")
+        raise SpecError(f"field '{checkpoint_field}': {who} cannot take both a base checkpoint and {public_field} "
+                        "(choose one public base)")
     if public and not cls.pretrains_on_public:
-        raise SpecError(f"field 'method.public': generator '{generator}' trains from scratch and has no public "
-                        "pre-training; leave method.public unset (or choose pdp-diffusion, dp-lora or dp-ldm)")
+        raise SpecError(f"field '{public_field}': {who} trains from scratch and has no public pre-training; "
+                        "pdp-diffusion, dp-lora and dp-ldm start from a public base")
 
 
 def check_public_source(name: str | None, spec: Any, field: str) -> None:

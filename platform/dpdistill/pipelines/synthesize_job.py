@@ -179,7 +179,7 @@ class SynthesizePipeline:
     def prepare(self, spec: Any) -> PreparedSynthesize:
         from dpdistill import models, synthesis
         from dpdistill.evaluation.selection import check_plan
-        from dpdistill.pipelines import check_evaluation_model, check_public_source
+        from dpdistill.pipelines import check_evaluation_model, check_public_source, check_public_start
         from dpdistill.pipelines.distill_job import load_splits
         from dpdistill.runtime.device import check_device
 
@@ -212,19 +212,9 @@ class SynthesizePipeline:
         if job.train_workers > 1 and not cls.runs_dp_sgd:
             raise SpecError(f"field 'method.train_workers': {cls.name} does not train with DP-SGD through an "
                             "executor; only the diffusion synthesisers shard their fit over Ray Train workers")
-        if job.pretrain and not cls.pretrains_on_public:
-            raise SpecError(f"field 'method.pretrain': {cls.name} trains from scratch and has no public "
-                            "pre-training; pdp-diffusion, dp-lora and dp-ldm start from a public base")
-        if cls.needs_public and not job.pretrain:
-            raise SpecError(f"field 'method.pretrain': {cls.name} trains its feature extractor on a public set; "
-                            "name one (e.g. glyphs)")
-        if getattr(cls, "uses_public_base", False) and not job.pretrain and not getattr(config, "base_checkpoint",
-                                                                                          ""):
-            raise SpecError(f"field 'method.pretrain': {cls.name} fine-tunes a public base; name a public set "
-                            "to pre-train on (e.g. glyphs) or a local diffusers checkpoint in method.base_checkpoint")
-        if getattr(config, "base_checkpoint", "") and job.pretrain:  # dpdm's config has no base_checkpoint
-            raise SpecError(f"field 'method.base_checkpoint': {cls.name} cannot take both a base checkpoint and "
-                            "method.pretrain (choose one public base)")
+        # dpdm's config has no base_checkpoint
+        check_public_start(cls, job.pretrain, getattr(config, "base_checkpoint", ""), cls.name, "method.pretrain",
+                           "method.base_checkpoint")
         train, val, test, info = load_splits(spec)
         if job.train_workers > len(train):  # every worker needs a shard of at least one record
             raise SpecError(f"field 'method.train_workers': {job.train_workers} workers for {len(train)} "
