@@ -68,7 +68,10 @@ LATER_FIELD_DEFAULTS = ((("compile",), False),
                         # a diffusion synthesiser's pretrain_seed: None pre-trains with its own seed, as before
                         (("method", "pretrain_seed"), None),
                         # the same for DP-GenG's diffusion generator (its job sets 0 since the 6,000-step base)
-                        (("method", "generator_options", "pretrain_seed"), None))
+                        (("method", "generator_options", "pretrain_seed"), None),
+                        # a diffusion synthesiser's ema_decay: 0 releases the last DP-SGD iterate, as before
+                        (("method", "ema_decay"), 0.0),
+                        (("method", "generator_options", "ema_decay"), 0.0))
 # Code that seeded private noise from spec.seed before issue 19's fix (Synthesizer.noise_generator, opacus'
 # noise_generator fed a seeded torch.Generator, DP-GenG's feature-matching generator); a draw records any hit.
 SEEDED_NOISE_PATTERN = r"noise_generator\(|noise_generator=torch\.Generator|manual_seed\(base_seed \+ 6\)"

@@ -40,3 +40,15 @@ class ZeroGradient:
                 f.write(f"{len(images)}\n")
         x = images.flatten(1).repeat_interleave(multiplicity, 0)
         return (net(x) * 0.0).sum(1)
+
+
+def noise_gain(schedule) -> float:
+    """How many per-step noise stds one coordinate of the RELEASE moves by, for zero per-sample gradients and SGD
+    at a constant lr of 1: √T for the last iterate; with ``schedule.ema_decay`` > 0 the release is the moving
+    average e_T (e_0 = w_0, e_t = d·e_{t-1} + (1 - d)·w_t, d = schedule.ema_decay_at(t - 1)), i.e. Σ_s c_s·u_s
+    over the steps' updates u_s with c_s the weight the average puts on iterates w_s..w_T; gain = √(Σ c_s²)."""
+    weights = [1.0]  # on w_0, w_1, ... as the average goes
+    for t in range(schedule.steps):
+        d = schedule.ema_decay_at(t) if schedule.ema_decay else 0.0
+        weights = [w * d for w in weights] + [1.0 - d]
+    return sum(sum(weights[s:]) ** 2 for s in range(1, schedule.steps + 1)) ** 0.5

@@ -130,6 +130,16 @@ def test_a_bad_lr_schedule_is_refused_before_any_run_folder(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("bad", [1.0, -0.5])
+def test_a_bad_ema_decay_is_refused_before_any_run_folder(tmp_path, bad):
+    from dpdistill.runner import run_job
+
+    with pytest.raises(SpecError, match="ema_decay"):
+        run_job(validate_spec(doc("pdp-diffusion", pretrain="glyphs", ema_decay=bad)), tmp_path / "runs",
+                progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_public_pre_training_is_refused_for_dpdm_before_any_run_folder(tmp_path):
     """dpdm trains from scratch: a public set to pre-train on, or an option that would shape that pre-training,
     has no effect there, so the spec is refused (naming the field) before any run folder or data read."""

@@ -9,8 +9,8 @@ shards on the driver; each shard travels as an object-store ref in ``train_loop_
 rate q, which is exactly Poisson sampling of the whole set). Each worker gets its own child privacy source
 (``noise.spawn("worker-<rank>")``: independent secret streams) and runs
 :func:`dpdistill.training.dp_sgd.train_dp_sgd` with ``rank``/``world_size``; the clipped sums are all-reduced and
-rank 0 adds the step's noise once. Rank 0 writes a checkpoint (network, optimiser state, step, schedule) every
-``checkpoint_every`` steps through ``ray.train.report``; a worker that fails is restarted by Ray Train
+rank 0 adds the step's noise once. Rank 0 writes a checkpoint (network, optimiser state, step, schedule, the
+weights' moving average) every ``checkpoint_every`` steps through ``ray.train.report``; a worker that fails is restarted by Ray Train
 (``FailureConfig.max_failures``) and every worker resumes from ``ray.train.get_checkpoint()`` at its step, with
 a fresh child source for the rest of the run. Reports carry the step number only. The final state returns to
 the driver as the run's last checkpoint.
@@ -127,7 +127,7 @@ def _chain(*hooks: Callable[[int, dict], None] | None) -> Callable[[int, dict], 
 def _fit_in_process(objective: DPObjective, initial_state: dict | None, images: torch.Tensor, labels: torch.Tensor,
                     schedule: DPSGDSchedule, noise: PrivacyRandomness, storage_path: Path | None, run_name: str,
                     progress: bool, on_step: Callable[[int, dict], None] | None) -> dict[str, torch.Tensor]:
-    start, optimizer_state, on_checkpoint = 0, None, None
+    start, optimizer_state, ema_state, on_checkpoint = 0, None, None, None
     if storage_path is not None:
         folder = Path(storage_path) / run_name
         folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ def _fit_in_process(objective: DPObjective, initial_state: dict | None, images: 
         if file.is_file():
             saved = torch.load(file, weights_only=True)
             start = _check_resumable(saved, schedule, str(file))
-            initial_state, optimizer_state = saved["net"], saved["optimizer"]
+            initial_state, optimizer_state, ema_state = saved["net"], saved["optimizer"], saved.get("ema")
             # The interrupted run's draws are spent; the rest of the run gets a stream of its own.
             noise = noise.spawn(f"resume-{start}")
             if start == schedule.steps:
@@ -148,7 +148,8 @@ def _fit_in_process(objective: DPObjective, initial_state: dict | None, images: 
 
     hook = _chain(on_step, _progress_printer(progress, schedule.steps))
     final = train_dp_sgd(objective, initial_state, images, labels, schedule, noise, start_step=start,
-                         optimizer_state=optimizer_state, on_checkpoint=on_checkpoint, on_step=hook)
+                         optimizer_state=optimizer_state, ema_state=ema_state, on_checkpoint=on_checkpoint,
+                         on_step=hook)
     if on_checkpoint is not None and not (schedule.checkpoint_every
                                           and schedule.steps % schedule.checkpoint_every == 0):
         # The finished run is recorded too: calling again returns this release instead of redoing the steps
@@ -180,13 +181,13 @@ def _train_worker(config: dict[str, Any]) -> None:
 
         device = ray.train.torch.get_device()
 
-    start, optimizer_state = 0, None
+    start, optimizer_state, ema_state = 0, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved = torch.load(Path(d) / STATE_FILE, weights_only=True)
         start = _check_resumable(saved, schedule, "the Ray Train run's latest checkpoint")
-        initial_state, optimizer_state = saved["net"], saved["optimizer"]
+        initial_state, optimizer_state, ema_state = saved["net"], saved["optimizer"], saved.get("ema")
         noise = noise.spawn(f"resume-{start}")
         if start == schedule.steps:
             return  # the final state is already the run's latest checkpoint
@@ -205,7 +206,8 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     hook = _chain(config["on_step"], _progress_printer(config["progress"], schedule.steps, rank))
     final = train_dp_sgd(config["objective"], initial_state, images, labels, schedule, noise, rank=rank,
-                         world_size=world, start_step=start, optimizer_state=optimizer_state, device=device,
+                         world_size=world, start_step=start, optimizer_state=optimizer_state,
+                         ema_state=ema_state, device=device,
                          on_checkpoint=report, on_step=hook)
     if reported["step"] != schedule.steps:  # the last step was not a checkpoint step: report the final state
         state = {"step": schedule.steps, "net": final, "optimizer": {}, "schedule": schedule.to_dict()}

@@ -66,6 +66,9 @@ class DiffusionConfig:
     multiplicity: int = 1
     max_physical_batch: int = 256
     checkpoint_every: int = field(default=0, metadata={"zero_ok": True})
+    # Release the exponential moving average of the DP-SGD iterates instead of the last one (0: the last).
+    # Post-processing: free. Warmed up, step t's decay is min(ema_decay, (1 + t) / (10 + t)) (training/dp_sgd.py).
+    ema_decay: float = field(default=0.0, metadata={"zero_ok": True})
     # How per-record clipped gradients are computed (speed only; training/per_record.py): auto | hooks | ghost |
     # functorch. The plan records the backend it resolves to (public: a function of the architecture).
     grad_sample_mode: str = "auto"
@@ -137,6 +140,9 @@ class DiffusionSynthesizer(Synthesizer):
         if self.config.lr_schedule not in LR_SCHEDULES:  # here: the job builds the synthesiser before any read
             raise SpecError(f"field 'method.lr_schedule': expected one of {', '.join(LR_SCHEDULES)}, got "
                             f"'{self.config.lr_schedule}'")
+        if not 0 <= self.config.ema_decay < 1:
+            raise SpecError(f"field 'method.ema_decay': expected a decay in [0, 1) (0: release the last iterate), "
+                            f"got {self.config.ema_decay!r}")
         self.base_ref: dict[str, Any] | None = None  # where the public base came from (pretrain / checkpoint)
         return build_unet(self.unet_config())
 
@@ -210,7 +216,7 @@ class DiffusionSynthesizer(Synthesizer):
 
         params = {"sigma": sigma, "q": q, "steps": c.iterations, "clip": c.clip, "n_records": n_records,
                   "lr": c.lr, "lr_schedule": c.lr_schedule, "optimizer": "adam", "weight_decay": c.weight_decay,
-                  "multiplicity": c.multiplicity,
+                  "multiplicity": c.multiplicity, "ema_decay": c.ema_decay,
                   "checkpoint_every": c.checkpoint_every, "max_physical_batch": c.max_physical_batch,
                   "grad_sample_mode": resolve_grad_sample_mode(self.objective(None), c.grad_sample_mode)}
         note = (f"DP-SGD on the {'LoRA adapters' if self.trains_adapters_only else self.dp_sgd_target}: per-record gradient "

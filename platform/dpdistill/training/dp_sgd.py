@@ -128,6 +128,11 @@ class DPSGDSchedule:
     plan_id: str = ""
     grad_sample_mode: str = "auto"
     lr_schedule: str = "constant"  # constant, or cosine decay from lr towards 0 over the planned steps
+    # An exponential moving average of the trainable parameters' iterates is what the fit returns when > 0 (0:
+    # the last iterate). Post-processing of the noisy iterates: it reads no record and charges nothing, and it
+    # averages the per-step noise that the last iterate carries whole (DPDM and DP fine-tuning of diffusion models
+    # release the EMA). Warmed up as diffusers' EMAModel: step t's decay is min(ema_decay, (1 + t) / (10 + t)).
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any, integer: bool = False) -> None:
@@ -164,6 +169,14 @@ class DPSGDSchedule:
                 or self.checkpoint_every < 0:
             raise SpecError(f"dp-sgd schedule: checkpoint_every must be an integer >= 0, got "
                             f"{self.checkpoint_every!r}")
+        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, int | float) \
+                or not 0 <= self.ema_decay < 1:
+            raise SpecError(f"dp-sgd schedule: ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA's decay after step ``step`` (0-based): min(ema_decay, (1 + step) / (10 + step)), so the first
+        iterates do not pin the average to the starting weights. Indexed by step: a resumed fit follows it too."""
+        return min(float(self.ema_decay), (1.0 + step) / (10.0 + step))
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based): ``lr``, or with ``cosine`` lr·(1 + cos(π·step/steps))/2,
@@ -308,7 +321,7 @@ def progress_printer(steps: int) -> Callable[[int, dict], None]:
 def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None, images: Tensor, labels: Tensor,
                  schedule: DPSGDSchedule, noise: PrivacyRandomness, *, rank: int = 0, world_size: int = 1,
                  start_step: int = 0, optimizer_state: dict[str, Any] | None = None,
-                 device: str | torch.device | None = None,
+                 ema_state: dict[str, Tensor] | None = None, device: str | torch.device | None = None,
                  on_checkpoint: Callable[[int, dict], None] | None = None,
                  on_step: Callable[[int, dict], None] | None = None) -> dict[str, Tensor]:
     """Train ``objective``'s network with DP-SGD on this worker's shard; returns the final state_dict (CPU).
@@ -317,11 +330,17 @@ def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None
     ``world_size`` > 1 the default torch.distributed process group must be initialised (Ray Train does it).
     ``initial_state`` (a state_dict, e.g. public pre-training) is loaded after ``build()``. Resuming:
     ``start_step`` steps are already done and ``optimizer_state`` is the optimiser's state at that step (both
-    from a checkpoint). ``device`` overrides the objective's ``device`` (a Ray GPU worker's own device).
+    from a checkpoint), and with ``schedule.ema_decay`` > 0 ``ema_state`` is the average at that step (the
+    checkpoint's "ema"). ``device`` overrides the objective's ``device`` (a Ray GPU worker's own device).
+
+    The returned state is the released one: the last iterate, or with ``ema_decay`` > 0 the last iterate with
+    every trainable parameter replaced by its moving average (frozen ones never move).
 
     ``on_step(step, info)`` after every step (``step`` counts steps done; ``info``: step, steps, rank,
     elapsed_s: nothing computed from the data). ``on_checkpoint(step, state)`` every ``checkpoint_every`` steps
-    on every rank, ``state`` = {"step", "net", "optimizer", "schedule"} (CPU copies).
+    on every rank, ``state`` = {"step", "net", "optimizer", "schedule", "ema"} (CPU copies; "ema": the moving
+    average of the trainable parameters by name, or None without one). At the last step "net" is the released
+    state, so a finished run's checkpoint holds what the fit returns.
     """
     noise = noise if isinstance(noise, PrivacyRandomness) else _refuse_noise(noise)
     if not 0 <= rank < world_size:  # rank 0 adds the noise: a lone worker that is not rank 0 would add none
@@ -349,6 +368,7 @@ def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None
     optimizer = make_optimizer(params, schedule)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    ema = _start_ema(net, trainable_ids, schedule, start_step, ema_state, device)
 
     images, labels = images.to(device), labels.to(device)
     # Public: a function of the architecture and the trainable parameters (resolve_grad_sample_mode).
@@ -376,17 +396,47 @@ def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None
                 group["lr"] = schedule.lr_at(step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                with torch.no_grad():
+                    decay = schedule.ema_decay_at(step)
+                    for name, p in net.named_parameters():
+                        if name in ema:
+                            ema[name].lerp_(p.detach(), 1.0 - decay)
             done = step + 1
             if on_checkpoint is not None and schedule.checkpoint_every and done % schedule.checkpoint_every == 0:
-                on_checkpoint(done, {"step": done, "net": _cpu_copy(net.state_dict()),
-                                     "optimizer": _cpu_copy(optimizer.state_dict()),
-                                     "schedule": schedule.to_dict()})
+                state = _released_state(net, ema) if done == schedule.steps else _cpu_copy(net.state_dict())
+                on_checkpoint(done, {"step": done, "net": state, "optimizer": _cpu_copy(optimizer.state_dict()),
+                                     "schedule": schedule.to_dict(), "ema": _cpu_copy(ema)})
             if on_step is not None:
                 on_step(done, {"step": done, "steps": schedule.steps, "rank": rank,
                                "elapsed_s": time.monotonic() - started})
     finally:
         backend.close()
-    return _cpu_copy(net.state_dict())
+    return _released_state(net, ema)
+
+
+def _start_ema(net: nn.Module, trainable_ids: set[int], schedule: DPSGDSchedule, start_step: int,
+               ema_state: dict[str, Tensor] | None, device: torch.device) -> dict[str, Tensor] | None:
+    """The moving average of the trainable parameters by name (None when ``ema_decay`` is 0): the starting
+    weights at step 0, the checkpoint's average when resuming."""
+    if not schedule.ema_decay:
+        return None
+    names = [name for name, p in net.named_parameters() if id(p) in trainable_ids]
+    if start_step == 0 and ema_state is None:
+        own = dict(net.named_parameters())
+        return {name: own[name].detach().clone() for name in names}
+    if ema_state is None or sorted(ema_state) != sorted(names):
+        raise SpecError(f"dp-sgd: resuming at step {start_step} with ema_decay {schedule.ema_decay:g} needs the "
+                        "checkpoint's moving average of every trainable parameter")
+    return {name: ema_state[name].detach().to(device, copy=True) for name in names}
+
+
+def _released_state(net: nn.Module, ema: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """CPU copy of what the fit releases: ``net``'s state, its trainable parameters replaced by ``ema`` if any."""
+    state = dict(net.state_dict())
+    if ema is not None:
+        state.update(ema)
+    return _cpu_copy(state)
 
 
 def _refuse_noise(noise: Any) -> PrivacyRandomness:
