@@ -60,6 +60,7 @@ GENERATION = ("n_per_class", "guidance_scale", "sample_steps")
 # A fresh draw's chunks (each a Ray task, runtime/generation.py). They fix the latents' seeds, so 1 chunk and 2
 # draw different sets; unset, the source's method.generate_chunks, so that the source's options give its set.
 CHUNKS = "generate_chunks"
+FRESH_DRAW = (*GENERATION, CHUNKS)  # every method.<name> an evaluate job may set
 BASELINE_FILE = Path("artifacts") / "baseline_generated.pt"  # DP-GenG's DP-generated baseline, when kept
 # The top-level fields an override may change: how a release is scored and where the scoring runs. The data,
 # the method and the privacy block come from the source run (the release was made from them).
@@ -100,7 +101,7 @@ class ReleaseSource(BaseModel):
 
     def generation(self) -> dict[str, Any]:
         """The sampling options this job sets (empty: score the source's own set)."""
-        return {k: getattr(self, k) for k in (*GENERATION, CHUNKS) if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in FRESH_DRAW if getattr(self, k) is not None}
 
 
 @dataclass
@@ -210,10 +211,10 @@ def evaluate_spec(run_dir: str | Path, overrides: list[str] | None = None) -> An
     for text in overrides or []:
         keys, _ = parse_override(text)
         if keys[0] not in OVERRIDABLE and not (keys[0] == "data" and keys[1:2] and keys[1] in DATA_LOCATION) \
-                and not (keys[0] == "method" and keys[1:] and keys[1] in (*GENERATION, CHUNKS) and len(keys) == 2):
+                and not (keys[0] == "method" and keys[1:] and keys[1] in FRESH_DRAW and len(keys) == 2):
             raise SpecError(f"--set {text}: field '{'.'.join(keys)}' comes from the source run; evaluate can set "
                             f"only {', '.join(OVERRIDABLE)}, data.{' / data.'.join(DATA_LOCATION)} and (a "
-                            f"synthesize run's fresh draw) method.{' / method.'.join((*GENERATION, CHUNKS))}")
+                            f"synthesize run's fresh draw) method.{' / method.'.join(FRESH_DRAW)}")
     doc = src.model_dump(mode="json")
     doc = {k: doc[k] for k in ("seed", "device", "threads", "compile", "data", "evaluation", "ray", "resources",
                                "tracking")}
