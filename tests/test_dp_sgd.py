@@ -225,8 +225,8 @@ def test_the_moving_average_keeps_the_noise_std_it_should():
     """Zero per-sample gradients, SGD lr 1, 12 steps, ema_decay 0.8: each coordinate of the release moved by
     noise_gain(schedule)·σC/(q·n) in std (10,100 coordinates, within 5 %): gain 3.17 against √12 = 3.46 for the
     last iterate (8 % apart: releasing the last iterate fails), and never noiseless. On a random walk (no
-    gradient pulls the weights back) a warmed-up average removes little noise: its gain stays near 0.92·√T
-    whatever the steps; where a loss holds the iterates near a minimum it averages their scatter away."""
+    gradient pulls the weights back) a warmed-up average removes little noise (a few to 8 % of the std); where
+    a loss holds the iterates near a minimum it averages their scatter away."""
     obj = ZeroGradient()
     sched = DPSGDSchedule(sigma=1.3, q=0.2, steps=12, clip=0.7, n_records=60, lr=1.0, optimizer="sgd",
                           ema_decay=0.8)
@@ -239,14 +239,15 @@ def test_the_moving_average_keeps_the_noise_std_it_should():
     assert abs(float(moved.std()) / expected - 1) < 0.05, (float(moved.std()), expected)
 
 
-def test_a_resumed_fit_continues_the_moving_average(tmp_path):
+@pytest.mark.parametrize("steps", [4, 5])
+def test_a_resumed_fit_continues_the_moving_average(tmp_path, steps):
     """A fit interrupted after its step-2 checkpoint resumes the average saved there (not a new one from the
     resumed weights): it ends at the state of the same resumption done by hand with the checkpoint's "ema".
-    Resuming an averaging schedule without the average is refused. A finished run's last checkpoint (4 steps,
-    every 2) holds the release, so calling the fit again returns the average, not the last iterate."""
+    Resuming an averaging schedule without the average is refused. A finished run's last checkpoint (at a
+    checkpoint step, 4, or after one, 5) holds the release, so calling the fit again returns the average."""
     obj = Regression()
     x, y = _data(40, obj.d)
-    sched = _schedule(optimizer="adam", steps=4, checkpoint_every=2, ema_decay=0.9)
+    sched = _schedule(optimizer="adam", steps=steps, checkpoint_every=2, ema_decay=0.9)
 
     class Stop(Exception):
         pass
@@ -268,8 +269,8 @@ def test_a_resumed_fit_continues_the_moving_average(tmp_path):
                            start_step=2, optimizer_state=states[2]["optimizer"], ema_state=states[2]["ema"])
     restarted = train_dp_sgd(obj, states[2]["net"], x, y, sched,
                              PrivacyRandomness.reproducible(4).spawn("resume-2"), start_step=2,
-                             optimizer_state=states[2]["optimizer"], ema_state=dict(states[2]["net"]) and
-                             {k: states[2]["net"][k] for k in states[2]["ema"]})
+                             optimizer_state=states[2]["optimizer"],
+                             ema_state={k: states[2]["net"][k] for k in states[2]["ema"]})
     for name in by_hand:
         torch.testing.assert_close(resumed[name], by_hand[name])
     assert not torch.allclose(resumed["2.weight"], restarted["2.weight"], atol=1e-6)
@@ -281,6 +282,28 @@ def test_a_resumed_fit_continues_the_moving_average(tmp_path):
         assert torch.equal(resumed[name], again[name])
     last = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
     assert torch.equal(last["net"]["2.weight"], resumed["2.weight"])
+
+
+def test_a_checkpoint_from_before_a_schedule_field_existed_resumes(tmp_path):
+    """A checkpoint whose schedule lacks a field added since (here ema_decay) is read with the field at its
+    default: the interrupted fit resumes instead of being refused as another schedule's."""
+    obj = Regression()
+    x, y = _data(40, obj.d)
+    sched = _schedule(optimizer="adam", steps=4, checkpoint_every=2)
+    states = {}
+    train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4),
+                 on_checkpoint=lambda step, st: states.setdefault(step, st))
+    old = {k: v for k, v in states[2].items() if k != "ema"}
+    old["schedule"] = {k: v for k, v in old["schedule"].items() if k != "ema_decay"}
+    (tmp_path / "a").mkdir()
+    torch.save(old, tmp_path / "a" / "state.pt")
+    seen: list[int] = []
+    fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.secret(), storage_path=tmp_path, run_name="a",
+               on_step=lambda step, info: seen.append(step))
+    assert seen == [3, 4]
+    with pytest.raises(PrivacyError, match="another schedule"):  # not the same schedule with the field set
+        fit_dp_sgd(obj, None, x, y, _schedule(optimizer="adam", steps=4, checkpoint_every=2, ema_decay=0.5),
+                   PrivacyRandomness.secret(), storage_path=tmp_path, run_name="a")
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, True])

@@ -95,8 +95,13 @@ def check_train_capacity(nodes: list[dict[str, float]], num_workers: int, use_gp
 
 
 def _check_resumable(saved: dict[str, Any], schedule: DPSGDSchedule, where: str) -> int:
-    """The step a checkpoint resumes from, after checking it belongs to this schedule."""
-    if saved.get("schedule") != schedule.to_dict():
+    """The step a checkpoint resumes from, after checking it belongs to this schedule (a checkpoint written before
+    a schedule field existed is read with that field at its default)."""
+    try:
+        written = DPSGDSchedule(**saved["schedule"]).to_dict()
+    except (KeyError, TypeError, SpecError):
+        written = saved.get("schedule")
+    if written != schedule.to_dict():
         raise PrivacyError(f"dp-sgd: the checkpoint in {where} was written for another schedule "
                            f"({saved.get('schedule')}); refusing to resume it under {schedule.to_dict()}")
     step = int(saved["step"])

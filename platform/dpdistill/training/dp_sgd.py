@@ -33,8 +33,9 @@ hooks and ghost let the objective call the network however it likes (several cal
 attribute access) in one ordinary batched forward. Layers that mix records (BatchNorm) are refused by opacus'
 validation (hooks) or are not ghost-clippable.
 
-Privacy of what leaves: the returned state and the checkpoints hold the network (DP by the noisy updates) and
-the optimiser state (computed from the same noisy gradients). ``on_step`` receives step numbers and wall time
+Privacy of what leaves: the returned state and the checkpoints hold the network (DP by the noisy updates), the
+optimiser state (computed from the same noisy gradients) and, with ``ema_decay``, the moving average of the
+network's iterates (post-processing of them; its start is the public starting weights). ``on_step`` receives step numbers and wall time
 only: no loss, no batch size, nothing computed from the data without noise.
 """
 
@@ -129,9 +130,11 @@ class DPSGDSchedule:
     grad_sample_mode: str = "auto"
     lr_schedule: str = "constant"  # constant, or cosine decay from lr towards 0 over the planned steps
     # An exponential moving average of the trainable parameters' iterates is what the fit returns when > 0 (0:
-    # the last iterate). Post-processing of the noisy iterates: it reads no record and charges nothing, and it
-    # averages the per-step noise that the last iterate carries whole (DPDM and DP fine-tuning of diffusion models
-    # release the EMA). Warmed up as diffusers' EMAModel: step t's decay is min(ema_decay, (1 + t) / (10 + t)).
+    # the last iterate). Post-processing of the noisy iterates: it reads no record and charges nothing. Where a
+    # loss holds the iterates near a minimum it averages their noisy scatter away (DPDM and DP fine-tuning of
+    # diffusion models release such an average); on a pure random walk it removes little (tests/test_dp_sgd.py).
+    # A diffusers-like warm-up: step t's decay (t = 0, 1, ...) is min(ema_decay, (1 + t) / (10 + t)), so over
+    # 200 steps any ema_decay above about 0.955 acts as 0.955.
     ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
@@ -422,6 +425,10 @@ def _start_ema(net: nn.Module, trainable_ids: set[int], schedule: DPSGDSchedule,
     if not schedule.ema_decay:
         return None
     names = [name for name, p in net.named_parameters() if id(p) in trainable_ids]
+    aliases = [k for k, v in net.state_dict(keep_vars=True).items() if id(v) in trainable_ids]
+    if len(aliases) != len(names):  # a tied parameter: its state_dict aliases would be released apart
+        raise SpecError(f"dp-sgd: ema_decay needs each trainable parameter under one name; {sorted(aliases)} "
+                        f"name {len(names)} parameters")
     if start_step == 0 and ema_state is None:
         own = dict(net.named_parameters())
         return {name: own[name].detach().clone() for name in names}

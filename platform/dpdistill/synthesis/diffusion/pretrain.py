@@ -4,7 +4,7 @@ Pre-training reads only a registered public set (``glyphs`` by default: digits r
 see ``data/glyphs.py``), so it costs no privacy. It minimises the same ε-prediction loss as DP fine-tuning
 (``objective.DiffusionObjective.losses``, one row per image) with Adam, a constant learning rate and gradient
 norm clipping at 1, on batches drawn by a generator seeded with ``seed``; the saved weights are an exponential
-moving average of the iterates (``ema_decay``, warmed up as diffusers' EMAModel does: the decay is at most
+moving average of the iterates (``ema_decay``, with a diffusers-like warm-up: the decay is at most
 (1 + step) / (10 + step)), which samples markedly better than the last iterate of a short run. When the public set has as many
 classes as the UNet (glyph digits and MNIST: 0-9) it trains class-conditionally with label dropout; otherwise
 every label is the null label (unconditional pre-training; the class rows are learned in fine-tuning).
