@@ -10,8 +10,8 @@ rate q, which is exactly Poisson sampling of the whole set). Each worker gets it
 (``noise.spawn("worker-<rank>")``: independent secret streams) and runs
 :func:`dpdistill.training.dp_sgd.train_dp_sgd` with ``rank``/``world_size``; the clipped sums are all-reduced and
 rank 0 adds the step's noise once. Rank 0 writes a checkpoint (network, optimiser state, step, schedule, the
-weights' moving average) every ``checkpoint_every`` steps through ``ray.train.report``; a worker that fails is restarted by Ray Train
-(``FailureConfig.max_failures``) and every worker resumes from ``ray.train.get_checkpoint()`` at its step, with
+weights' moving average) every ``checkpoint_every`` steps through ``ray.train.report``; a worker that fails is
+restarted by Ray Train (``FailureConfig.max_failures``) and every worker resumes from ``ray.train.get_checkpoint()`` at its step, with
 a fresh child source for the rest of the run. Reports carry the step number only. The final state returns to
 the driver as the run's last checkpoint.
 

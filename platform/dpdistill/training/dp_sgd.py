@@ -35,8 +35,8 @@ validation (hooks) or are not ghost-clippable.
 
 Privacy of what leaves: the returned state and the checkpoints hold the network (DP by the noisy updates), the
 optimiser state (computed from the same noisy gradients) and, with ``ema_decay``, the moving average of the
-network's iterates (post-processing of them; its start is the public starting weights). ``on_step`` receives step numbers and wall time
-only: no loss, no batch size, nothing computed from the data without noise.
+network's iterates (post-processing of them; its start is the public starting weights). ``on_step`` receives
+step numbers and wall time only: no loss, no batch size, nothing computed from the data without noise.
 """
 
 from __future__ import annotations
