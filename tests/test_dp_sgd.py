@@ -203,6 +203,37 @@ def test_a_cosine_lr_scales_each_steps_update():
         DPSGDSchedule(sigma=1.0, q=0.2, steps=3, clip=1.0, n_records=60, lr_schedule="linear")
 
 
+def _checkpoints(obj, x, y, sched) -> dict[int, dict]:
+    """The checkpoints of an uninterrupted fit under reproducible(4) noise, by step."""
+    states: dict[int, dict] = {}
+    train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4),
+                 on_checkpoint=lambda step, st: states.setdefault(step, st))
+    return states
+
+
+def _interrupted_and_resumed(obj, x, y, sched, storage, seen: list[int] | None = None) -> dict:
+    """A fit under reproducible(4) noise with storage ``storage`` that raises after step 3, then the same call
+    resumed to the end; ``seen`` collects the step numbers of both attempts."""
+
+    class Stop(Exception):
+        pass
+
+    def record(step, info):
+        if seen is not None:
+            seen.append(step)
+
+    def stop_after_3(step, info):
+        record(step, info)
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4), storage_path=storage,
+                   run_name="a", on_step=stop_after_3)
+    return fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4), storage_path=storage,
+                      run_name="a", on_step=record)
+
+
 def test_the_release_is_the_moving_average_of_the_iterates():
     """ema_decay > 0: the fit returns e_3 of the iterates w_t = w_0 + z_1 + ... + z_t (zero per-sample gradients,
     SGD lr 1, the same reproducible draws), e_0 = w_0 and e_t = d_t·e_{t-1} + (1 - d_t)·w_t with the warmed-up
@@ -248,22 +279,8 @@ def test_a_resumed_fit_continues_the_moving_average(tmp_path, steps):
     obj = Regression()
     x, y = _data(40, obj.d)
     sched = _schedule(optimizer="adam", steps=steps, checkpoint_every=2, ema_decay=0.9)
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(step, info):
-        if step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4), storage_path=tmp_path,
-                   run_name="a", on_step=stop_at_3)
-    resumed = fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4), storage_path=tmp_path,
-                         run_name="a")
-    states = {}
-    train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4),
-                 on_checkpoint=lambda step, st: states.setdefault(step, st))
+    resumed = _interrupted_and_resumed(obj, x, y, sched, tmp_path)
+    states = _checkpoints(obj, x, y, sched)
     assert set(states[2]["ema"]) == {"2.weight", "2.bias"}  # the trainable parameters only
     by_hand = train_dp_sgd(obj, states[2]["net"], x, y, sched, PrivacyRandomness.reproducible(4).spawn("resume-2"),
                            start_step=2, optimizer_state=states[2]["optimizer"], ema_state=states[2]["ema"])
@@ -290,9 +307,7 @@ def test_a_checkpoint_from_before_a_schedule_field_existed_resumes(tmp_path):
     obj = Regression()
     x, y = _data(40, obj.d)
     sched = _schedule(optimizer="adam", steps=4, checkpoint_every=2)
-    states = {}
-    train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4),
-                 on_checkpoint=lambda step, st: states.setdefault(step, st))
+    states = _checkpoints(obj, x, y, sched)
     old = {k: v for k, v in states[2].items() if k != "ema"}
     old["schedule"] = {k: v for k, v in old["schedule"].items() if k != "ema_decay"}
     (tmp_path / "a").mkdir()
@@ -388,26 +403,11 @@ def test_checkpoints_resume_to_the_same_state(tmp_path):
     x, y = _data(40, obj.d)
     sched = _schedule(optimizer="adam", steps=6, checkpoint_every=2)
     seen: list[int] = []
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_3(step, info):
-        seen.append(step)
-        if step == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4), storage_path=tmp_path,
-                   run_name="a", on_step=stop_after_3)
-    resumed = fit_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4), storage_path=tmp_path,
-                         run_name="a", on_step=lambda step, info: seen.append(step))
+    resumed = _interrupted_and_resumed(obj, x, y, sched, tmp_path, seen)
     assert seen == [1, 2, 3, 3, 4, 5, 6]  # resumed from the checkpoint at step 2: no step lost, none extra
 
     # The same resumption done by hand from a fresh run's checkpoint gives the same state.
-    states = {}
-    train_dp_sgd(obj, None, x, y, sched, PrivacyRandomness.reproducible(4),
-                 on_checkpoint=lambda step, st: states.setdefault(step, st))
+    states = _checkpoints(obj, x, y, sched)
     by_hand = train_dp_sgd(obj, states[2]["net"], x, y, sched, PrivacyRandomness.reproducible(4).spawn("resume-2"),
                            start_step=2, optimizer_state=states[2]["optimizer"])
     for name in by_hand:

@@ -372,6 +372,7 @@ def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     ema = _start_ema(net, trainable_ids, schedule, start_step, ema_state, device)
+    averaged = [(ema[name], p) for name, p in net.named_parameters() if name in ema] if ema is not None else []
 
     images, labels = images.to(device), labels.to(device)
     # Public: a function of the architecture and the trainable parameters (resolve_grad_sample_mode).
@@ -399,12 +400,9 @@ def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None
                 group["lr"] = schedule.lr_at(step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                with torch.no_grad():
-                    decay = schedule.ema_decay_at(step)
-                    for name, p in net.named_parameters():
-                        if name in ema:
-                            ema[name].lerp_(p.detach(), 1.0 - decay)
+            with torch.no_grad():
+                for average, p in averaged:
+                    average.lerp_(p.detach(), 1.0 - schedule.ema_decay_at(step))
             done = step + 1
             if on_checkpoint is not None and schedule.checkpoint_every and done % schedule.checkpoint_every == 0:
                 state = _released_state(net, ema) if done == schedule.steps else _cpu_copy(net.state_dict())
