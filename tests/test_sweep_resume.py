@@ -31,8 +31,12 @@ JOB = {
     "method": {"name": "ndpdc", "ipc": 1, "iterations": 3000, "net_width": 8, "batch_real": 16},
     "evaluation": {"seeds": 1, "epochs": 2, "model_options": {"width": 8}},
 }
+# The first trial only has to complete, the second has to be running when the signal lands: Optuna's seeded
+# start (seed 0) gives trial 1 the 300-iteration choice and trial 2 the 3,000 one, so the completed trial is
+# short and only the interrupted one (run twice) pays the long schedule (about 50 s less). Checked below.
 SWEEP = {
-    "name": "resumable", "job": "job.yaml", "search": {"method.lr_img": {"loguniform": [1.0, 100.0]}},
+    "name": "resumable", "job": "job.yaml",
+    "search": {"method.lr_img": {"loguniform": [1.0, 100.0]}, "method.iterations": {"choice": [3000, 300]}},
     "metric": "val_acc_mean", "num_samples": 2, "max_concurrent": 1,
 }
 
@@ -102,6 +106,8 @@ def test_an_interrupted_sweep_resumes_and_finishes_with_all_trials(tmp_path, hea
     # iterations the second trial completed after the SIGTERM and no attempt was interrupted; at 1000, once the
     # CPU loops got faster, a trial took 9.7 s and the same happened.)
     assert interrupted and all(_charged(f) for f in interrupted), [(f, _status(f)) for f in _runs(sweep_dir)]
+    iterations = {yaml.safe_load((f / "spec.yaml").read_text())["method"]["iterations"] for f in interrupted}
+    assert iterations == {3000}, f"premise: the interrupted trial is the long one, got {iterations}"
     assert not [f for f in _runs(sweep_dir) if _status(f)["status"] == "running"]
     charged_before = sum(_charged(f) for f in _runs(sweep_dir))
     assert json.loads((sweep_dir / "ledger.json").read_text())["composed"]["charges"] == charged_before
