@@ -162,6 +162,27 @@ def test_public_pre_training_is_refused_for_dpdm_before_any_run_folder(tmp_path)
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_base_checkpoint_for_dp_ldm_is_refused_before_any_run_folder(tmp_path):
+    """dp-ldm's latent UNet needs the public autoencoder it was trained with, which a diffusers UNet directory
+    does not hold: the job is refused naming the field (a class property, not the method's name), and a method
+    that does take one (pdp-diffusion) is not."""
+    from dpdistill import synthesis
+    from dpdistill.pipelines import check_public_start
+    from dpdistill.runner import run_job
+
+    with pytest.raises(SpecError, match=r"^field 'method.base_checkpoint': dp-ldm cannot start from a base "
+                                        r"checkpoint \(a latent UNet needs the public autoencoder"):
+        run_job(validate_spec(doc("dp-ldm", base_checkpoint=str(tmp_path))), tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SpecError, match=r"name a public set to pre-train on \(e.g. glyphs\)$"):
+        check_public_start(synthesis.get("dp-ldm"), None, "", "dp-ldm", "method.pretrain", "method.base_checkpoint")
+    with pytest.raises(SpecError, match=r"or a local diffusers checkpoint in method.base_checkpoint$"):
+        check_public_start(synthesis.get("dp-lora"), None, "", "dp-lora", "method.pretrain",
+                           "method.base_checkpoint")
+    check_public_start(synthesis.get("pdp-diffusion"), None, str(tmp_path), "pdp-diffusion", "method.pretrain",
+                       "method.base_checkpoint")
+
+
 def test_a_dpdm_run_folder_from_before_its_public_options_were_retired_still_loads(tmp_path):
     """dpdm's config had the public-base options (at values that did nothing) until they moved to
     PublicBaseConfig: an old run folder's resolved spec.yaml and an old saved synthesiser still load, without

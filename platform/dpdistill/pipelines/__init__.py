@@ -103,10 +103,15 @@ def check_public_start(cls: Any, public: str | None, base_checkpoint: str | None
     if cls.needs_public and not public:
         raise SpecError(f"field '{public_field}': {who} trains its feature extractor on a public set; name one "
                         "(e.g. glyphs)")
+    takes_checkpoint = getattr(cls, "accepts_base_checkpoint", False)
     if getattr(cls, "uses_public_base", False) and not public and not base_checkpoint:
         raise SpecError(f"field '{public_field}': {who} fine-tunes a public base; name a public set to pre-train on "
-                        "(e.g. glyphs)" + ("" if cls.name == "dp-ldm" else  # dp-ldm refuses a base checkpoint
-                                           f" or a local diffusers checkpoint in {checkpoint_field}"))
+                        "(e.g. glyphs)" + (f" or a local diffusers checkpoint in {checkpoint_field}"
+                                           if takes_checkpoint else ""))
+    if base_checkpoint and not takes_checkpoint:
+        raise SpecError(f"field '{checkpoint_field}': {who} cannot start from a base checkpoint"
+                        + (f" ({cls.no_base_checkpoint_because})" if getattr(cls, "no_base_checkpoint_because", "")
+                           else "") + f"; pre-train with {public_field}")
     if public and base_checkpoint:
         raise SpecError(f"field '{checkpoint_field}': {who} cannot take both a base checkpoint and {public_field} "
                         "(choose one public base)")

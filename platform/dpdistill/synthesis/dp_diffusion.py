@@ -111,6 +111,10 @@ class DiffusionSynthesizer(Synthesizer):
 
     config_type: ClassVar[type] = DiffusionConfig
     uses_public_base: ClassVar[bool] = False
+    # Whether method.base_checkpoint (a local diffusers UNet directory) can replace public pre-training; jobs
+    # refuse it up front where not (check_public_start), before any run folder.
+    accepts_base_checkpoint: ClassVar[bool] = True
+    no_base_checkpoint_because: ClassVar[str] = ""
     runs_dp_sgd: ClassVar[bool] = True
     trains_adapters_only: ClassVar[bool] = False
     dp_sgd_target: ClassVar[str] = "UNet"  # what DP-SGD trains, in the plan's note
@@ -409,6 +413,9 @@ class DPLDM(DiffusionSynthesizer):
     name = "dp-ldm"
     config_type = LDMConfig
     uses_public_base = True
+    accepts_base_checkpoint = False
+    no_base_checkpoint_because = ("a latent UNet needs the public autoencoder whose latents it was trained on, and "
+                                  "a diffusers UNet directory holds no autoencoder")
     paper_neighbouring = "add-or-remove-one"
     privacy_note = ("public autoencoder and latent UNet pre-trained on public data (free); DP-SGD fine-tunes only "
                     "the latent UNet's class embedding and attention blocks on the sensitive images' latents (a "
@@ -450,8 +457,8 @@ class DPLDM(DiffusionSynthesizer):
 
         c = self.config
         if c.base_checkpoint:
-            raise SpecError(f"{self.name}: base_checkpoint is not supported (a latent UNet needs the public "
-                            "autoencoder whose latents it was trained on); pre-train both with method.pretrain")
+            raise SpecError(f"{self.name}: base_checkpoint is not supported ({self.no_base_checkpoint_because}); "
+                            "pre-train both with method.pretrain")
         if not (c.mid_attention or any(c.attention)):
             raise SpecError(f"{self.name}: fine-tunes the latent UNet's attention blocks; set mid_attention or an "
                             "attention block")
