@@ -400,9 +400,11 @@ def train_dp_sgd(objective: DPObjective, initial_state: dict[str, Tensor] | None
                 group["lr"] = schedule.lr_at(step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for average, p in averaged:
-                    average.lerp_(p.detach(), 1.0 - schedule.ema_decay_at(step))
+            if averaged:
+                weight = 1.0 - schedule.ema_decay_at(step)  # once a step, not once a parameter
+                with torch.no_grad():
+                    for average, p in averaged:
+                        average.lerp_(p.detach(), weight)
             done = step + 1
             if on_checkpoint is not None and schedule.checkpoint_every and done % schedule.checkpoint_every == 0:
                 state = _released_state(net, ema) if done == schedule.steps else _cpu_copy(net.state_dict())
