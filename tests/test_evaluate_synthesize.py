@@ -111,7 +111,7 @@ def test_a_fresh_draw_with_the_sources_options_is_the_sources_set(sources, tmp_p
     recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
     generator = source / "artifacts" / "synthesizer.pt"
     assert recorded["generator_sha256"] == hashlib.sha256(generator.read_bytes()).hexdigest()
-    assert recorded["generated"] == {"n_per_class": 4, "guidance_scale": 2.0, "sample_steps": 3,
+    assert recorded["generated"] == {"n_per_class": 4, "guidance_scale": 2.0, "sample_steps": 3, "sample_eta": 0.0,
                                    "generate_chunks": 1}
     assert not (result.run_dir / "ledger.json").exists()
 
@@ -125,7 +125,7 @@ def test_a_fresh_draw_takes_other_sampling_options_and_declares_what_it_logs(sou
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     source = sources["diffusion"]
     spec = evaluate_spec(source, ["method.n_per_class=6", "method.guidance_scale=0", "method.sample_steps=2",
-                                  "tracking.enabled=true"])
+                                  "method.sample_eta=1", "tracking.enabled=true"])
     result = run_job(spec, tmp_path, progress=False)
     assert result.status == "completed"
     drawn = _npz(result.run_dir / "artifacts" / "synthetic.npz")
@@ -136,7 +136,7 @@ def test_a_fresh_draw_takes_other_sampling_options_and_declares_what_it_logs(sou
     assert not np.array_equal(first4, np.concatenate([theirs["images"][theirs["labels"] == k] for k in range(10)]))
     assert (result.run_dir / "artifacts" / "grid_class0.png").is_file()
     recorded = json.loads((result.run_dir / "artifacts" / "source.json").read_text())
-    assert recorded["generated"] == {"n_per_class": 6, "guidance_scale": 0.0, "sample_steps": 2,
+    assert recorded["generated"] == {"n_per_class": 6, "guidance_scale": 0.0, "sample_steps": 2, "sample_eta": 1.0,
                                    "generate_chunks": 1}
     client = mlflow.MlflowClient(tracking_uri=result.mlflow_uri)
     run = client.get_run(result.mlflow_run_id)
@@ -214,6 +214,7 @@ def test_a_fresh_draw_is_measured_as_its_source_measured_its_own_set(sources, tm
     ("merf", ["method.guidance_scale=3"], "field 'method.guidance_scale': dp-merf's generator has no such option"),
     ("diffusion", ["method.sample_steps=5000"], "more than the generator's 1000 training timesteps"),
     ("diffusion", ["method.n_per_class=0"], "method.n_per_class"),
+    ("diffusion", ["method.sample_eta=2"], "method.sample_eta"),
     ("diffusion", ["method.run=/elsewhere"], "field 'method.run' comes from the source run"),
     ("diffusion", ["method.iterations=10"], "field 'method.iterations' comes from the source run"),
     ("no-generator", ["method.n_per_class=3"], "synthetic.npz: missing"),

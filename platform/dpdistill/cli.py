@@ -81,7 +81,7 @@ def evaluate(
     split (and validation, as the protocol says), in a run folder of its own. Only evaluation.*, seed, device,
     threads, ray.*, resources.*, tracking.*, name, description, data.root and data.download can be overridden;
     noisy-senv is refused (it would charge a ledger this job does not have). A synthesize run's set is re-scored,
-    or with method.n_per_class / method.guidance_scale / method.sample_steps a fresh set is drawn from its
+    or with method.n_per_class / guidance_scale / sample_steps / sample_eta a fresh set is drawn from its
     released generator and scored (post-processing as well), in method.generate_chunks Ray tasks (unset: as the
     source drew; the chunks fix the latents' seeds).
     """

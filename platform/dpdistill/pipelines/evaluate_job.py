@@ -55,8 +55,9 @@ from dpdistill.spec import JobSpec
 METHOD = "release"
 RELEASE_FILE = Path("artifacts") / "distilled.pt"
 # Sampling options of a synthesize run's released generator that an evaluate job may set (method.<name>): a fresh
-# draw from the release is post-processing. guidance_scale and sample_steps exist for the diffusion synthesisers.
-GENERATION = ("n_per_class", "guidance_scale", "sample_steps")
+# draw from the release is post-processing. guidance_scale, sample_steps and sample_eta exist for the diffusion
+# synthesisers.
+GENERATION = ("n_per_class", "guidance_scale", "sample_steps", "sample_eta")
 # A fresh draw's chunks (each a Ray task, runtime/generation.py). They fix the latents' seeds, so 1 chunk and 2
 # draw different sets; unset, the source's method.generate_chunks, so that the source's options give its set.
 CHUNKS = "generate_chunks"
@@ -96,6 +97,8 @@ class ReleaseSource(BaseModel):
     n_per_class: int | None = Field(default=None, ge=1, description="images per class to draw from the generator")
     guidance_scale: float | None = Field(default=None, ge=0, description="classifier-free guidance (diffusion)")
     sample_steps: int | None = Field(default=None, ge=1, description="DDIM steps (diffusion)")
+    sample_eta: float | None = Field(default=None, ge=0, le=1, description="DDIM's η: 0 deterministic, 1 DDPM's "
+                                     "posterior noise (diffusion)")
     generate_chunks: int | None = Field(default=None, ge=1, description="draw as this many parallel Ray tasks "
                                         "(unset: as the source did; the chunks fix the images' seeds)")
 
@@ -358,7 +361,7 @@ def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path
     for key in sampling:
         if not hasattr(synth.config, key):
             raise SpecError(f"field 'method.{key}': {synth.name}'s generator has no such option (only the "
-                            "diffusion synthesisers sample with a guidance scale and DDIM steps)")
+                            "diffusion synthesisers sample with a guidance scale, DDIM steps and η)")
     if "sample_steps" in sampling and sampling["sample_steps"] > synth.config.train_timesteps:
         raise SpecError(f"field 'method.sample_steps': {sampling['sample_steps']} DDIM steps, more than the "
                         f"generator's {synth.config.train_timesteps} training timesteps")

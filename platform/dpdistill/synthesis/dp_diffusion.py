@@ -78,6 +78,10 @@ class DiffusionConfig:
     # Sampling: DDIM steps and guidance scale (1: conditional only; > 1 pushes towards the class).
     sample_steps: int = 50
     guidance_scale: float = 2.0
+    # DDIM's η: 0 is the deterministic DDIM path, 1 adds DDPM's full posterior noise at each step (the noise comes
+    # from the sampler's public seed: generation is post-processing). On this package's small UNets η = 0 leaves
+    # grey, speckled backgrounds on many samples that η = 1 washes out (benchmarks/README.md).
+    sample_eta: float = field(default=0.0, metadata={"zero_ok": True})
     sample_batch: int = 500
 
 
@@ -144,6 +148,9 @@ class DiffusionSynthesizer(Synthesizer):
         if self.config.lr_schedule not in LR_SCHEDULES:  # here: the job builds the synthesiser before any read
             raise SpecError(f"field 'method.lr_schedule': expected one of {', '.join(LR_SCHEDULES)}, got "
                             f"'{self.config.lr_schedule}'")
+        if isinstance(self.config.sample_eta, bool) or not 0 <= self.config.sample_eta <= 1:
+            raise SpecError(f"field 'method.sample_eta': expected DDIM's η in [0, 1] (0: deterministic DDIM, 1: "
+                            f"DDPM's posterior noise), got {self.config.sample_eta!r}")
         if not 0 <= self.config.ema_decay < 1:
             raise SpecError(f"field 'method.ema_decay': expected a decay in [0, 1) (0: release the last iterate), "
                             f"got {self.config.ema_decay!r}")
@@ -278,14 +285,15 @@ class DiffusionSynthesizer(Synthesizer):
     @torch.no_grad()
     def generate(self, labels: torch.Tensor | None = None, *, n_per_class: int | None = None,
                  seed: int | None = None, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """DDIM samples with classifier-free guidance, one per label (post-processing: no privacy cost)."""
+        """DDIM samples (η = ``sample_eta``) with classifier-free guidance, one per label (post-processing: no privacy
+        cost)."""
         from dpdistill.synthesis.diffusion.sampler import sample
 
         labels = self.generation_labels(labels, n_per_class)
         c = self.config
         images = sample(self.generator_net, self.schedule(), labels, steps=c.sample_steps,
-                        guidance_scale=c.guidance_scale, seed=self.seed + 1 if seed is None else int(seed),
-                        batch_size=batch_size or c.sample_batch, device=self.device, image_size=self.image_size)
+                        guidance_scale=c.guidance_scale, eta=c.sample_eta,
+                        seed=self.seed + 1 if seed is None else int(seed), batch_size=batch_size or c.sample_batch, device=self.device, image_size=self.image_size)
         return images, labels
 
     # -- persistence ------------------------------------------------------------------------------------
@@ -551,7 +559,8 @@ class DPLDM(DiffusionSynthesizer):
         c, ae = self.config, self.ae_config()
         batch = batch_size or c.sample_batch
         latents = sample(self.generator_net, self.schedule(), labels, steps=c.sample_steps,
-                         guidance_scale=c.guidance_scale, seed=self.seed + 1 if seed is None else int(seed),
+                         guidance_scale=c.guidance_scale, eta=c.sample_eta,
+                         seed=self.seed + 1 if seed is None else int(seed),
                          batch_size=batch, device=self.device, image_size=ae.latent_size, latent=True,
                          clip_range=self.latent_clip)
         return decode(self.autoencoder, latents, ae, self.latent_scale, batch_size=batch), labels
