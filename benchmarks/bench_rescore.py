@@ -3,7 +3,7 @@
 A rescore (benchmarks/configs.yaml, ``rescores:``) names a bench_runs configuration (``of``) and ``--set``
 overrides of how a release is scored (``evaluation.*``, ``threads``) and, for a synthesize configuration, of
 the fresh set drawn from its released generator (``method.n_per_class``, ``method.guidance_scale``,
-``method.sample_steps``: post-processing as well). Each counted draw of that configuration's
+``method.sample_steps``, ``method.sample_eta``: post-processing as well). Each counted draw of that configuration's
 row in results/runs.json (its run folder holds the release) is re-scored once with
 
     .venv/bin/dpdistill evaluate RUN_DIR --set ... --runs-dir DIR --no-progress
@@ -56,7 +56,9 @@ from bench_runs import _pct as bench_runs_pct  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 RESCORE_JSON = RESULTS / "rescore.json"
 RESCORE_MD = RESULTS / "rescore.md"
-ALLOWED = ("evaluation.", "threads=", "method.n_per_class=", "method.guidance_scale=", "method.sample_steps=")
+# A fresh draw's options: evaluate_job.GENERATION (not imported here: this script loads no torch to list or check).
+ALLOWED = ("evaluation.", "threads=", "method.n_per_class=", "method.guidance_scale=", "method.sample_steps=",
+           "method.sample_eta=")
 
 
 def load_rescores(path: Path = CONFIGS) -> dict[str, dict[str, Any]]:
@@ -73,7 +75,7 @@ def load_rescores(path: Path = CONFIGS) -> dict[str, dict[str, Any]]:
         bad = [s for s in r["set"] if not s.replace(" ", "").startswith(ALLOWED)]
         if bad:
             raise SystemExit(f"{path}: rescore {name}: only evaluation.*, threads and a fresh draw's "
-                             f"method.n_per_class / guidance_scale / sample_steps may be set, got {bad}")
+                             f"method.n_per_class / guidance_scale / sample_steps / sample_eta may be set, got {bad}")
         if "evaluation.parallel=false" not in [s.replace(" ", "") for s in r["set"]]:
             raise SystemExit(f"{path}: rescore {name}: set evaluation.parallel=false (one core per re-score)")
     return out

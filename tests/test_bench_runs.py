@@ -16,3 +16,13 @@ def test_check_names_rows_recorded_under_another_spec() -> None:
     # A superseded row never counts as the configuration's row, even when its hash is the one resolved now.
     assert bench_runs.row_status(rows, "b", "old") == "recorded under h2 (2 draws at c2/c3)"
     assert bench_runs.row_status(rows, "c", "h1") == "no row yet"
+
+
+def test_a_rescore_may_set_every_option_an_evaluate_job_draws_a_fresh_set_with() -> None:
+    """bench_rescore keeps its own list (it loads no torch); it must not fall behind evaluate_job.GENERATION, nor
+    let through a method option an evaluate job refuses."""
+    from dpdistill.pipelines.evaluate_job import GENERATION
+
+    allowed = load_benchmark("bench_rescore").ALLOWED
+    method = {a.removeprefix("method.").removesuffix("=") for a in allowed if a.startswith("method.")}
+    assert method == set(GENERATION)
