@@ -3,8 +3,8 @@
 A rescore (benchmarks/configs.yaml, ``rescores:``) names a bench_runs configuration (``of``) and ``--set``
 overrides of how a release is scored (``evaluation.*``, ``threads``) and, for a synthesize configuration, of
 the fresh set drawn from its released generator (``method.n_per_class``, ``method.guidance_scale``,
-``method.sample_steps``, ``method.sample_eta``: post-processing as well). Each counted draw of that configuration's
-row in results/runs.json (its run folder holds the release) is re-scored once with
+``method.sample_steps``, ``method.sample_eta``: post-processing as well). Each counted draw of that
+configuration's row in results/runs.json (its run folder holds the release) is re-scored once with
 
     .venv/bin/dpdistill evaluate RUN_DIR --set ... --runs-dir DIR --no-progress
 
@@ -74,8 +74,8 @@ def load_rescores(path: Path = CONFIGS) -> dict[str, dict[str, Any]]:
             raise SystemExit(f"{path}: rescore {name}: 'of: {r['of']}' is not a configuration")
         bad = [s for s in r["set"] if not s.replace(" ", "").startswith(ALLOWED)]
         if bad:
-            raise SystemExit(f"{path}: rescore {name}: only evaluation.*, threads and a fresh draw's "
-                             f"method.n_per_class / guidance_scale / sample_steps / sample_eta may be set, got {bad}")
+            raise SystemExit(f"{path}: rescore {name}: only evaluation.*, threads and a fresh draw's method."
+                             f"n_per_class / guidance_scale / sample_steps / sample_eta may be set, got {bad}")
         if "evaluation.parallel=false" not in [s.replace(" ", "") for s in r["set"]]:
             raise SystemExit(f"{path}: rescore {name}: set evaluation.parallel=false (one core per re-score)")
     return out

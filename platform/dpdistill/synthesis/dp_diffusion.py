@@ -285,15 +285,16 @@ class DiffusionSynthesizer(Synthesizer):
     @torch.no_grad()
     def generate(self, labels: torch.Tensor | None = None, *, n_per_class: int | None = None,
                  seed: int | None = None, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """DDIM samples (η = ``sample_eta``) with classifier-free guidance, one per label (post-processing: no privacy
-        cost)."""
+        """DDIM samples (η = ``sample_eta``) with classifier-free guidance, one per label (post-processing: no
+        privacy cost)."""
         from dpdistill.synthesis.diffusion.sampler import sample
 
         labels = self.generation_labels(labels, n_per_class)
         c = self.config
         images = sample(self.generator_net, self.schedule(), labels, steps=c.sample_steps,
                         guidance_scale=c.guidance_scale, eta=c.sample_eta,
-                        seed=self.seed + 1 if seed is None else int(seed), batch_size=batch_size or c.sample_batch, device=self.device, image_size=self.image_size)
+                        seed=self.seed + 1 if seed is None else int(seed), batch_size=batch_size or c.sample_batch,
+                        device=self.device, image_size=self.image_size)
         return images, labels
 
     # -- persistence ------------------------------------------------------------------------------------
