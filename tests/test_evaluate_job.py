@@ -72,7 +72,7 @@ def test_same_protocol_reproduces_the_source_figures_and_charges_nothing(source_
     # The resolved method block: the source and (unset: no fresh draw) the sampling options of a synthesize source.
     assert spec["kind"] == "evaluate" and spec["method"] == {"name": "release", "run": str(source_run.resolve()),
                                                              "n_per_class": None, "guidance_scale": None,
-                                                             "sample_steps": None,
+                                                             "sample_steps": None, "sample_eta": None,
                                                              "generate_chunks": None}
     assert spec["data"]["name"] == "digits" and (spec.get("privacy") or {}).get("epsilon") is None
 
