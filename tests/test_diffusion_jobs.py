@@ -130,22 +130,13 @@ def test_a_bad_lr_schedule_is_refused_before_any_run_folder(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("bad", [1.0, -0.5])
-def test_a_bad_ema_decay_is_refused_before_any_run_folder(tmp_path, bad):
+@pytest.mark.parametrize("option, bad", [("ema_decay", 1.0), ("ema_decay", -0.5), ("sample_eta", 1.5),
+                                         ("sample_eta", -0.1)])
+def test_a_bad_decay_or_eta_is_refused_before_any_run_folder(tmp_path, option, bad):
     from dpdistill.runner import run_job
 
-    with pytest.raises(SpecError, match="ema_decay"):
-        run_job(validate_spec(doc("pdp-diffusion", pretrain="glyphs", ema_decay=bad)), tmp_path / "runs",
-                progress=False)
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.parametrize("bad", [1.5, -0.1])
-def test_a_bad_sample_eta_is_refused_before_any_run_folder(tmp_path, bad):
-    from dpdistill.runner import run_job
-
-    with pytest.raises(SpecError, match="sample_eta"):
-        run_job(validate_spec(doc("pdp-diffusion", pretrain="glyphs", sample_eta=bad)), tmp_path / "runs",
+    with pytest.raises(SpecError, match=option):
+        run_job(validate_spec(doc("pdp-diffusion", pretrain="glyphs", **{option: bad})), tmp_path / "runs",
                 progress=False)
     assert not (tmp_path / "runs").exists()
 
