@@ -1,8 +1,9 @@
 """DP-SGD sharded over Ray Train workers (runtime/dp_train.py, gloo on CPU) against a real Ray head on loopback
 with token auth on: the noise is added once per step (not once per worker, not zero), the global expected batch
-is q·n, a worker failure after a checkpoint resumes from it without losing or repeating steps, a Ray Train fit
-returns a state of the in-process fit's layout, and capacity is counted per node. One head and one (crashed and
-resumed) 2-worker fit for the module: each Ray Train fit costs ~20 s of start-up."""
+is q·n, a worker failure after a checkpoint resumes from it without losing or repeating steps (and the failed
+attempt's unregistered checkpoint does not stay in the run folder), a Ray Train fit returns a state of the
+in-process fit's layout, and capacity is counted per node. One head and one (crashed and resumed) 2-worker fit for
+the module: each Ray Train fit costs ~20 s of start-up."""
 
 from __future__ import annotations
 
@@ -30,16 +31,22 @@ SCHEDULE = DPSGDSchedule(sigma=1.3, q=0.8, steps=6, clip=0.7, n_records=N, lr=1.
 
 @dataclass(frozen=True)
 class CrashOnceAfter:
-    """An on_step hook: logs (pid, rank, step) and makes rank 0 raise once, at step ``at``."""
+    """An on_step hook: logs (pid, rank, step) and makes rank 0 raise once, at step ``at``; before raising it
+    leaves ``orphan``, a checkpoint folder as an upload Ray never registered would (see ``drop_unregistered_
+    checkpoints``), holding a state of the failed attempt."""
 
     log: str
     marker: str
     at: int
+    orphan: str = ""
 
     def __call__(self, step: int, info: dict) -> None:
         with open(self.log, "a") as f:
             f.write(f"{os.getpid()} {info['rank']} {step}\n")
         if info["rank"] == 0 and step == self.at and not os.path.exists(self.marker):
+            if self.orphan:
+                Path(self.orphan).mkdir(parents=True)
+                torch.save({"step": step, "net": {"weight": torch.zeros(1)}}, Path(self.orphan) / "state.pt")
             Path(self.marker).touch()
             raise RuntimeError(f"injected failure after step {step}")
 
@@ -69,6 +76,7 @@ class CrashedFit:
 
 
 _FIT: list[CrashedFit] = []
+ORPHAN = "checkpoint_left-by-the-failed-attempt"
 
 
 def _crashed_fit(tmp_path_factory) -> CrashedFit:
@@ -76,12 +84,13 @@ def _crashed_fit(tmp_path_factory) -> CrashedFit:
     workers, zero per-sample gradients, a checkpoint every 2 steps, and rank 0 raising once after step 3."""
     if not _FIT:
         work = tmp_path_factory.mktemp("crash")
-        hook = CrashOnceAfter(str(work / "steps.log"), str(work / "crashed"), at=3)
+        hook = CrashOnceAfter(str(work / "steps.log"), str(work / "crashed"), at=3,
+                              orphan=str(work / "train" / "crash" / ORPHAN))
         images, labels = _data()
         state = fit_dp_sgd(ZeroGradient(d=D, log_dir=str(work)), None, images, labels, SCHEDULE,
                            PrivacyRandomness.reproducible(7), num_workers=2, executor="ray-train",
                            storage_path=work / "train", run_name="crash", max_failures=1, on_step=hook)
-        assert (work / "crashed").exists()
+        assert (work / "crashed").exists()  # and so the orphan was left (or the hook raised)
         attempts: dict[tuple[int, int], list[int]] = defaultdict(list)
         for line in (work / "steps.log").read_text().splitlines():
             pid, rank, step = map(int, line.split())
@@ -99,6 +108,18 @@ def test_a_failed_worker_resumes_from_the_checkpoint(cluster, tmp_path_factory):
     assert rank0 == [[1, 2, 3], [3, 4, 5, 6]], fit.attempts
     assert sorted(steps for (_, rank), steps in fit.attempts.items() if rank == 1)[-1] == [3, 4, 5, 6]
     assert set(fit.state) == {"weight", "bias"}
+
+
+def test_a_failed_attempts_unregistered_checkpoint_is_removed(cluster, tmp_path_factory):
+    """The failed attempt left a checkpoint folder Ray never registered (a continuation of charged steps the
+    restart trains again with fresh noise): after the fit it is gone, and what is left is the registered lineage,
+    at most num_to_keep (2) folders, the newest the final step."""
+    run_dir = _crashed_fit(tmp_path_factory).rows_dir / "train" / "crash"
+    assert not (run_dir / ORPHAN).exists()
+    left = sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir())
+    assert 1 <= len(left) <= 2, left
+    steps = sorted(int(torch.load(d / "state.pt", weights_only=True)["step"]) for d in left)
+    assert steps[-1] == SCHEDULE.steps and all(s % SCHEDULE.checkpoint_every == 0 for s in steps), steps
 
 
 def test_noise_is_added_once_per_step(cluster, tmp_path_factory):

@@ -13,7 +13,8 @@ rank 0 adds the step's noise once. Rank 0 writes a checkpoint (network, optimise
 weights' moving average) every ``checkpoint_every`` steps through ``ray.train.report``; a worker that fails is
 restarted by Ray Train (``FailureConfig.max_failures``) and every worker resumes from ``ray.train.get_checkpoint()`` at its step, with
 a fresh child source for the rest of the run. Reports carry the step number only. The final state returns to
-the driver as the run's last checkpoint.
+the driver as the run's last checkpoint; checkpoint folders a failed attempt uploaded but Ray never registered are
+then removed (:func:`drop_unregistered_checkpoints`: they would be a second, uncharged continuation).
 
 Storage: ``storage_path`` (shared by every node of a multi-node cluster) holds the run ``run_name``; a fit with
 the same storage path and name resumes that run, as Ray Train V2 does. Without a storage path the run goes to a
@@ -329,12 +330,37 @@ def _fit_ray_train(objective: DPObjective, initial_state: dict | None, images: t
                 raise PrivacyError(f"dp-sgd: Ray Train run {run_name} ended without a final checkpoint")
             with result.checkpoint.as_directory() as d:
                 saved = torch.load(Path(d) / STATE_FILE, weights_only=True)
+            drop_unregistered_checkpoints(storage / run_name, result)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     if int(saved["step"]) != schedule.steps:
         raise PrivacyError(f"dp-sgd: Ray Train run {run_name} ended at step {saved['step']} of {schedule.steps}")
     return saved["net"]
+
+
+def drop_unregistered_checkpoints(run_dir: Path, result: Any) -> list[Path]:
+    """Remove the checkpoint folders under ``run_dir`` that Ray Train did not register for ``result``.
+
+    Rank 0 uploads a checkpoint after every worker has reached the report, but Ray registers it only once every
+    worker's report arrives. A worker (or the driver) that dies in between leaves an uploaded folder the run
+    never registered; the restarted workers resume from the last REGISTERED step and train that stretch again
+    with fresh noise. The orphan is then a second, differently noised continuation of steps the ledger charged
+    once: leaving it in the run folder would release more than was charged. The registered checkpoints
+    (``result.best_checkpoints``, the last ``num_to_keep``) are one lineage of the charged run and stay."""
+    keep = {Path(c.path).resolve() for c, _ in (getattr(result, "best_checkpoints", None) or [])}
+    if result.checkpoint is not None:
+        keep.add(Path(result.checkpoint.path).resolve())
+    dropped = []
+    for folder in sorted(Path(run_dir).glob("checkpoint_*")):
+        if folder.is_dir() and folder.resolve() not in keep:
+            shutil.rmtree(folder)
+            dropped.append(folder)
+    if dropped:
+        log.warning("dp-sgd: removed %d checkpoint folder(s) of a failed attempt that Ray Train never registered "
+                    "(a second continuation of charged steps): %s", len(dropped),
+                    ", ".join(f.name for f in dropped))
+    return dropped
 
 
 def fit_dp_sgd(objective: DPObjective, initial_state: dict[str, torch.Tensor] | None, images: torch.Tensor,
