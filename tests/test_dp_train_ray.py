@@ -31,9 +31,9 @@ SCHEDULE = DPSGDSchedule(sigma=1.3, q=0.8, steps=6, clip=0.7, n_records=N, lr=1.
 
 @dataclass(frozen=True)
 class CrashOnceAfter:
-    """An on_step hook: logs (pid, rank, step) and makes rank 0 raise once, at step ``at``; before raising it
-    leaves ``orphan``, a checkpoint folder as an upload Ray never registered would (see ``drop_unregistered_
-    checkpoints``), holding a state of the failed attempt."""
+    """An on_step hook: logs (pid, rank, step) and makes rank 0 raise once, at step ``at``. Before raising it
+    leaves ``orphan``: a checkpoint folder holding a state of the failed attempt, as an upload Ray never
+    registered would (runtime/dp_train.py, drop_unregistered_checkpoints)."""
 
     log: str
     marker: str
@@ -90,7 +90,7 @@ def _crashed_fit(tmp_path_factory) -> CrashedFit:
         state = fit_dp_sgd(ZeroGradient(d=D, log_dir=str(work)), None, images, labels, SCHEDULE,
                            PrivacyRandomness.reproducible(7), num_workers=2, executor="ray-train",
                            storage_path=work / "train", run_name="crash", max_failures=1, on_step=hook)
-        assert (work / "crashed").exists()  # and so the orphan was left (or the hook raised)
+        assert (work / "crashed").exists()  # the crash happened (the hook left the orphan just before)
         attempts: dict[tuple[int, int], list[int]] = defaultdict(list)
         for line in (work / "steps.log").read_text().splitlines():
             pid, rank, step = map(int, line.split())
