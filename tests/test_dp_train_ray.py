@@ -19,7 +19,7 @@ import torch
 import dp_objectives
 from dp_objectives import ZeroGradient, noise_gain
 from dpdistill.privacy.noise import PrivacyRandomness
-from dpdistill.runtime.dp_train import fit_dp_sgd, shard_indices
+from dpdistill.runtime.dp_train import STATE_FILE, fit_dp_sgd, shard_indices
 from dpdistill.training.dp_sgd import DPSGDSchedule
 from ray_head import joined_head
 
@@ -46,7 +46,7 @@ class CrashOnceAfter:
         if info["rank"] == 0 and step == self.at and not os.path.exists(self.marker):
             if self.orphan:
                 Path(self.orphan).mkdir(parents=True)
-                torch.save({"step": step, "net": {"weight": torch.zeros(1)}}, Path(self.orphan) / "state.pt")
+                torch.save({"step": step, "net": {"weight": torch.zeros(1)}}, Path(self.orphan) / STATE_FILE)
             Path(self.marker).touch()
             raise RuntimeError(f"injected failure after step {step}")
 
@@ -118,7 +118,7 @@ def test_a_failed_attempts_unregistered_checkpoint_is_removed(cluster, tmp_path_
     assert not (run_dir / ORPHAN).exists()
     left = sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir())
     assert 1 <= len(left) <= 2, left
-    steps = sorted(int(torch.load(d / "state.pt", weights_only=True)["step"]) for d in left)
+    steps = sorted(int(torch.load(d / STATE_FILE, weights_only=True)["step"]) for d in left)
     assert steps[-1] == SCHEDULE.steps and all(s % SCHEDULE.checkpoint_every == 0 for s in steps), steps
 
 

@@ -348,7 +348,7 @@ def drop_unregistered_checkpoints(run_dir: Path, result: Any) -> list[Path]:
     with fresh noise. The orphan is then a second, differently noised continuation of steps the ledger charged
     once: leaving it in the run folder would release more than was charged. The registered checkpoints
     (``result.best_checkpoints``, the last ``num_to_keep``) are one lineage of the charged run and stay."""
-    keep = {Path(c.path).resolve() for c, _ in (getattr(result, "best_checkpoints", None) or [])}
+    keep = {Path(c.path).resolve() for c, _ in (result.best_checkpoints or [])}
     if result.checkpoint is not None:
         keep.add(Path(result.checkpoint.path).resolve())
     dropped = []
