@@ -10,7 +10,7 @@ from __future__ import annotations
 from dpdistill.data import partition, splits, transforms
 from dpdistill.data.base import SPLITS, DatasetInfo, DatasetSource, ImageSet, default_root
 from dpdistill.data.digits import DigitsSource
-from dpdistill.data.glyphs import GlyphsSource
+from dpdistill.data.glyphs import SIMARD_ELASTIC, GlyphsSource, Jitter
 from dpdistill.data.registry import get, load, load_splits, names, register
 from dpdistill.data.torchvision_sets import SOURCES as _TORCHVISION_SOURCES
 from dpdistill.data.user_sets import ImageFolderSource, NpzSource
@@ -22,6 +22,7 @@ register(ImageFolderSource())
 register(NpzSource())
 register(GlyphsSource("digits"))
 register(GlyphsSource("alnum"))
+register(GlyphsSource("digits", name="glyphs_elastic", jitter=Jitter(elastic=SIMARD_ELASTIC)))
 
 __all__ = [
     "SPLITS",
