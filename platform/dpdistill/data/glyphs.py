@@ -166,14 +166,14 @@ def _split_seed(seed: int, split: str, val_seed: int) -> int:
 
 
 class GlyphsSource(DatasetSource):
-    """Registered `glyphs` / `glyphs_alnum`: rendered on load, no root, no files."""
+    """Registered `glyphs` / `glyphs_alnum` / `glyphs_elastic`: rendered on load, no root, no files."""
 
     def __init__(self, charset: str = "digits", num_per_class: int | None = None, seed: int = 0,
                  name: str | None = None, jitter: Jitter | None = None) -> None:
         chars = CHARSETS[charset]
         self.charset = charset
         self.jitter = jitter
-        # A few seconds to render on one core: 10,000 digits, or 31,000 alnum glyphs.
+        # A few seconds to render on one core: 10,000 digits, or 31,000 alnum glyphs (elastic digits: about 20 s).
         self.num_per_class = num_per_class or (1000 if charset == "digits" else 500)
         self.seed = seed
         self.info = DatasetInfo(name or ("glyphs" if charset == "digits" else f"glyphs_{charset}"), 1, 28,
