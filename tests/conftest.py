@@ -17,8 +17,9 @@ different counts on a shared CI machine (two xdist workers on two cores), and di
 rule clear the variable themselves (tests/test_threads.py, tests/test_eval_parallel.py).
 
 Order. Under ``-n 2 --dist loadfile`` each module goes whole to one worker, and the suite's wall time is the
-busier worker's. xdist by default queues modules by their NUMBER of tests, so the slowest module (the sweep
-resume: one test, two minutes) started last and the other worker sat idle through it. Here xdist's reorder is
+busier worker's. xdist by default queues modules by their NUMBER of tests, which put the slowest module (the
+sweep resume: one test, two minutes) among the last, where the other worker can run out of work while it runs
+(summed test time over two, against the wall time: about 100 s idle in a full run). Here xdist's reorder is
 turned off and the modules measured slowest (``--durations``) are queued first, the rest in file order: the
 long ones overlap and the many short ones fill in behind them. A module missing from the list only runs later.
 """
