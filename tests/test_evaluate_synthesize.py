@@ -154,17 +154,24 @@ def test_a_generator_without_guidance_draws_more_images_only(sources, tmp_path) 
     assert recorded["generated"] == {"n_per_class": 9, "generate_chunks": 1} and recorded["method"] == "dp-merf"
 
 
+def _local_ray_starts(run_dir: Path) -> int:
+    return (run_dir / "log.txt").read_text().count("started a local Ray")
+
+
 def test_a_fresh_draw_runs_in_the_sources_chunks_on_ray_and_is_its_set(tmp_path) -> None:
     """A source that drew its set as 2 Ray tasks: the fresh draw runs as 2 Ray tasks too (its chunks fix the
-    latents' seeds), so with the source's options it is the source's set; 1 chunk is another set."""
+    latents' seeds), so with the source's options it is the source's set; 1 chunk is another set. Generation
+    chunks and evaluation models on Ray share ONE local Ray per run (not a start, a stop and a second start)."""
     doc = {**MERF, "name": "src-merf-chunks", "method": {**MERF["method"], "n_per_class": 6, "generate_chunks": 2},
-           "ray": {"num_cpus": 2}}
+           "ray": {"num_cpus": 2}, "evaluation": {**EVALUATION, "parallel": True, "seeds": 2}}
     source = run_job(validate_spec(doc), tmp_path / "src", progress=False)
     assert source.status == "completed" and dict(source.summary).get("generation on") is None  # on Ray
+    assert dict(source.summary).get("evaluation on") is None and _local_ray_starts(source.run_dir) == 1
     theirs = _npz(source.run_dir / "artifacts" / "synthetic.npz")
     chunked = run_job(evaluate_spec(source.run_dir, ["method.n_per_class=6", "ray.num_cpus=2"]), tmp_path / "a",
                       progress=False)
     assert chunked.status == "completed" and dict(chunked.summary).get("generation on") is None
+    assert _local_ray_starts(chunked.run_dir) == 1
     mine = _npz(chunked.run_dir / "artifacts" / "synthetic.npz")
     assert np.array_equal(mine["images"], theirs["images"]) and np.array_equal(mine["labels"], theirs["labels"])
     recorded = json.loads((chunked.run_dir / "artifacts" / "source.json").read_text())

@@ -116,7 +116,7 @@ def test_a_synthesize_job_generates_and_evaluates_in_process(node_start_times_ou
            "tracking": {"enabled": False}}
     result = run_job(validate_spec(doc), tmp_path / "runs", progress=False)
     assert result.status == "completed"
-    # One try: the generation's start failed, so the evaluation runs here without waiting for a second one.
+    # One try: the start both share (release_ray) failed, so both run here without waiting for a second one.
     assert len(node_start_times_out) == 1 and _stopped(node_start_times_out[0])
     rows = dict(result.summary)
     assert rows["generation on"].startswith("this process (local Ray did not start")

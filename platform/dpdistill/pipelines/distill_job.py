@@ -327,6 +327,26 @@ def evaluation_ray(ctx: Any) -> Iterator[bool]:
         yield where.on_ray
 
 
+@contextlib.contextmanager
+def release_ray(ctx: Any, generation_on_ray: bool) -> Iterator[None]:
+    """One Ray session for a release's generation chunks AND its evaluation models when both run on Ray.
+
+    Each of them opens its own session (``synthesize_job.draw_set``, :func:`evaluation_ray`), and a session
+    already open is reused; without this one, a job that wants both starts a local Ray, stops it, and starts
+    another (each start waits for a node: seconds, tens of seconds on a loaded machine). A local start that
+    fails here is remembered in ``ctx.local_ray_failed``: both then run in this process without another wait,
+    and each says so as before. Opens nothing when at most one of them wants Ray."""
+    from dpdistill.runtime.cluster import ray_or_here
+
+    spec = ctx.spec
+    both = generation_on_ray and spec.evaluation.enabled and spec.evaluation.parallel
+    with ray_or_here(both, spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path,
+                     failed_before=getattr(ctx, "local_ray_failed", None)) as where:
+        if where.not_started and hasattr(ctx, "local_ray_failed"):
+            ctx.local_ray_failed = where.not_started
+        yield
+
+
 def say_in_process(ctx: Any, work: str, reason: str) -> None:
     """Log and summarise that ``work`` ran in this process because a local Ray did not start."""
     log.warning("%s: the %s runs in this process instead", reason, work)

@@ -295,9 +295,16 @@ class EvaluatePipeline:
                                 fidelity=fidelity, chunks=chunks)
 
     def execute(self, ctx: Any, p: PreparedEvaluate) -> dict[str, Any]:
+        from dpdistill.pipelines.distill_job import release_ray
         from dpdistill.runtime.device import record_device, resolve_device
 
         record_device(ctx, resolve_device(ctx.spec.device))
+        with release_ray(ctx, p.generator is not None and p.chunks > 1):
+            self._score(ctx, p)
+        return {}
+
+    def _score(self, ctx: Any, p: PreparedEvaluate) -> None:
+        """Draw the fresh set (when the source released a generator), record the source, evaluate."""
         src = p.source
         eps = "no privacy" if src["epsilon"] is None else f"ε={src['epsilon']:.3f} (its own ledger)"
         if p.generator is not None:
@@ -327,7 +334,6 @@ class EvaluatePipeline:
             report_utility(ctx, p.images, p.labels, p)
         else:
             report_with_baseline(ctx, p.images, p.labels, p.baseline, p)
-        return {}
 
 
 def load_generator(source: dict[str, Any], options: ReleaseSource, run_dir: Path, info: Any, size: int,

@@ -229,7 +229,7 @@ class SynthesizePipeline:
     def execute(self, ctx: Any, p: PreparedSynthesize) -> dict[str, Any]:
         from dpdistill import data
         from dpdistill.evaluation.selection import charge_selection
-        from dpdistill.pipelines.distill_job import report_utility
+        from dpdistill.pipelines.distill_job import release_ray
         from dpdistill.runtime.device import record_device, resolve_device
 
         spec = ctx.spec
@@ -268,6 +268,15 @@ class SynthesizePipeline:
         # The release is the fitted synthesiser: saved before generation (post-processing), so that a failed
         # generation never loses what was charged.
         synth.save(art / GENERATOR_FILE.name)
+        with release_ray(ctx, p.job.generate_chunks > 1):
+            self._release(ctx, p, synth, report, device)
+        return {}
+
+    def _release(self, ctx: Any, p: PreparedSynthesize, synth: Any, report: Any, device: torch.device) -> None:
+        """Draw the released set from the fitted (saved) ``synth``, write it, and measure it: post-processing."""
+        from dpdistill.pipelines.distill_job import report_utility
+
+        spec, art = ctx.spec, ctx.run.artifacts
         images, labels = draw_set(ctx, synth, p.job.n_per_class, p.job.generate_chunks)
         save_synthetic(art, images, labels, p.info, synth.name)
         ctx.add_summary("made", f"{len(labels)} DP synthetic images ({p.job.n_per_class}/class) of {p.info.name} "
@@ -284,7 +293,6 @@ class SynthesizePipeline:
             report_fidelity(ctx, p.job, images, p.test.images, p.train.image_size, device)
         if spec.evaluation.enabled:
             report_utility(ctx, images, labels, p, trained_on=" trained on the synthetic set")
-        return {}
 
 
 def draw_set(ctx: Any, synth: Any, n_per_class: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:

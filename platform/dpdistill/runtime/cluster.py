@@ -303,6 +303,7 @@ def ray_session(
         else:
             try:
                 ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+                log.info("started a local Ray (%s CPUs) for this job", num_cpus or os.cpu_count() or 1)
             except BaseException as e:  # noqa: BLE001 - Ray raises a bare Exception for its node-start timeout
                 # Nothing of the failed start may outlive it: neither a node ray.init dropped (found in the
                 # traceback) nor one it kept (a failure after the node came up: ray.shutdown stops it).
