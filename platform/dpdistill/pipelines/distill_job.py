@@ -317,11 +317,7 @@ def evaluation_ray(ctx: Any) -> Iterator[bool]:
     pinned, the same figures to the last digit), and the run says so (a warning and a summary line). A
     cluster the job names (``ray.address``, ``--address``, $RAY_ADDRESS) that cannot be reached still fails
     the job: that cluster was asked for."""
-    from dpdistill.runtime.cluster import ray_or_here
-
-    spec = ctx.spec
-    with ray_or_here(spec.evaluation.parallel, spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path,
-                     failed_before=getattr(ctx, "local_ray_failed", None)) as where:
+    with job_ray_or_here(ctx, ctx.spec.evaluation.parallel) as where:
         if where.not_started:
             say_in_process(ctx, "evaluation", where.not_started)
         yield where.on_ray
@@ -336,15 +332,21 @@ def release_ray(ctx: Any, generation_on_ray: bool) -> Iterator[None]:
     another (each start waits for a node: seconds, tens of seconds on a loaded machine). A local start that
     fails here is remembered in ``ctx.local_ray_failed``: both then run in this process without another wait,
     and each says so as before. Opens nothing when at most one of them wants Ray."""
-    from dpdistill.runtime.cluster import ray_or_here
-
-    spec = ctx.spec
-    both = generation_on_ray and spec.evaluation.enabled and spec.evaluation.parallel
-    with ray_or_here(both, spec.ray.address, spec.ray.num_cpus, spec.ray.auth_token_path,
-                     failed_before=getattr(ctx, "local_ray_failed", None)) as where:
+    ev = ctx.spec.evaluation
+    with job_ray_or_here(ctx, generation_on_ray and ev.enabled and ev.parallel) as where:
         if where.not_started and hasattr(ctx, "local_ray_failed"):
             ctx.local_ray_failed = where.not_started
         yield
+
+
+def job_ray_or_here(ctx: Any, wanted: bool) -> Any:
+    """:func:`~dpdistill.runtime.cluster.ray_or_here` with the job's cluster settings (``spec.ray``), skipping the
+    start when an earlier local start of this run failed (``ctx.local_ray_failed``)."""
+    from dpdistill.runtime.cluster import ray_or_here
+
+    ray = ctx.spec.ray
+    return ray_or_here(wanted, ray.address, ray.num_cpus, ray.auth_token_path,
+                       failed_before=getattr(ctx, "local_ray_failed", None))
 
 
 def say_in_process(ctx: Any, work: str, reason: str) -> None:

@@ -299,14 +299,11 @@ def draw_set(ctx: Any, synth: Any, n_per_class: int, chunks: int) -> tuple[torch
     """``n_per_class`` images of every class from a fitted ``synth`` in the run's ``generate`` stage, seeded by
     the spec's public seed: one ``generate`` call, or ``chunks`` > 1 parallel Ray tasks (in this process, with
     the same chunks and seeds, when a local Ray does not start: the same images). Post-processing: no charge."""
-    from dpdistill.pipelines.distill_job import say_in_process
-    from dpdistill.runtime.cluster import ray_or_here
+    from dpdistill.pipelines.distill_job import job_ray_or_here, say_in_process
     from dpdistill.runtime.generation import generate_parallel
 
     spec = ctx.spec
-    with ctx.stage("generate"), ray_or_here(chunks > 1, spec.ray.address, spec.ray.num_cpus,
-                                            spec.ray.auth_token_path,
-                                            failed_before=getattr(ctx, "local_ray_failed", None)) as where:
+    with ctx.stage("generate"), job_ray_or_here(ctx, chunks > 1) as where:
         if where.not_started:
             say_in_process(ctx, "generation", where.not_started)
         if chunks > 1:
