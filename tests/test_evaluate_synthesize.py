@@ -98,6 +98,29 @@ def test_the_set_a_synthesize_run_drew_is_rescored_and_nothing_is_charged(source
     assert not (result.run_dir / "artifacts" / "synthetic.npz").exists()
 
 
+def test_a_run_measures_the_set_it_writes(sources) -> None:
+    """The figures of a synthesize run are those of its saved 8-bit set (synthesize_job.as_released), so that
+    `dpdistill evaluate RUN` reproduces them. FID is continuous in the pixels: the source's equals, to the bit, the
+    FID of the saved set measured as the run measures (while runs scored the sampler's float output it did not)."""
+    import torch
+    import yaml
+
+    from dpdistill.evaluation.extractors import get_extractor
+    from dpdistill.evaluation.fidelity import evaluate_fidelity
+    from dpdistill.pipelines.distill_job import load_splits
+
+    source = sources["fidelity"]
+    spec = validate_spec(yaml.safe_load((source / "spec.yaml").read_text()))
+    saved = _npz(source / "artifacts" / "synthetic.npz")
+    images = torch.from_numpy(saved["images"]).float() / float(saved["scale"])
+    _, _, test, _ = load_splits(spec)
+    m = spec.method
+    extractor = get_extractor(m.fidelity_extractor, image_size=images.shape[-1], inception_weights=m.inception_weights,
+                              public=m.fidelity_public, device="cpu")
+    fid = evaluate_fidelity(test.images, images, extractor, max_samples=m.fidelity_samples, seed=spec.seed)
+    assert fid.fid == json.loads((source / "metrics.json").read_text())["fid"]
+
+
 def test_a_fresh_draw_with_the_sources_options_is_the_sources_set(sources, tmp_path) -> None:
     """Same generator, seed and sampling options: the same pixels and, trained the same way, the same figures.
     A draw from another generator, seed or option would differ."""
