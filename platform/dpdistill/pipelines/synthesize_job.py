@@ -315,14 +315,22 @@ def draw_set(ctx: Any, synth: Any, n_per_class: int, chunks: int) -> tuple[torch
     return as_released(images), labels
 
 
+PIXEL_SCALE = 255  # synthetic.npz holds uint8 pixels over this scale (written as its `scale`)
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """``images`` in [0, 1] as the uint8 pixels :func:`save_synthetic` writes: the one 8-bit encoding."""
+    return (images.clamp(0, 1) * PIXEL_SCALE).round().to(torch.uint8)
+
+
 def as_released(images: torch.Tensor) -> torch.Tensor:
-    """``images`` in [0, 1] at the precision :func:`save_synthetic` writes them (8-bit pixels over 255).
+    """``images`` at the precision the run releases them: :func:`to_pixels` read back as a reader of
+    synthetic.npz does (``float() / scale``), so equal to the bit to what ``dpdistill evaluate RUN`` loads.
 
     A run measures (fidelity, utility) the set it releases, not the sampler's float output: otherwise
     ``dpdistill evaluate RUN`` of the saved set reads slightly other figures than the run recorded (session 68
-    saw up to 0.14 points on MNIST). Reading the set back (``torch.from_numpy(u8).float() / 255``) gives these
-    values to the bit."""
-    return (images.clamp(0, 1) * 255).round() / 255
+    saw up to 0.14 points on MNIST)."""
+    return to_pixels(images).float() / float(PIXEL_SCALE)
 
 
 def _ray_if(needed: bool, spec: Any) -> Any:
@@ -373,8 +381,8 @@ def save_synthetic(folder: Any, images: torch.Tensor, labels: torch.Tensor, info
     from dpdistill.evaluation.grids import save_class_grid
 
     np.savez_compressed(
-        Path(folder) / SYNTHETIC_FILE.name, images=(images * 255).round().to(torch.uint8).numpy(),
-        labels=labels.numpy(), num_classes=info.num_classes, dataset=info.name, method=method, scale=255,
+        Path(folder) / SYNTHETIC_FILE.name, images=to_pixels(images).numpy(),
+        labels=labels.numpy(), num_classes=info.num_classes, dataset=info.name, method=method, scale=PIXEL_SCALE,
     )
     save_class_grid(images, labels, Path(folder) / "synthetic_grid.png", num_classes=info.num_classes,
                     per_class=10)
